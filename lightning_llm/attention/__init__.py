@@ -1,0 +1,1 @@
+"""FlashAttention: the Triton kernel, its readable reference and its registration in transformers."""

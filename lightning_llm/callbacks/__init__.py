@@ -1,0 +1,1 @@
+"""Callbacks: throughput and MFU, LoRA and QLoRA, benchmarks."""

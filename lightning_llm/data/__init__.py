@@ -1,0 +1,1 @@
+"""Text sources, mixtures, the tokenizer and the data modules."""

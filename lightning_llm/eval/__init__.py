@@ -1,0 +1,1 @@
+"""Evaluation: the lm-eval model adapter and the code-execution sandbox."""

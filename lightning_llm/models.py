@@ -1,0 +1,146 @@
+"""Build a Hugging Face causal LM from a preset name, a config file, a local directory or a hub id.
+
+Every model of the project is a `transformers` causal LM, so that what a run exports loads with
+`AutoModelForCausalLM.from_pretrained`. `build_config` resolves a spec to a config without
+allocating weights; `build_model` creates the model under whatever device context is active, which
+is how a sharding strategy creates it on the meta device inside `configure_model`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel
+
+# Llama-style shapes (SwiGLU MLP, RMSNorm, rotary positions, tied embeddings). Parameter counts in the
+# names are for the preset's own vocabulary; a tokenizer with another vocabulary changes them.
+PRESETS: dict[str, dict[str, Any]] = {
+    # For tests: a few hundred thousand parameters, GQA with 2 query heads per K/V head.
+    "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512, vocab_size=4096),
+    # The README's main job: ~5M parameters, trains on a 2-core CPU in minutes.
+    "llama-5m": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=4, max_position_embeddings=1024, vocab_size=8192),
+    "llama-20m": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
+                      num_key_value_heads=6, max_position_embeddings=2048, vocab_size=32000),
+    # GPT-2 small's width and depth with a Llama block: 124M with GPT-2's padded vocabulary.
+    "llama-124m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                       num_key_value_heads=12, max_position_embeddings=2048, vocab_size=50304),
+    # Llama 3.2 1B's shape with a 32k vocabulary: 1.0B parameters.
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, max_position_embeddings=4096, vocab_size=32000, rope_theta=500000.0),
+}
+
+_PRESET_DEFAULTS = dict(tie_word_embeddings=True, rms_norm_eps=1e-5, initializer_range=0.02,
+                        attention_bias=False, mlp_bias=False, bos_token_id=None, eos_token_id=None,
+                        pad_token_id=None)
+
+
+def _is_local(spec: str) -> bool:
+    return os.path.sep in spec or spec.startswith(".") or spec.endswith((".json", ".yaml", ".yml")) or Path(spec).exists()
+
+
+def build_config(spec: str | os.PathLike | PretrainedConfig, **overrides: Any) -> PretrainedConfig:
+    """Resolve `spec` to a transformers config; `overrides` set config fields (e.g. `vocab_size`).
+
+    `spec` is a preset name (see `PRESETS`), a `config.json` file, a local model directory, a hub id
+    (needs a network or the local hub cache) or a config object (copied, never mutated).
+    """
+    if isinstance(spec, PretrainedConfig):
+        config = spec.__class__.from_dict(spec.to_dict())
+    elif str(spec) in PRESETS:
+        config = LlamaConfig(**{**_PRESET_DEFAULTS, **PRESETS[str(spec)]})
+    elif _is_local(str(spec)):
+        path = Path(spec)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"model {str(spec)!r}: no such file or directory. Give a preset ({', '.join(PRESETS)}), "
+                "a config.json, a model directory or a hub id."
+            )
+        if path.is_file():
+            config = _config_from_file(path)
+        else:
+            config = AutoConfig.from_pretrained(path)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(str(spec))
+        except OSError as err:
+            raise ValueError(
+                f"unknown model {str(spec)!r}: not a preset ({', '.join(PRESETS)}), not a local path, "
+                f"and not loadable as a hub id ({err.__class__.__name__}: {str(err).splitlines()[0]})"
+            ) from err
+    unknown = [key for key in overrides if not hasattr(config, key)]
+    if unknown:
+        raise ValueError(f"unknown config field(s) {unknown} for {config.model_type!r} config")
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def _config_from_file(path: Path) -> PretrainedConfig:
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(path.read_text())
+    else:
+        data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"model config {str(path)!r} must hold a mapping, got {type(data).__name__}")
+    model_type = data.pop("model_type", "llama")
+    return AutoConfig.for_model(model_type, **data)
+
+
+def has_weights(spec: str | os.PathLike | PretrainedConfig) -> bool:
+    """Whether `spec` names pretrained weights (a local model directory with weight files, or a hub id)."""
+    if isinstance(spec, PretrainedConfig) or str(spec) in PRESETS:
+        return False
+    path = Path(spec)
+    if path.is_dir():
+        return any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))
+    return not path.is_file() and not _is_local(str(spec))
+
+
+def build_model(
+    spec: str | os.PathLike | PretrainedConfig,
+    *,
+    pretrained: bool | None = None,
+    attn_implementation: str | None = None,
+    dtype: torch.dtype | None = None,
+    **overrides: Any,
+) -> PreTrainedModel:
+    """Create a causal LM from `spec` (see `build_config`).
+
+    `pretrained=None` loads weights when the spec has them and initialises randomly otherwise. Under
+    `torch.device("meta")` a randomly initialised model allocates nothing: a sharding strategy
+    materialises only its shard. `attn_implementation` names an entry of transformers' attention
+    registry ("sdpa", "eager", or one this project registers, such as "lightning_flash").
+    """
+    if pretrained is None:
+        pretrained = has_weights(spec)
+    kwargs: dict[str, Any] = {}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if pretrained:
+        if overrides:
+            kwargs.update(overrides)
+        return AutoModelForCausalLM.from_pretrained(str(spec), dtype=dtype or "auto", **kwargs)
+    # _from_config sets attn_implementation on the config it is given: build a private copy.
+    config = build_config(spec, **overrides)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+    return model
+
+
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (tied weights counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) in seen or (trainable_only and not p.requires_grad):
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total

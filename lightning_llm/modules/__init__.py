@@ -1,0 +1,1 @@
+"""The LightningModules: pretraining and instruction tuning."""

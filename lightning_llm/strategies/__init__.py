@@ -1,0 +1,1 @@
+"""Distributed strategies: ZeRO data parallelism and pipeline parallelism."""
