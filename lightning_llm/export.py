@@ -54,9 +54,9 @@ def model_from_checkpoint(checkpoint: dict[str, Any]) -> PreTrainedModel:
     if "hf_config" not in checkpoint:
         raise ValueError("the checkpoint has no 'hf_config': it was not written by a lightning-llm module")
     config = config_from_dict(checkpoint["hf_config"])
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(model_state_dict(checkpoint), strict=True, assign=True)
+    # Built on CPU, not meta: non-persistent buffers (rotary frequencies) are not in the state dict.
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(model_state_dict(checkpoint), strict=True)
     model.tie_weights()
     return model.eval()
 
