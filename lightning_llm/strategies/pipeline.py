@@ -53,7 +53,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import (
@@ -75,6 +75,9 @@ SCHEDULES: dict[str, type] = {
 # rank r holds stages r, r + p, r + 2p, ...
 MULTI_STAGE_SCHEDULES = {"interleaved-1f1b", "interleaved-zero-bubble"}
 CHECKPOINT_METADATA = "meta.pt"  # the non-tensor part of a checkpoint (loops, callbacks, hyper-parameters)
+# Optimizer state and hyper-parameters keyed by parameter name ("param_groups.<name>.lr"): stages never
+# collide in the checkpoint, and the two copies of a tied embedding write the same entry.
+OPTIMIZER_STATE_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 # -- splitting a Hugging Face decoder ------------------------------------------------------------
@@ -710,8 +713,8 @@ class PipelineStrategy(ParallelStrategy):
         return False  # restored in load_checkpoint, by parameter name
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        # Keyed by parameter name (not position), so stages never collide and the tied copies coincide.
-        return get_optimizer_state_dict(self.lightning_module, getattr(optimizer, "_optimizer", optimizer))
+        optimizer = getattr(optimizer, "_optimizer", optimizer)
+        return get_optimizer_state_dict(self.lightning_module, optimizer, options=OPTIMIZER_STATE_OPTIONS)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: str | os.PathLike,
                         storage_options: Any | None = None) -> None:
@@ -737,11 +740,12 @@ class PipelineStrategy(ParallelStrategy):
         state: dict[str, Any] = {"state_dict": module.state_dict()}
         optimizers = [getattr(o, "_optimizer", o) for o in self.optimizers]
         for i, optimizer in enumerate(optimizers):
-            state[f"optimizer_{i}"] = get_optimizer_state_dict(module, optimizer)
+            state[f"optimizer_{i}"] = get_optimizer_state_dict(module, optimizer, options=OPTIMIZER_STATE_OPTIONS)
         dcp.load(state, checkpoint_id=path)
         module.load_state_dict(state["state_dict"], strict=module.strict_loading)
         for i, optimizer in enumerate(optimizers):
-            set_optimizer_state_dict(module, optimizer, optim_state_dict=state[f"optimizer_{i}"])
+            set_optimizer_state_dict(module, optimizer, optim_state_dict=state[f"optimizer_{i}"],
+                                     options=OPTIMIZER_STATE_OPTIONS)
         return torch.load(path / CHECKPOINT_METADATA, weights_only=bool(weights_only))
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
