@@ -4,6 +4,7 @@ import functools
 import sysconfig
 from pathlib import Path
 
+import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -40,3 +41,13 @@ def tiny_model(tokenizer, seed: int = 0) -> torch.nn.Module:
     model = build_model("tiny", vocab_size=len(tokenizer), initializer_range=0.5,
                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    # On a shared, oversubscribed CPU, OpenMP threads spinning against each other make a tiny
+    # model's forward pass hundreds of times slower; one thread keeps the tests fast.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

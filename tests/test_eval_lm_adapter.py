@@ -6,9 +6,11 @@ from lm_eval import simple_evaluate
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
-from eval_support import FIXTURES, small_tokenizer, tiny_model
+from eval_support import FIXTURES, one_thread, small_tokenizer, tiny_model
 from lightning_llm.eval import tasks
 from lightning_llm.eval.lm_adapter import LightningLM
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 GEN = {"max_gen_toks": 24}
 
