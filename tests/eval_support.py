@@ -1,37 +1,30 @@
 """Shared pieces of the evaluation tests: a small tokenizer, a tiny model, the fixture data."""
 
+import copy
 import functools
 import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from lightning_llm.data.tokenizer import train_tokenizer
 from lightning_llm.models import build_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
-EOS = "<|endoftext|>"
 
 
 @functools.cache
-def _tokenizer_json(vocab_size: int) -> str:
-    # Byte-level BPE trained on a few files of the standard library: real text and code, no download.
+def _trained_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     texts = [(stdlib / name).read_text() for name in ("textwrap.py", "string.py", "fractions.py", "calendar.py")]
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator(texts, trainer)
-    return tokenizer.to_str()
+    return train_tokenizer(texts, vocab_size)
 
 
 def small_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tokenizer_json(vocab_size)),
-                                   eos_token=EOS, pad_token=EOS)
+    """A byte-level BPE trained on a few files of the standard library (a fresh copy: tests may modify it)."""
+    return copy.deepcopy(_trained_tokenizer(vocab_size))
 
 
 def tiny_model(tokenizer, seed: int = 0) -> torch.nn.Module:
