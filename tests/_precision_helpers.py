@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import socket
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader
 
@@ -20,12 +21,11 @@ def pattern_batches(n: int, batch_size: int = 4, seq_len: int = 32, seed: int = 
     gen = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(n):
-        start = torch.randint(0, VOCAB, (batch_size, 1), generator=gen)
-        steps = torch.arange(seq_len + 1)
-        tokens = start.clone()
-        for _ in steps[1:]:
-            tokens = torch.cat([tokens, (5 * tokens[:, -1:] + 3) % VOCAB], dim=1)
-        batches.append({"input_ids": tokens[:, :-1], "targets": tokens[:, 1:]})
+        tokens = [torch.randint(0, VOCAB, (batch_size,), generator=gen)]
+        for _ in range(seq_len):
+            tokens.append((5 * tokens[-1] + 3) % VOCAB)
+        stream = torch.stack(tokens, dim=1)
+        batches.append({"input_ids": stream[:, :-1], "targets": stream[:, 1:]})
     return batches
 
 
@@ -78,6 +78,31 @@ class MetricsRecorder(Logger):
 
     def series(self, name: str) -> list[float]:
         return [metrics[name] for _, metrics in self.records if name in metrics]
+
+
+class PlantOverflow(Callback):
+    """Puts an inf into one gradient after backward on the given (0-based) optimizer steps, and
+    snapshots weights, optimizer state, LR and loss scale around every step."""
+
+    def __init__(self, steps: set[int]) -> None:
+        self.steps = steps
+        self.before: dict[int, dict] = {}
+        self.after: dict[int, dict] = {}
+
+    def snapshot(self, trainer, module) -> dict:
+        optimizer = trainer.optimizers[0]
+        return {"weights": copy.deepcopy(module.state_dict()), "optimizer": copy.deepcopy(optimizer.state_dict()),
+                "lr": optimizer.param_groups[0]["lr"], "scale": trainer.precision_plugin.scaler.get_scale()}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.before[trainer.global_step] = self.snapshot(trainer, module)
+
+    def on_after_backward(self, trainer, module):
+        if trainer.global_step in self.steps:
+            next(module.parameters()).grad.view(-1)[0] = float("inf")
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.after[trainer.global_step - 1] = self.snapshot(trainer, module)
 
 
 def free_port() -> int:

@@ -4,12 +4,10 @@ only skips."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from _precision_helpers import MetricsRecorder, TinyLM, loader, pattern_batches
-from lightning.pytorch import Callback, Trainer
+from _precision_helpers import MetricsRecorder, PlantOverflow, TinyLM, loader, pattern_batches
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_llm.precision import MixedPrecision
@@ -46,31 +44,6 @@ def test_forward_context_autocasts_on_cpu(precision, dtype):
     layer = torch.nn.Linear(4, 4)
     with MixedPrecision(precision, device="cpu").forward_context():
         assert layer(torch.randn(2, 4)).dtype == dtype
-
-
-class PlantOverflow(Callback):
-    """Puts an inf into one gradient after backward on the given (0-based) optimizer steps, and
-    snapshots weights, optimizer state, LR and loss scale around every step."""
-
-    def __init__(self, steps: set[int]) -> None:
-        self.steps = steps
-        self.before: dict[int, dict] = {}
-        self.after: dict[int, dict] = {}
-
-    def snapshot(self, trainer, module) -> dict:
-        optimizer = trainer.optimizers[0]
-        return {"weights": copy.deepcopy(module.state_dict()), "optimizer": copy.deepcopy(optimizer.state_dict()),
-                "lr": optimizer.param_groups[0]["lr"], "scale": trainer.precision_plugin.scaler.get_scale()}
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        self.before[trainer.global_step] = self.snapshot(trainer, module)
-
-    def on_after_backward(self, trainer, module):
-        if trainer.global_step in self.steps:
-            next(module.parameters()).grad.view(-1)[0] = float("inf")
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        self.after[trainer.global_step - 1] = self.snapshot(trainer, module)
 
 
 def assert_same_tree(a, b) -> None:
