@@ -47,6 +47,9 @@ class Frozen(TinyLM):
         self.model.get_input_embeddings().weight.requires_grad_(False)
         return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-3)
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.hook_saw = {p.grad.dtype for p in self.parameters() if p.grad is not None}
+
 
 def test_masters_for_trainable_parameters_only_and_memory_layout():
     module = Frozen()
@@ -70,6 +73,7 @@ def test_masters_for_trainable_parameters_only_and_memory_layout():
     weight_bytes = sum(p.numel() * p.element_size() for p in trainable)
     assert (weight_bytes, master_bytes, state_bytes) == (2 * n_trainable, 4 * n_trainable, 8 * n_trainable)
     assert all(p.grad is None for p in module.parameters())
+    assert module.hook_saw == {torch.bfloat16}  # on_before_optimizer_step still sees the model's gradients
 
 
 def test_masters_survive_an_optimizer_state_dict_round_trip():

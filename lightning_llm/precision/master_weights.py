@@ -18,6 +18,7 @@ from typing import Any, Callable, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.plugins.precision import HalfPrecision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -101,12 +102,14 @@ class MasterWeightsPrecision(HalfPrecision):
                 if index in saved:
                     master.copy_(saved[index])
 
-    def _wrap_closure(self, model: pl.LightningModule, optimizer: Optimizer, closure: Callable[[], Any]) -> Any:
-        closure_result = closure()
+    def _clip_gradients(self, model: pl.LightningModule | torch.nn.Module, optimizer: Optimizer,
+                        clip_val: int | float | None = None,
+                        gradient_clip_algorithm: GradClipAlgorithmType | None = None) -> None:
+        # Lightning calls this right after the on_before_optimizer_step hooks, which have seen the
+        # model's bf16 gradients; from here on the step's gradients are the masters' fp32 ones, which
+        # is what clipping (on the optimizer's params) and the step act on.
         self._hand_gradients_to_masters(optimizer)
-        # Hooks and gradient clipping now see the fp32 gradients on the optimizer's (master) params.
-        self._after_closure(model, optimizer)
-        return closure_result
+        super()._clip_gradients(model, optimizer, clip_val, gradient_clip_algorithm)
 
     def _hand_gradients_to_masters(self, optimizer: Optimizer) -> None:
         for param, master in self._masters.get(id(optimizer), ()):
