@@ -167,10 +167,8 @@ class MixedPrecision(Precision):
                            f"loss scale backed off to {scale:g}")
         else:
             self.consecutive_skips = 0
-        if model._trainer is not None:
-            for name, value in (("loss_scale", scale), ("skipped_steps", self.skipped_steps),
-                                ("overflow", float(skipped))):
-                model.log(f"precision/{name}", float(value), on_step=True, on_epoch=False)
+        for name, value in (("loss_scale", scale), ("skipped_steps", self.skipped_steps), ("overflow", skipped)):
+            model.log(f"precision/{name}", float(value), on_step=True, on_epoch=False)
         if self.consecutive_skips >= self.max_consecutive_skips:
             raise RuntimeError(
                 f"fp16 loss scaling skipped {self.consecutive_skips} optimizer steps in a row "
