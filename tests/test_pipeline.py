@@ -23,7 +23,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.multiprocessing as mp
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_llm.models import build_model
 from lightning_llm.modules.pretrain import PretrainModule
@@ -57,12 +57,20 @@ class Tokens(Dataset):
 
 
 class TokenData(pl.LightningDataModule):
-    def __init__(self, n: int = 20, batch_size: int = BATCH, mask: float = 0.2, val: bool = False) -> None:
+    def __init__(self, n: int = 20, batch_size: int = BATCH, mask: float = 0.2, val: bool = False,
+                 split_by_strategy: bool = False) -> None:
         super().__init__()
         self.n, self.batch_size, self.mask, self.val = n, batch_size, mask, val
+        self.split_by_strategy = split_by_strategy
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(Tokens(self.n, self.mask), batch_size=self.batch_size)
+        data = Tokens(self.n, self.mask)
+        if not self.split_by_strategy:
+            return DataLoader(data, batch_size=self.batch_size)
+        # Lightning's own DistributedSampler always shuffles training data; an unshuffled one split the
+        # way the strategy says keeps the batches comparable with one process.
+        sampler = DistributedSampler(data, shuffle=False, **self.trainer.strategy.distributed_sampler_kwargs)
+        return DataLoader(data, batch_size=self.batch_size, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(Tokens(8, self.mask, seed=1), batch_size=self.batch_size) if self.val else []
@@ -133,7 +141,7 @@ def local_weights(module: TinyLM) -> dict[str, torch.Tensor]:
 def assert_same_weights(local: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
     assert local, "no weights on this rank"
     for key, value in local.items():
-        torch.testing.assert_close(value, reference[key], rtol=0, atol=WEIGHT_ATOL, msg=key)
+        torch.testing.assert_close(value, reference[key], rtol=0, atol=WEIGHT_ATOL, msg=lambda m: f"{key}: {m}")
 
 
 # -- in-process checks --------------------------------------------------------------------------
@@ -328,13 +336,13 @@ def test_yaml_config_through_lightning_cli(two_stage_run):
 
 def data_x_pipeline(rank: int, tmp: Path) -> dict:
     module = TinyLM(str(tmp / "init2.pt"))
-    # Lightning's DistributedSampler gives each pipeline (data-parallel rank) every other sample.
+    # Each pipeline (data-parallel rank) gets every other sample, in order.
     strategy = PipelineStrategy(stages=2, microbatches=2, schedule="1f1b")
     recorder = LossRecorder()
     trainer = pl.Trainer(accelerator="cpu", devices=4, strategy=strategy, max_steps=4, gradient_clip_val=0.5,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[recorder])
-    trainer.fit(module, datamodule=TokenData(n=32, mask=0.0))
+                         use_distributed_sampler=False, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder])
+    trainer.fit(module, datamodule=TokenData(n=32, mask=0.0, split_by_strategy=True))
     return {"losses": recorder.losses, "weights": local_weights(module)}
 
 
@@ -346,9 +354,9 @@ def test_data_parallel_pipelines_match_one_process(tmp_path):
     module = TinyLM(str(tmp_path / "init2.pt"))
     ref_losses = fit(module, TokenData(n=32, batch_size=2 * BATCH, mask=0.0), max_steps=4)
     ranks = spawn(data_x_pipeline, 4, tmp_path)
-    for rank, out in enumerate(ranks):
-        assert_same_weights(out["weights"], local_weights(module))
     # Each pipeline reports its own half's loss; their mean is the whole batch's.
+    assert ranks[0]["losses"] == ranks[1]["losses"] and ranks[2]["losses"] == ranks[3]["losses"]
     halves = torch.tensor([ranks[0]["losses"], ranks[2]["losses"]])
     assert halves.mean(0).tolist() == pytest.approx(ref_losses, rel=LOSS_RTOL)
-    assert ranks[0]["losses"] == ranks[1]["losses"] and ranks[2]["losses"] == ranks[3]["losses"]
+    for out in ranks:
+        assert_same_weights(out["weights"], local_weights(module))

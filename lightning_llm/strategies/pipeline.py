@@ -357,6 +357,12 @@ class PipelineStrategy(ParallelStrategy):
         return self.stages * self.stages_per_rank
 
     @property
+    def is_distributed(self) -> bool:
+        # How Lightning's connectors recognise a strategy outside their own list as distributed (this
+        # turns on the DistributedSampler with `distributed_sampler_kwargs`).
+        return True
+
+    @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         # The stages of one pipeline must see the same batch; the pipelines share the data.
         return {"num_replicas": self.data_parallel_size, "rank": self.data_parallel_rank}
