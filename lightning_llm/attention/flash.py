@@ -1,0 +1,226 @@
+"""`flash_attention`, its packed-sequence form `flash_attention_varlen`, and the `FlashAttention` module.
+
+They check their inputs, then dispatch: on CUDA to the Triton kernels (`triton_kernels.py`) through a
+`torch.autograd.Function`; on the CPU to `torch.nn.functional.scaled_dot_product_attention`, which gives
+the same result; and anywhere to the Triton kernels under Triton's interpreter when TRITON_INTERPRET=1
+(how CI tests the kernels without a GPU). `attention_backend(device)` says which path runs, the first use
+of each path is logged, and `FlashAttention.backend` records the path of its last call.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 128
+
+TRITON = "triton"
+TRITON_INTERPRETER = "triton-interpreter"
+SDPA = "sdpa"
+
+_announced: set[str] = set()
+
+
+def _triton_kernels() -> ModuleType | None:
+    """The kernels module, or None where triton is not installed (then only the SDPA path exists)."""
+    try:
+        from lightning_llm.attention import triton_kernels
+    except ImportError:
+        return None
+    return triton_kernels
+
+
+def attention_backend(device: torch.device | str) -> str:
+    """Which path `flash_attention` takes for tensors on `device`: "triton", "triton-interpreter" or "sdpa"."""
+    kernels = _triton_kernels()
+    if kernels is not None and kernels.INTERPRETED:
+        return TRITON_INTERPRETER
+    if kernels is not None and torch.device(device).type == "cuda":
+        return TRITON
+    return SDPA
+
+
+def _announce(backend: str, device: torch.device) -> None:
+    if backend in _announced:
+        return
+    _announced.add(backend)
+    why = {
+        TRITON: "the Triton FlashAttention-2 kernels",
+        TRITON_INTERPRETER: "the Triton FlashAttention-2 kernels under Triton's CPU interpreter (TRITON_INTERPRET=1; slow)",
+        SDPA: "torch's scaled_dot_product_attention (the Triton kernels need CUDA or TRITON_INTERPRET=1)",
+    }[backend]
+    log.info("lightning_llm attention on %s: %s", device, why)
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, token_dim: int) -> None:
+    """Shapes, dtypes and devices the kernels accept; `token_dim` is 2 for [B, H, T, D], 0 for [T, H, D]."""
+    head_dim_of = {"q": q.shape[-1], "k": k.shape[-1], "v": v.shape[-1]}
+    expected_dims = 4 if token_dim == 2 else 3
+    layout = "[batch, heads, seq, head_dim]" if token_dim == 2 else "[tokens, heads, head_dim]"
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != expected_dims:
+            raise ValueError(f"{name} must be {layout}, got shape {tuple(x.shape)}")
+        if x.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} has dtype {x.dtype}; supported: {', '.join(map(str, SUPPORTED_DTYPES))}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if len(set(head_dim_of.values())) != 1:
+        raise ValueError(f"q, k and v must share head_dim, got {head_dim_of}")
+    if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim {q.shape[-1]} is not supported: the kernels take head dims 1 to {MAX_HEAD_DIM}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    num_heads, num_kv_heads = q.shape[1], k.shape[1]  # the head axis is 1 in both layouts
+    if num_heads % num_kv_heads:
+        raise ValueError(f"q's {num_heads} heads are not a multiple of k's and v's {num_kv_heads} heads")
+    if token_dim == 2 and q.shape[0] != k.shape[0]:
+        raise ValueError(f"q has batch {q.shape[0]} but k and v have batch {k.shape[0]}")
+    if q.shape[token_dim] == 0 or k.shape[token_dim] == 0:
+        raise ValueError(f"empty sequence: q {tuple(q.shape)}, k {tuple(k.shape)}")
+
+
+def _unit_stride(x: Tensor) -> Tensor:
+    # The kernels take any strides but need head_dim contiguous (one vectorised load per row).
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+class _FlashAttentionFunction(torch.autograd.Function):
+    """The Triton forward and backward kernels as one differentiable op, on [B, H, T, D] views."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, deterministic, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+        kernels = _triton_kernels()
+        o, lse = kernels.attention_forward(q, k, v, causal=causal, scale=scale, cu_seqlens_q=cu_seqlens_q,
+                                           cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q)
+        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k)
+        ctx.options = dict(causal=causal, scale=scale, deterministic=deterministic, max_seqlen_q=max_seqlen_q,
+                           max_seqlen_k=max_seqlen_k)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+        dq, dk, dv = _triton_kernels().attention_backward(
+            do, q, k, v, o, lse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, **ctx.options
+        )
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tensor:
+    """The CPU path for [B, H, T, D] inputs, with the kernels' bottom-right causal alignment."""
+    seqlen_q, seqlen_k = q.shape[2], k.shape[2]
+    mask = None
+    if causal and seqlen_q != seqlen_k:
+        # SDPA's is_causal aligns the first query with the first key; the kernels align the last ones.
+        mask = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=q.device).tril(seqlen_k - seqlen_q)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+def flash_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None,
+    deterministic: bool = False,
+) -> Tensor:
+    """Exact attention softmax(Q K^T * scale) V without the N x N matrix in memory (FlashAttention-2).
+
+    q is [batch, heads, seq_q, head_dim]; k and v are [batch, kv_heads, seq_k, head_dim] with kv_heads
+    dividing heads (grouped-query or multi-query attention: query head h reads K/V head h // (heads //
+    kv_heads), nothing is repeated in memory). Returns [batch, heads, seq_q, head_dim]. `scale` defaults
+    to 1/sqrt(head_dim). With `causal`, query i sees key j when j <= i + seq_k - seq_q (the last query
+    sees the last key; a query that sees no key gets 0). `deterministic` makes the backward pass
+    reproducible bit for bit, at the cost of recomputing S and dP once more for dQ. float16, bfloat16
+    (float32 accumulation) and float32; head dims up to 128; any sequence length and strides.
+    """
+    _check(q, k, v, token_dim=2)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    backend = attention_backend(q.device)
+    _announce(backend, q.device)
+    if backend == SDPA:
+        return _sdpa(q, k, v, causal, scale)
+    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
+    return _FlashAttentionFunction.apply(q, k, v, causal, scale, deterministic, None, None, None, None)
+
+
+def _check_cu_seqlens(name: str, cu_seqlens: Tensor, total: int, device: torch.device) -> list[int]:
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must be a 1-d int32 tensor of sequence starts plus the total, got "
+                         f"shape {tuple(cu_seqlens.shape)} and dtype {cu_seqlens.dtype}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"{name} is on {cu_seqlens.device} but the tokens are on {device}")
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != total or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
+        raise ValueError(f"{name} must rise from 0 to the number of tokens ({total}), got {bounds}")
+    return bounds
+
+
+def flash_attention_varlen(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor | None = None, *,
+    causal: bool = True, scale: float | None = None, deterministic: bool = False,
+) -> Tensor:
+    """`flash_attention` over packed sequences: a token never attends across a sequence boundary.
+
+    q is [total_q, heads, head_dim] and k, v are [total_k, kv_heads, head_dim], the sequences laid end to
+    end; sequence b holds tokens cu_seqlens[b]:cu_seqlens[b+1] (int32, starting at 0 and ending at the
+    total). `cu_seqlens_k` defaults to `cu_seqlens_q`. The boundaries are checked on the host (one
+    device-to-host copy per call). Returns [total_q, heads, head_dim].
+    """
+    _check(q, k, v, token_dim=0)
+    cu_seqlens_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
+    bounds_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
+    bounds_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], k.device)
+    if len(bounds_q) != len(bounds_k):
+        raise ValueError(f"cu_seqlens_q has {len(bounds_q) - 1} sequences but cu_seqlens_k has {len(bounds_k) - 1}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    backend = attention_backend(q.device)
+    _announce(backend, q.device)
+    # As [1, heads, tokens, head_dim] views the packed tokens share the dense layout and code.
+    q4, k4, v4 = (x.unsqueeze(0).transpose(1, 2) for x in (q, k, v))
+    if backend == SDPA:
+        outputs = [
+            _sdpa(q4[:, :, q0:q1], k4[:, :, k0:k1], v4[:, :, k0:k1], causal, scale)
+            for q0, q1, k0, k1 in zip(bounds_q[:-1], bounds_q[1:], bounds_k[:-1], bounds_k[1:])
+        ]
+        return torch.cat(outputs, dim=2)[0].transpose(0, 1)
+    max_seqlen_q = max(b - a for a, b in zip(bounds_q[:-1], bounds_q[1:]))
+    max_seqlen_k = max(b - a for a, b in zip(bounds_k[:-1], bounds_k[1:]))
+    q4, k4, v4 = _unit_stride(q4), _unit_stride(k4), _unit_stride(v4)
+    o = _FlashAttentionFunction.apply(q4, k4, v4, causal, scale, deterministic, cu_seqlens_q.to(torch.int32),
+                                      cu_seqlens_k.to(torch.int32), max_seqlen_q, max_seqlen_k)
+    return o[0].transpose(0, 1)
+
+
+class FlashAttention(nn.Module):
+    """Attention as a module: `FlashAttention(causal=True)(q, k, v)` is `flash_attention(q, k, v, causal=True)`,
+    and with `cu_seqlens` it is `flash_attention_varlen`. `backend` names the path of the last call."""
+
+    def __init__(self, causal: bool = True, scale: float | None = None, deterministic: bool = False) -> None:
+        super().__init__()
+        if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be a positive finite number or None (1/sqrt(head_dim)), got {scale!r}")
+        self.causal = bool(causal)
+        self.scale = scale
+        self.deterministic = bool(deterministic)
+        self.backend: str | None = None
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor | None = None,
+                cu_seqlens_k: Tensor | None = None) -> Tensor:
+        options = dict(causal=self.causal, scale=self.scale, deterministic=self.deterministic)
+        if cu_seqlens_q is None:
+            out = flash_attention(q, k, v, **options)
+        else:
+            out = flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, **options)
+        self.backend = attention_backend(q.device)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"causal={self.causal}, scale={self.scale}, deterministic={self.deterministic}"
