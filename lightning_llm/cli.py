@@ -1,0 +1,120 @@
+"""The `lightning-llm` command: LightningCLI's fit/validate/test, plus plan, generate and export.
+
+    lightning-llm fit --config examples/pretrain_tiny.yaml
+    lightning-llm generate --checkpoint runs/tiny/checkpoints/last.ckpt --prompt "def "
+    lightning-llm export --checkpoint runs/tiny/checkpoints/last.ckpt --out runs/tiny/hf
+    lightning-llm plan --compute 5.76e23 --plot plan.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+
+TRAINER_COMMANDS = ("fit", "validate", "test")
+TOOL_COMMANDS = ("plan", "generate", "export")
+
+
+class LLMCLI(LightningCLI):
+    """LightningCLI with `--export_dir`: after `fit`, the trained model is exported for transformers."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--export_dir", type=str | None, default=None,
+                            help="after fit, write a Hugging Face export of the model here")
+
+    def after_fit(self) -> None:
+        from lightning_llm.export import export_module
+
+        out = self.config[self.subcommand].get("export_dir")
+        if out:
+            path = export_module(self.model, out)
+            if path is not None:
+                print(f"exported the model to {path}")
+
+
+def run_trainer_cli(args: list[str] | None) -> None:
+    from lightning_llm.data.pretrain import PretrainDataModule
+    from lightning_llm.modules.pretrain import PretrainModule
+
+    LLMCLI(
+        PretrainModule, PretrainDataModule,
+        subclass_mode_model=True, subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+def plan(argv: list[str]) -> None:
+    from lightning_llm.scaling import chinchilla_plan, plot_plan
+
+    parser = argparse.ArgumentParser(prog="lightning-llm plan", description="Chinchilla compute-optimal model size and tokens.")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--compute", type=float, help="training budget in FLOPs, e.g. 5.76e23")
+    group.add_argument("--params", type=float, help="model size in parameters, e.g. 67e9")
+    parser.add_argument("--plot", help="write the plan as a PNG here")
+    args = parser.parse_args(argv)
+    try:
+        result = chinchilla_plan(compute=args.compute, params=args.params)
+    except ValueError as err:
+        parser.error(str(err))
+    print(f"compute  C = {result.compute:.3e} FLOPs")
+    print(f"params   N = {result.params:.3e}")
+    print(f"tokens   D = {result.tokens:.3e}  ({result.tokens_per_param:.1f} tokens per parameter)")
+    if args.plot:
+        plot_plan(result, args.plot)
+        print(f"plot written to {args.plot}")
+
+
+def generate(argv: list[str]) -> None:
+    import torch
+
+    from lightning_llm.export import load_for_inference
+
+    parser = argparse.ArgumentParser(prog="lightning-llm generate", description="Continue a prompt with a trained model.")
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint file or a Hugging Face export directory")
+    parser.add_argument("--prompt", default="")
+    parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    parser.add_argument("--top_k", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    model, tokenizer = load_for_inference(args.checkpoint)
+    if tokenizer is None:
+        parser.error(f"{args.checkpoint} carries no tokenizer")
+    torch.manual_seed(args.seed)
+    ids = tokenizer(args.prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    if ids.numel() == 0:
+        ids = torch.tensor([[tokenizer.eos_token_id]])
+    sample = args.temperature > 0
+    out = model.generate(
+        ids, max_new_tokens=args.max_new_tokens, do_sample=sample, temperature=args.temperature if sample else None,
+        top_k=args.top_k if sample else None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    print(tokenizer.decode(out[0], skip_special_tokens=True))
+
+
+def export(argv: list[str]) -> None:
+    from lightning_llm.export import export_checkpoint
+
+    parser = argparse.ArgumentParser(prog="lightning-llm export", description="Write a checkpoint as a Hugging Face model directory.")
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    path = export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite)
+    print(f"exported to {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    command_line = sys.argv[1:] if argv is None else argv
+    if command_line and command_line[0] in TOOL_COMMANDS:
+        {"plan": plan, "generate": generate, "export": export}[command_line[0]](command_line[1:])
+    else:
+        run_trainer_cli(argv)  # None: LightningCLI reads sys.argv itself
+
+
+if __name__ == "__main__":
+    main()
+

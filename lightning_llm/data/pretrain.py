@@ -1,0 +1,277 @@
+"""PretrainDataModule: packed token blocks from a weighted mixture of text sources.
+
+Each source is tokenized once, with a progress bar, into a memory-mapped token file in a cache
+directory keyed by a hash of the source and the tokenizer. Documents are joined with EOS; the stream
+is cut into blocks of `block_size + 1` tokens (inputs and shifted targets), and blocks go to the
+validation split by a fixed rule. The training set draws blocks from each source in proportion to
+its weight, so the mixture is measured in tokens. The sampler is deterministic and resumable: a run
+resumed mid-epoch sees exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from lightning_llm.data.sources import Source, as_sources
+from lightning_llm.data.tokenizer import load_tokenizer, trained_tokenizer
+
+log = logging.getLogger(__name__)
+
+# Validation takes one chunk of this many consecutive blocks out of every `1 / val_fraction` chunks:
+# contiguous spans keep neighbouring text of the same file on one side of the split.
+VAL_CHUNK_BLOCKS = 16
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("LIGHTNING_LLM_CACHE", Path.home() / ".cache" / "lightning-llm"))
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else f"{tokenizer.name_or_path}|{len(tokenizer)}"
+    return hashlib.sha256(f"{text}|{tokenizer.eos_token}".encode()).hexdigest()[:16]
+
+
+def tokenize_to_file(source: Source, tokenizer: PreTrainedTokenizerBase, path: Path, batch_docs: int = 64) -> int:
+    """Tokenize `source` into `path` (EOS after each document); write-then-rename, so no half file survives."""
+    dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    eos = tokenizer.eos_token_id
+    total = 0
+    docs = source.documents()
+    bar = tqdm(desc=f"tokenizing {source.name}", unit=" docs", disable=None)
+    try:
+        with tmp.open("wb") as fh:
+            while True:
+                batch = [d for _, d in zip(range(batch_docs), docs)]
+                if not batch:
+                    break
+                for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+                    arr = np.asarray(ids + [eos], dtype=dtype)
+                    fh.write(arr.tobytes())
+                    total += arr.size
+                bar.update(len(batch))
+        path.with_suffix(".json").write_text(json.dumps({"dtype": np.dtype(dtype).name, "tokens": total}))
+        tmp.rename(path)
+    finally:
+        bar.close()
+        tmp.unlink(missing_ok=True)
+    return total
+
+
+def load_tokens(path: Path) -> np.memmap:
+    meta = json.loads(path.with_suffix(".json").read_text())
+    return np.memmap(path, dtype=meta["dtype"], mode="r", shape=(meta["tokens"],))
+
+
+def split_blocks(n_blocks: int, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of training and validation blocks: every k-th chunk of blocks goes to validation."""
+    blocks = np.arange(n_blocks)
+    if val_fraction <= 0:
+        return blocks, blocks[:0]
+    every = max(2, round(1 / val_fraction))
+    is_val = (blocks // VAL_CHUNK_BLOCKS) % every == every - 1
+    if not is_val.any():  # a small source still contributes a validation block
+        is_val[-1] = True
+    return blocks[~is_val], blocks[is_val]
+
+
+def mixture_index(train_blocks: list[np.ndarray], weights: list[float], total: int, seed: int) -> np.ndarray:
+    """(source, block) pairs: `total` blocks drawn from the sources in proportion to their weights.
+
+    A source with fewer blocks than its share is repeated (upsampled); one with more is subsampled.
+    """
+    w = np.asarray(weights, dtype=np.float64) / sum(weights)
+    counts = np.floor(w * total).astype(int)
+    counts[np.argsort(-(w * total - counts))[: total - counts.sum()]] += 1  # largest remainders
+    rng = np.random.default_rng(seed)
+    parts = []
+    for s, (blocks, count) in enumerate(zip(train_blocks, counts)):
+        reps = math.ceil(count / len(blocks))
+        chosen = np.concatenate([rng.permutation(blocks) for _ in range(reps)])[:count]
+        parts.append(np.stack([np.full(count, s), chosen], axis=1))
+    return np.concatenate(parts)
+
+
+class PackedBlocks(Dataset):
+    """Blocks of `block_size + 1` tokens: `input_ids` are the first `block_size`, `targets` the last."""
+
+    def __init__(self, streams: list[np.ndarray], index: np.ndarray, block_size: int) -> None:
+        self.streams, self.index, self.block_size = streams, index, block_size
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        s, b = self.index[i]
+        start = int(b) * self.block_size
+        block = torch.from_numpy(self.streams[s][start : start + self.block_size + 1].astype(np.int64))
+        return {"input_ids": block[:-1], "targets": block[1:]}
+
+
+class ResumableSampler(DistributedSampler):
+    """A seeded (optionally shuffled) order over the dataset, sharded over data-parallel ranks.
+
+    It subclasses `DistributedSampler` so that Lightning leaves it in place in distributed runs, and
+    it can start `start` samples into an epoch, which is how a run resumed mid-epoch continues with
+    the batches it had not seen yet.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0, start: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
+        self.start = start
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self.start :]
+        self.start = 0  # only the resumed epoch starts late
+        return iter(indices)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+class PretrainDataModule(LightningDataModule):
+    """Packed next-token blocks from a weighted mixture of text sources.
+
+    Args:
+        sources: a path or `python-stdlib`, or a list of sources (`{path, weight, text_field, name}`)
+            that mix by weight, measured in tokens.
+        tokenizer: a local tokenizer directory or a hub id; `None` trains a byte-level BPE of
+            `vocab_size` tokens on the first source and caches it.
+        vocab_size: size of the trained BPE (ignored with `tokenizer`).
+        block_size: tokens per training sequence.
+        batch_size: sequences per batch on each data-parallel rank.
+        val_fraction: share of each source's blocks held out for validation.
+        max_val_blocks: cap on validation blocks (evenly spaced), to keep validation quick.
+        train_blocks: blocks per training epoch; `None` is the sum of the sources' training blocks.
+        seed: seeds the mixture and the shuffling.
+        cache_dir: where tokenizers and token files are cached (`$LIGHTNING_LLM_CACHE`, else
+            `~/.cache/lightning-llm`).
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        sources: str | list[Source] | list[dict] = "python-stdlib",
+        tokenizer: str | None = None,
+        vocab_size: int = 8192,
+        block_size: int = 256,
+        batch_size: int = 16,
+        val_fraction: float = 0.02,
+        max_val_blocks: int | None = 64,
+        train_blocks: int | None = None,
+        seed: int = 1234,
+        cache_dir: str | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        for name, value in (("block_size", block_size), ("batch_size", batch_size), ("vocab_size", vocab_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.sources = as_sources(sources)
+        self.tokenizer_spec, self.vocab_size_wanted = tokenizer, vocab_size
+        self.block_size, self.batch_size, self.num_workers = block_size, batch_size, num_workers
+        self.val_fraction, self.max_val_blocks, self.train_blocks, self.seed = val_fraction, max_val_blocks, train_blocks, seed
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self.train_set: PackedBlocks | None = None
+        self.val_set: PackedBlocks | None = None
+        self.stats: dict[str, dict[str, int]] = {}
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        if self._tokenizer is None:
+            if self.tokenizer_spec is not None:
+                self._tokenizer = load_tokenizer(self.tokenizer_spec)
+            else:
+                first = self.sources[0]
+                self._tokenizer = trained_tokenizer(first.documents(), self.vocab_size_wanted, first.fingerprint(), self.cache_dir)
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    def token_file(self, source: Source) -> Path:
+        key = hashlib.sha256(f"{source.fingerprint()}|{tokenizer_fingerprint(self.tokenizer)}".encode()).hexdigest()[:16]
+        return self.cache_dir / "tokens" / f"{source.name.replace(os.sep, '_')}-{key}.bin"
+
+    def prepare_data(self) -> None:
+        for source in self.sources:
+            path = self.token_file(source)
+            if not path.exists():
+                tokenize_to_file(source, self.tokenizer, path)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        self.prepare_data()  # no-op when the files exist; covers a `setup` without `prepare_data`
+        streams, train_blocks, val_index = [], [], []
+        for s, source in enumerate(self.sources):
+            tokens = load_tokens(self.token_file(source))
+            n_blocks = (len(tokens) - 1) // self.block_size
+            if n_blocks < 1:
+                raise ValueError(
+                    f"data source {source.name!r} has {len(tokens)} tokens, fewer than one block of "
+                    f"block_size + 1 = {self.block_size + 1}; add text or lower block_size"
+                )
+            train, val = split_blocks(n_blocks, self.val_fraction)
+            if len(train) == 0:
+                raise ValueError(f"data source {source.name!r} has {n_blocks} block(s): none left for training after the validation split")
+            streams.append(tokens)
+            train_blocks.append(train)
+            val_index.append(np.stack([np.full(len(val), s), val], axis=1))
+            self.stats[source.name] = {"tokens": len(tokens), "train_tokens": len(train) * self.block_size, "val_tokens": len(val) * self.block_size}
+        total = self.train_blocks or sum(len(b) for b in train_blocks)
+        index = mixture_index(train_blocks, [s.weight for s in self.sources], total, self.seed)
+        val = np.concatenate(val_index)
+        if self.max_val_blocks is not None and len(val) > self.max_val_blocks:
+            val = val[np.linspace(0, len(val) - 1, self.max_val_blocks).round().astype(int)]
+        for s, source in enumerate(self.sources):
+            self.stats[source.name]["mixture_tokens"] = int((index[:, 0] == s).sum()) * self.block_size
+        self.train_set = PackedBlocks(streams, index, self.block_size)
+        self.val_set = PackedBlocks(streams, val, self.block_size)
+        self._log_stats(len(val))
+
+    def _log_stats(self, n_val: int) -> None:
+        rows = [f"{'source':<24}{'tokens':>12}{'train':>12}{'val':>10}{'in mixture':>12}"]
+        for name, st in self.stats.items():
+            rows.append(f"{name:<24}{st['tokens']:>12,}{st['train_tokens']:>12,}{st['val_tokens']:>10,}{st['mixture_tokens']:>12,}")
+        rows.append(f"{len(self.train_set)} training blocks of {self.block_size} tokens per epoch; {n_val} validation blocks")
+        rank_zero_info("\n".join(rows))
+
+    def _loader(self, dataset: PackedBlocks, shuffle: bool, start: int = 0) -> DataLoader:
+        kwargs: dict[str, Any] = {"num_replicas": 1, "rank": 0}
+        if self.trainer is not None:
+            kwargs.update(getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or {})
+        kwargs = {k: kwargs[k] for k in ("num_replicas", "rank")}
+        sampler = ResumableSampler(dataset, shuffle=shuffle, seed=self.seed, start=start, **kwargs)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=shuffle,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        # Lightning restores the loop's progress before it asks for the loader: skip what this epoch saw.
+        done = 0
+        if self.trainer is not None:
+            done = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        return self._loader(self.train_set, shuffle=True, start=done * self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)

@@ -1,0 +1,206 @@
+"""PretrainModule: next-token prediction on packed blocks with a Hugging Face causal LM.
+
+The module owns the objective, the optimizer and its schedule, and the metrics; the model is a
+transformers causal LM built in `configure_model`, so a sharding strategy can create it on the meta
+device and materialise only its shard. The instruction-tuning module subclasses this one.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics import MeanMetric
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lightning_llm.models import build_model, has_weights
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over target tokens (-100 = ignored), computed in fp32."""
+    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=-100)
+
+
+def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """Learning-rate multiplier: linear warmup to 1, then cosine decay to `min_lr_ratio` at `max_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on weight matrices; none on norms, biases and embeddings (tied or not)."""
+    no_decay_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (no_decay if p.ndim < 2 or id(p) in no_decay_ids else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def tokenizer_files(tokenizer: PreTrainedTokenizerBase) -> dict[str, bytes]:
+    """The tokenizer's `save_pretrained` files, so a checkpoint carries its tokenizer."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+
+
+class PretrainModule(LightningModule):
+    """Next-token pretraining of a causal LM.
+
+    Args:
+        model: a preset name, a config file, a local model directory or a hub id (see `models.build_model`).
+        vocab_size: the model's vocabulary; `None` takes the data module's tokenizer size (or the preset's).
+        attn_implementation: an entry of transformers' attention registry ("sdpa", "eager", "lightning_flash").
+        lr: peak learning rate of AdamW.
+        weight_decay: decoupled weight decay on weight matrices (none on norms, biases, embeddings).
+        betas: AdamW betas.
+        warmup_steps: linear warmup steps.
+        min_lr_ratio: the cosine schedule ends at `lr * min_lr_ratio`.
+        max_steps: length of the cosine schedule; `None` takes the trainer's estimated optimizer steps.
+        activation_checkpointing: recompute each decoder layer's activations in the backward pass.
+    """
+
+    def __init__(
+        self,
+        model: str = "tiny",
+        *,
+        vocab_size: int | None = None,
+        attn_implementation: str | None = None,
+        lr: float = 3e-4,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.1,
+        max_steps: int | None = None,
+        activation_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if warmup_steps < 0 or not 0 <= min_lr_ratio <= 1:
+            raise ValueError(f"warmup_steps must be >= 0 and min_lr_ratio in [0, 1], got {warmup_steps}, {min_lr_ratio}")
+        self.save_hyperparameters()
+        self.model: PreTrainedModel | None = None
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.val_loss = MeanMetric()
+        self.val_history: list[tuple[int, float]] = []
+        self.tokens_seen = 0
+
+    # -- model -----------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self.tokenizer is None and datamodule is not None:
+            self.tokenizer = getattr(datamodule, "tokenizer", None)
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        hp = self.hparams
+        vocab_size = hp.vocab_size or (len(self.tokenizer) if self.tokenizer is not None else None)
+        # A randomly initialised model takes the tokenizer's vocabulary; pretrained weights keep theirs.
+        overrides = {} if vocab_size is None or has_weights(hp.model) else {"vocab_size": vocab_size}
+        self.model = build_model(hp.model, attn_implementation=hp.attn_implementation, **overrides)
+        self._check_data_fits()
+        # Callbacks that change the model (LoRA, QLoRA) do it here: after it is built, before a
+        # strategy shards it and before the optimizer sees its parameters.
+        for callback in self.trainer.callbacks if self._trainer is not None else []:
+            transform = getattr(callback, "transform_model", None)
+            if transform is not None:
+                self.model = transform(self.model, self)
+        if hp.activation_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def _check_data_fits(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        block_size = getattr(datamodule, "block_size", None)
+        max_pos = getattr(self.model.config, "max_position_embeddings", None)
+        if block_size is not None and max_pos is not None and block_size > max_pos:
+            raise ValueError(f"block_size {block_size} exceeds the model's max_position_embeddings {max_pos}; use block_size <= {max_pos}")
+        if self.tokenizer is not None and len(self.tokenizer) > self.model.config.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {len(self.tokenizer)} tokens but the model's vocabulary is "
+                f"{self.model.config.vocab_size}: token ids would index past the embedding"
+            )
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = self(batch["input_ids"], batch.get("position_ids"), batch.get("attention_mask"))
+        return next_token_loss(logits, batch["targets"])
+
+    # -- steps -----------------------------------------------------------------------------------
+
+    def _data_parallel_size(self) -> int:
+        kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or {}
+        return kwargs.get("num_replicas", 1)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch)
+        self.tokens_seen += batch["input_ids"].numel() * self._data_parallel_size()
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/ppl", torch.exp(loss.detach().clamp(max=20)))
+        self.log("train/tokens", float(self.tokens_seen))
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads)
+            if hasattr(norm, "full_tensor"):  # sharded (DTensor) gradients: the norm over all shards
+                norm = norm.full_tensor()
+            self.log("train/grad_norm", norm)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss = self.loss(batch)
+        self.val_loss.update(loss, weight=(batch["targets"] != -100).sum())
+
+    def on_validation_epoch_end(self) -> None:
+        value = self.val_loss.compute()
+        self.val_loss.reset()
+        self.val_history.append((self.global_step, value.item()))
+        if not self.trainer.sanity_checking:
+            self.log("val/loss", value, prog_bar=True)
+            self.log("val/ppl", torch.exp(value.clamp(max=20)))
+        rank_zero_info(f"validation loss at step {self.global_step}: {value.item():.4f}")
+
+    def on_fit_end(self) -> None:
+        if len(self.val_history) >= 2:
+            (s0, first), (s1, last) = self.val_history[0], self.val_history[-1]
+            rank_zero_info(f"validation loss: {first:.4f} at step {s0} -> {last:.4f} at step {s1}")
+
+    # -- optimizer -------------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(parameter_groups(self, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas))
+        max_steps = hp.max_steps or int(self.trainer.estimated_stepping_batches)
+        schedule = LambdaLR(optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, max_steps, hp.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The config and tokenizer travel with the weights, so `generate` and `export` need nothing else.
+        checkpoint["hf_config"] = self.model.config.to_dict()
+        checkpoint["tokens_seen"] = self.tokens_seen
+        checkpoint["val_history"] = self.val_history
+        if self.tokenizer is not None:
+            checkpoint["tokenizer_files"] = tokenizer_files(self.tokenizer)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.tokens_seen = checkpoint.get("tokens_seen", 0)
+        self.val_history = list(checkpoint.get("val_history", []))

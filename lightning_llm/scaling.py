@@ -1,0 +1,118 @@
+"""FLOPs per token, model FLOPs utilisation (MFU), and the Chinchilla compute-optimal planner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PretrainedConfig
+
+# Peak dense (no sparsity) tensor-core FLOP/s from the vendors' data sheets, by device-name substring
+# and compute dtype. Order matters: the first substring found in the device name wins.
+PEAK_FLOPS: dict[str, dict[torch.dtype, float]] = {
+    "H200": {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, torch.float32: 494.7e12},
+    "H100 PCIe": {torch.bfloat16: 756.5e12, torch.float16: 756.5e12, torch.float32: 378e12},
+    "H100": {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, torch.float32: 494.7e12},
+    "B200": {torch.bfloat16: 2250e12, torch.float16: 2250e12, torch.float32: 1100e12},
+    "A100": {torch.bfloat16: 312e12, torch.float16: 312e12, torch.float32: 156e12},  # fp32 = TF32
+    "L4": {torch.bfloat16: 121e12, torch.float16: 121e12, torch.float32: 60e12},
+    "V100": {torch.float16: 125e12, torch.float32: 15.7e12},
+}
+
+
+def peak_flops(device: torch.device | str, dtype: torch.dtype) -> float | None:
+    """Peak dense FLOP/s of `device` for `dtype`, or None when unknown (CPUs: no MFU is reported)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, table in PEAK_FLOPS.items():
+        if key in name:
+            return table.get(dtype)
+    return None
+
+
+def matmul_params(config: PretrainedConfig) -> int:
+    """Parameters that take part in a matmul per token: all but the input embedding lookup.
+
+    Per layer: Q and O projections (d x d each), K and V (d x d_kv each), the gated MLP (3 x d x d_ff);
+    plus the LM head (d x V), which computes whether or not it is tied to the embedding.
+    """
+    d, L = config.hidden_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or d // heads
+    attn = 2 * d * heads * head_dim + 2 * d * kv_heads * head_dim
+    mlp = 3 * d * config.intermediate_size
+    return L * (attn + mlp) + d * config.vocab_size
+
+
+def flops_per_token(config: PretrainedConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6N + 12 * n_layer * n_head * head_dim * seq_len.
+
+    A matmul with N weights costs 2N FLOPs per token forward and 4N backward: 6N. Attention adds
+    QK^T and PV, each 2 * seq_len * head_dim per head per token forward, times 3 for the backward:
+    12 * L * H * head_dim * T (PaLM's appendix B count; the causal mask's halving is not credited).
+    """
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 6 * matmul_params(config) + 12 * config.num_hidden_layers * heads * head_dim * seq_len
+
+
+# Chinchilla (Hoffmann et al. 2022), Approach 1: N_opt ∝ C^a and D_opt ∝ C^b with a = b ≈ 0.50.
+# The paper rounds a to 0.50; its Table 3 (400M ... 10T parameters) implies a = 0.498, which we use,
+# anchored at the paper's headline result: Gopher's budget of 5.76e23 FLOPs is optimal for 67B.
+CHINCHILLA_A = 0.498
+CHINCHILLA_ANCHOR_FLOPS = 5.76e23
+CHINCHILLA_ANCHOR_PARAMS = 67e9
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A compute-optimal training run: parameters N, tokens D and compute C = 6 N D."""
+
+    params: float
+    tokens: float
+    compute: float
+
+    @property
+    def tokens_per_param(self) -> float:
+        return self.tokens / self.params
+
+
+def chinchilla_plan(compute: float | None = None, params: float | None = None) -> Plan:
+    """The compute-optimal (N, D) for a FLOP budget, or the budget and tokens for a model size."""
+    if (compute is None) == (params is None):
+        raise ValueError(f"give exactly one of compute or params, got compute={compute}, params={params}")
+    value = compute if compute is not None else params
+    if not value > 0:
+        raise ValueError(f"{'compute' if compute is not None else 'params'} must be > 0, got {value}")
+    if compute is not None:
+        n = CHINCHILLA_ANCHOR_PARAMS * (compute / CHINCHILLA_ANCHOR_FLOPS) ** CHINCHILLA_A
+    else:
+        n = params
+        compute = CHINCHILLA_ANCHOR_FLOPS * (n / CHINCHILLA_ANCHOR_PARAMS) ** (1 / CHINCHILLA_A)
+    return Plan(params=n, tokens=compute / (6 * n), compute=compute)
+
+
+def plot_plan(plan: Plan, path: str) -> None:
+    """Draw the compute-optimal frontier (N and D against C) with `plan` marked, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    budgets = np.logspace(18, 28, 60)
+    plans = [chinchilla_plan(compute=c) for c in budgets]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.loglog(budgets, [p.params for p in plans], label="parameters N")
+    ax.loglog(budgets, [p.tokens for p in plans], label="tokens D")
+    ax.scatter([plan.compute] * 2, [plan.params, plan.tokens], color="black", zorder=3)
+    ax.set_xlabel("training compute C (FLOPs)")
+    ax.set_title(f"Chinchilla plan: N={plan.params:.3g}, D={plan.tokens:.3g}, C={plan.compute:.3g}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
