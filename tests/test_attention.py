@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_llm.attention import FlashAttention, attention_backend, flash, flash_attention, flash_attention_varlen
+from lightning_llm.attention import FlashAttention, attention_backend, flash, flash_attention
 from lightning_llm.attention.reference import naive_attention, tiled_attention_backward, tiled_attention_forward
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +74,7 @@ def test_varlen_on_this_machines_path_equals_each_sequence_alone():
     q = torch.randn(sum(lengths), 4, 16, generator=g)
     k, v = (torch.randn(sum(lengths), 1, 16, generator=g) for _ in range(2))
     cu_seqlens = torch.tensor([0, 5, 6, 29], dtype=torch.int32)
-    out = flash_attention_varlen(q, k, v, cu_seqlens)
+    out = FlashAttention(causal=True)(q, k, v, cu_seqlens=cu_seqlens)
     as_batch = lambda x: x.transpose(0, 1).unsqueeze(0).double()  # noqa: E731  [T, H, D] -> [1, H, T, D]
     expected = torch.cat([
         naive_attention(as_batch(q_i), as_batch(k_i), as_batch(v_i))[0][0].transpose(0, 1)
@@ -121,11 +121,18 @@ def test_bad_inputs_are_refused_with_a_clear_error(q_shape, kv_shape, dtypes, me
     (torch.tensor([1, 5, 10]), "rise from 0"),
     (torch.tensor([0, 6, 5, 10]), "rise from 0"),
     (torch.tensor([0.0, 10.0]), "int32"),
+    (torch.tensor([[0, 10]]), "1-d"),
 ])
 def test_bad_cu_seqlens_are_refused(cu_seqlens, message):
     q = torch.ones(10, 2, 16)
     with pytest.raises(ValueError, match=message):
-        flash_attention_varlen(q, q, q, cu_seqlens)
+        flash_attention(q, q, q, cu_seqlens=cu_seqlens)
+
+
+def test_packing_arguments_without_cu_seqlens_are_refused():
+    q = torch.ones(1, 2, 10, 16)
+    with pytest.raises(ValueError, match="pass cu_seqlens too"):
+        flash_attention(q, q, q, max_seqlen=10)
 
 
 def test_module_validates_its_scale():

@@ -13,7 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_llm.attention import ATTN_IMPLEMENTATION, attention_backend
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from lightning_llm.attention import ATTN_IMPLEMENTATION, attention_backend, lightning_attention_forward
 from lightning_llm.models import build_model
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -84,6 +87,29 @@ def test_padding_mask_is_honoured():
     padded = flash(ids, attention_mask=mask, position_ids=torch.cat(
         [torch.zeros(1, 6, dtype=torch.long, device=DEVICE), positions], 1).expand(2, -1)).logits[1, 6:]
     torch.testing.assert_close(padded, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_registered_in_both_registries_so_the_padding_mask_arrives(monkeypatch):
+    # Without an AttentionMaskInterface entry transformers would hand the attention function mask=None.
+    assert AttentionInterface()[ATTN_IMPLEMENTATION] is lightning_attention_forward
+    assert ATTN_IMPLEMENTATION in AttentionMaskInterface()
+    received = []
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        received.append(attention_mask)
+        return lightning_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, ATTN_IMPLEMENTATION, spy)
+    _, flash = twin_models()
+    ids = tokens(2, 11)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    flash(ids, attention_mask=mask)
+    assert len(received) == flash.config.num_hidden_layers
+    assert all(m is not None and torch.equal(m.bool(), mask.bool()) for m in received)
+    received.clear()
+    flash(ids)  # no padding: transformers passes no mask and the kernel runs dense
+    assert received == [None] * flash.config.num_hidden_layers
 
 
 def test_packed_examples_do_not_attend_to_each_other():

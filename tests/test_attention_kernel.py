@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from lightning_llm.attention import attention_backend, flash_attention, flash_attention_varlen
-from lightning_llm.attention.reference import naive_attention
+from lightning_llm.attention import attention_backend, flash_attention
+from lightning_llm.attention.reference import naive_attention, tiled_attention_backward, tiled_attention_forward
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(
@@ -93,8 +95,9 @@ def test_forward_lse_and_gradients_match_float64(batch, heads, kv_heads, seq_q, 
             assert_close_to(grad, grad_ref, dtype, f"{name} (deterministic={deterministic})")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_varlen_sequences_never_attend_across_boundaries(dtype):
+# (dtype, whether the caller passes max_seqlen: then the boundaries are trusted, not copied to the host)
+@pytest.mark.parametrize("dtype,pass_max_seqlen", [(torch.float32, True), (torch.bfloat16, False)])
+def test_varlen_sequences_never_attend_across_boundaries(dtype, pass_max_seqlen):
     # Lengths straddle the 64/128 blocks; a block of queries holds the end of one sequence and the start
     # of the next, and the keys are shorter than the queries in one sequence (its first queries see nothing).
     lengths_q, lengths_k = [17, 1, 130, 65], [17, 1, 65, 130]
@@ -104,7 +107,8 @@ def test_varlen_sequences_never_attend_across_boundaries(dtype):
         x.requires_grad_()
     cu_q = torch.tensor([0, 17, 18, 148, 213], dtype=torch.int32, device=DEVICE)
     cu_k = torch.tensor([0, 17, 18, 83, 213], dtype=torch.int32, device=DEVICE)
-    o = flash_attention_varlen(q, k, v, cu_q, cu_k)
+    max_seqlen = dict(max_seqlen=max(lengths_q), max_seqlen_k=max(lengths_k)) if pass_max_seqlen else {}
+    o = flash_attention(q, k, v, cu_seqlens=cu_q, cu_seqlens_k=cu_k, **max_seqlen)
     do = torch.randn(o.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE, dtype)
     grads = torch.autograd.grad(o, (q, k, v), do)
 
@@ -151,3 +155,51 @@ def test_deterministic_backward_is_reproducible_bit_for_bit():
     first, second = gradients(), gradients()
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype,head_dim,causal", [(torch.float32, 64, True), (torch.bfloat16, 128, False)])
+def test_gradients_match_the_tiled_reference_and_sdpa(dtype, head_dim, causal):
+    # The same dQ, dK, dV three ways: the kernels, reference.py's tiled backward run on its own forward, and
+    # torch's scaled_dot_product_attention through autograd, all in `dtype` (tails: 65 = 64 + 1).
+    q, k, v = random_inputs((2, 4, 65, head_dim), (2, 2, 65, head_dim), dtype, seed=11)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(4)).to(DEVICE, dtype)
+    for x in (q, k, v):
+        x.requires_grad_()
+    grads = torch.autograd.grad(flash_attention(q, k, v, causal=causal), (q, k, v), do)
+    o_tiled, lse_tiled = tiled_attention_forward(q.detach(), k.detach(), v.detach(), causal=causal)
+    grads_tiled = tiled_attention_backward(do, q.detach(), k.detach(), v.detach(), o_tiled, lse_tiled, causal=causal)
+    o_sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    grads_sdpa = torch.autograd.grad(o_sdpa, (q, k, v), do)
+    for name, grad, tiled, sdpa in zip(("dQ", "dK", "dV"), grads, grads_tiled, grads_sdpa):
+        assert_close_to(grad, tiled.double(), dtype, f"{name} vs tiled reference")
+        assert_close_to(grad, sdpa.double(), dtype, f"{name} vs SDPA")
+
+
+class _Allocations(TorchDispatchMode):
+    """Records the shape of every tensor that a torch operation returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.shapes += [tuple(t.shape) for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        return out
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])  # multi-query and grouped-query
+def test_grouped_query_attention_never_materialises_repeated_kv(kv_heads):
+    # Naive GQA repeats K and V to [batch, heads, seq, head_dim]; the kernels index head // group instead,
+    # so no tensor of that shape with the keys' length may appear, forward or backward (seq_q != seq_k so
+    # that Q-shaped tensors do not count).
+    batch, heads, seq_q, seq_k, head_dim = 1, 8, 17, 40, 32
+    q, k, v = random_inputs((batch, heads, seq_q, head_dim), (batch, kv_heads, seq_k, head_dim), torch.float32, 5)
+    for x in (q, k, v):
+        x.requires_grad_()
+    with _Allocations() as allocations:
+        o = flash_attention(q, k, v)
+        grads = torch.autograd.grad(o, (q, k, v), torch.ones_like(o))
+    assert (batch, kv_heads, seq_k, head_dim) in allocations.shapes  # dK and dV: the mode does see allocations
+    assert (batch, heads, seq_k, head_dim) not in allocations.shapes
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]

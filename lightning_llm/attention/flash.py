@@ -1,4 +1,4 @@
-"""`flash_attention`, its packed-sequence form `flash_attention_varlen`, and the `FlashAttention` module.
+"""`flash_attention` (dense or packed variable-length sequences) and the `FlashAttention` module.
 
 They check their inputs, then dispatch: on CUDA to the Triton kernels (`triton_kernels.py`) through a
 `torch.autograd.Function`; on the CPU to `torch.nn.functional.scaled_dot_product_attention`, which gives
@@ -129,79 +129,99 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tensor
 
 def flash_attention(
     q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None,
-    deterministic: bool = False,
+    cu_seqlens: Tensor | None = None, max_seqlen: int | None = None,
+    cu_seqlens_k: Tensor | None = None, max_seqlen_k: int | None = None, deterministic: bool = False,
 ) -> Tensor:
     """Exact attention softmax(Q K^T * scale) V without the N x N matrix in memory (FlashAttention-2).
 
-    q is [batch, heads, seq_q, head_dim]; k and v are [batch, kv_heads, seq_k, head_dim] with kv_heads
-    dividing heads (grouped-query or multi-query attention: query head h reads K/V head h // (heads //
-    kv_heads), nothing is repeated in memory). Returns [batch, heads, seq_q, head_dim]. `scale` defaults
-    to 1/sqrt(head_dim). With `causal`, query i sees key j when j <= i + seq_k - seq_q (the last query
-    sees the last key; a query that sees no key gets 0). `deterministic` makes the backward pass
-    reproducible bit for bit, at the cost of recomputing S and dP once more for dQ. float16, bfloat16
-    (float32 accumulation) and float32; head dims up to 128; any sequence length and strides.
+    Dense: q is [batch, heads, seq_q, head_dim]; k and v are [batch, kv_heads, seq_k, head_dim]; returns
+    [batch, heads, seq_q, head_dim].
+
+    Packed (`cu_seqlens` given): q is [total_q, heads, head_dim] and k, v are [total_k, kv_heads, head_dim],
+    sequences laid end to end; sequence b holds tokens cu_seqlens[b]:cu_seqlens[b+1] (int32 or int64, from 0
+    to the total) and never attends to another one. `cu_seqlens_k` bounds the keys (default: `cu_seqlens`).
+    `max_seqlen` is the longest query sequence and `max_seqlen_k` the longest key sequence (default:
+    `max_seqlen` when `cu_seqlens_k` is not given): given, the boundaries are trusted and the kernels launch
+    without a device-to-host copy (as flash-attn's varlen functions do); omitted, the boundaries are checked
+    and the longest sequence found on the host. Returns [total_q, heads, head_dim].
+
+    kv_heads must divide heads (grouped-query or multi-query attention: query head h reads K/V head
+    h // (heads // kv_heads), nothing is repeated in memory). `scale` defaults to 1/sqrt(head_dim). With
+    `causal`, query i sees key j when j <= i + seq_k - seq_q (the last query sees the last key; a query that
+    sees no key gets 0). `deterministic` makes the backward pass reproducible bit for bit, at the cost of
+    recomputing S and dP once more for dQ. float16, bfloat16 (float32 accumulation) and float32; head dims
+    up to 128; any sequence length and strides.
     """
-    _check(q, k, v, token_dim=2)
+    packed = cu_seqlens is not None
+    if not packed and (cu_seqlens_k is not None or max_seqlen is not None or max_seqlen_k is not None):
+        raise ValueError("cu_seqlens_k, max_seqlen and max_seqlen_k describe packed sequences: pass cu_seqlens too")
+    _check(q, k, v, token_dim=0 if packed else 2)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     backend = attention_backend(q.device)
     _announce(backend, q.device)
+    if packed:
+        return _packed_attention(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, causal=causal,
+                                 scale=scale, deterministic=deterministic, backend=backend)
     if backend == SDPA:
         return _sdpa(q, k, v, causal, scale)
     q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
     return _FlashAttentionFunction.apply(q, k, v, causal, scale, deterministic, None, None, None, None)
 
 
-def _check_cu_seqlens(name: str, cu_seqlens: Tensor, total: int, device: torch.device) -> list[int]:
+def _check_cu_seqlens(name: str, cu_seqlens: Tensor, device: torch.device) -> None:
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{name} must be a 1-d int32 tensor of sequence starts plus the total, got "
+        raise ValueError(f"{name} must be a 1-d int32 or int64 tensor of sequence starts plus the total, got "
                          f"shape {tuple(cu_seqlens.shape)} and dtype {cu_seqlens.dtype}")
     if cu_seqlens.device != device:
         raise ValueError(f"{name} is on {cu_seqlens.device} but the tokens are on {device}")
+
+
+def _bounds(name: str, cu_seqlens: Tensor, total: int) -> list[int]:
+    """The sequence boundaries on the host, checked (one device-to-host copy)."""
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or bounds[-1] != total or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
         raise ValueError(f"{name} must rise from 0 to the number of tokens ({total}), got {bounds}")
     return bounds
 
 
-def flash_attention_varlen(
-    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor | None = None, *,
-    causal: bool = True, scale: float | None = None, deterministic: bool = False,
-) -> Tensor:
-    """`flash_attention` over packed sequences: a token never attends across a sequence boundary.
+def _longest(bounds: list[int]) -> int:
+    return max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
 
-    q is [total_q, heads, head_dim] and k, v are [total_k, kv_heads, head_dim], the sequences laid end to
-    end; sequence b holds tokens cu_seqlens[b]:cu_seqlens[b+1] (int32, starting at 0 and ending at the
-    total). `cu_seqlens_k` defaults to `cu_seqlens_q`. The boundaries are checked on the host (one
-    device-to-host copy per call). Returns [total_q, heads, head_dim].
-    """
-    _check(q, k, v, token_dim=0)
-    cu_seqlens_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
-    bounds_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
-    bounds_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], k.device)
-    if len(bounds_q) != len(bounds_k):
-        raise ValueError(f"cu_seqlens_q has {len(bounds_q) - 1} sequences but cu_seqlens_k has {len(bounds_k) - 1}")
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    backend = attention_backend(q.device)
-    _announce(backend, q.device)
+
+def _packed_attention(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor | None, max_seqlen_q: int | None,
+    max_seqlen_k: int | None, *, causal: bool, scale: float, deterministic: bool, backend: str,
+) -> Tensor:
+    """The packed form of `flash_attention`, on [tokens, heads, head_dim] inputs already checked."""
+    if cu_seqlens_k is None:
+        cu_seqlens_k = cu_seqlens_q
+        max_seqlen_k = max_seqlen_q if max_seqlen_k is None else max_seqlen_k
+    _check_cu_seqlens("cu_seqlens", cu_seqlens_q, q.device)
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.device)
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens has {cu_seqlens_q.numel() - 1} sequences but cu_seqlens_k has "
+                         f"{cu_seqlens_k.numel() - 1}")
     # As [1, heads, tokens, head_dim] views the packed tokens share the dense layout and code.
     q4, k4, v4 = (x.unsqueeze(0).transpose(1, 2) for x in (q, k, v))
-    if backend == SDPA:
-        outputs = [
-            _sdpa(q4[:, :, q0:q1], k4[:, :, k0:k1], v4[:, :, k0:k1], causal, scale)
-            for q0, q1, k0, k1 in zip(bounds_q[:-1], bounds_q[1:], bounds_k[:-1], bounds_k[1:])
-        ]
-        return torch.cat(outputs, dim=2)[0].transpose(0, 1)
-    max_seqlen_q = max(b - a for a, b in zip(bounds_q[:-1], bounds_q[1:]))
-    max_seqlen_k = max(b - a for a, b in zip(bounds_k[:-1], bounds_k[1:]))
+    if backend == SDPA or max_seqlen_q is None or max_seqlen_k is None:
+        bounds_q = _bounds("cu_seqlens", cu_seqlens_q, q.shape[0])
+        bounds_k = _bounds("cu_seqlens_k", cu_seqlens_k, k.shape[0])
+        if backend == SDPA:
+            outputs = [
+                _sdpa(q4[:, :, q0:q1], k4[:, :, k0:k1], v4[:, :, k0:k1], causal, scale)
+                for q0, q1, k0, k1 in zip(bounds_q[:-1], bounds_q[1:], bounds_k[:-1], bounds_k[1:])
+            ]
+            return torch.cat(outputs, dim=2)[0].transpose(0, 1)
+        max_seqlen_q, max_seqlen_k = _longest(bounds_q), _longest(bounds_k)
     q4, k4, v4 = _unit_stride(q4), _unit_stride(k4), _unit_stride(v4)
     o = _FlashAttentionFunction.apply(q4, k4, v4, causal, scale, deterministic, cu_seqlens_q.to(torch.int32),
-                                      cu_seqlens_k.to(torch.int32), max_seqlen_q, max_seqlen_k)
+                                      cu_seqlens_k.to(torch.int32), int(max_seqlen_q), int(max_seqlen_k))
     return o[0].transpose(0, 1)
 
 
 class FlashAttention(nn.Module):
-    """Attention as a module: `FlashAttention(causal=True)(q, k, v)` is `flash_attention(q, k, v, causal=True)`,
-    and with `cu_seqlens` it is `flash_attention_varlen`. `backend` names the path of the last call."""
+    """Attention as a module: `FlashAttention(causal=True)(q, k, v, ...)` is `flash_attention(q, k, v,
+    causal=True, ...)`, packed sequences included. `backend` names the path of the last call."""
 
     def __init__(self, causal: bool = True, scale: float | None = None, deterministic: bool = False) -> None:
         super().__init__()
@@ -212,13 +232,12 @@ class FlashAttention(nn.Module):
         self.deterministic = bool(deterministic)
         self.backend: str | None = None
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor | None = None,
-                cu_seqlens_k: Tensor | None = None) -> Tensor:
-        options = dict(causal=self.causal, scale=self.scale, deterministic=self.deterministic)
-        if cu_seqlens_q is None:
-            out = flash_attention(q, k, v, **options)
-        else:
-            out = flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, **options)
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | None = None,
+                max_seqlen: int | None = None, cu_seqlens_k: Tensor | None = None,
+                max_seqlen_k: int | None = None) -> Tensor:
+        out = flash_attention(q, k, v, causal=self.causal, scale=self.scale, cu_seqlens=cu_seqlens,
+                              max_seqlen=max_seqlen, cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k,
+                              deterministic=self.deterministic)
         self.backend = attention_backend(q.device)
         return out
 

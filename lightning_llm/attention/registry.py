@@ -27,7 +27,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
-from lightning_llm.attention.flash import SDPA, attention_backend, flash_attention, flash_attention_varlen
+from lightning_llm.attention.flash import SDPA, attention_backend, flash_attention
 
 log = logging.getLogger(__name__)
 
@@ -99,19 +99,20 @@ def lightning_attention_forward(
         mask_q, mask_k = attention_mask[:, -seqlen_q:], attention_mask
         q_tokens = query.transpose(1, 2)[mask_q]
         k_tokens, v_tokens = key.transpose(1, 2)[mask_k], value.transpose(1, 2)[mask_k]
-        out_tokens = flash_attention_varlen(q_tokens, k_tokens, v_tokens, _cu_seqlens(mask_q.sum(1)),
-                                            _cu_seqlens(mask_k.sum(1)), **options)
+        out_tokens = flash_attention(q_tokens, k_tokens, v_tokens, cu_seqlens=_cu_seqlens(mask_q.sum(1)),
+                                     cu_seqlens_k=_cu_seqlens(mask_k.sum(1)), **options)
         # Padded queries attend to nothing: they get 0, like transformers' own flash-attention path.
         out = query.new_zeros(batch, seqlen_q, num_heads, head_dim)
         return out.index_put((mask_q,), out_tokens), None
 
-    cu_seqlens_q = kwargs.get("cu_seq_lens_q")
-    cu_seqlens_k = kwargs.get("cu_seq_lens_k")
-    if cu_seqlens_q is None and position_ids is not None and seqlen_q == seqlen_k:
-        cu_seqlens_q = cu_seqlens_k = _packed_cu_seqlens(position_ids, batch)
-    if cu_seqlens_q is not None:
-        out = flash_attention_varlen(_tokens(query), _tokens(key), _tokens(value), cu_seqlens_q, cu_seqlens_k,
-                                     **options)
+    cu_seqlens = kwargs.get("cu_seq_lens_q")
+    packing = dict(cu_seqlens_k=kwargs.get("cu_seq_lens_k"), max_seqlen=kwargs.get("max_length_q"),
+                   max_seqlen_k=kwargs.get("max_length_k"))
+    if cu_seqlens is None and position_ids is not None and seqlen_q == seqlen_k:
+        cu_seqlens, packing = _packed_cu_seqlens(position_ids, batch), {}
+    if cu_seqlens is not None:
+        out = flash_attention(_tokens(query), _tokens(key), _tokens(value), cu_seqlens=cu_seqlens, **packing,
+                              **options)
         return out.reshape(batch, seqlen_q, num_heads, head_dim), None
 
     return flash_attention(query, key, value, **options).transpose(1, 2), None
