@@ -28,17 +28,46 @@ def config_from_dict(data: dict[str, Any]) -> PretrainedConfig:
     return AutoConfig.for_model(data.pop("model_type"), **data)
 
 
+SHARDED_METADATA = "meta.pt"  # the non-tensor part of a sharded checkpoint (loops, callbacks, hyper-parameters)
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A Lightning checkpoint as a dict, on CPU."""
+    """A Lightning checkpoint as a dict, on CPU: a checkpoint file, or a sharded checkpoint directory
+    (ZeROStrategy, PipelineStrategy) joined on this process."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     if path.is_dir():
-        raise ValueError(
-            f"checkpoint {str(path)!r} is a directory (a sharded checkpoint): consolidate it with the "
-            "strategy that wrote it, or give a single-file checkpoint"
-        )
+        return load_sharded_checkpoint(path)
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_sharded_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A `torch.distributed.checkpoint` directory as one Lightning checkpoint dict, without a process group.
+
+    The strategies write the model's tensors under `"state_dict"` with the LightningModule's own key
+    names (whatever the sharding, every key whole in the metadata) and the rest to `meta.pt`. The
+    weights are read whole; optimizer states are left out.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    if not (path / SHARDED_METADATA).is_file() or not (path / ".metadata").is_file():
+        raise ValueError(
+            f"checkpoint {str(path)!r} is a directory but not a sharded checkpoint (one holds .metadata and "
+            f"{SHARDED_METADATA}); give a checkpoint file or a directory written by ZeROStrategy or PipelineStrategy"
+        )
+    metadata = dcp.FileSystemReader(path).read_metadata()
+    template: dict[str, torch.Tensor] = {}
+    for flat_key, where in metadata.planner_data.items():
+        entry = metadata.state_dict_metadata[flat_key]
+        if where[0] == "state_dict" and isinstance(entry, dcp.metadata.TensorStorageMetadata):
+            template[where[1]] = torch.empty(entry.size, dtype=entry.properties.dtype)
+    state = {"state_dict": template}
+    dcp.load(state, checkpoint_id=path, no_dist=True)
+    checkpoint = torch.load(path / SHARDED_METADATA, map_location="cpu", weights_only=False)
+    checkpoint["state_dict"] = state["state_dict"]
+    return checkpoint
 
 
 def model_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -32,7 +32,6 @@ from lightning_llm.strategies.pipeline import (
     balanced_split,
     check_split,
     decoder_parts,
-    load_consolidated_checkpoint,
 )
 
 VOCAB, SEQ, BATCH = 128, 16, 4
@@ -304,10 +303,10 @@ def test_validation_runs_the_module_step_through_the_pipeline(two_stage_run):
 def test_checkpoint_joins_into_a_transformers_export(two_stage_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from lightning_llm.export import model_from_checkpoint, save_pretrained_atomic
+    from lightning_llm.export import load_checkpoint, model_from_checkpoint, save_pretrained_atomic
 
     _, ref, tmp = two_stage_run
-    checkpoint = load_consolidated_checkpoint(tmp / "ckpt" / "step5.ckpt")
+    checkpoint = load_checkpoint(tmp / "ckpt" / "step5.ckpt")
     assert sorted(k.removeprefix("model.") for k in checkpoint["state_dict"]) == sorted(ref["weights5"])
     save_pretrained_atomic(model_from_checkpoint(checkpoint), tmp_path / "hf")
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()

@@ -127,6 +127,9 @@ def test_export_of_a_bad_checkpoint_leaves_nothing(tmp_path):
     assert not (tmp_path / "out").exists()
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.ckpt")
+    (tmp_path / "plain_dir").mkdir()
+    with pytest.raises(ValueError, match="not a sharded checkpoint"):
+        load_checkpoint(tmp_path / "plain_dir")
 
 
 def test_block_size_over_the_models_positions(corpus_dir, tokenizer, tmp_path):

@@ -20,7 +20,7 @@ Validation, test and predict steps of the module run unchanged: while they run, 
 from the last stage to every rank (the same redirection Lightning uses for wrapped models).
 
 Checkpoints are `torch.distributed.checkpoint` directories: every stage writes its own layers
-under the single-process key names, so `load_consolidated_checkpoint` joins them on one process.
+under the single-process key names, so `lightning_llm.export.load_checkpoint` joins them on one process.
 """
 
 from __future__ import annotations
@@ -65,6 +65,8 @@ from torch.distributed.pipelining.schedules import (
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from lightning_llm.export import SHARDED_METADATA
+
 SCHEDULES: dict[str, type] = {
     "gpipe": ScheduleGPipe,
     "1f1b": Schedule1F1B,
@@ -74,7 +76,6 @@ SCHEDULES: dict[str, type] = {
 # Schedules that run several model chunks ("virtual stages") per rank, placed in a loop:
 # rank r holds stages r, r + p, r + 2p, ...
 MULTI_STAGE_SCHEDULES = {"interleaved-1f1b", "interleaved-zero-bubble"}
-CHECKPOINT_METADATA = "meta.pt"  # the non-tensor part of a checkpoint (loops, callbacks, hyper-parameters)
 # Optimizer state and hyper-parameters keyed by parameter name ("param_groups.<name>.lr"): stages never
 # collide in the checkpoint, and the two copies of a tied embedding write the same entry.
 OPTIMIZER_STATE_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
@@ -736,12 +737,12 @@ class PipelineStrategy(ParallelStrategy):
             tensors[f"optimizer_{i}"] = state
         dcp.save(tensors, checkpoint_id=path)
         if self.is_global_zero:
-            torch.save(checkpoint, path / CHECKPOINT_METADATA)
+            torch.save(checkpoint, path / SHARDED_METADATA)
 
     def load_checkpoint(self, checkpoint_path: str | os.PathLike, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(str(checkpoint_path)))
-        if not (path / CHECKPOINT_METADATA).is_file():
-            raise ValueError(f"{str(path)!r} is not a PipelineStrategy checkpoint (a directory with {CHECKPOINT_METADATA})")
+        if not (path / SHARDED_METADATA).is_file():
+            raise ValueError(f"{str(path)!r} is not a PipelineStrategy checkpoint (a directory with {SHARDED_METADATA})")
         module = self.lightning_module
         state: dict[str, Any] = {"state_dict": module.state_dict()}
         optimizers = [getattr(o, "_optimizer", o) for o in self.optimizers]
@@ -752,7 +753,7 @@ class PipelineStrategy(ParallelStrategy):
         for i, optimizer in enumerate(optimizers):
             set_optimizer_state_dict(module, optimizer, optim_state_dict=state[f"optimizer_{i}"],
                                      options=OPTIMIZER_STATE_OPTIONS)
-        return torch.load(path / CHECKPOINT_METADATA, weights_only=bool(weights_only))
+        return torch.load(path / SHARDED_METADATA, weights_only=bool(weights_only))
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         pass  # loaded in load_checkpoint
@@ -778,26 +779,3 @@ def _all_reduce_coalesced(tensors: list[Tensor], group: dist.ProcessGroup) -> No
             t.copy_(flat[offset:offset + t.numel()].view_as(t))
             offset += t.numel()
 
-
-def load_consolidated_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A PipelineStrategy checkpoint as one process's Lightning checkpoint, without a process group.
-
-    Returns the checkpoint dict (hyper-parameters, loops, and what the module's `on_save_checkpoint`
-    added) with `state_dict` holding every stage's tensors under the LightningModule's own keys, as a
-    single-process run would have saved them (for a module holding the HF model as `self.model`:
-    `model.<Hugging Face key>`, the tied `model.lm_head.weight` included). Optimizer states are left out.
-    """
-    path = Path(path)
-    if not (path / CHECKPOINT_METADATA).is_file():
-        raise ValueError(f"{str(path)!r} is not a PipelineStrategy checkpoint (a directory with {CHECKPOINT_METADATA})")
-    metadata = dcp.FileSystemReader(path).read_metadata()
-    template: dict[str, Tensor] = {}
-    for flat_key, where in metadata.planner_data.items():
-        entry = metadata.state_dict_metadata[flat_key]
-        if where[0] == "state_dict" and isinstance(entry, dcp.metadata.TensorStorageMetadata):
-            template[where[1]] = torch.empty(entry.size, dtype=entry.properties.dtype)
-    state = {"state_dict": template}
-    dcp.load(state, checkpoint_id=path, no_dist=True)
-    checkpoint = torch.load(path / CHECKPOINT_METADATA, weights_only=False)
-    checkpoint["state_dict"] = state["state_dict"]
-    return checkpoint
