@@ -30,6 +30,9 @@ _EXPORTS = {
     "run_python": "lightning_llm.eval.sandbox",
     "SandboxLimits": "lightning_llm.eval.sandbox",
     "pass_at_k": "lightning_llm.eval.code_eval",
+    "flash_attention": "lightning_llm.attention",
+    "FlashAttention": "lightning_llm.attention",
+    "PipelineStrategy": "lightning_llm.strategies.pipeline",
 }
 
 __all__ = sorted(_EXPORTS)
