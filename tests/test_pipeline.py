@@ -217,6 +217,9 @@ def pipeline_scenarios(rank: int, tmp: Path) -> dict:
     module = TinyLM(init4, layers=4)
     out["interleaved_losses"] = fit(module, TokenData(), pipe("interleaved-1f1b"), devices=2, max_steps=4)
     out["interleaved_weights"] = local_weights(module)
+    module = TinyLM(init4, layers=4)
+    out["zero-bubble_losses"] = fit(module, TokenData(), pipe("interleaved-zero-bubble"), devices=2, max_steps=4)
+    out["zero-bubble_weights"] = local_weights(module)
 
     from lightning_llm.precision import MixedPrecision
 
@@ -306,12 +309,12 @@ def two_stage_run(tmp_path_factory):
     return spawn(pipeline_scenarios, 2, tmp), ref, tmp
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved"])
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved", "zero-bubble"])
 def test_two_stages_match_one_process(two_stage_run, schedule):
-    """10 optimizer steps (4 interleaved, 2 chunks per rank) on 2 stages = one process: losses and weights.
+    """10 optimizer steps (4 interleaved and zero bubble, 2 chunks per rank) on 2 stages = one process: losses and weights.
     For 1f1b the run is 5 steps, a checkpoint, a resume and 5 more: equal to the uninterrupted run."""
     ranks, ref, _ = two_stage_run
-    key = "interleaved_" if schedule == "interleaved" else ""
+    key = "interleaved_" if schedule in ("interleaved", "zero-bubble") else ""
     for out in ranks:
         assert out[f"{schedule}_losses"] == pytest.approx(ref[f"{key}losses"], rel=LOSS_RTOL)
         assert_same_weights(out[f"{schedule}_weights"], ref[f"{key}weights"])
