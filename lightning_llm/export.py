@@ -28,17 +28,46 @@ def config_from_dict(data: dict[str, Any]) -> PretrainedConfig:
     return AutoConfig.for_model(data.pop("model_type"), **data)
 
 
+SHARDED_METADATA = "meta.pt"  # the non-tensor part of a sharded checkpoint (loops, callbacks, hyper-parameters)
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A Lightning checkpoint as a dict, on CPU."""
+    """A Lightning checkpoint as a dict, on CPU: a checkpoint file, or a sharded checkpoint directory
+    (ZeROStrategy, PipelineStrategy) joined on this process."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     if path.is_dir():
-        raise ValueError(
-            f"checkpoint {str(path)!r} is a directory (a sharded checkpoint): consolidate it with the "
-            "strategy that wrote it, or give a single-file checkpoint"
-        )
+        return load_sharded_checkpoint(path)
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_sharded_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A `torch.distributed.checkpoint` directory as one Lightning checkpoint dict, without a process group.
+
+    The strategies write the model's tensors under `"state_dict"` with the LightningModule's own key
+    names (whatever the sharding, every key whole in the metadata) and the rest to `meta.pt`. The
+    weights are read whole; optimizer states are left out.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    if not (path / SHARDED_METADATA).is_file() or not (path / ".metadata").is_file():
+        raise ValueError(
+            f"checkpoint {str(path)!r} is a directory but not a sharded checkpoint (one holds .metadata and "
+            f"{SHARDED_METADATA}); give a checkpoint file or a directory written by ZeROStrategy or PipelineStrategy"
+        )
+    metadata = dcp.FileSystemReader(path).read_metadata()
+    template: dict[str, torch.Tensor] = {}
+    for flat_key, where in metadata.planner_data.items():
+        entry = metadata.state_dict_metadata[flat_key]
+        if where[0] == "state_dict" and isinstance(entry, dcp.metadata.TensorStorageMetadata):
+            template[where[1]] = torch.empty(entry.size, dtype=entry.properties.dtype)
+    state = {"state_dict": template}
+    dcp.load(state, checkpoint_id=path, no_dist=True)
+    checkpoint = torch.load(path / SHARDED_METADATA, map_location="cpu", weights_only=False)
+    checkpoint["state_dict"] = state["state_dict"]
+    return checkpoint
 
 
 def model_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -49,14 +78,36 @@ def model_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     return state
 
 
+def check_state_matches(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Raise if `state` does not hold exactly `model`'s weights with the same shapes."""
+    expected = model.state_dict()
+    # Tied weights may be saved under one name only.
+    tied = {k for k in expected if k not in state and k.endswith("lm_head.weight") and getattr(model.config, "tie_word_embeddings", False)}
+    missing = sorted(set(expected) - set(state) - tied)
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
+        raise ValueError(
+            "the checkpoint's weights do not fit its hf_config: "
+            f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}, "
+            f"wrong shape {[(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in wrong[:3]]}"
+        )
+
+
 def model_from_checkpoint(checkpoint: dict[str, Any]) -> PreTrainedModel:
     """Rebuild the HF model a checkpoint was trained with and load its weights."""
     if "hf_config" not in checkpoint:
         raise ValueError("the checkpoint has no 'hf_config': it was not written by a lightning-llm module")
     config = config_from_dict(checkpoint["hf_config"])
+    state = model_state_dict(checkpoint)
+    # Check names and shapes on the meta device first: a config that does not match the weights
+    # (or a default 7B config) must fail before gigabytes are allocated.
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    check_state_matches(skeleton, state)
     # Built on CPU, not meta: non-persistent buffers (rotary frequencies) are not in the state dict.
     model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(model_state_dict(checkpoint), strict=True)
+    model.load_state_dict(state, strict=True)
     model.tie_weights()
     return model.eval()
 

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel
 
+import lightning_llm.attention  # noqa: F401  registers attn_implementation="lightning_fa2" with transformers
+
 # Llama-style shapes (SwiGLU MLP, RMSNorm, rotary positions, tied embeddings). Parameter counts in the
 # names are for the preset's own vocabulary; a tokenizer with another vocabulary changes them.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -117,7 +119,7 @@ def build_model(
     `pretrained=None` loads weights when the spec has them and initialises randomly otherwise. Under
     `torch.device("meta")` a randomly initialised model allocates nothing: a sharding strategy
     materialises only its shard. `attn_implementation` names an entry of transformers' attention
-    registry ("sdpa", "eager", or one this project registers, such as "lightning_flash").
+    registry ("sdpa", "eager", or the one this project registers, "lightning_fa2").
     """
     if pretrained is None:
         pretrained = has_weights(spec)

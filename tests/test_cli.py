@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 import yaml
@@ -52,14 +49,15 @@ def test_fit_generate_export_from_yaml(tmp_path, corpus_dir, capsys):
     assert model.config.vocab_size == 300
 
 
-def test_unknown_config_key_is_rejected(tmp_path, corpus_dir):
+def test_unknown_config_key_is_rejected(tmp_path, corpus_dir, capsys):
     config = tiny_config(tmp_path, corpus_dir)
     config["model"]["init_args"]["learning_rate"] = 1e-3
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(config))
-    result = subprocess.run([sys.executable, "-m", "lightning_llm.cli", "fit", "--config", str(path)], capture_output=True, text=True)
-    assert result.returncode != 0
-    assert "learning_rate" in result.stderr
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(path)])
+    assert exit_info.value.code != 0
+    assert "learning_rate" in capsys.readouterr().err
     assert not (tmp_path / "ckpt").exists()
 
 

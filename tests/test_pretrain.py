@@ -120,8 +120,16 @@ def test_export_of_a_bad_checkpoint_leaves_nothing(tmp_path):
     with pytest.raises(ValueError, match="no weights under 'model.'"):
         export_checkpoint(tmp_path / "bad.ckpt", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    # A default Llama config is 7B parameters: the mismatch must be found before anything is allocated.
+    torch.save({"state_dict": {"model.lm_head.weight": torch.zeros(2, 2)}, "hf_config": {"model_type": "llama"}}, tmp_path / "bad2.ckpt")
+    with pytest.raises(ValueError, match="do not fit its hf_config"):
+        export_checkpoint(tmp_path / "bad2.ckpt", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.ckpt")
+    (tmp_path / "plain_dir").mkdir()
+    with pytest.raises(ValueError, match="not a sharded checkpoint"):
+        load_checkpoint(tmp_path / "plain_dir")
 
 
 def test_block_size_over_the_models_positions(corpus_dir, tokenizer, tmp_path):

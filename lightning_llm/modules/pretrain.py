@@ -61,7 +61,7 @@ class PretrainModule(LightningModule):
     Args:
         model: a preset name, a config file, a local model directory or a hub id (see `models.build_model`).
         vocab_size: the model's vocabulary; `None` takes the data module's tokenizer size (or the preset's).
-        attn_implementation: an entry of transformers' attention registry ("sdpa", "eager", "lightning_flash").
+        attn_implementation: an entry of transformers' attention registry ("sdpa", "eager", "lightning_fa2").
         lr: peak learning rate of AdamW.
         weight_decay: decoupled weight decay on weight matrices (none on norms, biases, embeddings).
         betas: AdamW betas.

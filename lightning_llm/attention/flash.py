@@ -1,0 +1,245 @@
+"""`flash_attention` (dense or packed variable-length sequences) and the `FlashAttention` module.
+
+They check their inputs, then dispatch: on CUDA to the Triton kernels (`triton_kernels.py`) through a
+`torch.autograd.Function`; on the CPU to `torch.nn.functional.scaled_dot_product_attention`, which gives
+the same result; and anywhere to the Triton kernels under Triton's interpreter when TRITON_INTERPRET=1
+(how CI tests the kernels without a GPU). `attention_backend(device)` says which path runs, the first use
+of each path is logged, and `FlashAttention.backend` records the path of its last call.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 128
+
+TRITON = "triton"
+TRITON_INTERPRETER = "triton-interpreter"
+SDPA = "sdpa"
+
+_announced: set[str] = set()
+
+
+def _triton_kernels() -> ModuleType | None:
+    """The kernels module, or None where triton is not installed (then only the SDPA path exists)."""
+    try:
+        from lightning_llm.attention import triton_kernels
+    except ImportError:
+        return None
+    return triton_kernels
+
+
+def attention_backend(device: torch.device | str) -> str:
+    """Which path `flash_attention` takes for tensors on `device`: "triton", "triton-interpreter" or "sdpa"."""
+    kernels = _triton_kernels()
+    if kernels is not None and kernels.INTERPRETED:
+        return TRITON_INTERPRETER
+    if kernels is not None and torch.device(device).type == "cuda":
+        return TRITON
+    return SDPA
+
+
+def _announce(backend: str, device: torch.device) -> None:
+    if backend in _announced:
+        return
+    _announced.add(backend)
+    why = {
+        TRITON: "the Triton FlashAttention-2 kernels",
+        TRITON_INTERPRETER: "the Triton FlashAttention-2 kernels under Triton's CPU interpreter (TRITON_INTERPRET=1; slow)",
+        SDPA: "torch's scaled_dot_product_attention (the Triton kernels need CUDA or TRITON_INTERPRET=1)",
+    }[backend]
+    log.info("lightning_llm attention on %s: %s", device, why)
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, token_dim: int) -> None:
+    """Shapes, dtypes and devices the kernels accept; `token_dim` is 2 for [B, H, T, D], 0 for [T, H, D]."""
+    head_dim_of = {"q": q.shape[-1], "k": k.shape[-1], "v": v.shape[-1]}
+    expected_dims = 4 if token_dim == 2 else 3
+    layout = "[batch, heads, seq, head_dim]" if token_dim == 2 else "[tokens, heads, head_dim]"
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != expected_dims:
+            raise ValueError(f"{name} must be {layout}, got shape {tuple(x.shape)}")
+        if x.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} has dtype {x.dtype}; supported: {', '.join(map(str, SUPPORTED_DTYPES))}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if len(set(head_dim_of.values())) != 1:
+        raise ValueError(f"q, k and v must share head_dim, got {head_dim_of}")
+    if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim {q.shape[-1]} is not supported: the kernels take head dims 1 to {MAX_HEAD_DIM}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    num_heads, num_kv_heads = q.shape[1], k.shape[1]  # the head axis is 1 in both layouts
+    if num_heads % num_kv_heads:
+        raise ValueError(f"q's {num_heads} heads are not a multiple of k's and v's {num_kv_heads} heads")
+    if token_dim == 2 and q.shape[0] != k.shape[0]:
+        raise ValueError(f"q has batch {q.shape[0]} but k and v have batch {k.shape[0]}")
+    if q.shape[token_dim] == 0 or k.shape[token_dim] == 0:
+        raise ValueError(f"empty sequence: q {tuple(q.shape)}, k {tuple(k.shape)}")
+
+
+def _unit_stride(x: Tensor) -> Tensor:
+    # The kernels take any strides but need head_dim contiguous (one vectorised load per row).
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+class _FlashAttentionFunction(torch.autograd.Function):
+    """The Triton forward and backward kernels as one differentiable op, on [B, H, T, D] views."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, deterministic, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+        kernels = _triton_kernels()
+        o, lse = kernels.attention_forward(q, k, v, causal=causal, scale=scale, cu_seqlens_q=cu_seqlens_q,
+                                           cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q)
+        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k)
+        ctx.options = dict(causal=causal, scale=scale, deterministic=deterministic, max_seqlen_q=max_seqlen_q,
+                           max_seqlen_k=max_seqlen_k)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+        dq, dk, dv = _triton_kernels().attention_backward(
+            do, q, k, v, o, lse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, **ctx.options
+        )
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tensor:
+    """The CPU path for [B, H, T, D] inputs, with the kernels' bottom-right causal alignment."""
+    seqlen_q, seqlen_k = q.shape[2], k.shape[2]
+    mask = None
+    if causal and seqlen_q != seqlen_k:
+        # SDPA's is_causal aligns the first query with the first key; the kernels align the last ones.
+        mask = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=q.device).tril(seqlen_k - seqlen_q)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+def flash_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None,
+    cu_seqlens: Tensor | None = None, max_seqlen: int | None = None,
+    cu_seqlens_k: Tensor | None = None, max_seqlen_k: int | None = None, deterministic: bool = False,
+) -> Tensor:
+    """Exact attention softmax(Q K^T * scale) V without the N x N matrix in memory (FlashAttention-2).
+
+    Dense: q is [batch, heads, seq_q, head_dim]; k and v are [batch, kv_heads, seq_k, head_dim]; returns
+    [batch, heads, seq_q, head_dim].
+
+    Packed (`cu_seqlens` given): q is [total_q, heads, head_dim] and k, v are [total_k, kv_heads, head_dim],
+    sequences laid end to end; sequence b holds tokens cu_seqlens[b]:cu_seqlens[b+1] (int32 or int64, from 0
+    to the total) and never attends to another one. `cu_seqlens_k` bounds the keys (default: `cu_seqlens`).
+    `max_seqlen` is the longest query sequence and `max_seqlen_k` the longest key sequence (default:
+    `max_seqlen` when `cu_seqlens_k` is not given): given, the boundaries are trusted and the kernels launch
+    without a device-to-host copy (as flash-attn's varlen functions do); omitted, the boundaries are checked
+    and the longest sequence found on the host. Returns [total_q, heads, head_dim].
+
+    kv_heads must divide heads (grouped-query or multi-query attention: query head h reads K/V head
+    h // (heads // kv_heads), nothing is repeated in memory). `scale` defaults to 1/sqrt(head_dim). With
+    `causal`, query i sees key j when j <= i + seq_k - seq_q (the last query sees the last key; a query that
+    sees no key gets 0). `deterministic` makes the backward pass reproducible bit for bit, at the cost of
+    recomputing S and dP once more for dQ. float16, bfloat16 (float32 accumulation) and float32; head dims
+    up to 128; any sequence length and strides.
+    """
+    packed = cu_seqlens is not None
+    if not packed and (cu_seqlens_k is not None or max_seqlen is not None or max_seqlen_k is not None):
+        raise ValueError("cu_seqlens_k, max_seqlen and max_seqlen_k describe packed sequences: pass cu_seqlens too")
+    _check(q, k, v, token_dim=0 if packed else 2)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    backend = attention_backend(q.device)
+    _announce(backend, q.device)
+    if packed:
+        return _packed_attention(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, causal=causal,
+                                 scale=scale, deterministic=deterministic, backend=backend)
+    if backend == SDPA:
+        return _sdpa(q, k, v, causal, scale)
+    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
+    return _FlashAttentionFunction.apply(q, k, v, causal, scale, deterministic, None, None, None, None)
+
+
+def _check_cu_seqlens(name: str, cu_seqlens: Tensor, device: torch.device) -> None:
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must be a 1-d int32 or int64 tensor of sequence starts plus the total, got "
+                         f"shape {tuple(cu_seqlens.shape)} and dtype {cu_seqlens.dtype}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"{name} is on {cu_seqlens.device} but the tokens are on {device}")
+
+
+def _bounds(name: str, cu_seqlens: Tensor, total: int) -> list[int]:
+    """The sequence boundaries on the host, checked (one device-to-host copy)."""
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != total or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
+        raise ValueError(f"{name} must rise from 0 to the number of tokens ({total}), got {bounds}")
+    return bounds
+
+
+def _longest(bounds: list[int]) -> int:
+    return max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+
+
+def _packed_attention(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor | None, max_seqlen_q: int | None,
+    max_seqlen_k: int | None, *, causal: bool, scale: float, deterministic: bool, backend: str,
+) -> Tensor:
+    """The packed form of `flash_attention`, on [tokens, heads, head_dim] inputs already checked."""
+    if cu_seqlens_k is None:
+        cu_seqlens_k = cu_seqlens_q
+        max_seqlen_k = max_seqlen_q if max_seqlen_k is None else max_seqlen_k
+    _check_cu_seqlens("cu_seqlens", cu_seqlens_q, q.device)
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.device)
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens has {cu_seqlens_q.numel() - 1} sequences but cu_seqlens_k has "
+                         f"{cu_seqlens_k.numel() - 1}")
+    # As [1, heads, tokens, head_dim] views the packed tokens share the dense layout and code.
+    q4, k4, v4 = (x.unsqueeze(0).transpose(1, 2) for x in (q, k, v))
+    if backend == SDPA or max_seqlen_q is None or max_seqlen_k is None:
+        bounds_q = _bounds("cu_seqlens", cu_seqlens_q, q.shape[0])
+        bounds_k = _bounds("cu_seqlens_k", cu_seqlens_k, k.shape[0])
+        if backend == SDPA:
+            outputs = [
+                _sdpa(q4[:, :, q0:q1], k4[:, :, k0:k1], v4[:, :, k0:k1], causal, scale)
+                for q0, q1, k0, k1 in zip(bounds_q[:-1], bounds_q[1:], bounds_k[:-1], bounds_k[1:])
+            ]
+            return torch.cat(outputs, dim=2)[0].transpose(0, 1)
+        max_seqlen_q, max_seqlen_k = _longest(bounds_q), _longest(bounds_k)
+    q4, k4, v4 = _unit_stride(q4), _unit_stride(k4), _unit_stride(v4)
+    o = _FlashAttentionFunction.apply(q4, k4, v4, causal, scale, deterministic, cu_seqlens_q.to(torch.int32),
+                                      cu_seqlens_k.to(torch.int32), int(max_seqlen_q), int(max_seqlen_k))
+    return o[0].transpose(0, 1)
+
+
+class FlashAttention(nn.Module):
+    """Attention as a module: `FlashAttention(causal=True)(q, k, v, ...)` is `flash_attention(q, k, v,
+    causal=True, ...)`, packed sequences included. `backend` names the path of the last call."""
+
+    def __init__(self, causal: bool = True, scale: float | None = None, deterministic: bool = False) -> None:
+        super().__init__()
+        if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be a positive finite number or None (1/sqrt(head_dim)), got {scale!r}")
+        self.causal = bool(causal)
+        self.scale = scale
+        self.deterministic = bool(deterministic)
+        self.backend: str | None = None
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | None = None,
+                max_seqlen: int | None = None, cu_seqlens_k: Tensor | None = None,
+                max_seqlen_k: int | None = None) -> Tensor:
+        out = flash_attention(q, k, v, causal=self.causal, scale=self.scale, cu_seqlens=cu_seqlens,
+                              max_seqlen=max_seqlen, cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k,
+                              deterministic=self.deterministic)
+        self.backend = attention_backend(q.device)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"causal={self.causal}, scale={self.scale}, deterministic={self.deterministic}"

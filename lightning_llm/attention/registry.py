@@ -1,0 +1,124 @@
+"""FlashAttention as a transformers attention implementation: `attn_implementation="lightning_fa2"`.
+
+transformers looks attention functions up by name in `AttentionInterface`, and asks
+`AttentionMaskInterface` under the same name how to build the mask: a name missing there gets no mask at
+all, so padding would be silently ignored. This module registers both: transformers' own flash-attention
+mask builder (None for a batch without padding, else the 2-d [batch, kv_len] padding mask) and
+`lightning_attention_forward`, which turns whatever describes the sequences into one kernel call:
+
+- a padding mask: the padded tokens are dropped and the rest run as packed variable-length sequences;
+- `cu_seq_lens_q`/`cu_seq_lens_k` (transformers' padding-free collators): used as they are;
+- position_ids that restart inside a row (packed examples, as the instruction-tuning packer makes them):
+  each run of positions becomes one sequence, so packed examples never attend to each other;
+- otherwise: dense attention, causal with the last query aligned to the last key (KV-cache decoding).
+
+The name holds no "flash": transformers takes any implementation name containing "flash" for a
+flash-attn build to import from the hub.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+from lightning_llm.attention.flash import SDPA, attention_backend, flash_attention
+
+log = logging.getLogger(__name__)
+
+ATTN_IMPLEMENTATION = "lightning_fa2"
+
+
+def _cu_seqlens(lengths: Tensor) -> Tensor:
+    return F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+
+
+def _packed_cu_seqlens(position_ids: Tensor, batch: int) -> Tensor | None:
+    """Sequence boundaries of the flattened [batch * seq] tokens where positions restart inside a row, else None."""
+    position_ids = position_ids.expand(batch, -1)
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    if not starts[:, 1:].any():
+        return None
+    # A row always starts a sequence: examples are packed within rows, never across them.
+    first_tokens = starts.flatten().nonzero().flatten()
+    total = torch.tensor([position_ids.numel()], device=position_ids.device)
+    return torch.cat([first_tokens, total]).to(torch.int32)
+
+
+def _tokens(x: Tensor) -> Tensor:
+    """[B, H, T, D] -> [B * T, H, D]; free for the transposed [B, T, H, D] projections transformers passes."""
+    return x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])
+
+
+def lightning_attention_forward(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    position_ids: Tensor | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """transformers' attention-function signature: query [B, H, Tq, D], key/value [B, H_kv, Tk, D]
+    (unrepeated); returns ([B, Tq, H, D], None). Sets `module.attention_backend` to the path that ran."""
+    if dropout:
+        raise ValueError(f"{ATTN_IMPLEMENTATION} has no attention dropout (got {dropout}): set the model "
+                         "config's attention_dropout to 0.0")
+    if sliding_window is not None or softcap is not None:
+        raise ValueError(f"{ATTN_IMPLEMENTATION} supports neither sliding windows nor logit soft-capping "
+                         f"(got sliding_window={sliding_window}, softcap={softcap}): use 'sdpa' for this model")
+    causal = module.is_causal if is_causal is None else is_causal
+    batch, num_heads, seqlen_q, head_dim = query.shape
+    seqlen_k = key.shape[2]
+    module.attention_backend = attention_backend(query.device)
+
+    if attention_mask is not None and attention_mask.dim() == 4:
+        # A caller-made 4-d mask can say anything; only materialised-mask attention can honour it.
+        log.debug("%s: a 4-d attention mask was given, running transformers' sdpa attention", ATTN_IMPLEMENTATION)
+        module.attention_backend = SDPA
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
+
+    options = dict(causal=causal, scale=scaling)
+    if attention_mask is not None:
+        if attention_mask.shape != (batch, seqlen_k):
+            raise ValueError(f"padding mask of shape {tuple(attention_mask.shape)} does not match keys "
+                             f"[batch={batch}, kv_len={seqlen_k}]")
+        # Queries are the last seqlen_q positions of the mask (all of it without a KV cache).
+        mask_q, mask_k = attention_mask[:, -seqlen_q:], attention_mask
+        q_tokens = query.transpose(1, 2)[mask_q]
+        k_tokens, v_tokens = key.transpose(1, 2)[mask_k], value.transpose(1, 2)[mask_k]
+        out_tokens = flash_attention(q_tokens, k_tokens, v_tokens, cu_seqlens=_cu_seqlens(mask_q.sum(1)),
+                                     cu_seqlens_k=_cu_seqlens(mask_k.sum(1)), **options)
+        # Padded queries attend to nothing: they get 0, like transformers' own flash-attention path.
+        out = query.new_zeros(batch, seqlen_q, num_heads, head_dim)
+        return out.index_put((mask_q,), out_tokens), None
+
+    cu_seqlens = kwargs.get("cu_seq_lens_q")
+    packing = dict(cu_seqlens_k=kwargs.get("cu_seq_lens_k"), max_seqlen=kwargs.get("max_length_q"),
+                   max_seqlen_k=kwargs.get("max_length_k"))
+    if cu_seqlens is None and position_ids is not None and seqlen_q == seqlen_k:
+        cu_seqlens, packing = _packed_cu_seqlens(position_ids, batch), {}
+    if cu_seqlens is not None:
+        out = flash_attention(_tokens(query), _tokens(key), _tokens(value), cu_seqlens=cu_seqlens, **packing,
+                              **options)
+        return out.reshape(batch, seqlen_q, num_heads, head_dim), None
+
+    return flash_attention(query, key, value, **options).transpose(1, 2), None
+
+
+def register() -> None:
+    """Make `attn_implementation="lightning_fa2"` known to every transformers model (idempotent)."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, lightning_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, flash_attention_mask)

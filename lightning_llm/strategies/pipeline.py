@@ -1,0 +1,781 @@
+"""PipelineStrategy: pipeline parallelism for Lightning on `torch.distributed.pipelining`.
+
+The decoder layers of a Hugging Face causal LM are split into stages on different ranks (embedding
+on the first, final norm and LM head on the last), and each batch is streamed through them as
+micro-batches by one of torch's schedules (GPipe, 1F1B, interleaved 1F1B, interleaved zero bubble).
+When there are more ranks than stages, the ranks form a 2-D mesh (data parallel x pipeline parallel)
+and gradients are averaged over the data-parallel group.
+
+How it fits Lightning's loop: in automatic optimization the loop calls `training_step`, zeroes the
+gradients, calls `backward`, then the precision plugin's `optimizer_step` (unscale, clip, step).
+A pipeline schedule cannot be cut into a forward and a backward half (1F1B interleaves them per
+micro-batch), so `training_step` runs the whole schedule in place of the module's `training_step`
+and returns the loss; the gradients it produced are held aside while the loop zeroes, and handed
+over (after the tied-embedding and data-parallel all-reduces) in `backward`, which runs the usual
+hooks but no second backward pass. Everything after that is Lightning's own path, so the precision
+plugin's overflow check and step work unchanged; gradient clipping is made global across stages.
+
+Validation, test and predict steps of the module run unchanged: while they run, the causal LM's
+`forward` is redirected to a forward-only pass through the pipeline whose logits are broadcast
+from the last stage to every rank (the same redirection Lightning uses for wrapped models).
+
+Checkpoints are `torch.distributed.checkpoint` directories: every stage writes its own layers
+under the single-process key names, so `lightning_llm.export.load_checkpoint` joins them on one process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.distributed import (
+    _distributed_is_initialized,
+    _get_default_process_group_backend_for_device,
+    _init_dist_connection,
+    _sync_ddp_if_available,
+)
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+from lightning.pytorch.strategies.parallel import ParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import (
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+)
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from lightning_llm.export import SHARDED_METADATA
+
+SCHEDULES: dict[str, type] = {
+    "gpipe": ScheduleGPipe,
+    "1f1b": Schedule1F1B,
+    "interleaved-1f1b": ScheduleInterleaved1F1B,
+    "interleaved-zero-bubble": ScheduleInterleavedZeroBubble,
+}
+# Schedules that run several model chunks ("virtual stages") per rank, placed in a loop:
+# rank r holds stages r, r + p, r + 2p, ...
+MULTI_STAGE_SCHEDULES = {"interleaved-1f1b", "interleaved-zero-bubble"}
+# Optimizer state and hyper-parameters keyed by parameter name ("param_groups.<name>.lr"): stages never
+# collide in the checkpoint, and the two copies of a tied embedding write the same entry.
+OPTIMIZER_STATE_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+# -- splitting a Hugging Face decoder ------------------------------------------------------------
+
+
+@dataclass
+class DecoderParts:
+    """The pieces of a Hugging Face decoder-only causal LM that a pipeline distributes."""
+
+    causal_lm: nn.Module
+    decoder: nn.Module  # the base model holding embed_tokens, layers, norm, rotary_emb
+    embed_tokens: nn.Module
+    layers: list[nn.Module]
+    norm: nn.Module
+    rotary_emb: nn.Module
+    lm_head: nn.Module
+
+    @property
+    def tied(self) -> bool:
+        return self.lm_head.weight is self.embed_tokens.weight
+
+
+def decoder_parts(causal_lm: nn.Module) -> DecoderParts:
+    """Find embedding, decoder layers, final norm, rotary embedding and LM head of a HF causal LM.
+
+    The names come from the model's own pipeline plan (`config.base_model_pp_plan`, which transformers
+    ships for its decoder models), so any model laid out like Llama (Mistral, Qwen2/3, ...) splits.
+    Raises ValueError naming what is missing for a model that cannot be split.
+    """
+    config = getattr(causal_lm, "config", None)
+    plan = getattr(config, "base_model_pp_plan", None)
+    if not plan:
+        raise ValueError(
+            f"{type(causal_lm).__name__} cannot be split into pipeline stages: it is not a Hugging Face model with "
+            "a pipeline plan (config.base_model_pp_plan). Supported: decoder-only causal LMs laid out like Llama "
+            "(embed_tokens, layers, norm, rotary_emb, lm_head)."
+        )
+    decoder = getattr(causal_lm, getattr(causal_lm, "base_model_prefix", "model"), None)
+    found = {name: getattr(decoder, name, None) for name in ("embed_tokens", "layers", "norm", "rotary_emb")}
+    found["lm_head"] = getattr(causal_lm, "lm_head", None)
+    missing = [name for name, module in found.items() if not isinstance(module, nn.Module)]
+    if missing or set(plan) - {"embed_tokens", "layers", "norm"}:
+        raise ValueError(
+            f"{type(causal_lm).__name__} cannot be split into pipeline stages: missing {missing or 'nothing'}, "
+            f"pipeline plan {sorted(plan)}; expected embed_tokens, layers, norm, rotary_emb on the base model and "
+            "lm_head on the causal LM (the Llama layout)."
+        )
+    return DecoderParts(causal_lm, decoder, found["embed_tokens"], list(found["layers"]), found["norm"],
+                        found["rotary_emb"], found["lm_head"])
+
+
+def balanced_split(layer_costs: list[int], n_stages: int, last_stage_extra: int = 0) -> list[int]:
+    """Split points (index of each stage's first layer, stage 0 excluded) of a contiguous partition of
+    the layers into `n_stages` non-empty stages that minimises the largest stage cost.
+
+    `last_stage_extra` is added to the last stage (the LM head's parameters). Exact dynamic programme
+    over contiguous partitions: O(stages x layers^2), nothing for a few hundred layers.
+    """
+    n = len(layer_costs)
+    if not 1 <= n_stages <= n:
+        raise ValueError(f"cannot split {n} decoder layers into {n_stages} stages: every stage needs at least one layer")
+    prefix = [0]
+    for cost in layer_costs:
+        prefix.append(prefix[-1] + cost)
+    # best[s][i]: smallest achievable max cost of layers[i:] split into s stages (the last one carries the extra)
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(n_stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(n_stages + 1)]
+    for i in range(n):
+        best[1][i] = prefix[n] - prefix[i] + last_stage_extra
+    for s in range(2, n_stages + 1):
+        for i in range(n - s + 1):
+            for j in range(i + 1, n - s + 2):
+                cost = max(prefix[j] - prefix[i], best[s - 1][j])
+                if cost < best[s][i]:
+                    best[s][i], cut[s][i] = cost, j
+    points, i = [], 0
+    for s in range(n_stages, 1, -1):
+        i = cut[s][i]
+        points.append(i)
+    return points
+
+
+def stage_layer_ids(n_layers: int, split_points: list[int]) -> list[list[int]]:
+    """The decoder-layer indices of each stage, from the split points."""
+    bounds = [0, *split_points, n_layers]
+    return [list(range(bounds[s], bounds[s + 1])) for s in range(len(bounds) - 1)]
+
+
+class DecoderStage(nn.Module):
+    """One pipeline stage: the causal LM's own submodules for a range of decoder layers.
+
+    Its forward is the decoder's forward restricted to those layers: the first stage embeds the
+    tokens, every stage builds the causal mask and rotary embeddings from the (micro-batch's)
+    position ids, the last stage applies the final norm and the LM head and returns logits.
+    """
+
+    def __init__(self, parts: DecoderParts, layer_ids: list[int], is_first: bool, is_last: bool) -> None:
+        super().__init__()
+        self.config = parts.causal_lm.config
+        self.layer_ids = layer_ids
+        self.embed_tokens = parts.embed_tokens if is_first else None
+        # A ModuleDict keyed by the layer's index in the full model, so names match the full model's.
+        self.layers = nn.ModuleDict({str(i): parts.layers[i] for i in layer_ids})
+        self.rotary_emb = parts.rotary_emb
+        self.norm = parts.norm if is_last else None
+        self.lm_head = parts.lm_head if is_last else None
+
+    def forward(self, x: Tensor, position_ids: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
+        hidden = self.embed_tokens(x) if self.embed_tokens is not None else x
+        if position_ids is None:
+            position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                  cache=None, position_ids=position_ids)
+        position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
+        for layer in self.layers.values():
+            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids,
+                           position_embeddings=position_embeddings, use_cache=False)
+        if self.lm_head is not None:
+            hidden = self.lm_head(self.norm(hidden))
+        return hidden
+
+
+def check_split(parts: DecoderParts, layer_ids: list[list[int]]) -> None:
+    """Raise ValueError unless the stages, run one after another, give the full model's logits.
+
+    A model whose forward does more than embed -> layers -> norm -> head (scaled embeddings, soft-capped
+    logits, ...) would otherwise train silently wrong; one short forward pass at setup rules that out.
+    """
+    model = parts.causal_lm
+    stages = [DecoderStage(parts, ids, s == 0, s == len(layer_ids) - 1) for s, ids in enumerate(layer_ids)]
+    device = parts.embed_tokens.weight.device
+    tokens = torch.arange(8, device=device).remainder(parts.embed_tokens.num_embeddings).unsqueeze(0)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=tokens, use_cache=False).logits
+        hidden = tokens
+        for stage in stages:
+            hidden = stage(hidden)
+    model.train(was_training)
+    if hidden.shape != expected.shape or not torch.allclose(hidden.float(), expected.float(), rtol=1e-4, atol=1e-5):
+        raise ValueError(
+            f"{type(model).__name__} cannot be split into pipeline stages: running its parts in sequence "
+            "(embed_tokens -> layers -> norm -> lm_head) does not reproduce its logits, so its forward does more "
+            "than the Llama layout"
+        )
+
+
+def prune_to_stages(parts: DecoderParts, keep_layers: list[int], keep_first: bool, keep_last: bool) -> None:
+    """Remove from the causal LM, in place, everything this rank's stages do not hold.
+
+    What stays keeps its name, so the LightningModule's state dict and optimizer hold only this rank's
+    parameters under the same keys a single process would use. With tied embeddings the last stage
+    keeps `embed_tokens` as the owner of the LM head's weight: its own copy, kept equal by summing the
+    two copies' gradients (see `PipelineStrategy._reduce_gradients`).
+    """
+    decoder, causal_lm = parts.decoder, parts.causal_lm
+    decoder.layers = nn.ModuleDict({str(i): parts.layers[i] for i in keep_layers})
+    if not (keep_first or (keep_last and parts.tied)):
+        decoder.embed_tokens = None
+    if not keep_last:
+        decoder.norm = None
+        causal_lm.lm_head = None
+
+
+def token_cross_entropy_sum(logits: Tensor, targets: Tensor) -> Tensor:
+    """Summed next-token cross-entropy over targets that are not -100, in fp32."""
+    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+
+
+# -- the strategy --------------------------------------------------------------------------------
+
+
+class PipelineStrategy(ParallelStrategy):
+    """Pipeline parallelism (with data parallelism across pipelines) for Hugging Face causal LMs.
+
+    The LightningModule holds the causal LM as `self.model` (created in `__init__` or
+    `configure_model`), or returns it from a method `pipeline_model()`; it must be a submodule of the
+    LightningModule. Batches are dicts with `input_ids` [B, T], `targets` [B, T] (next tokens,
+    already shifted, -100 ignored) and optional `position_ids` / `attention_mask` [B, T].
+
+    The training loss is the token-mean cross-entropy of `targets`, exactly as one process computes
+    it over the whole batch; a module can replace it by defining
+    `pipeline_loss(logits, targets) -> Tensor` (a micro-batch's mean loss; the batch loss is the mean
+    over micro-batches). The loss is logged as `loss_name` on every rank.
+
+    Args:
+        stages: number of pipeline ranks p; the world size must be a multiple (world = dp x p).
+        microbatches: micro-batches m per batch; the per-rank batch size must be divisible by it.
+        schedule: "gpipe", "1f1b", "interleaved-1f1b" or "interleaved-zero-bubble".
+        stages_per_rank: model chunks per rank for the interleaved schedules (default 2; 1 otherwise).
+        split_points: index of the first decoder layer of stages 1..S-1 (S = stages x stages_per_rank);
+            default: contiguous stages balanced by parameter count (the LM head counts for the last).
+        loss_name: name under which the training loss is logged (None: not logged).
+        process_group_backend: torch.distributed backend; default nccl on GPUs, gloo on CPUs.
+        timeout: timeout of collective operations.
+    """
+
+    def __init__(
+        self,
+        stages: int = 2,
+        microbatches: int = 4,
+        schedule: str = "1f1b",
+        *,
+        stages_per_rank: int | None = None,
+        split_points: list[int] | None = None,
+        loss_name: str | None = "train/loss",
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        super().__init__()
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule={schedule!r} is not known; use one of {', '.join(map(repr, SCHEDULES))}")
+        if not isinstance(stages, int) or stages < 2:
+            raise ValueError(f"stages={stages!r}: a pipeline needs an integer number of stages >= 2")
+        if not isinstance(microbatches, int) or microbatches < 1:
+            raise ValueError(f"microbatches={microbatches!r}: must be an integer >= 1")
+        multi = schedule in MULTI_STAGE_SCHEDULES
+        stages_per_rank = (2 if multi else 1) if stages_per_rank is None else stages_per_rank
+        if not isinstance(stages_per_rank, int) or stages_per_rank < 1 or (not multi and stages_per_rank != 1):
+            accepted = "an integer >= 1" if multi else "1 (use an interleaved schedule for more)"
+            raise ValueError(f"stages_per_rank={stages_per_rank!r} with schedule={schedule!r}: accepted is {accepted}")
+        n_stages = stages * stages_per_rank
+        if split_points is not None:
+            split_points = list(split_points)
+            if len(split_points) != n_stages - 1 or split_points != sorted(set(split_points)) or split_points[0] < 1:
+                raise ValueError(
+                    f"split_points={split_points!r}: need {n_stages - 1} strictly increasing layer indices >= 1 "
+                    f"(the first layer of stages 1..{n_stages - 1})"
+                )
+        self.stages = stages
+        self.microbatches = microbatches
+        self.schedule = schedule
+        self.stages_per_rank = stages_per_rank
+        self.split_points = split_points
+        self.loss_name = loss_name
+        self._process_group_backend = process_group_backend
+        self._timeout = timeout
+        self.num_nodes = 1
+        self._dp_group: dist.ProcessGroup | None = None
+        self._pp_group: dist.ProcessGroup | None = None
+        self._tied_group: dist.ProcessGroup | None = None
+        self._stage_modules: list[DecoderStage] = []
+        self._stage_ids: list[int] = []
+        self._schedules: dict[tuple, Any] = {}
+        self._pending_grads: dict[nn.Parameter, Tensor] = {}
+        self._tied_param: nn.Parameter | None = None
+        self._loss_normalizer: Tensor | None = None
+        self._microbatch_losses: list[Tensor] = []
+
+    # -- processes and mesh ------------------------------------------------------------------------
+
+    @property
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.world_size // self.stages
+
+    @property
+    def data_parallel_rank(self) -> int:
+        return self.global_rank // self.stages
+
+    @property
+    def pipeline_rank(self) -> int:
+        return self.global_rank % self.stages
+
+    @property
+    def n_stages(self) -> int:
+        return self.stages * self.stages_per_rank
+
+    @property
+    def is_distributed(self) -> bool:
+        # How Lightning's connectors recognise a strategy outside their own list as distributed (this
+        # turns on the DistributedSampler with `distributed_sampler_kwargs`).
+        return True
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        # The stages of one pipeline must see the same batch; the pipelines share the data.
+        return {"num_replicas": self.data_parallel_size, "rank": self.data_parallel_rank}
+
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        if not self.cluster_environment.creates_processes_externally:
+            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        assert self.cluster_environment is not None
+        self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+        self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
+        if self.world_size % self.stages:
+            raise ValueError(
+                f"stages={self.stages} does not divide the world size {self.world_size}: use a number of devices "
+                f"x nodes that is a multiple of {self.stages} (world = data parallel x stages)"
+            )
+        backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
+        self._process_group_backend = backend
+        _init_dist_connection(self.cluster_environment, backend, timeout=self._timeout)
+        # Rank = dp_rank * stages + pp_rank: the stages of one pipeline are neighbouring ranks (one node).
+        mesh = init_device_mesh(self.root_device.type, (self.data_parallel_size, self.stages),
+                                mesh_dim_names=("dp", "pp"))
+        self._dp_group, self._pp_group = mesh.get_group("dp"), mesh.get_group("pp")
+        # First and last stage of each pipeline, for the tied embedding (new_group is collective: all ranks
+        # create every group, in the same order).
+        for dp_rank in range(self.data_parallel_size):
+            ranks = [dp_rank * self.stages, dp_rank * self.stages + self.stages - 1]
+            group = dist.new_group(ranks)
+            if dp_rank == self.data_parallel_rank:
+                self._tied_group = group
+
+    # -- model ----------------------------------------------------------------------------------
+
+    @contextmanager
+    def tensor_init_context(self, empty_init: bool | None = None) -> Iterator[None]:
+        # The full model is created on the CPU; `setup` keeps this rank's stages and moves only those.
+        with self.precision_plugin.tensor_init_context():
+            yield
+
+    def causal_lm(self) -> nn.Module:
+        """The LightningModule's Hugging Face causal LM: `pipeline_model()` if defined, else `.model`."""
+        module = self.lightning_module
+        hook = getattr(module, "pipeline_model", None)
+        model = hook() if callable(hook) else getattr(module, "model", None)
+        if not isinstance(model, nn.Module) or not any(m is model for m in module.modules()):
+            raise ValueError(
+                f"PipelineStrategy needs the causal LM as a submodule of {type(module).__name__}: set it as "
+                "`self.model` (in __init__ or configure_model) or return it from a method `pipeline_model()`"
+            )
+        return model
+
+    def setup(self, trainer: pl.Trainer) -> None:
+        assert self.accelerator is not None
+        self.accelerator.setup(trainer)
+        self._split_model()
+        self.model = self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        self._build_stage_modules()
+        self._broadcast_parameters()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._reset_optimizers_and_schedulers()
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING:
+            _optimizers_to_device(self.optimizers, self.root_device)
+        self._make_clipping_global()
+
+    def _split_model(self) -> None:
+        model = self.causal_lm()
+        if getattr(model, "_pipeline_stage_ids", None) is not None:
+            return  # already split by an earlier fit/validate of this module
+        parts = decoder_parts(model)
+        n_layers, n_stages = len(parts.layers), self.n_stages
+        if n_stages > n_layers:
+            raise ValueError(
+                f"{n_stages} pipeline stages (stages={self.stages} x stages_per_rank={self.stages_per_rank}) but the "
+                f"model has only {n_layers} decoder layers: use at most {n_layers} stages"
+            )
+        if self.split_points is not None and self.split_points[-1] >= n_layers:
+            raise ValueError(f"split_points={self.split_points!r}: the model has {n_layers} layers (indices < {n_layers})")
+        costs = [sum(p.numel() for p in layer.parameters()) for layer in parts.layers]
+        points = self.split_points or balanced_split(costs, n_stages, sum(p.numel() for p in parts.lm_head.parameters()))
+        layer_ids = stage_layer_ids(n_layers, points)
+        if parts.embed_tokens.weight.device.type != "meta":
+            check_split(parts, layer_ids)
+        stage_ids = list(range(self.pipeline_rank, n_stages, self.stages))
+        prune_to_stages(parts, [i for s in stage_ids for i in layer_ids[s]], 0 in stage_ids, n_stages - 1 in stage_ids)
+        model._pipeline_stage_ids = stage_ids
+        model._pipeline_layer_ids = [layer_ids[s] for s in stage_ids]
+        model._pipeline_tied = parts.tied
+
+    def _build_stage_modules(self) -> None:
+        model = self.causal_lm()
+        decoder = getattr(model, getattr(model, "base_model_prefix", "model"))
+        self._stage_ids = model._pipeline_stage_ids
+        holder = DecoderParts(model, decoder, decoder.embed_tokens, [], decoder.norm, decoder.rotary_emb, model.lm_head)
+        self._stage_modules = []
+        for stage_id, layer_ids in zip(self._stage_ids, model._pipeline_layer_ids):
+            holder.layers = {i: decoder.layers[str(i)] for i in layer_ids}
+            self._stage_modules.append(DecoderStage(holder, layer_ids, stage_id == 0, stage_id == self.n_stages - 1))
+        self._schedules = {}
+        self._tied_param = None
+        if model._pipeline_tied and self.holds_last_stage and not self.holds_first_stage:
+            self._tied_param = model.lm_head.weight
+
+    @property
+    def holds_first_stage(self) -> bool:
+        return 0 in self._stage_ids
+
+    @property
+    def holds_last_stage(self) -> bool:
+        return self.n_stages - 1 in self._stage_ids
+
+    def _last_stage_rank(self) -> int:
+        """Global rank of this pipeline's last stage (stage S-1 sits on pipeline rank p-1)."""
+        return self.data_parallel_rank * self.stages + self.stages - 1
+
+    def _broadcast_parameters(self) -> None:
+        """Make replicas equal: pipelines copy pipeline 0; the last stage copies the first's tied embedding."""
+        params = list(self.lightning_module.parameters())
+        if self.data_parallel_size > 1:
+            src = self.pipeline_rank  # the same stage in pipeline 0
+            for p in params:
+                dist.broadcast(p.data, src=src, group=self._dp_group)
+        if self.stages > 1 and self._tied_group is not None and self.causal_lm()._pipeline_tied:
+            if self.holds_first_stage or self.holds_last_stage:
+                model = self.causal_lm()
+                embedding = getattr(model, getattr(model, "base_model_prefix", "model")).embed_tokens.weight
+                dist.broadcast(embedding.data, src=self.data_parallel_rank * self.stages, group=self._tied_group)
+
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
+
+    # -- schedules -------------------------------------------------------------------------------
+
+    def _get_schedule(self, train: bool, shape: tuple[int, ...], kwarg_names: tuple[str, ...]) -> Any:
+        """The schedule for a batch of this shape (torch infers stage shapes at the first step, so each
+        shape gets its own stages; a training run sees one or two shapes)."""
+        n_microbatches = self.microbatches if train else math.gcd(shape[0], self.microbatches)
+        key = (train, shape, kwarg_names, n_microbatches)
+        if key not in self._schedules:
+            stages = [PipelineStage(module, stage_id, self.n_stages, self.root_device, group=self._pp_group)
+                      for module, stage_id in zip(self._stage_modules, self._stage_ids)]
+            cls = SCHEDULES[self.schedule]
+            loss_fn = self._microbatch_loss if train else None
+            # scale_grads=False: `_microbatch_loss` already divides by what makes the batch loss, which
+            # stays right under gradient accumulation (torch's scaling would rescale accumulated grads).
+            if self.schedule in MULTI_STAGE_SCHEDULES:
+                self._schedules[key] = cls(stages, n_microbatches, loss_fn=loss_fn, scale_grads=False)
+            else:
+                self._schedules[key] = cls(stages[0], n_microbatches, loss_fn=loss_fn, scale_grads=False)
+        return self._schedules[key]
+
+    def _microbatch_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """The loss the schedule backpropagates for one micro-batch: its share of the batch loss."""
+        hook = getattr(self.lightning_module, "pipeline_loss", None)
+        if callable(hook):
+            loss = hook(logits, targets) / self.microbatches
+        else:
+            loss = token_cross_entropy_sum(logits, targets) / self._loss_normalizer
+        self._microbatch_losses.append(loss.detach())
+        # Lightning divides the returned loss by the accumulation steps before backward; do the same here.
+        loss = loss / self.lightning_module.trainer.accumulate_grad_batches
+        scaler = getattr(self.precision_plugin, "scaler", None)  # fp16 loss scaling (torch's GradScaler API)
+        if scaler is not None and scaler.is_enabled():
+            loss = scaler.scale(loss)
+        return loss
+
+    def _unpack(self, batch: Any) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
+        if not isinstance(batch, Mapping) or "input_ids" not in batch:
+            raise ValueError(
+                "PipelineStrategy expects batches as dicts with 'input_ids' [B, T], 'targets' [B, T] and optional "
+                f"'position_ids' / 'attention_mask'; got {type(batch).__name__}"
+                + (f" with keys {sorted(batch)}" if isinstance(batch, Mapping) else "")
+            )
+        kwargs = {k: batch[k] for k in ("position_ids", "attention_mask") if batch.get(k) is not None}
+        return batch["input_ids"], batch.get("targets"), kwargs
+
+    def _check_divisible(self, batch_size: int) -> None:
+        if batch_size % self.microbatches:
+            raise ValueError(
+                f"a batch of {batch_size} samples per pipeline cannot be split into microbatches={self.microbatches}: "
+                f"use a batch size that is a multiple of {self.microbatches} (and drop_last=True if the dataset "
+                "leaves a smaller last batch)"
+            )
+
+    def on_train_start(self) -> None:
+        # Setup-time check of the micro-batch split, before any step runs (the step checks again).
+        loader = self.lightning_module.trainer.train_dataloader
+        batch_size = getattr(loader, "batch_size", None)
+        if isinstance(batch_size, int):
+            self._check_divisible(batch_size)
+            sampler_len = len(loader.sampler) if hasattr(loader.sampler, "__len__") else None
+            if not loader.drop_last and sampler_len is not None and sampler_len % batch_size:
+                self._check_divisible(sampler_len % batch_size)
+
+    def _run_train_schedule(self, batch: Any) -> Tensor:
+        input_ids, targets, kwargs = self._unpack(batch)
+        if targets is None:
+            raise ValueError("PipelineStrategy: the training batch has no 'targets' for the last stage's loss")
+        self._check_divisible(input_ids.shape[0])
+        schedule = self._get_schedule(True, tuple(input_ids.shape), tuple(sorted(kwargs)))
+        self._loss_normalizer = (targets != -100).sum().clamp(min=1)
+        self._microbatch_losses = []
+        held = self._hold_gradients()
+        schedule.step(*((input_ids,) if self.holds_first_stage else ()),
+                      target=targets if self.holds_last_stage else None, **kwargs)
+        self._pending_grads = self._release_gradients(held)
+        # On its first step torch calls the loss once more, on placeholder tensors, to infer gradient shapes
+        # (before the real micro-batches): the batch loss is the sum of the last m calls.
+        shares = self._microbatch_losses[-schedule._n_microbatches:]
+        loss = torch.stack(shares).sum() if shares else torch.zeros((), device=self.root_device)
+        dist.broadcast(loss, src=self._last_stage_rank(), group=self._pp_group)
+        return loss
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Tensor:
+        # Runs the schedule in place of the module's training_step: see the module docstring.
+        batch = args[0] if args else kwargs["batch"]
+        with self.precision_plugin.train_step_context():
+            loss = self._run_train_schedule(batch)
+        if self.loss_name:
+            self.lightning_module.log(self.loss_name, loss, prog_bar=True)
+        return loss
+
+    # -- gradients -------------------------------------------------------------------------------
+
+    def _params(self) -> list[nn.Parameter]:
+        return [p for p in self.lightning_module.parameters() if p.requires_grad]
+
+    def _hold_gradients(self) -> dict[nn.Parameter, Tensor | None]:
+        held = {}
+        for p in self._params():
+            held[p], p.grad = p.grad, None
+        return held
+
+    def _release_gradients(self, held: dict[nn.Parameter, Tensor | None]) -> dict[nn.Parameter, Tensor]:
+        fresh = {}
+        for p, grad in held.items():
+            if p.grad is not None:
+                fresh[p] = p.grad
+            p.grad = grad
+        return fresh
+
+    def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
+        # The schedule already ran forward and backward in training_step; the loop zeroed the gradients
+        # since, so this step's gradients were held aside and are handed over here, reduced across ranks.
+        module = self.lightning_module
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
+        fresh, self._pending_grads = self._pending_grads, {}
+        self._reduce_gradients(fresh)
+        for p, grad in fresh.items():
+            p.grad = grad if p.grad is None else p.grad.add_(grad)
+        return self.precision_plugin.post_backward(closure_loss, module)
+
+    def _reduce_gradients(self, grads: dict[nn.Parameter, Tensor]) -> None:
+        """Sum the tied embedding's two copies (first and last stage), then average over pipelines."""
+        if self._tied_group is not None and self.causal_lm()._pipeline_tied and (self.holds_first_stage or self.holds_last_stage):
+            model = self.causal_lm()
+            tied = getattr(model, getattr(model, "base_model_prefix", "model")).embed_tokens.weight
+            grad = grads.setdefault(tied, torch.zeros_like(tied))
+            dist.all_reduce(grad, group=self._tied_group)
+        if self.data_parallel_size > 1:
+            params = self._params()
+            for p in params:  # every replica must send the same tensors, used or not
+                grads.setdefault(p, torch.zeros_like(p))
+            _all_reduce_coalesced([grads[p] for p in params], self._dp_group)
+            for p in params:
+                grads[p].div_(self.data_parallel_size)
+
+    def _make_clipping_global(self) -> None:
+        """Clip by the norm of the whole model's gradient, not of this stage's.
+
+        Lightning clips in the precision plugin (after unscaling, before the step), which sees only the
+        local gradients; the global norm needs the pipeline group, which only the strategy knows, so
+        the plugin's norm clipping is replaced on this instance. The tied embedding's second copy is
+        left out of the norm (it equals the first).
+        """
+        plugin = self.precision_plugin
+        strategy = self
+
+        def clip_grad_by_norm(optimizer: torch.optim.Optimizer, clip_val: float) -> None:
+            params = [p for p in plugin.main_params(optimizer) if p.grad is not None]
+            counted = [p.grad for p in params if p is not strategy._tied_param]
+            norm = torch.nn.utils.get_total_norm(counted) if counted else torch.zeros((), device=strategy.root_device)
+            squared = norm.float().pow(2)
+            dist.all_reduce(squared, group=strategy._pp_group)
+            torch.nn.utils.clip_grads_with_norm_(params, clip_val, squared.sqrt())
+
+        plugin.clip_grad_by_norm = clip_grad_by_norm
+
+    # -- evaluation through the pipeline ---------------------------------------------------------
+
+    def _pipelined_forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                           position_ids: Tensor | None = None, **_: Any) -> CausalLMOutputWithPast:
+        """Forward-only pass through the pipeline; every rank of the pipeline gets the logits."""
+        kwargs = {k: v for k, v in (("position_ids", position_ids), ("attention_mask", attention_mask)) if v is not None}
+        schedule = self._get_schedule(False, tuple(input_ids.shape), tuple(sorted(kwargs)))
+        with torch.no_grad():
+            out = schedule.step(*((input_ids,) if self.holds_first_stage else ()), **kwargs)
+        vocab = self.causal_lm().config.vocab_size
+        logits = out.float() if self.holds_last_stage else torch.empty((*input_ids.shape, vocab), device=self.root_device)
+        dist.broadcast(logits, src=self._last_stage_rank(), group=self._pp_group)
+        return CausalLMOutputWithPast(logits=logits)
+
+    def _redirected(self, step: str, context: Callable[[], Any], *args: Any, **kwargs: Any) -> Any:
+        model = self.causal_lm()
+        model.forward = self._pipelined_forward
+        try:
+            with context():
+                return getattr(self.lightning_module, step)(*args, **kwargs)
+        finally:
+            del model.forward
+
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._redirected("validation_step", self.precision_plugin.val_step_context, *args, **kwargs)
+
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._redirected("test_step", self.precision_plugin.test_step_context, *args, **kwargs)
+
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._redirected("predict_step", self.precision_plugin.predict_step_context, *args, **kwargs)
+
+    # -- collectives -----------------------------------------------------------------------------
+
+    def barrier(self, name: str | None = None) -> None:
+        if _distributed_is_initialized():
+            dist.barrier()
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not _distributed_is_initialized():
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src)
+        return box[0]
+
+    def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any = "mean") -> Any:
+        if isinstance(tensor, Tensor):
+            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+        return tensor
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True  # each rank loads into its own stages, which exist only after setup
+
+    @property
+    def lightning_restore_optimizer(self) -> bool:
+        return False  # restored in load_checkpoint, by parameter name
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        optimizer = getattr(optimizer, "_optimizer", optimizer)
+        return get_optimizer_state_dict(self.lightning_module, optimizer, options=OPTIMIZER_STATE_OPTIONS)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: str | os.PathLike,
+                        storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("PipelineStrategy.save_checkpoint(storage_options=...) is not supported: it writes "
+                            "torch.distributed.checkpoint directories, not through CheckpointIO")
+        path = Path(self.broadcast(str(filepath)))
+        if self.is_global_zero and path.is_file():
+            path.unlink()
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {"state_dict": checkpoint.pop("state_dict")}
+        for i, state in enumerate(checkpoint.pop("optimizer_states", [])):
+            tensors[f"optimizer_{i}"] = state
+        dcp.save(tensors, checkpoint_id=path)
+        if self.is_global_zero:
+            torch.save(checkpoint, path / SHARDED_METADATA)
+
+    def load_checkpoint(self, checkpoint_path: str | os.PathLike, weights_only: bool | None = None) -> dict[str, Any]:
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if not (path / SHARDED_METADATA).is_file():
+            raise ValueError(f"{str(path)!r} is not a PipelineStrategy checkpoint (a directory with {SHARDED_METADATA})")
+        module = self.lightning_module
+        state: dict[str, Any] = {"state_dict": module.state_dict()}
+        optimizers = [getattr(o, "_optimizer", o) for o in self.optimizers]
+        for i, optimizer in enumerate(optimizers):
+            state[f"optimizer_{i}"] = get_optimizer_state_dict(module, optimizer, options=OPTIMIZER_STATE_OPTIONS)
+        dcp.load(state, checkpoint_id=path)
+        module.load_state_dict(state["state_dict"], strict=module.strict_loading)
+        for i, optimizer in enumerate(optimizers):
+            set_optimizer_state_dict(module, optimizer, optim_state_dict=state[f"optimizer_{i}"],
+                                     options=OPTIMIZER_STATE_OPTIONS)
+        return torch.load(path / SHARDED_METADATA, weights_only=bool(weights_only))
+
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        pass  # loaded in load_checkpoint
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        pass  # loaded in load_checkpoint
+
+    def teardown(self) -> None:
+        self._schedules = {}
+        super().teardown()
+
+
+def _all_reduce_coalesced(tensors: list[Tensor], group: dist.ProcessGroup) -> None:
+    """Sum-all-reduce `tensors` in place with one collective per dtype."""
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for same in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in same])
+        dist.all_reduce(flat, group=group)
+        offset = 0
+        for t in same:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+

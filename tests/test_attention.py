@@ -1,0 +1,189 @@
+"""FlashAttention without a GPU: the tiled reference, the dispatch path, input checks, the kernels' build for
+real GPUs, and (in a child process under Triton's interpreter) the kernels themselves.
+
+Every output is checked against naive softmax(QK^T * scale)V computed in float64.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_llm.attention import FlashAttention, attention_backend, flash, flash_attention
+from lightning_llm.attention.reference import naive_attention, tiled_attention_backward, tiled_attention_forward
+
+ROOT = Path(__file__).resolve().parents[1]
+BACKEND = attention_backend("cpu")
+
+
+def float64_grads(q, k, v, do, causal):
+    q, k, v = (x.detach().double().requires_grad_() for x in (q, k, v))
+    o, lse = naive_attention(q, k, v, causal=causal)
+    return o, lse, torch.autograd.grad(o, (q, k, v), do.double())
+
+
+# batch, heads, kv_heads, seq_q, seq_k, head_dim, causal: block boundaries, GQA 1/2/4/8, unequal lengths
+# (with more queries than keys the first queries see no key: output 0, lse +inf).
+REFERENCE_CASES = [
+    (2, 4, 2, 17, 17, 32, True),
+    (1, 8, 1, 65, 130, 16, True),
+    (1, 4, 1, 130, 65, 16, True),
+    (2, 2, 2, 33, 33, 64, False),
+    (1, 2, 1, 1, 1, 8, True),
+]
+
+
+@pytest.mark.parametrize("batch,heads,kv_heads,seq_q,seq_k,head_dim,causal", REFERENCE_CASES)
+def test_tiled_reference_matches_naive_float64(batch, heads, kv_heads, seq_q, seq_k, head_dim, causal):
+    g = torch.Generator().manual_seed(seq_q)
+    q = torch.randn(batch, heads, seq_q, head_dim, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(batch, kv_heads, seq_k, head_dim, generator=g, dtype=torch.float64) for _ in range(2))
+    do = torch.randn(q.shape, generator=g, dtype=torch.float64)
+    o_ref, lse_ref, grads_ref = float64_grads(q, k, v, do, causal)
+    o, lse = tiled_attention_forward(q, k, v, causal=causal, block_m=16, block_n=32)
+    torch.testing.assert_close(o, o_ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(lse, lse_ref, atol=1e-12, rtol=1e-12)  # +inf rows compare equal
+    grads = tiled_attention_backward(do, q, k, v, o, lse, causal=causal, block_m=16, block_n=32)
+    for grad, grad_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(grad, grad_ref, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("seq_q,seq_k", [(17, 17), (1, 40), (40, 17)])
+def test_flash_attention_matches_naive_on_this_machines_path(seq_q, seq_k, causal):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, seq_q, 32, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 2, seq_k, 32, generator=g, requires_grad=True) for _ in range(2))
+    o = flash_attention(q, k, v, causal=causal)
+    do = torch.randn(o.shape, generator=g)
+    o_ref, _, grads_ref = float64_grads(q, k, v, do, causal)
+    torch.testing.assert_close(o.double(), o_ref, atol=2e-5, rtol=2e-5)
+    for grad, grad_ref in zip(torch.autograd.grad(o, (q, k, v), do), grads_ref):
+        torch.testing.assert_close(grad.double(), grad_ref, atol=2e-5, rtol=2e-5)
+
+
+def test_varlen_on_this_machines_path_equals_each_sequence_alone():
+    g = torch.Generator().manual_seed(1)
+    lengths = [5, 1, 23]
+    q = torch.randn(sum(lengths), 4, 16, generator=g)
+    k, v = (torch.randn(sum(lengths), 1, 16, generator=g) for _ in range(2))
+    cu_seqlens = torch.tensor([0, 5, 6, 29], dtype=torch.int32)
+    out = FlashAttention(causal=True)(q, k, v, cu_seqlens=cu_seqlens)
+    as_batch = lambda x: x.transpose(0, 1).unsqueeze(0).double()  # noqa: E731  [T, H, D] -> [1, H, T, D]
+    expected = torch.cat([
+        naive_attention(as_batch(q_i), as_batch(k_i), as_batch(v_i))[0][0].transpose(0, 1)
+        for q_i, k_i, v_i in zip(q.split(lengths), k.split(lengths), v.split(lengths))
+    ])
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)
+
+
+def test_the_path_taken_is_logged_once_and_recorded(monkeypatch, caplog):
+    monkeypatch.setattr(flash, "_announced", set())
+    module = FlashAttention(causal=True)
+    q = torch.randn(1, 2, 8, 16)
+    with caplog.at_level(logging.INFO, logger="lightning_llm.attention.flash"):
+        module(q, q, q)
+        module(q, q, q)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1
+    assert ("scaled_dot_product_attention" if BACKEND == "sdpa" else "interpreter") in lines[0]
+    assert module.backend == BACKEND
+    expected = "triton-interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else "sdpa"
+    assert BACKEND == expected
+
+
+@pytest.mark.parametrize("q_shape,kv_shape,dtypes,message", [
+    ((2, 4, 8, 32), (2, 4, 8, 16), None, "share head_dim"),
+    ((2, 4, 8, 256), (2, 4, 8, 256), None, "head_dim 256 is not supported"),
+    ((2, 4, 8, 32), (2, 3, 8, 32), None, "not a multiple"),
+    ((2, 4, 8, 32), (1, 4, 8, 32), None, "batch"),
+    ((4, 8, 32), (4, 8, 32), None, r"\[batch, heads, seq, head_dim\]"),
+    ((2, 4, 0, 32), (2, 4, 8, 32), None, "empty"),
+    ((2, 4, 8, 32), (2, 4, 8, 32), (torch.float16, torch.float32), "share a dtype"),
+    ((2, 4, 8, 32), (2, 4, 8, 32), (torch.int64, torch.int64), "dtype torch.int64"),
+])
+def test_bad_inputs_are_refused_with_a_clear_error(q_shape, kv_shape, dtypes, message):
+    q_dtype, kv_dtype = dtypes or (torch.float32, torch.float32)
+    q = torch.ones(q_shape, dtype=q_dtype)
+    k = v = torch.ones(kv_shape, dtype=kv_dtype)
+    with pytest.raises((ValueError, TypeError), match=message):
+        flash_attention(q, k, v)
+
+
+@pytest.mark.parametrize("cu_seqlens,message", [
+    (torch.tensor([0, 5, 9]), "rise from 0 to the number of tokens"),
+    (torch.tensor([1, 5, 10]), "rise from 0"),
+    (torch.tensor([0, 6, 5, 10]), "rise from 0"),
+    (torch.tensor([0.0, 10.0]), "int32"),
+    (torch.tensor([[0, 10]]), "1-d"),
+])
+def test_bad_cu_seqlens_are_refused(cu_seqlens, message):
+    q = torch.ones(10, 2, 16)
+    with pytest.raises(ValueError, match=message):
+        flash_attention(q, q, q, cu_seqlens=cu_seqlens)
+
+
+def test_packing_arguments_without_cu_seqlens_are_refused():
+    q = torch.ones(1, 2, 10, 16)
+    with pytest.raises(ValueError, match="pass cu_seqlens too"):
+        flash_attention(q, q, q, max_seqlen=10)
+
+
+def test_module_validates_its_scale():
+    with pytest.raises(ValueError, match="scale must be a positive finite number"):
+        FlashAttention(scale=-1.0)
+
+
+@pytest.mark.skipif(BACKEND != "sdpa", reason="the interpreter's kernels are Python functions, not compilable")
+@pytest.mark.parametrize("capability", [80, 90])
+def test_kernels_build_for_ampere_and_hopper(capability):
+    # The interpreter is more lenient than Triton's compiler: without a GPU, at least compile each kernel,
+    # all the way to a cubin, for A100 (sm_80) and H100 (sm_90), for the configuration of a bf16 hd128 run.
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lightning_llm.attention import triton_kernels as kernels
+
+    constexprs = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64, CAUSAL=True, VARLEN=True, UPCAST=False, PRECISION="tf32")
+    builds = [
+        (kernels._forward_kernel, dict(BLOCK_M=128)),
+        (kernels._backward_dkdv_kernel, dict(BLOCK_M=32, ATOMIC_DQ=True)),
+        (kernels._backward_dq_kernel, dict(BLOCK_M=32)),
+    ]
+    for kernel, extra in builds:
+        values = {**constexprs, **extra}
+        float32_buffers = {"LSE", "DELTA"} | ({"DQ"} if values.get("ATOMIC_DQ") else set())
+        signature = {
+            name: "constexpr" if name in values
+            else "*i32" if name.startswith("CU_SEQLENS")
+            else "*fp32" if name in float32_buffers
+            else "*bf16" if name.isupper()
+            else "fp32" if name.endswith("scale")
+            else "i32"
+            for name in kernel.arg_names
+        }
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs=values),
+                                  target=GPUTarget("cuda", capability, 32), options=dict(num_warps=8, num_stages=2))
+        assert compiled.asm["cubin"]
+
+
+@pytest.mark.skipif(BACKEND != "sdpa" or torch.cuda.is_available(),
+                    reason="the kernel tests already run in this process")
+def test_kernels_under_triton_interpreter():
+    # TRITON_INTERPRET=1 only takes effect if set before triton is imported, and Lightning imports triton:
+    # the kernel tests and the model parity tests run in a fresh interpreter with the variable set.
+    files = ["tests/test_attention_kernel.py", "tests/test_attention_hf.py"]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", *files],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    report = result.stdout[-6000:] + result.stderr[-2000:]
+    assert result.returncode == 0, report
+    summary = result.stdout.strip().splitlines()[-1]
+    assert "passed" in summary and "skipped" not in summary, report

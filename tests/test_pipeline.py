@@ -1,0 +1,407 @@
+"""PipelineStrategy against single-process training (the oracle), on 2 and 4 gloo processes.
+
+Process launches are slow, so one 2-process job runs every pipeline-only scenario in sequence
+(gpipe with validation, 1f1b with a checkpoint and a resume, interleaved, the setup errors, a YAML
+run through LightningCLI) and one 4-process job runs data x pipeline parallelism; the single-process
+references run in the pytest process and the comparisons are made there.
+
+Tolerances: fp32 on CPU, same initial weights and batches. Splitting a batch into micro-batches
+changes only the summation order, so losses agree to 1e-5 (relative) and weights after 10 AdamW
+steps to 2e-4 absolute (Adam's normalised update turns rounding noise on near-zero gradients into
+steps of up to ~lr; measured worst case 7e-5 at lr=1e-2).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import textwrap
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from lightning_llm.models import build_model
+from lightning_llm.modules.pretrain import PretrainModule
+from lightning_llm.strategies.pipeline import (
+    PipelineStrategy,
+    balanced_split,
+    check_split,
+    decoder_parts,
+)
+
+VOCAB, SEQ, BATCH = 128, 16, 4
+LOSS_RTOL, WEIGHT_ATOL = 1e-5, 2e-4
+
+
+class Tokens(Dataset):
+    """Random token blocks; `mask` of the targets set to -100 (ignored) at random."""
+
+    def __init__(self, n: int, mask: float = 0.2, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randint(0, VOCAB, (n, SEQ + 1), generator=g)
+        self.ignored = torch.rand(n, SEQ, generator=g) < mask
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        targets = self.x[i, 1:].clone()
+        targets[self.ignored[i]] = -100
+        return {"input_ids": self.x[i, :-1], "targets": targets}
+
+
+class TokenData(pl.LightningDataModule):
+    def __init__(self, n: int = 20, batch_size: int = BATCH, mask: float = 0.2, val: bool = False,
+                 split_by_strategy: bool = False) -> None:
+        super().__init__()
+        self.n, self.batch_size, self.mask, self.val = n, batch_size, mask, val
+        self.split_by_strategy = split_by_strategy
+
+    def train_dataloader(self) -> DataLoader:
+        data = Tokens(self.n, self.mask)
+        if not self.split_by_strategy:
+            return DataLoader(data, batch_size=self.batch_size)
+        # Lightning's own DistributedSampler always shuffles training data; an unshuffled one split the
+        # way the strategy says keeps the batches comparable with one process.
+        sampler = DistributedSampler(data, shuffle=False, **self.trainer.strategy.distributed_sampler_kwargs)
+        return DataLoader(data, batch_size=self.batch_size, sampler=sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(Tokens(8, self.mask, seed=1), batch_size=self.batch_size) if self.val else []
+
+
+class TinyLM(PretrainModule):
+    """PretrainModule on the tiny preset with fixed initial weights read from `init_path`."""
+
+    def __init__(self, init_path: str, layers: int = 2, lr: float = 1e-2) -> None:
+        super().__init__("tiny", vocab_size=VOCAB, lr=lr, warmup_steps=0, max_steps=100)
+        # Under LightningCLI, save_hyperparameters records this class's arguments, not the parent's.
+        self.hparams.update(model="tiny", vocab_size=VOCAB, lr=lr, weight_decay=0.1, betas=(0.9, 0.95),
+                            warmup_steps=0, min_lr_ratio=0.1, max_steps=100, attn_implementation=None,
+                            activation_checkpointing=False)
+        self.init_path, self.layers = init_path, layers
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = build_model("tiny", vocab_size=VOCAB, num_hidden_layers=self.layers)
+            self.model.load_state_dict(torch.load(self.init_path))
+
+
+class LossRecorder(pl.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def fit(module: TinyLM, data: TokenData, strategy="auto", devices: int = 1, max_steps: int = 10,
+        callbacks: list | None = None, ckpt_path: str | None = None, plugins: list | None = None) -> list[float]:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    recorder = LossRecorder()
+    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=max_steps,
+                         gradient_clip_val=0.5, use_distributed_sampler=devices == 1, logger=False,
+                         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks or []), enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, callbacks=[recorder, *(callbacks or [])],
+                         plugins=plugins)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return recorder.losses
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(worker, world_size: int, tmp_path: Path) -> list[dict]:
+    """Run `worker(rank, tmp_path)` on `world_size` gloo processes; return each rank's saved results."""
+    mp.spawn(_entry, args=(worker, world_size, free_port(), str(tmp_path)), nprocs=world_size)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+def _entry(rank: int, worker, world_size: int, port: int, tmp: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
+                      NODE_RANK="0", LOCAL_RANK=str(rank), GLOBAL_RANK=str(rank))
+    torch.set_num_threads(1)  # 2 cores: more threads than cores stall gloo's send/recv
+    results = worker(rank, Path(tmp))
+    torch.save(results, Path(tmp) / f"rank{rank}.pt")
+
+
+def local_weights(module: TinyLM) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+
+
+def assert_same_weights(local: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
+    assert local, "no weights on this rank"
+    for key, value in local.items():
+        torch.testing.assert_close(value, reference[key], rtol=0, atol=WEIGHT_ATOL, msg=lambda m: f"{key}: {m}")
+
+
+# -- in-process checks --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(schedule="pipedream"), "schedule='pipedream' is not known"),
+    (dict(stages=1), "stages=1"),
+    (dict(microbatches=0), "microbatches=0"),
+    (dict(schedule="1f1b", stages_per_rank=2), "stages_per_rank=2"),
+    (dict(split_points=[3, 2]), "split_points"),
+])
+def test_bad_arguments_name_the_value(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PipelineStrategy(**kwargs)
+
+
+def test_balanced_split_is_optimal():
+    """Against brute force over every contiguous partition."""
+    for costs, n_stages, extra in [([5, 1, 1, 1, 5, 2], 3, 0), ([3, 3, 3, 3], 2, 4), ([1, 9, 1, 1, 1], 2, 0),
+                                   ([2] * 7, 4, 3)]:
+        def worst(points):
+            bounds = [0, *points, len(costs)]
+            loads = [sum(costs[a:b]) for a, b in zip(bounds, bounds[1:])]
+            loads[-1] += extra
+            return max(loads)
+        best = min(worst(list(p)) for p in itertools.combinations(range(1, len(costs)), n_stages - 1))
+        points = balanced_split(costs, n_stages, extra)
+        assert len(points) == n_stages - 1 and worst(points) == best
+    with pytest.raises(ValueError, match="cannot split 2 decoder layers into 3 stages"):
+        balanced_split([1, 1], 3)
+
+
+def test_unsplittable_models_are_refused():
+    with pytest.raises(ValueError, match="not a Hugging Face model with a pipeline plan"):
+        decoder_parts(torch.nn.Linear(2, 2))
+    from transformers import Gemma2Config, Gemma2ForCausalLM  # soft-capped logits: more than the Llama layout
+
+    gemma2 = Gemma2ForCausalLM(Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                            final_logit_softcapping=1.0))
+    with pytest.raises(ValueError, match="does not reproduce its logits"):
+        check_split(decoder_parts(gemma2), [[0], [1]])
+    llama = build_model("tiny", vocab_size=VOCAB, num_hidden_layers=3)
+    check_split(decoder_parts(llama), [[0], [1, 2]])  # the supported layout passes
+
+
+# -- the 2-process job --------------------------------------------------------------------------
+
+
+def pipeline_scenarios(rank: int, tmp: Path) -> dict:
+    out: dict = {}
+    init2, init4 = str(tmp / "init2.pt"), str(tmp / "init4.pt")
+
+    def pipe(schedule: str, microbatches: int = 2, **kwargs) -> PipelineStrategy:
+        return PipelineStrategy(stages=2, microbatches=microbatches, schedule=schedule, **kwargs)
+
+    pl.seed_everything(0)
+    module = TinyLM(init2)
+    out["gpipe_losses"] = fit(module, TokenData(val=True), pipe("gpipe"), devices=2)
+    out["gpipe_val"] = module.val_history
+    out["gpipe_weights"] = local_weights(module)
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt = ModelCheckpoint(dirpath=str(tmp / "ckpt"), filename="step5", every_n_train_steps=5)
+    out["1f1b_losses"] = fit(TinyLM(init2), TokenData(), pipe("1f1b"), devices=2, max_steps=5, callbacks=[ckpt])
+    module = TinyLM(init2)
+    out["1f1b_losses"] += fit(module, TokenData(), pipe("1f1b"), devices=2, max_steps=10,
+                              ckpt_path=str(tmp / "ckpt" / "step5.ckpt"))
+    out["1f1b_weights"] = local_weights(module)
+
+    module = TinyLM(init4, layers=4)
+    out["interleaved_losses"] = fit(module, TokenData(), pipe("interleaved-1f1b"), devices=2, max_steps=4)
+    out["interleaved_weights"] = local_weights(module)
+    module = TinyLM(init4, layers=4)
+    out["zero-bubble_losses"] = fit(module, TokenData(), pipe("interleaved-zero-bubble"), devices=2, max_steps=4)
+    out["zero-bubble_weights"] = local_weights(module)
+
+    from lightning_llm.precision import MixedPrecision
+
+    class PlantOverflow(pl.Callback):
+        """An inf in one gradient of the last stage only, at step 2: the first stage must skip it too."""
+
+        def on_after_backward(self, trainer, module) -> None:
+            if trainer.global_rank == 1 and trainer.global_step == 2:
+                next(p.grad for p in module.parameters() if p.grad is not None).view(-1)[0] = float("inf")
+
+    class Track(pl.Callback):
+        def __init__(self) -> None:
+            self.scales: list[float] = []
+            self.weights: list[dict[str, torch.Tensor]] = []
+            self.lrs: list[float] = []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            self.scales.append(trainer.precision_plugin.scaler.get_scale())
+            self.weights.append(local_weights(module))
+            self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    track = Track()
+    module = TinyLM(init2)
+    out["fp16_losses"] = fit(module, TokenData(), pipe("1f1b"), devices=2, max_steps=4, callbacks=[PlantOverflow(), track],
+                             plugins=[MixedPrecision("fp16-mixed", init_scale=1024.0)])
+    out["fp16_scales"], out["fp16_weights"], out["fp16_lrs"] = track.scales, track.weights, track.lrs
+
+    for name, strategy, data in [
+        ("too_many_stages", pipe("interleaved-1f1b", stages_per_rank=2), TokenData()),
+        ("indivisible", pipe("1f1b", microbatches=3), TokenData()),
+    ]:
+        try:
+            fit(TinyLM(init2), data, strategy, devices=2, max_steps=1)
+        except ValueError as err:
+            out[name] = str(err)
+
+    from lightning.pytorch.cli import LightningCLI
+
+    config = tmp / "pipeline.yaml"
+    config.write_text(textwrap.dedent(f"""
+        seed_everything: 0
+        model:
+          class_path: {__name__}.TinyLM
+          init_args: {{init_path: {init2}}}
+        data:
+          class_path: {__name__}.TokenData
+        trainer:
+          accelerator: cpu
+          devices: 2
+          default_root_dir: {tmp}
+          max_steps: 3
+          gradient_clip_val: 0.5
+          use_distributed_sampler: false
+          logger: false
+          enable_checkpointing: false
+          enable_progress_bar: false
+          strategy:
+            class_path: lightning_llm.strategies.pipeline.PipelineStrategy
+            init_args: {{stages: 2, microbatches: 4, schedule: 1f1b}}
+          callbacks:
+            - class_path: {__name__}.LossRecorder
+    """))
+    cli = LightningCLI(args=["fit", "--config", str(config)], save_config_callback=None)
+    out["yaml_losses"] = next(c for c in cli.trainer.callbacks if isinstance(c, LossRecorder)).losses
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_stage_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    torch.manual_seed(0)
+    torch.save(build_model("tiny", vocab_size=VOCAB).state_dict(), tmp / "init2.pt")
+    torch.save(build_model("tiny", vocab_size=VOCAB, num_hidden_layers=4).state_dict(), tmp / "init4.pt")
+    ref: dict = {}
+
+    class KeepStep5(pl.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            if trainer.global_step == 5:
+                ref["weights5"] = local_weights(module)
+
+    module = TinyLM(str(tmp / "init2.pt"))
+    ref["losses"] = fit(module, TokenData(val=True), callbacks=[KeepStep5()])
+    ref["val"], ref["weights"] = module.val_history, local_weights(module)
+    module = TinyLM(str(tmp / "init4.pt"), layers=4)
+    ref["interleaved_losses"] = fit(module, TokenData(), max_steps=4)
+    ref["interleaved_weights"] = local_weights(module)
+    return spawn(pipeline_scenarios, 2, tmp), ref, tmp
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved", "zero-bubble"])
+def test_two_stages_match_one_process(two_stage_run, schedule):
+    """10 optimizer steps (4 interleaved and zero bubble, 2 chunks per rank) on 2 stages = one process: losses and weights.
+    For 1f1b the run is 5 steps, a checkpoint, a resume and 5 more: equal to the uninterrupted run."""
+    ranks, ref, _ = two_stage_run
+    key = "interleaved_" if schedule in ("interleaved", "zero-bubble") else ""
+    for out in ranks:
+        assert out[f"{schedule}_losses"] == pytest.approx(ref[f"{key}losses"], rel=LOSS_RTOL)
+        assert_same_weights(out[f"{schedule}_weights"], ref[f"{key}weights"])
+    # Each stage holds its own layers only; the tied embedding sits on both ends.
+    assert "lm_head.weight" not in ranks[0][f"{schedule}_weights"]
+    assert "model.embed_tokens.weight" in ranks[1][f"{schedule}_weights"]
+
+
+def test_fp16_overflow_on_one_stage_skips_the_step_on_both(two_stage_run):
+    """An inf planted in the last stage's gradients at step 2: both stages skip (weights unchanged, the
+    learning rate held), both halve the loss scale; the other steps track the fp32 run."""
+    ranks, ref, _ = two_stage_run
+    for out in ranks:
+        assert out["fp16_scales"] == [1024.0, 1024.0, 512.0, 512.0]
+        skipped_before, skipped_after = out["fp16_weights"][1], out["fp16_weights"][2]
+        for key, value in skipped_after.items():
+            assert torch.equal(value, skipped_before[key]), key
+        assert not torch.equal(out["fp16_weights"][3][key], skipped_after[key])
+        assert out["fp16_lrs"][2] == out["fp16_lrs"][1] != out["fp16_lrs"][3]
+    assert ranks[0]["fp16_losses"] == ranks[1]["fp16_losses"]
+    # Before the plant the fp16 run follows fp32 (same data and initial weights) to fp16's precision.
+    assert ranks[0]["fp16_losses"][:3] == pytest.approx(ref["losses"][:3], abs=2e-3)
+
+
+def test_validation_runs_the_module_step_through_the_pipeline(two_stage_run):
+    ranks, ref, _ = two_stage_run
+    for out in ranks:
+        assert [s for s, _ in out["gpipe_val"]] == [s for s, _ in ref["val"]] == [5, 10]
+        assert [v for _, v in out["gpipe_val"]] == pytest.approx([v for _, v in ref["val"]], rel=LOSS_RTOL)
+
+
+def test_checkpoint_joins_into_a_transformers_export(two_stage_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lightning_llm.export import load_checkpoint, model_from_checkpoint, save_pretrained_atomic
+
+    _, ref, tmp = two_stage_run
+    checkpoint = load_checkpoint(tmp / "ckpt" / "step5.ckpt")
+    assert sorted(k.removeprefix("model.") for k in checkpoint["state_dict"]) == sorted(ref["weights5"])
+    save_pretrained_atomic(model_from_checkpoint(checkpoint), tmp_path / "hf")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    expected = build_model("tiny", vocab_size=VOCAB).eval()
+    expected.load_state_dict(ref["weights5"])
+    tokens = torch.randint(0, VOCAB, (2, SEQ))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(tokens).logits, expected(tokens).logits, rtol=0, atol=WEIGHT_ATOL * 10)
+
+
+def test_bad_setups_fail_at_setup_with_the_reason(two_stage_run):
+    ranks, _, _ = two_stage_run
+    for out in ranks:
+        assert "4 pipeline stages" in out["too_many_stages"] and "only 2 decoder layers" in out["too_many_stages"]
+        assert "cannot be split into microbatches=3" in out["indivisible"]
+
+
+def test_yaml_config_through_lightning_cli(two_stage_run):
+    ranks, ref, _ = two_stage_run
+    for out in ranks:
+        assert out["yaml_losses"] == pytest.approx(ref["losses"][:3], rel=LOSS_RTOL)
+
+
+# -- the 4-process job: 2 pipelines x 2 stages --------------------------------------------------
+
+
+def data_x_pipeline(rank: int, tmp: Path) -> dict:
+    module = TinyLM(str(tmp / "init2.pt"))
+    # Each pipeline (data-parallel rank) gets every other sample, in order.
+    strategy = PipelineStrategy(stages=2, microbatches=2, schedule="1f1b")
+    recorder = LossRecorder()
+    trainer = pl.Trainer(accelerator="cpu", devices=4, strategy=strategy, max_steps=4, gradient_clip_val=0.5,
+                         use_distributed_sampler=False, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder])
+    trainer.fit(module, datamodule=TokenData(n=32, mask=0.0, split_by_strategy=True))
+    return {"losses": recorder.losses, "weights": local_weights(module)}
+
+
+def test_data_parallel_pipelines_match_one_process(tmp_path):
+    """dp=2 x pp=2: each pipeline trains on half of every global batch of 8; the averaged gradients equal
+    one process on the whole batch (no ignored targets, so the token mean is the mean of the halves)."""
+    torch.manual_seed(0)
+    torch.save(build_model("tiny", vocab_size=VOCAB).state_dict(), tmp_path / "init2.pt")
+    module = TinyLM(str(tmp_path / "init2.pt"))
+    ref_losses = fit(module, TokenData(n=32, batch_size=2 * BATCH, mask=0.0), max_steps=4)
+    ranks = spawn(data_x_pipeline, 4, tmp_path)
+    # Each pipeline reports its own half's loss; their mean is the whole batch's.
+    assert ranks[0]["losses"] == ranks[1]["losses"] and ranks[2]["losses"] == ranks[3]["losses"]
+    halves = torch.tensor([ranks[0]["losses"], ranks[2]["losses"]])
+    assert halves.mean(0).tolist() == pytest.approx(ref_losses, rel=LOSS_RTOL)
+    for out in ranks:
+        assert_same_weights(out["weights"], local_weights(module))
