@@ -22,6 +22,7 @@ from pathlib import Path
 
 WORDS = ("apple", "river", "stone", "cloud", "tiger", "piano", "lemon", "robot", "ocean", "pencil", "garden", "window")
 TASKS = ("add", "reverse", "docstring")
+DEFAULT_TASKS = ("add", "reverse")
 
 
 def add_question(rng: random.Random) -> tuple[str, str]:
@@ -56,7 +57,7 @@ def stdlib_docstrings(limit: int = 2000) -> list[tuple[str, str]]:
     return pairs
 
 
-def make_records(tasks: tuple[str, ...] = TASKS, n: int = 3000, seed: int = 0) -> list[dict]:
+def make_records(tasks: tuple[str, ...] = DEFAULT_TASKS, n: int = 3000, seed: int = 0) -> list[dict]:
     """`n` distinct questions, cycling over `tasks`, as chat records."""
     rng = random.Random(seed)
     makers = {"add": add_question, "reverse": reverse_question}
@@ -103,7 +104,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="data/sft", help="directory for train.jsonl and test.jsonl")
     parser.add_argument("--n", type=int, default=3000, help="number of distinct questions")
-    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(TASKS)}")
+    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help=f"comma-separated, of {', '.join(TASKS)}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval", metavar="MODEL", help="a checkpoint or export: print its exact-match on --data")
     parser.add_argument("--data", default="data/sft/test.jsonl", help="held-out records for --eval")
