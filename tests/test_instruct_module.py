@@ -57,7 +57,7 @@ def samples_of(tokenizer, questions):
     return out
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "lightning_fa2"])
 def test_packed_examples_do_not_attend_across_and_lose_what_unpacked_lose(chat_tokenizer, attn):
     torch.manual_seed(0)
     module = InstructionTuningModule("tiny", vocab_size=len(chat_tokenizer), attn_implementation=attn)
