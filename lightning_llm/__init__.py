@@ -33,6 +33,8 @@ _EXPORTS = {
     "flash_attention": "lightning_llm.attention",
     "FlashAttention": "lightning_llm.attention",
     "PipelineStrategy": "lightning_llm.strategies.pipeline",
+    "InstructionDataModule": "lightning_llm.data.instruct",
+    "InstructionTuningModule": "lightning_llm.modules.instruct",
 }
 
 __all__ = sorted(_EXPORTS)
