@@ -1,21 +1,48 @@
-"""lightning-llm: PyTorch Lightning plugins for training large language models."""
+"""lightning-llm: PyTorch Lightning plugins for training large language models.
 
-from lightning_llm.callbacks.throughput import ThroughputCallback
-from lightning_llm.data.pretrain import PretrainDataModule
-from lightning_llm.data.sources import Source
-from lightning_llm.models import PRESETS, build_config, build_model
-from lightning_llm.modules.pretrain import PretrainModule
-from lightning_llm.scaling import chinchilla_plan, flops_per_token
+The public names are imported on first use, so `import lightning_llm` stays cheap and a run that
+never evaluates does not import lm-eval.
+"""
 
-__all__ = [
-    "PRESETS",
-    "PretrainDataModule",
-    "PretrainModule",
-    "Source",
-    "ThroughputCallback",
-    "build_config",
-    "build_model",
-    "chinchilla_plan",
-    "flops_per_token",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "PRESETS": "lightning_llm.models",
+    "build_config": "lightning_llm.models",
+    "build_model": "lightning_llm.models",
+    "Source": "lightning_llm.data.sources",
+    "PretrainDataModule": "lightning_llm.data.pretrain",
+    "PretrainModule": "lightning_llm.modules.pretrain",
+    "chinchilla_plan": "lightning_llm.scaling",
+    "flops_per_token": "lightning_llm.scaling",
+    "ThroughputCallback": "lightning_llm.callbacks.throughput",
+    "MixedPrecision": "lightning_llm.precision",
+    "MasterWeightsPrecision": "lightning_llm.precision",
+    "LMEvalCallback": "lightning_llm.callbacks.benchmarks",
+    "MMLUCallback": "lightning_llm.callbacks.benchmarks",
+    "ARCChallengeCallback": "lightning_llm.callbacks.benchmarks",
+    "GSM8KCallback": "lightning_llm.callbacks.benchmarks",
+    "HumanEvalCallback": "lightning_llm.callbacks.benchmarks",
+    "LightningLM": "lightning_llm.eval.lm_adapter",
+    "run_python": "lightning_llm.eval.sandbox",
+    "SandboxLimits": "lightning_llm.eval.sandbox",
+    "pass_at_k": "lightning_llm.eval.code_eval",
+}
+
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'lightning_llm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

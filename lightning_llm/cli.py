@@ -34,7 +34,7 @@ class LLMCLI(LightningCLI):
                 print(f"exported the model to {path}")
 
 
-def run_trainer_cli(args: list[str]) -> None:
+def run_trainer_cli(args: list[str] | None) -> None:
     from lightning_llm.data.pretrain import PretrainDataModule
     from lightning_llm.modules.pretrain import PretrainModule
 
@@ -108,11 +108,11 @@ def export(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in TOOL_COMMANDS:
-        {"plan": plan, "generate": generate, "export": export}[argv[0]](argv[1:])
+    command_line = sys.argv[1:] if argv is None else argv
+    if command_line and command_line[0] in TOOL_COMMANDS:
+        {"plan": plan, "generate": generate, "export": export}[command_line[0]](command_line[1:])
     else:
-        run_trainer_cli(argv)
+        run_trainer_cli(argv)  # None: LightningCLI reads sys.argv itself
 
 
 if __name__ == "__main__":

@@ -49,14 +49,36 @@ def model_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     return state
 
 
+def check_state_matches(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Raise if `state` does not hold exactly `model`'s weights with the same shapes."""
+    expected = model.state_dict()
+    # Tied weights may be saved under one name only.
+    tied = {k for k in expected if k not in state and k.endswith("lm_head.weight") and getattr(model.config, "tie_word_embeddings", False)}
+    missing = sorted(set(expected) - set(state) - tied)
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
+        raise ValueError(
+            "the checkpoint's weights do not fit its hf_config: "
+            f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}, "
+            f"wrong shape {[(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in wrong[:3]]}"
+        )
+
+
 def model_from_checkpoint(checkpoint: dict[str, Any]) -> PreTrainedModel:
     """Rebuild the HF model a checkpoint was trained with and load its weights."""
     if "hf_config" not in checkpoint:
         raise ValueError("the checkpoint has no 'hf_config': it was not written by a lightning-llm module")
     config = config_from_dict(checkpoint["hf_config"])
+    state = model_state_dict(checkpoint)
+    # Check names and shapes on the meta device first: a config that does not match the weights
+    # (or a default 7B config) must fail before gigabytes are allocated.
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(model_state_dict(checkpoint), strict=True, assign=True)
+        skeleton = AutoModelForCausalLM.from_config(config)
+    check_state_matches(skeleton, state)
+    # Built on CPU, not meta: non-persistent buffers (rotary frequencies) are not in the state dict.
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(state, strict=True)
     model.tie_weights()
     return model.eval()
 

@@ -1,9 +1,9 @@
 """Text sources: where pretraining documents come from, and how a mixture names them.
 
 A source is a file, a directory, a glob, a JSONL file with a named text field, a `datasets` name
-(online), or `python-stdlib`: the `.py` files of the running interpreter's standard library, real
-code and prose that every machine has. Documents come out in a fixed order, so that a cache key of
-the source and the tokenizer identifies the token stream exactly.
+(online), or `python-stdlib`: the `.py` files of the running interpreter's standard library
+(without its generated tables), real code and prose that every machine has. Documents come out
+in a fixed order, so that a cache key of the source and the tokenizer identifies the token stream.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PYTHON_STDLIB = "python-stdlib"
+# Installed packages are not the standard library; encodings/ and pydoc_data/ are generated tables
+# and a dump of the docs, which a small model learns to repeat instead of learning Python.
+STDLIB_EXCLUDED = {"site-packages", "dist-packages", "encodings", "pydoc_data"}
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".c", ".h", ".cpp", ".js", ".ts", ".java", ".go", ".rs", ".sh", ".toml", ".yaml", ".yml", ".json", ".html", ".tex")
 
 
@@ -58,7 +61,7 @@ class Source:
             return []
         if self.is_builtin:
             root = Path(sysconfig.get_paths()["stdlib"])
-            found = [p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts]
+            found = [p for p in root.rglob("*.py") if not STDLIB_EXCLUDED & set(p.relative_to(root).parts)]
         elif any(ch in self.path for ch in "*?["):
             found = [Path(p) for p in glob.glob(self.path, recursive=True) if Path(p).is_file()]
         else:

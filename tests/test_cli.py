@@ -1,0 +1,69 @@
+"""The `lightning-llm` command: fit from YAML, generate, export, plan, and config errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from lightning_llm.cli import main
+from lightning_llm.export import load_checkpoint, model_from_checkpoint
+
+
+def tiny_config(tmp_path, corpus_dir):
+    return {
+        "seed_everything": 0,
+        "model": {"class_path": "lightning_llm.PretrainModule", "init_args": {"model": "tiny", "warmup_steps": 2}},
+        "data": {"class_path": "lightning_llm.PretrainDataModule",
+                 "init_args": {"sources": str(corpus_dir), "vocab_size": 300, "block_size": 32, "batch_size": 4,
+                               "cache_dir": str(tmp_path / "cache")}},
+        "trainer": {"accelerator": "cpu", "max_steps": 4, "logger": False, "enable_progress_bar": False,
+                    "default_root_dir": str(tmp_path), "limit_val_batches": 2, "num_sanity_val_steps": 0,
+                    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                   "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}},
+                                  {"class_path": "lightning_llm.ThroughputCallback", "init_args": {"window": 2}}]},
+        "export_dir": str(tmp_path / "hf"),
+    }
+
+
+def test_fit_generate_export_from_yaml(tmp_path, corpus_dir, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tmp_path, corpus_dir)))
+    main(["fit", "--config", str(config)])
+    last = tmp_path / "ckpt" / "last.ckpt"
+    assert last.exists() and (tmp_path / "hf" / "model.safetensors").exists()
+    # the export written after fit and a later `export` of the checkpoint hold the same model
+    main(["export", "--checkpoint", str(last), "--out", str(tmp_path / "hf2")])
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "hf2")
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+    capsys.readouterr()
+    main(["generate", "--checkpoint", str(last), "--prompt", "def ", "--max_new_tokens", "8", "--temperature", "0"])
+    greedy = capsys.readouterr().out.rstrip("\n")
+    model = model_from_checkpoint(load_checkpoint(last))
+    assert greedy.startswith("def ") and len(greedy) > len("def ")  # the prompt, then new tokens
+    main(["generate", "--checkpoint", str(tmp_path / "hf"), "--prompt", "def ", "--max_new_tokens", "8", "--temperature", "0"])
+    assert capsys.readouterr().out.rstrip("\n") == greedy  # checkpoint and export generate the same text
+    assert model.config.vocab_size == 300
+
+
+def test_unknown_config_key_is_rejected(tmp_path, corpus_dir, capsys):
+    config = tiny_config(tmp_path, corpus_dir)
+    config["model"]["init_args"]["learning_rate"] = 1e-3
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(path)])
+    assert exit_info.value.code != 0
+    assert "learning_rate" in capsys.readouterr().err
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_plan_prints_the_compute_optimal_model(capsys, tmp_path):
+    main(["plan", "--compute", "5.76e23", "--plot", str(tmp_path / "plan.png")])
+    out = capsys.readouterr().out
+    assert "params   N = 6.700e+10" in out and (tmp_path / "plan.png").stat().st_size > 1000
+    with pytest.raises(SystemExit):
+        main(["plan", "--params", "-5"])

@@ -1,0 +1,108 @@
+"""data/: sources, the cached tokenizer, packed blocks, the weighted mixture and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from lightning_llm.data import pretrain as pretrain_data
+from lightning_llm.data.pretrain import PretrainDataModule, mixture_index, split_blocks
+from lightning_llm.data.sources import Source
+
+
+def test_stdlib_source_is_the_interpreters_standard_library():
+    files = Source("python-stdlib").files()
+    names = {f.name for f in files}
+    assert {"os.py", "textwrap.py"} <= names
+    assert files == sorted(files) and not any("site-packages" in f.parts for f in files)
+
+
+def test_blocks_are_inputs_and_shifted_targets(corpus_dir, tmp_path):
+    dm = PretrainDataModule(str(corpus_dir), vocab_size=300, block_size=32, batch_size=4, cache_dir=str(tmp_path))
+    dm.setup("fit")
+    stream = pretrain_data.load_tokens(dm.token_file(dm.sources[0]))
+    item = dm.train_set[0]
+    s, b = dm.train_set.index[0]
+    expected = stream[b * 32 : b * 32 + 33].astype(np.int64)
+    assert item["input_ids"].tolist() == expected[:-1].tolist()
+    assert item["targets"].tolist() == expected[1:].tolist()
+    # the stream is the documents joined with EOS, token for token
+    docs = list(dm.sources[0].documents())
+    first = dm.tokenizer(docs[0], add_special_tokens=False)["input_ids"] + [dm.tokenizer.eos_token_id]
+    assert stream[: len(first)].tolist() == first
+
+
+def test_split_is_deterministic_and_disjoint():
+    train, val = split_blocks(1000, 0.05)
+    again_train, again_val = split_blocks(1000, 0.05)
+    assert (train == again_train).all() and (val == again_val).all()
+    assert not set(train) & set(val) and len(train) + len(val) == 1000
+    assert 0.03 < len(val) / 1000 < 0.07
+
+
+def test_mixture_is_measured_in_tokens():
+    """70/30 by weight means 70/30 of the blocks (all blocks hold the same number of tokens),
+    whatever the sources' own sizes: the small source is upsampled, the large one subsampled."""
+    prose, code = np.arange(100), np.arange(5000)
+    index = mixture_index([prose, code], [0.7, 0.3], total=2000, seed=0)
+    counts = np.bincount(index[:, 0], minlength=2)
+    assert counts.tolist() == [1400, 600]
+    assert set(index[index[:, 0] == 0, 1]) == set(prose)  # every prose block used, repeatedly
+    assert len(set(index[index[:, 0] == 1, 1])) == 600  # code subsampled without repeats
+
+
+def test_two_sources_mix_by_weight(corpus_dir, tmp_path):
+    jsonl = tmp_path / "prose.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"body": f"Paragraph {i}: the quick brown fox jumps over the lazy dog."}) for i in range(300)))
+    dm = PretrainDataModule([{"path": str(jsonl), "weight": 0.7, "text_field": "body"}, {"path": str(corpus_dir), "weight": 0.3}],
+                            vocab_size=300, block_size=32, cache_dir=str(tmp_path / "cache"), train_blocks=1000)
+    dm.setup("fit")
+    assert dm.stats["prose.jsonl"]["mixture_tokens"] == 700 * 32
+    assert dm.stats[corpus_dir.name]["mixture_tokens"] == 300 * 32
+
+
+def test_token_files_are_cached(corpus_dir, tmp_path, monkeypatch):
+    kwargs = dict(sources=str(corpus_dir), vocab_size=300, block_size=32, cache_dir=str(tmp_path))
+    PretrainDataModule(**kwargs).setup("fit")
+    monkeypatch.setattr(pretrain_data, "tokenize_to_file", lambda *a, **k: pytest.fail("tokenized twice"))
+    dm = PretrainDataModule(**kwargs)
+    dm.setup("fit")
+    assert len(dm.train_set) > 0
+    assert len(list((tmp_path / "tokenizers").iterdir())) == 1
+
+
+def test_missing_source(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"data source '.*nope' does not exist.*python-stdlib"):
+        PretrainDataModule(str(tmp_path / "nope"), cache_dir=str(tmp_path)).setup("fit")
+
+
+def test_empty_corpus(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "image.png").write_bytes(b"\x89PNG")
+    with pytest.raises(ValueError, match="matches no text files"):
+        Source(str(tmp_path / "empty")).files()
+
+
+def test_corpus_smaller_than_one_block(tmp_path, tokenizer):
+    tokenizer.save_pretrained(tmp_path / "tok")
+    (tmp_path / "small.txt").write_text("def f(): pass\n")
+    dm = PretrainDataModule(str(tmp_path / "small.txt"), tokenizer=str(tmp_path / "tok"), block_size=256, cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"fewer than one block of block_size \+ 1 = 257"):
+        dm.setup("fit")
+
+
+def test_bad_jsonl_line_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": oops}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
+        list(Source(str(path)).documents())
+
+
+@pytest.mark.parametrize("kwargs, match", [({"block_size": 0}, "block_size must be a positive integer"),
+                                           ({"val_fraction": 1.5}, r"val_fraction must be in \[0, 1\)"),
+                                           ({"sources": [{"path": "python-stdlib", "weight": 0}]}, "weight must be > 0")])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PretrainDataModule(**kwargs)

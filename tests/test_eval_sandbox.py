@@ -1,0 +1,206 @@
+"""The sandbox under attack: each attack is stopped or contained, and the machine is unharmed.
+
+Attack targets are files in pytest's tmp_path (outside the sandbox's own working directory), a
+throwaway listener on loopback, and a throwaway parent process, never real system paths. Where an
+attack is harmless to run unconfined, the same program is also run unconfined as a control, so that
+the test shows the attack would work without the sandbox.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from lightning_llm.eval import sandbox
+from lightning_llm.eval.sandbox import SandboxLimits, run_python
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the sandbox needs Linux")
+
+FAST = SandboxLimits(timeout=3, memory=512 << 20, processes=8, file_size=1 << 20)
+
+
+def run_unconfined(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=30)
+
+
+def sandbox_uid(result) -> int | None:
+    identity = result.isolation["identity"]
+    return int(identity.split()[1]) if os.geteuid() == 0 else None
+
+
+def assert_nothing_left(result) -> None:
+    uid = sandbox_uid(result)
+    if uid is not None:
+        assert sandbox._processes_of(uid) == [], "processes of the sandbox's uid survived the run"
+
+
+def test_confinement_is_in_place_before_the_program_runs():
+    result = run_python(textwrap.dedent("""
+        import os, resource, json
+        print(json.dumps({"uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups(),
+                          "nproc": resource.getrlimit(resource.RLIMIT_NPROC),
+                          "as": resource.getrlimit(resource.RLIMIT_AS),
+                          "fsize": resource.getrlimit(resource.RLIMIT_FSIZE),
+                          "cpu": resource.getrlimit(resource.RLIMIT_CPU),
+                          "cwd": os.getcwd(), "sid": os.getsid(0) == os.getpid()}))
+    """), FAST)
+    assert result.passed, result.stderr
+    seen = json.loads(result.stdout)
+    assert seen["as"] == [FAST.memory] * 2 and seen["fsize"] == [FAST.file_size] * 2
+    assert seen["cpu"][0] <= FAST.timeout + 1
+    assert seen["sid"], "the program must lead its own session (its process group is killed at the end)"
+    assert Path(seen["cwd"]).name.startswith("lightning-llm-sandbox-")
+    if os.geteuid() == 0:
+        assert seen["uid"] != 0 and seen["gid"] != 0 and seen["groups"] == []
+        assert seen["nproc"] == [FAST.processes] * 2
+    assert not Path(seen["cwd"]).exists(), "the working directory is removed after the run"
+
+
+def test_program_may_use_its_own_directory_and_exit_status_is_reported():
+    ok = run_python("open('scratch.txt', 'w').write('x' * 100)\nassert open('scratch.txt').read() == 'x' * 100", FAST)
+    assert ok.passed and ok.returncode == 0
+    failing = run_python("raise SystemExit(3)", FAST)
+    assert not failing.passed and failing.returncode == 3
+
+
+def test_infinite_loop_is_stopped():
+    result = run_python("while True:\n    pass", SandboxLimits(timeout=1.5))
+    assert not result.passed
+    # Either the wall clock (timed_out) or RLIMIT_CPU (SIGXCPU/SIGKILL) ends it, shortly after the limit.
+    assert result.timed_out or result.returncode in (-signal.SIGXCPU, -signal.SIGKILL)
+    assert result.duration < 10
+    assert_nothing_left(result)
+
+
+def test_fork_bomb_is_contained():
+    # The bomb refuses to go off if the process limit is not in force (root ignores RLIMIT_NPROC),
+    # so a broken sandbox fails this test instead of hurting the machine.
+    bomb = textwrap.dedent("""
+        import os, resource, sys, time
+        if os.getuid() == 0 or resource.getrlimit(resource.RLIMIT_NPROC)[0] == resource.RLIM_INFINITY:
+            sys.exit("UNSAFE: no process limit in force")
+        while True:
+            try:
+                os.fork()
+            except OSError:
+                print("fork refused", flush=True)
+                time.sleep(60)
+    """)
+    result = run_python(bomb, FAST)
+    assert "UNSAFE" not in result.stderr
+    assert "fork refused" in result.stdout
+    assert result.timed_out and result.duration < 15
+    assert_nothing_left(result)
+    if os.geteuid() == 0:
+        forks = result.stdout.count("fork refused")
+        assert forks <= FAST.processes, f"{forks} processes ran, the limit is {FAST.processes}"
+
+
+def test_huge_allocation_fails_inside_the_sandbox():
+    result = run_python("buffer = bytearray(50 * 1024 ** 3)\nprint('allocated')", FAST)
+    assert not result.passed and "allocated" not in result.stdout
+    assert "MemoryError" in result.stderr
+
+
+def test_file_size_limit_holds_inside_its_own_directory():
+    result = run_python("open('big', 'wb').write(b'0' * (8 << 20))\nprint('wrote')", FAST)
+    assert not result.passed and "wrote" not in result.stdout
+
+
+def test_writing_outside_the_working_directory_is_refused(tmp_path):
+    target = tmp_path / "outside.txt"
+    attack = f"open({str(target)!r}, 'w').write('pwned')"
+    result = run_python(attack, FAST)
+    assert not target.exists()
+    assert not result.passed and ("PermissionError" in result.stderr or "Permission denied" in result.stderr)
+    control = run_unconfined(attack, tmp_path)
+    assert control.returncode == 0 and target.read_text() == "pwned"
+
+
+def test_rmtree_outside_the_sandbox_deletes_nothing(tmp_path):
+    precious = tmp_path / "precious"
+    (precious / "sub").mkdir(parents=True)
+    for name in ("a.txt", "sub/b.txt"):
+        (precious / name).write_text(name)
+    attack = f"import shutil\nshutil.rmtree({str(precious)!r})"
+    result = run_python(attack, FAST)
+    assert not result.passed
+    assert sorted(p.relative_to(precious).as_posix() for p in precious.rglob("*")) == ["a.txt", "sub", "sub/b.txt"]
+    control = run_unconfined(attack, tmp_path)
+    assert control.returncode == 0 and not precious.exists()
+
+
+def test_parent_environment_is_not_visible(monkeypatch, tmp_path):
+    monkeypatch.setenv("LIGHTNING_LLM_TEST_SECRET", "s3cr3t-value")
+    attack = textwrap.dedent("""
+        import os
+        print(dict(os.environ))
+        for pid in (os.getppid(), 1):
+            try:
+                print(open(f"/proc/{pid}/environ", "rb").read())
+            except OSError as err:
+                print("refused", pid, type(err).__name__)
+    """)
+    result = run_python(attack, FAST)
+    assert result.passed, result.stderr
+    assert "s3cr3t-value" not in result.stdout
+    if os.geteuid() == 0:
+        assert f"refused {os.getpid()}" in result.stdout  # our own environ, through /proc
+    control = subprocess.run([sys.executable, "-c", attack], capture_output=True, text=True, timeout=30)
+    assert "s3cr3t-value" in control.stdout
+
+
+def test_network_connection_is_refused(tmp_path):
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.settimeout(0.5)
+        port = listener.getsockname()[1]
+        attack = textwrap.dedent(f"""
+            import socket
+            try:
+                socket.create_connection(("127.0.0.1", {port}), timeout=2).sendall(b"hello")
+                print("connected")
+            except OSError as err:
+                print("refused", err)
+        """)
+        result = run_python(attack, FAST)
+        assert "refused" in result.stdout and "connected" not in result.stdout
+        with pytest.raises(TimeoutError):
+            listener.accept()
+        control = run_unconfined(attack, tmp_path)
+        assert "connected" in control.stdout
+        listener.accept()[0].close()
+    assert result.isolation["network"] in ("namespace", "audit-hook")
+
+
+def test_killing_the_parent_fails_and_the_parent_lives():
+    # The sandbox's parent here is a throwaway Python process (not pytest): if the attack worked,
+    # only it would die, and this test would fail.
+    attack = "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nprint('killed')"
+    parent = textwrap.dedent(f"""
+        import importlib.util, json, sys
+        spec = importlib.util.spec_from_file_location("sandbox", {sandbox.__file__!r})
+        module = sys.modules["sandbox"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        result = module.run_python({attack!r}, module.SandboxLimits(timeout=5))
+        print(json.dumps({{"returncode": result.returncode, "stdout": result.stdout, "stderr": result.stderr}}))
+    """)
+    done = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    if os.geteuid() == 0:
+        assert seen["returncode"] != 0 and "PermissionError" in seen["stderr"] and "killed" not in seen["stdout"]
+
+
+def test_limits_are_validated():
+    with pytest.raises(ValueError, match="timeout must be > 0, got 0"):
+        SandboxLimits(timeout=0)
+    with pytest.raises(ValueError, match="processes must be > 0, got -1"):
+        SandboxLimits(processes=-1)
