@@ -24,6 +24,11 @@ STEPS, SAVE_AT = 10, 5  # two epochs of SAVE_AT batches: the checkpoint is at th
 HP = dict(lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95), warmup_steps=2, min_lr_ratio=0.1, max_steps=STEPS)
 CLIP = 0.2  # below the gradient norm of every step, so clipping always acts and a wrong global norm would show
 RESUMED = (1, 3)  # stages whose checkpoints are resumed (stage 2 saves and loads through stage 3's code path)
+# Each stage also exercises an option: stage 2 activation checkpointing and gradient accumulation over
+# a whole epoch (so that the epoch's end, where Lightning always steps, closes a full accumulation),
+# stage 3 CPU offload (on a CPU it stays in place).
+OPTIONS = {1: {}, 2: dict(activation_checkpointing=True), 3: dict(cpu_offload=True)}
+ACCUMULATE = {1: 1, 2: SAVE_AT, 3: 1}
 
 
 def global_batches() -> list[dict[str, torch.Tensor]]:
@@ -51,13 +56,14 @@ def free_port() -> int:
 # -- what runs in the spawned processes ----------------------------------------------------------
 
 
-def _trainer(world: int, strategy, max_steps: int, callbacks: list, ckpt_dir: Path | None = None):
+def _trainer(world: int, stage: int, max_steps: int, callbacks: list, ckpt_dir: Path | None = None):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     if ckpt_dir is not None:
         callbacks = [*callbacks, ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=SAVE_AT,
                                                  save_top_k=-1, save_last=True)]
-    return L.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=max_steps, logger=False,
+    return L.Trainer(accelerator="cpu", devices=world, strategy=ZeROStrategy(stage=stage, **OPTIONS[stage]),
+                     max_steps=max_steps, accumulate_grad_batches=ACCUMULATE[stage], logger=False,
                      enable_checkpointing=ckpt_dir is not None, enable_progress_bar=False, enable_model_summary=False,
                      use_distributed_sampler=False, gradient_clip_val=CLIP, callbacks=callbacks)
 
@@ -85,8 +91,10 @@ def _recorder(record: dict):
             record.setdefault("bytes", state_bytes(pl_module))
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            record.setdefault("bytes_after_step", state_bytes(pl_module, trainer.optimizers))
-            record.setdefault("losses", []).append(outputs["loss"].item())
+            if trainer.global_step == 1:  # right after the first optimizer step (later, with accumulation)
+                record.setdefault("bytes_after_step", state_bytes(pl_module, trainer.optimizers))
+            # Lightning reports the loss divided by the number of accumulated batches.
+            record.setdefault("losses", []).append(outputs["loss"].item() * trainer.accumulate_grad_batches)
 
         def on_train_end(self, trainer, pl_module):
             record["final"] = full_weights(pl_module.model)
@@ -116,20 +124,20 @@ def _worker(rank: int, world: int, port: int, out: str, job: str) -> None:
             torch.manual_seed(stage + 10 * rank)  # ranks draw different numbers: the shards must not depend on it
             module = _module()
             ckpt_dir = out / f"stage{stage}" if stage in RESUMED else None
-            _trainer(world, ZeROStrategy(stage=stage), STEPS, [_recorder(record)], ckpt_dir).fit(module, _loader(rank, world))
+            _trainer(world, stage, STEPS, [_recorder(record)], ckpt_dir).fit(module, _loader(rank, world))
             if stage == 3:
                 with torch.no_grad():
                     record["logits"] = module(global_batches()[0]["input_ids"])
             results[stage] = record
             if stage in RESUMED:
                 resumed: dict = {}
-                _trainer(world, ZeROStrategy(stage=stage), STEPS, [_recorder(resumed)]).fit(
+                _trainer(world, stage, STEPS, [_recorder(resumed)]).fit(
                     _module(), _loader(rank, world), ckpt_path=str(out / f"stage{stage}" / f"step={SAVE_AT}.ckpt"))
                 results[f"resumed{stage}"] = resumed
     elif job == "resume_on_one":
         for stage in RESUMED:
             resumed = {}
-            _trainer(world, ZeROStrategy(stage=stage), STEPS, [_recorder(resumed)]).fit(
+            _trainer(world, stage, STEPS, [_recorder(resumed)]).fit(
                 _module(), _loader(rank, world), ckpt_path=str(out / f"stage{stage}" / f"step={SAVE_AT}.ckpt"))
             results[f"resumed{stage}"] = resumed
         results["cli"] = _run_yaml_config(out)
@@ -171,8 +179,9 @@ def _spawn(world: int, out: Path, job: str) -> list[dict]:
 # -- the single-process oracle ---------------------------------------------------------------------
 
 
-def single_process_run(init: dict[str, torch.Tensor], steps: range) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """The same recipe in a plain PyTorch loop on one process over the whole global batch."""
+def single_process_run(init: dict[str, torch.Tensor], steps: int, accumulate: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """The same recipe in a plain PyTorch loop on one process over the whole global batch: the loss
+    of every batch and the final weights after `steps` optimizer steps of `accumulate` batches each."""
     from torch.optim.lr_scheduler import LambdaLR
 
     from lightning_llm.models import build_model
@@ -184,17 +193,17 @@ def single_process_run(init: dict[str, torch.Tensor], steps: range) -> tuple[lis
     schedule = LambdaLR(optimizer, lambda s: warmup_cosine(s, HP["warmup_steps"], STEPS, HP["min_lr_ratio"]))
     losses = []
     epoch = global_batches()
-    for step in range(steps.stop):
-        batch = epoch[step % len(epoch)]
-        loss = next_token_loss(model(input_ids=batch["input_ids"], use_cache=False).logits, batch["targets"])
-        loss.backward()
+    for step in range(steps):
+        for micro in range(accumulate):
+            batch = epoch[(step * accumulate + micro) % len(epoch)]
+            loss = next_token_loss(model(input_ids=batch["input_ids"], use_cache=False).logits, batch["targets"])
+            (loss / accumulate).backward()
+            losses.append(loss.item())
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         assert norm > CLIP, f"step {step}: gradient norm {norm:.3f} does not exceed the clip value {CLIP}"
         optimizer.step()
         optimizer.zero_grad()
         schedule.step()
-        if step in steps:
-            losses.append(loss.item())
     return losses, {k: v.detach() for k, v in model.state_dict().items()}
 
 
@@ -221,7 +230,7 @@ def _mean_losses(records: list[dict]) -> list[float]:
 def test_training_equals_single_process(runs, stage):
     records = [rank[stage] for rank in runs["train"]]
     init = records[0]["init"]
-    expected_losses, expected_weights = single_process_run(init, range(STEPS))
+    expected_losses, expected_weights = single_process_run(init, STEPS, ACCUMULATE[stage])
     torch.testing.assert_close(torch.tensor(_mean_losses(records)), torch.tensor(expected_losses), **LOSS_TOL)
     final = records[0]["final"]
     assert final.keys() == expected_weights.keys()
@@ -268,7 +277,7 @@ def test_state_bytes_match_stage_formula(runs, stage):
 
 @pytest.mark.parametrize("stage", RESUMED)
 def test_resume_on_two_and_on_one_rank(runs, stage):
-    uninterrupted = _mean_losses([rank[stage] for rank in runs["train"]])[SAVE_AT:]
+    uninterrupted = _mean_losses([rank[stage] for rank in runs["train"]])[SAVE_AT * ACCUMULATE[stage]:]
     on_two = _mean_losses([rank[f"resumed{stage}"] for rank in runs["train"]])
     on_one = runs["one"][f"resumed{stage}"]["losses"]
     torch.testing.assert_close(torch.tensor(on_two), torch.tensor(uninterrupted), **LOSS_TOL)
