@@ -7,7 +7,6 @@ the YAML config; the tests compare what they wrote against a plain PyTorch loop 
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from pathlib import Path
@@ -17,7 +16,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from lightning_llm.strategies.zero import ZeROStrategy, consolidated_checkpoint
+from lightning_llm.export import load_checkpoint
+from lightning_llm.strategies.zero import ZeROStrategy
 
 VOCAB, ROWS, SEQ = 512, 4, 16  # the global batch is ROWS x SEQ tokens
 STEPS, SAVE_AT = 10, 5  # two epochs of SAVE_AT batches: the checkpoint is at the epoch boundary
@@ -289,7 +289,7 @@ def test_resume_on_two_and_on_one_rank(runs, stage):
 def test_last_checkpoint_is_a_directory_that_consolidates(runs):
     last = runs["out"] / "stage3" / "last.ckpt"
     assert last.is_dir() and sorted(p.name for p in last.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
-    checkpoint = consolidated_checkpoint(last)
+    checkpoint = load_checkpoint(last)
     final = runs["train"][0][3]["final"]
     assert checkpoint["global_step"] == STEPS and "hf_config" in checkpoint and "optimizer_0" not in checkpoint
     for name, weight in final.items():
@@ -301,7 +301,7 @@ def test_consolidated_export_loads_in_transformers(runs, tmp_path):
 
     from lightning_llm.export import model_from_checkpoint, save_pretrained_atomic
 
-    checkpoint = consolidated_checkpoint(runs["out"] / "stage3" / "last.ckpt")
+    checkpoint = load_checkpoint(runs["out"] / "stage3" / "last.ckpt")
     save_pretrained_atomic(model_from_checkpoint(checkpoint), tmp_path / "hf")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():

@@ -26,13 +26,12 @@ How each stage is built from torch.distributed:
 Models are created on the meta device in `configure_model` and materialised one FSDP unit (decoder
 layer) at a time right before it is sharded, so a model never exists whole on one rank at stages 2
 and 3. Checkpoints are `torch.distributed.checkpoint` directories (each rank writes its shards,
-`meta.pt` holds the rest); they load on any number of ranks, and `consolidated_checkpoint` turns one
+`meta.pt` holds the rest); they load on any number of ranks, and `lightning_llm.export.load_checkpoint` turns one
 into an ordinary Lightning checkpoint dict on a single process.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import timedelta
@@ -40,12 +39,11 @@ from pathlib import Path
 from typing import Any, Generator
 
 import torch
-import torch.distributed as dist
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies.fsdp import _is_sharded_checkpoint, _move_torchmetrics_to_device
 from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Trainer
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
@@ -356,27 +354,6 @@ def state_bytes(module: nn.Module, optimizers: Iterable[Optimizer] = ()) -> dict
             for v in state.values() if isinstance(v, torch.Tensor)
         ),
     }
-
-
-def consolidated_checkpoint(checkpoint_path: _PATH) -> dict[str, Any]:
-    """A sharded checkpoint directory as one Lightning checkpoint dict, read on one process.
-
-    Needs no process group. The model weights are gathered whole under `"state_dict"` with the
-    LightningModule's parameter names (the project's modules keep the Hugging Face model as
-    `self.model`, so its weights are the keys starting with `model.`); the optimizer state is not
-    read; everything else (`hf_config`, `tokenizer_files`, loops, hyper-parameters) comes from `meta.pt`.
-    """
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
-
-    path = Path(checkpoint_path)
-    if not _is_sharded_checkpoint(path):
-        raise ValueError(f"{str(path)!r} is not a sharded checkpoint directory (with {_METADATA_FILENAME})")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
-        state = _load_state_dict_from_keys({"state_dict"}, checkpoint_id=path)
-    checkpoint = torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=False)
-    checkpoint["state_dict"] = state["state_dict"]
-    return checkpoint
 
 
 # -- helpers -------------------------------------------------------------------------------------
