@@ -23,6 +23,7 @@ VOCAB, ROWS, SEQ = 512, 4, 16  # the global batch is ROWS x SEQ tokens
 STEPS, SAVE_AT = 10, 5  # two epochs of SAVE_AT batches: the checkpoint is at the epoch boundary
 HP = dict(lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95), warmup_steps=2, min_lr_ratio=0.1, max_steps=STEPS)
 CLIP = 0.2  # below the gradient norm of every step, so clipping always acts and a wrong global norm would show
+FP16_STAGES = (1, 3)  # fp16 loss scaling with an overflow on one rank (stage 2 shares stage 3's gradient path)
 RESUMED = (1, 3)  # stages whose checkpoints are resumed (stage 2 saves and loads through stage 3's code path)
 # Each stage also exercises an option: stage 2 activation checkpointing and gradient accumulation over
 # a whole epoch (so that the epoch's end, where Lightning always steps, closes a full accumulation),
@@ -134,6 +135,8 @@ def _worker(rank: int, world: int, port: int, out: str, job: str) -> None:
                 _trainer(world, stage, STEPS, [_recorder(resumed)]).fit(
                     _module(), _loader(rank, world), ckpt_path=str(out / f"stage{stage}" / f"step={SAVE_AT}.ckpt"))
                 results[f"resumed{stage}"] = resumed
+        for stage in FP16_STAGES:
+            results[f"fp16_{stage}"] = _fp16_run(world, stage, rank)
     elif job == "resume_on_one":
         for stage in RESUMED:
             resumed = {}
@@ -142,6 +145,38 @@ def _worker(rank: int, world: int, port: int, out: str, job: str) -> None:
             results[f"resumed{stage}"] = resumed
         results["cli"] = _run_yaml_config(out)
     torch.save(results, out / f"{job}-rank{rank}.pt")
+
+
+def _fp16_run(world: int, stage: int, rank: int) -> dict:
+    """fp16 with loss scaling; an inf planted in rank 1's gradients only, at step 2."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    from lightning_llm.precision import MixedPrecision
+
+    record: dict = {"scales": [], "weights": [], "lrs": [], "losses": []}
+
+    class PlantAndTrack(L.Callback):
+        def on_after_backward(self, trainer, pl_module):
+            if trainer.global_rank == 1 and trainer.global_step == 2:
+                grad = next(p.grad for p in pl_module.parameters() if p.grad is not None)
+                # The last element: at stage 1 it lies in rank 1's own optimizer shard (dim-0 chunks).
+                (grad.to_local() if isinstance(grad, DTensor) else grad).view(-1)[-1] = float("inf")
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            state = get_model_state_dict(pl_module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            record["weights"].append({k: v.detach().clone() for k, v in state.items()})
+            record["scales"].append(trainer.precision_plugin.scaler.get_scale())
+            record["lrs"].append(trainer.optimizers[0].param_groups[0]["lr"])
+            record["losses"].append(outputs["loss"].item())
+
+    torch.manual_seed(stage)
+    trainer = L.Trainer(accelerator="cpu", devices=world, strategy=ZeROStrategy(stage=stage), max_steps=4,
+                        plugins=[MixedPrecision("fp16-mixed", init_scale=1024.0)], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False, gradient_clip_val=CLIP, callbacks=[PlantAndTrack()])
+    trainer.fit(_module(), _loader(rank, world))
+    return record
 
 
 class RandomTokens(L.LightningDataModule):
@@ -326,3 +361,19 @@ def test_bad_options_fail_at_construction(kwargs, message):
 def test_lightning_fp16_amp_is_refused():
     with pytest.raises(ValueError, match="16-mixed"):
         L.Trainer(accelerator="cpu", devices=1, strategy=ZeROStrategy(stage=2), precision="16-mixed")
+
+
+@pytest.mark.parametrize("stage", FP16_STAGES)
+def test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank(runs, stage):
+    """MixedPrecision("fp16-mixed") under ZeRO: an inf in rank 1's gradients only, at step 2. Both ranks
+    skip the step (weights unchanged, learning rate held) and halve the loss scale."""
+    for results in runs["train"]:
+        record = results[f"fp16_{stage}"]
+        assert record["scales"] == [1024.0, 1024.0, 512.0, 512.0]
+        assert record["lrs"][2] == record["lrs"][1] != record["lrs"][3]
+    # The full weights (gathered to rank 0) did not move on the skipped step, and moved on the next one.
+    weights = runs["train"][0][f"fp16_{stage}"]["weights"]
+    assert weights[2].keys() == weights[1].keys() and weights[2]
+    for name, value in weights[2].items():
+        assert torch.equal(value, weights[1][name]), name
+    assert any(not torch.equal(weights[3][k], weights[2][k]) for k in weights[2])
