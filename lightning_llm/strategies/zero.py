@@ -14,7 +14,7 @@ How each stage is built from torch.distributed:
   replicated parameters, so it holds 1/N of every state tensor; after the step every parameter is
   all-gathered. `ZeroRedundancyOptimizer` does the same but gives each rank whole parameters: on a
   small Llama the tied embedding alone is most of the model, so one rank would hold ~1.5x its share
-  (see benchmarks/zero_memory.py). Communication is an all-reduce plus an all-gather, 1.5x DDP.
+  (see benchmarks/zero.py). Communication is an all-reduce plus an all-gather, 1.5x DDP.
 - Stage 2: `fully_shard(reshard_after_forward=False)`: each layer's parameters are all-gathered
   once in forward and stay whole until backward ends; gradients are reduce-scattered. FSDP2 frees
   the whole parameters after backward, so between steps a rank holds only its Ψ/N shard (less than
