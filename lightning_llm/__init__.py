@@ -33,6 +33,7 @@ _EXPORTS = {
     "flash_attention": "lightning_llm.attention",
     "FlashAttention": "lightning_llm.attention",
     "PipelineStrategy": "lightning_llm.strategies.pipeline",
+    "ZeROStrategy": "lightning_llm.strategies.zero",
     "InstructionDataModule": "lightning_llm.data.instruct",
     "InstructionTuningModule": "lightning_llm.modules.instruct",
 }
