@@ -88,7 +88,7 @@ class InstructionTuningModule(PretrainModule):
     def build_hf_model(self) -> PreTrainedModel:
         hp = self.hparams
         if is_checkpoint(hp.model):
-            model = model_from_checkpoint(load_checkpoint(hp.model)).train()
+            model = model_from_checkpoint(load_checkpoint(hp.model))
             if hp.attn_implementation is not None:
                 model.set_attn_implementation(hp.attn_implementation)
         else:

@@ -108,7 +108,8 @@ class PretrainModule(LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        self.model = self.build_hf_model()
+        # `from_pretrained` returns a model in eval mode; training starts from train mode (dropout).
+        self.model = self.build_hf_model().train()
         self._check_data_fits()
         # Callbacks that change the model (LoRA, QLoRA) do it here: after it is built, before a
         # strategy shards it and before the optimizer sees its parameters.
