@@ -14,7 +14,7 @@ How each stage is built from torch.distributed:
   replicated parameters, so it holds 1/N of every state tensor; after the step every parameter is
   all-gathered. `ZeroRedundancyOptimizer` does the same but gives each rank whole parameters: on a
   small Llama the tied embedding alone is most of the model, so one rank would hold ~1.5x its share
-  (see benchmarks/zero_memory.py). Communication is an all-reduce plus an all-gather, 1.5x DDP.
+  (see benchmarks/zero.py). Communication is an all-reduce plus an all-gather, 1.5x DDP.
 - Stage 2: `fully_shard(reshard_after_forward=False)`: each layer's parameters are all-gathered
   once in forward and stay whole until backward ends; gradients are reduce-scattered. FSDP2 frees
   the whole parameters after backward, so between steps a rank holds only its Ψ/N shard (less than
@@ -78,12 +78,13 @@ class ZeROStrategy(ModelParallelStrategy):
         process_group_backend: "nccl", "gloo", ...; default: NCCL on GPUs, gloo on CPUs.
         timeout: timeout of the collectives.
 
-    Precision: the project's `MixedPrecision("fp16-mixed")` (its overflow verdict is all-reduced, so an
-    inf in one rank's shard makes every rank skip the step) and `MixedPrecision("bf16-mixed")` work at
-    every stage (their fp32 weights are the masters, so checkpoints take the fp32 path). `MasterWeightsPrecision("bf16")` trains at every stage but cannot
-    checkpoint (refused with an error). Lightning's `precision="16-mixed"` is refused (its GradScaler
-    does not agree on overflow across ranks). Gradient clipping by norm
-    works at every stage: the optimizer's gradients are `DTensor` shards, so the norm is global.
+    Precision: the project's `MixedPrecision("fp16-mixed")` (its overflow verdict is all-reduced, so
+    an inf in one rank's shard makes every rank skip the step) and `MixedPrecision("bf16-mixed")`
+    work at every stage (their fp32 weights are the masters, so checkpoints take the fp32 path).
+    `MasterWeightsPrecision("bf16")` trains at every stage but cannot checkpoint (refused with an
+    error). Lightning's `precision="16-mixed"` is refused (its GradScaler does not agree on overflow
+    across ranks). Gradient clipping by norm works at every stage: the optimizer's gradients are
+    `DTensor` shards, so the norm is global.
     """
 
     def __init__(
