@@ -1,12 +1,14 @@
-"""Per-rank training state and step time of ZeROStrategy stages 1, 2, 3 beside DDP and torch's
-ZeroRedundancyOptimizer, on the same model, data and AdamW, on 2 gloo ranks.
+"""Per-rank training-state bytes, peak memory and step time of ZeROStrategy stages 1, 2, 3 beside
+their peers: Lightning's DDPStrategy, `ZeroRedundancyOptimizer` under DDP (torch's own ZeRO-1) and
+Lightning's ModelParallelStrategy with `fully_shard` on every decoder layer (FSDP2, ZeRO-3 style).
 
-    python benchmarks/zero.py --model llama-5m --steps 6
+    OMP_NUM_THREADS=1 python benchmarks/zero.py --model llama-5m --steps 8
 
-Bytes are what each rank holds of parameters, gradients and optimizer state at the optimizer step
-(`lightning_llm.strategies.zero.state_bytes`, local shards only), fp32. The ZeRO paper's count for
-fp32 AdamW with Ψ parameters on N ranks: DDP 16Ψ; stage 1 8Ψ + 8Ψ/N; stage 2 4Ψ + 12Ψ/N (FSDP2
-frees whole parameters after backward, so between steps it holds 16Ψ/N); stage 3 16Ψ/N.
+Same model, random tokens, AdamW (fp32) and steps everywhere; each configuration runs in a fresh
+set of processes (so that peak RSS is its own); the first `--warmup` steps are not timed. Bytes are
+each rank's local tensors: parameters and gradients as the optimizer step sees them, optimizer
+state after the first step. Beside each, the fp32 form of the ZeRO formula (Ψ parameters, N ranks:
+4Ψ weights, 4Ψ gradients, 8Ψ Adam moments; a stage divides the ones it shards by N) and the ratio.
 """
 
 from __future__ import annotations
@@ -15,120 +17,176 @@ import argparse
 import json
 import os
 import platform
+import resource
 import socket
+import statistics
+import tempfile
 import time
 from pathlib import Path
 
-import lightning.pytorch as pl
+import lightning as L
 import torch
 import torch.multiprocessing as mp
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch.distributed.optim import ZeroRedundancyOptimizer
-from torch.utils.data import DataLoader, Dataset
+from torch.distributed.tensor import DTensor
 
-from lightning_llm.models import build_model, count_parameters
+from lightning_llm.models import build_config
 from lightning_llm.modules.pretrain import PretrainModule, parameter_groups
-from lightning_llm.strategies.zero import ZeROStrategy, state_bytes
+from lightning_llm.strategies.zero import ZeROStrategy
+
+# name -> (sharded by the configuration: which of params, grads, optimizer are divided by N)
+CONFIGS = {
+    "DDP (Lightning)": (),
+    "ZeRO-1 (ZeROStrategy)": ("optimizer",),
+    "ZeroRedundancyOptimizer + DDP": ("optimizer",),
+    "ZeRO-2 (ZeROStrategy)": ("grads", "optimizer"),
+    "ZeRO-3 (ZeROStrategy)": ("params", "grads", "optimizer"),
+    "fully_shard (Lightning ModelParallel)": ("params", "grads", "optimizer"),
+}
+BYTES_PER_PARAM = {"params": 4, "grads": 4, "optimizer": 8}  # fp32 AdamW
 
 
-class RandomBlocks(Dataset):
-    def __init__(self, n: int, seq: int, vocab: int, seed: int) -> None:
-        self.x = torch.randint(0, vocab, (n, seq + 1), generator=torch.Generator().manual_seed(seed))
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.x[i, :-1], "targets": self.x[i, 1:]}
-
-
-class ZeROptimizerModule(PretrainModule):
-    """PretrainModule whose AdamW is wrapped in torch's ZeroRedundancyOptimizer (stage 1's peer)."""
+class ZeroRedundancyModule(PretrainModule):
+    """PretrainModule stepping AdamW through `ZeroRedundancyOptimizer` (whole parameters per rank)."""
 
     def configure_optimizers(self):
-        groups = parameter_groups(self.model, self.hparams.weight_decay)
-        return ZeroRedundancyOptimizer([p for g in groups for p in g["params"]], optimizer_class=torch.optim.AdamW,
-                                       lr=self.hparams.lr, betas=tuple(self.hparams.betas))
+        hp = self.hparams
+        groups = parameter_groups(self, hp.weight_decay)
+        optimizer = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW, lr=hp.lr,
+                                            betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        optimizer.add_param_group(groups[1])
+        return optimizer
 
 
-class Measure(pl.Callback):
+class FullyShardModule(PretrainModule):
+    """PretrainModule sharded the way Lightning's ModelParallelStrategy expects: by `configure_model`."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        super().configure_model()
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+class Meter(L.Callback):
+    """Step end times and this rank's bytes of parameters, gradients and optimizer state."""
+
     def __init__(self) -> None:
         self.times: list[float] = []
         self.bytes: dict[str, int] = {}
 
-    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
-        if trainer.global_step == 1:  # the optimizer state exists from the first step on
-            # ZeroRedundancyOptimizer keeps its shard's state in the optimizer it wraps.
-            optimizers = [o.optim if isinstance(o, ZeroRedundancyOptimizer) else o for o in trainer.optimizers]
-            self.bytes = state_bytes(module, optimizers)
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        if "grads" not in self.bytes:
+            params = list(module.parameters())
+            self.bytes["params"] = sum(_local(p).nbytes for p in params)
+            self.bytes["grads"] = sum(_local(p.grad).nbytes for p in params if p.grad is not None)
 
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self.times.append(time.perf_counter())
+        if "optimizer" not in self.bytes:
+            optimizer = trainer.optimizers[0]
+            inner = optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
+            self.bytes["optimizer"] = sum(_local(v).nbytes for state in inner.state.values()
+                                          for v in state.values() if isinstance(v, torch.Tensor))
 
 
-def run(name: str, args, rank: int) -> dict:
-    strategy = {"ddp": "ddp", "ddp + ZeroRedundancyOptimizer": "ddp"}.get(name) or ZeROStrategy(stage=int(name[-1]))
-    module_class = ZeROptimizerModule if "Redundancy" in name else PretrainModule
+def _strategy(name: str):
+    if name.startswith("ZeRO-"):
+        return ZeROStrategy(stage=int(name[5]))
+    if name.startswith("fully_shard"):
+        return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    return DDPStrategy(process_group_backend="gloo")
+
+
+def _worker(rank: int, name: str, args: argparse.Namespace, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(args.ranks), RANK=str(rank),
+                      LOCAL_RANK=str(rank), NODE_RANK="0")
+    torch.set_num_threads(args.threads)
+    module_class = {"ZeroRedundancyOptimizer + DDP": ZeroRedundancyModule,
+                    "fully_shard (Lightning ModelParallel)": FullyShardModule}.get(name, PretrainModule)
     torch.manual_seed(0)
-    measure = Measure()
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=args.steps + 2,
-                         use_distributed_sampler=False, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[measure])
-    data = RandomBlocks(args.batch_size * (args.steps + 2), args.block_size, args.vocab_size, seed=rank)
-    module = module_class(args.model, vocab_size=args.vocab_size, warmup_steps=0, max_steps=args.steps + 2)
-    trainer.fit(module, DataLoader(data, batch_size=args.batch_size))
-    timed = measure.times[2:]
-    return {"bytes": measure.bytes, "ms_per_step": 1e3 * (timed[-1] - timed[0]) / (len(timed) - 1)}
+    module = module_class(args.model, lr=1e-3, max_steps=args.steps)
+    vocab = build_config(args.model).vocab_size
+    g = torch.Generator().manual_seed(rank)
+    tokens = torch.randint(0, vocab, (args.steps, args.batch, args.seq + 1), generator=g)
+    batches = [{"input_ids": t[:, :-1], "targets": t[:, 1:]} for t in tokens]
+    meter = Meter()
+    L.Trainer(accelerator="cpu", devices=args.ranks, strategy=_strategy(name), max_steps=args.steps, logger=False,
+              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+              use_distributed_sampler=False, callbacks=[meter]).fit(
+        module, torch.utils.data.DataLoader(batches, batch_size=None))
+    step_s = statistics.median(b - a for a, b in zip(meter.times[args.warmup:], meter.times[args.warmup + 1:]))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    torch.save({"bytes": meter.bytes, "step_s": step_s, "peak_rss": rss}, Path(out) / f"rank{rank}.pt")
 
 
-RUNS = ("ddp", "ddp + ZeroRedundancyOptimizer", "zero stage 1", "zero stage 2", "zero stage 3")
-
-
-def worker(rank: int, args, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
-                      LOCAL_RANK=str(rank), GLOBAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    results = {name: run(name, args, rank) for name in RUNS}
-    Path(f"{out}.rank{rank}").write_text(json.dumps(results))
-
-
-def free_port() -> int:
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+def run(name: str, args: argparse.Namespace, psi: int) -> list[dict]:
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_worker, args=(name, args, _free_port(), out), nprocs=args.ranks, join=True)
+        ranks = [torch.load(Path(out) / f"rank{r}.pt") for r in range(args.ranks)]
+    rows = []
+    for rank, result in enumerate(ranks):
+        row = {"config": name, "rank": rank, "step_s": result["step_s"], "peak_rss_mib": result["peak_rss"] / 2**20}
+        for kind, per_param in BYTES_PER_PARAM.items():
+            formula = per_param * psi / (args.ranks if kind in CONFIGS[name] else 1)
+            row[kind] = result["bytes"][kind]
+            row[f"{kind}_formula"] = formula
+            row[f"{kind}_ratio"] = result["bytes"][kind] / formula
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama-5m")
-    parser.add_argument("--vocab_size", type=int, default=4096)
-    parser.add_argument("--block_size", type=int, default=128)
-    parser.add_argument("--batch_size", type=int, default=8, help="per rank")
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--out", default="benchmarks/results/zero.json")
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=4, help="rows per rank")
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "zero.json"))
     args = parser.parse_args()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    mp.spawn(worker, args=(args, free_port(), args.out), nprocs=2)
-    ranks = [json.loads(Path(f"{args.out}.rank{r}").read_text()) for r in range(2)]
-    for r in range(2):
-        Path(f"{args.out}.rank{r}").unlink()
+
+    from lightning_llm.models import build_model, count_parameters
+
     with torch.device("meta"):
-        psi = count_parameters(build_model(args.model, vocab_size=args.vocab_size))
-    formula = {"ddp": 16, "ddp + ZeroRedundancyOptimizer": 8 + 8 / 2, "zero stage 1": 8 + 8 / 2,
-               "zero stage 2": 4 + 12 / 2, "zero stage 3": 16 / 2}
-    print(f"\n{args.model} ({psi / 1e6:.2f}M parameters), fp32 AdamW, 2 gloo ranks, batch {args.batch_size} x "
-          f"{args.block_size} per rank, {platform.machine()}, {os.cpu_count()} CPUs")
-    print(f"{'run':<31} {'params MiB':>10} {'grads MiB':>10} {'optim MiB':>10} {'bytes/param':>12} {'paper':>6} {'ms/step':>8}")
-    rows = []
-    for name in RUNS:
-        b = max((rank[name]["bytes"] for rank in ranks), key=lambda x: sum(x.values()))  # the fuller rank
-        per_param = sum(b.values()) / psi
-        ms = max(rank[name]["ms_per_step"] for rank in ranks)
-        rows.append(dict(run=name, **b, bytes_per_param=per_param, paper=formula[name], ms_per_step=ms))
-        mib = {k: v / 2**20 for k, v in b.items()}
-        print(f"{name:<31} {mib['params']:>10.1f} {mib['grads']:>10.1f} {mib['optimizer']:>10.1f} "
-              f"{per_param:>12.1f} {formula[name]:>6.1f} {ms:>8.0f}")
-    Path(args.out).write_text(json.dumps(dict(parameters=psi, rows=rows, args=vars(args), machine=platform.machine()), indent=2))
-    print(f"written to {args.out}")
+        psi = count_parameters(build_model(args.model))
+    rows = [row for name in args.configs for row in run(name, args, psi)]
+
+    mib = 2**20
+    print(f"\n{args.model} ({psi / 1e6:.2f}M parameters), {args.ranks} gloo ranks on "
+          f"{platform.processor() or platform.machine()}, {args.threads} thread(s) per rank, "
+          f"batch {args.batch}x{args.seq} per rank, fp32 AdamW; MiB per rank (formula, ratio)")
+    ddp = statistics.mean(r["step_s"] for r in rows if r["config"] == "DDP (Lightning)") if any(
+        r["config"] == "DDP (Lightning)" for r in rows) else None
+    print(f"| {'configuration':38} | rank | {'params':>20} | {'grads':>20} | {'optimizer':>20} | peak RSS | step s | vs DDP |")
+    print(f"|{'-' * 40}|------|{'-' * 22}|{'-' * 22}|{'-' * 22}|----------|--------|--------|")
+    for r in rows:
+        cells = [f"{r[k] / mib:6.2f} ({r[f'{k}_formula'] / mib:5.2f}, {r[f'{k}_ratio']:.2f})" for k in BYTES_PER_PARAM]
+        vs = f"{r['step_s'] / ddp:5.2f}x" if ddp else "   -  "
+        print(f"| {r['config']:38} | {r['rank']:4} | {' | '.join(f'{c:>20}' for c in cells)} | "
+              f"{r['peak_rss_mib']:6.0f}   | {r['step_s']:6.3f} | {vs} |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "parameters": psi, "machine": platform.platform(),
+                               "cpus": os.cpu_count(), "rows": rows}, indent=2))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -76,9 +76,13 @@ class ZeROStrategy(ModelParallelStrategy):
         process_group_backend: "nccl", "gloo", ...; default: NCCL on GPUs, gloo on CPUs.
         timeout: timeout of the collectives.
 
-    Lightning's `precision="16-mixed"` is refused (its GradScaler does not agree on overflow across
-    ranks); use a precision plugin whose overflow check is all-reduced. Gradient clipping by norm
-    works at every stage: the optimizer's gradients are `DTensor` shards, so the norm is global.
+    Precision: the project's `MixedPrecision("fp16-mixed")` (its overflow verdict is all-reduced, so
+    an inf in one rank's shard makes every rank skip the step) and `MixedPrecision("bf16-mixed")`
+    work at every stage (their fp32 weights are the masters, so checkpoints take the fp32 path).
+    `MasterWeightsPrecision("bf16")` trains at every stage but cannot checkpoint (refused with an
+    error). Lightning's `precision="16-mixed"` is refused (its GradScaler does not agree on overflow
+    across ranks). Gradient clipping by norm works at every stage: the optimizer's gradients are
+    `DTensor` shards, so the norm is global.
     """
 
     def __init__(
@@ -123,6 +127,8 @@ class ZeROStrategy(ModelParallelStrategy):
     # -- model -----------------------------------------------------------------------------------
 
     def setup(self, trainer: Trainer) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and trainer.checkpoint_callbacks:
+            self._refuse_master_weights_checkpoint()
         self.accelerator.setup(trainer)
         module = self.lightning_module
         units = self._units(module)
@@ -221,7 +227,20 @@ class ZeROStrategy(ModelParallelStrategy):
 
     # -- checkpoints -----------------------------------------------------------------------------
 
+    def _refuse_master_weights_checkpoint(self) -> None:
+        from lightning_llm.precision import MasterWeightsPrecision
+
+        if isinstance(self.precision_plugin, MasterWeightsPrecision):
+            raise ValueError(
+                "ZeROStrategy with MasterWeightsPrecision trains (stages 1, 2, 3) but cannot checkpoint: the fp32 "
+                "master weights replace the parameters in the optimizer, so its sharded state no longer maps to the "
+                "model's parameter names. Train with Trainer(enable_checkpointing=False), or use "
+                "MixedPrecision('bf16-mixed') / MixedPrecision('fp16-mixed'), whose fp32 weights are the masters "
+                "and checkpoint as fp32 runs do"
+            )
+
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        self._refuse_master_weights_checkpoint()
         shards = self._optimizer_shards.get(id(_unwrap(optimizer)))
         return shards.state_dict() if shards is not None else super().optimizer_state(optimizer)
 
@@ -235,6 +254,7 @@ class ZeROStrategy(ModelParallelStrategy):
             set_optimizer_state_dict,
         )
 
+        self._refuse_master_weights_checkpoint()
         path = Path(self.broadcast(checkpoint_path))
         if not _is_sharded_checkpoint(path):
             raise ValueError(
