@@ -1,0 +1,231 @@
+"""LoRA and QLoRA callbacks: what trains, merge and export, adapter-only checkpoints, 4-bit storage,
+named adapters, and bad input."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from peft import LoraConfig, PeftModel
+from transformers import AutoModelForCausalLM
+
+from lightning_llm.callbacks.lora import (
+    LoRACallback, QLoRACallback, add_adapter, export_lora_checkpoint, load_adapter, merge_adapter,
+    quantize_4bit, quantized_bits_per_parameter, save_adapter, use_adapter,
+)
+from lightning_llm.data.pretrain import PretrainDataModule
+from lightning_llm.models import build_model
+from lightning_llm.modules.pretrain import PretrainModule
+
+
+class LossRecorder(Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].item())
+
+
+def make_trainer(root, max_steps, callbacks=(), **kwargs):
+    return Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False,
+                   enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                   limit_val_batches=0, default_root_dir=root, callbacks=list(callbacks), **kwargs)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, tokenizer):
+    """A 'pretrained' tiny base on disk: adapter-only checkpoints are rebuilt on it."""
+    path = tmp_path_factory.mktemp("base")
+    torch.manual_seed(0)
+    build_model("tiny", vocab_size=len(tokenizer)).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def datamodule(corpus_dir, tokenizer, tmp_path_factory):
+    path = tmp_path_factory.mktemp("data")
+    tokenizer.save_pretrained(path / "tok")
+    return PretrainDataModule(str(corpus_dir), tokenizer=str(path / "tok"), block_size=32, batch_size=4,
+                              cache_dir=str(path / "cache"))
+
+
+def probe(model, vocab=512):
+    ids = torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(1))
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_only_the_adapter_trains_and_merging_gives_the_same_model(base_dir, datamodule, tmp_path):
+    module = PretrainModule(str(base_dir), lr=1e-2, warmup_steps=1)
+    trainer = make_trainer(tmp_path, 6, [LoRACallback(r=4, alpha=8, lr_multiplier=2.0)])
+    trainer.fit(module, datamodule=datamodule)
+
+    # the optimizer saw the adapter only, with the multiplied learning rate
+    optimized = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    adapter = {id(p) for n, p in module.named_parameters() if ".lora_" in n}
+    assert optimized == adapter
+    assert trainer.lr_scheduler_configs[0].scheduler.base_lrs[0] == pytest.approx(2e-2)
+    # base weights bitwise unchanged; every B moved away from its zero start
+    base = AutoModelForCausalLM.from_pretrained(base_dir).state_dict()
+    peft_model = module.model
+    for name, weight in peft_model.get_base_model().state_dict().items():
+        if ".lora_" not in name:
+            assert torch.equal(weight, base[name.replace(".base_layer", "")]), name
+    assert all(p.abs().sum() > 0 for n, p in module.named_parameters() if ".lora_B." in n)
+
+    # the adapter written at the end of fit loads with peft's own loader and computes the same
+    adapted = probe(module.model)
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "adapter")
+    torch.testing.assert_close(probe(reloaded), adapted, rtol=0, atol=1e-6)
+    # the merged export is a plain transformers model with the adapted model's logits
+    trainer.save_checkpoint(tmp_path / "lora.ckpt")
+    out, error = export_lora_checkpoint(tmp_path / "lora.ckpt", tmp_path / "merged", merge=True)
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert not any(".lora_" in n for n, _ in merged.named_parameters())
+    torch.testing.assert_close(probe(merged), adapted, rtol=0, atol=1e-5)
+    assert error < 1e-5
+
+
+def test_adapter_only_checkpoint_is_small_and_resumes_with_the_same_losses(base_dir, datamodule, tmp_path):
+    def run(root, steps, ckpt=None, callbacks=(), seed=0):
+        torch.manual_seed(seed)  # lora_A starts random: the resumed run (another seed) takes it from the checkpoint
+        recorder = LossRecorder()
+        module = PretrainModule(str(base_dir), lr=1e-2, warmup_steps=2, max_steps=8)
+        trainer = make_trainer(root, steps, [recorder, LoRACallback(r=4, dropout=0.0), *callbacks])
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+        return recorder.losses, trainer
+
+    straight, _ = run(tmp_path / "a", 8)
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_last=True)
+    first, _ = run(tmp_path / "b", 4, callbacks=[saver])
+    second, _ = run(tmp_path / "c", 8, ckpt=tmp_path / "ckpt" / "last.ckpt", seed=123)
+    assert len(second) == 4
+    torch.testing.assert_close(torch.tensor(first + second), torch.tensor(straight), rtol=1e-5, atol=1e-5)
+
+    full_module = PretrainModule(str(base_dir), warmup_steps=1)
+    full = make_trainer(tmp_path / "d", 1)
+    full.fit(full_module, datamodule=datamodule)
+    full.save_checkpoint(tmp_path / "full.ckpt")
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert all(".lora_" in k for k in ckpt["state_dict"])
+    ratio = (tmp_path / "ckpt" / "last.ckpt").stat().st_size / (tmp_path / "full.ckpt").stat().st_size
+    print(f"adapter-only checkpoint / full checkpoint size: {ratio:.3f}")
+    assert ratio < 0.25
+
+
+def test_qlora_stores_4_bits_per_weight_trains_and_merges(base_dir, datamodule, tmp_path):
+    # the storage: NF4 codes + one 8-bit absmax per 64 weights + one fp32 absmax per 256 of those
+    wide = build_model("tiny", vocab_size=64, hidden_size=256, intermediate_size=1024)
+    assert quantized_bits_per_parameter(quantize_4bit(wide, compute_dtype=torch.float32)) == pytest.approx(4.127, abs=2e-3)
+    plain = build_model("tiny", vocab_size=64, hidden_size=256, intermediate_size=1024)
+    assert quantized_bits_per_parameter(quantize_4bit(plain, double_quant=False)) == pytest.approx(4.5)
+
+    recorder = LossRecorder()
+    module = PretrainModule(str(base_dir), lr=1e-2, warmup_steps=1)
+    trainer = make_trainer(tmp_path, 12, [recorder, QLoRACallback(r=8, compute_dtype="float32")])
+    trainer.fit(module, datamodule=datamodule)
+    assert sum(recorder.losses[-3:]) < sum(recorder.losses[:3]) - 0.15
+    # the 4-bit base is bitwise what quantizing the base again gives: training left it alone
+    fresh = dict(quantize_4bit(AutoModelForCausalLM.from_pretrained(base_dir), compute_dtype=torch.float32).named_modules())
+    trained = {n.split("base_model.model.", 1)[1].replace(".base_layer", ""): m for n, m in module.model.named_modules()
+               if isinstance(m, bnb.nn.Linear4bit)}
+    assert len(trained) == 14
+    assert all(torch.equal(m.weight.data, fresh[n].weight.data) for n, m in trained.items())
+
+    adapted = probe(module.model)
+    trainer.save_checkpoint(tmp_path / "qlora.ckpt")
+    out, error = export_lora_checkpoint(tmp_path / "qlora.ckpt", tmp_path / "merged", merge=True)
+    # fp32 compute: the merge into the dequantized base differs from the 4-bit model by fp32 rounding
+    torch.testing.assert_close(probe(AutoModelForCausalLM.from_pretrained(out)), adapted, rtol=0, atol=1e-4)
+    assert error < 1e-4
+
+
+def test_qlora_bf16_merge_is_within_bf16_rounding():
+    torch.manual_seed(0)
+    model = add_adapter(quantize_4bit(build_model("tiny", vocab_size=64), compute_dtype=torch.bfloat16),
+                        LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"), "default")
+    for name, p in model.named_parameters():
+        if ".lora_B." in name:
+            p.data.normal_(std=0.05)
+    adapted = probe(model, 64).float()
+    merged = probe(merge_adapter(model), 64).float()
+    # stated tolerance: a bf16 weight carries 8 significant bits, so 2^-8 of the logits' scale
+    assert (merged - adapted).abs().max() <= adapted.abs().max() * 2**-8 * 4
+
+
+def test_two_named_adapters_each_do_their_own_task(tmp_path):
+    """Train adapter 'up' on x -> x+1 and adapter 'down' on x -> x-1; swap with one call."""
+    vocab = 48
+
+    def task(step):
+        starts = torch.randint(0, vocab, (64, 1), generator=torch.Generator().manual_seed(step))
+        seq = (starts + step * torch.arange(17)) % vocab
+        return [{"input_ids": s[:-1], "targets": s[1:]} for s in seq]
+
+    torch.manual_seed(0)
+    module = PretrainModule("tiny", vocab_size=vocab, lr=1e-2, warmup_steps=5, weight_decay=0.0)
+    for name, step in (("up", 1), ("down", -1)):
+        make_trainer(tmp_path, 40, [LoRACallback(r=8, adapter_name=name, dropout=0.0)]).fit(
+            module, torch.utils.data.DataLoader(task(step), batch_size=8, shuffle=True))
+        if name == "up":
+            up_weights = {n: p.clone() for n, p in module.named_parameters() if ".up." in n}
+    assert all(torch.equal(p, up_weights[n]) for n, p in module.named_parameters() if ".up." in n)
+
+    def loss(adapter, step):
+        use_adapter(module, adapter)
+        batch = torch.utils.data.default_collate(task(step)[:32])
+        module.eval()
+        with torch.no_grad():
+            return module.loss(batch).item()
+
+    assert loss("up", 1) < loss("down", 1) - 0.5
+    assert loss("down", -1) < loss("up", -1) - 0.5
+    with pytest.raises(ValueError, match=r"no adapter named 'left'; the model has \['down', 'up'\]"):
+        use_adapter(module, "left")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"r": 0}, "r .* must be a positive integer, got 0"),
+    ({"r": -4}, "got -4"),
+    ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+    ({"optimizer": "sgd"}, "optimizer must be None or one of"),
+    ({"target_modules": []}, "target_modules is empty"),
+])
+def test_bad_arguments_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LoRACallback(**kwargs)
+
+
+def test_bad_qlora_arguments_are_refused():
+    with pytest.raises(ValueError, match="quant_type must be 'nf4' or 'fp4', got 'int4'"):
+        QLoRACallback(quant_type="int4")
+    with pytest.raises(ValueError, match=r"compute_dtype must be one of \['bfloat16', 'float16', 'float32'\]"):
+        QLoRACallback(compute_dtype="fp8")
+
+
+def test_target_modules_that_match_nothing_list_what_exists():
+    module = PretrainModule("tiny", vocab_size=64)
+    with pytest.raises(ValueError, match=r"\['query'\] match no linear layer; .* \['down_proj', 'gate_proj', 'k_proj'"):
+        LoRACallback(target_modules=["q_proj", "query"]).transform_model(build_model("tiny", vocab_size=64), module)
+    with pytest.raises(ValueError, match="'.*attention.*' matches no linear layer; the model has .*'q_proj'"):
+        LoRACallback(target_modules=".*attention.*").transform_model(build_model("tiny", vocab_size=64), module)
+
+
+def test_qlora_on_a_model_without_linear_layers_is_refused():
+    no_linear = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.LayerNorm(8))
+    with pytest.raises(ValueError, match="QLoRA quantizes linear layers, and Sequential has none"):
+        QLoRACallback().transform_model(no_linear, PretrainModule("tiny"))
+
+
+def test_an_adapter_onto_a_base_with_other_shapes_is_refused(tmp_path):
+    model = add_adapter(build_model("tiny", vocab_size=64), LoraConfig(r=4, target_modules="all-linear"), "default")
+    save_adapter(model, tmp_path / "adapter")
+    other = build_model("tiny", vocab_size=64, hidden_size=128, intermediate_size=256)
+    with pytest.raises(ValueError, match="trained on a base with other shapes.*size mismatch"):
+        load_adapter(other, tmp_path / "adapter")
+    # the same adapter onto a base of its own shapes loads
+    assert isinstance(load_adapter(build_model("tiny", vocab_size=64), tmp_path / "adapter"), PeftModel)
