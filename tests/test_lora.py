@@ -3,11 +3,19 @@ named adapters, and bad input."""
 
 from __future__ import annotations
 
+import os
+import socket
+from pathlib import Path
+
 import bitsandbytes as bnb
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import yaml
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import DDPStrategy
 from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -15,9 +23,11 @@ from lightning_llm.callbacks.lora import (
     LoRACallback, QLoRACallback, add_adapter, export_lora_checkpoint, load_adapter, merge_adapter,
     quantize_4bit, quantized_bits_per_parameter, save_adapter, use_adapter,
 )
+from lightning_llm.cli import main
 from lightning_llm.data.pretrain import PretrainDataModule
 from lightning_llm.models import build_model
 from lightning_llm.modules.pretrain import PretrainModule
+from lightning_llm.precision import MasterWeightsPrecision
 
 
 class LossRecorder(Callback):
@@ -28,8 +38,8 @@ class LossRecorder(Callback):
         self.losses.append(outputs["loss"].item())
 
 
-def make_trainer(root, max_steps, callbacks=(), **kwargs):
-    return Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False,
+def make_trainer(root, max_steps, callbacks=(), devices=1, **kwargs):
+    return Trainer(accelerator="cpu", devices=devices, max_steps=max_steps, logger=False,
                    enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                    limit_val_batches=0, default_root_dir=root, callbacks=list(callbacks), **kwargs)
@@ -50,6 +60,16 @@ def datamodule(corpus_dir, tokenizer, tmp_path_factory):
     tokenizer.save_pretrained(path / "tok")
     return PretrainDataModule(str(corpus_dir), tokenizer=str(path / "tok"), block_size=32, batch_size=4,
                               cache_dir=str(path / "cache"))
+
+
+VOCAB = 48
+
+
+def shift_task(step, n=64, seed=0, vocab=VOCAB):
+    """Sequences counting by `step` modulo `vocab`: a task the model learns from the previous token."""
+    starts = torch.randint(0, vocab, (n, 1), generator=torch.Generator().manual_seed(seed))
+    seq = (starts + step * torch.arange(17)) % vocab
+    return [{"input_ids": s[:-1], "targets": s[1:]} for s in seq]
 
 
 def probe(model, vocab=512):
@@ -95,15 +115,17 @@ def test_adapter_only_checkpoint_is_small_and_resumes_with_the_same_losses(base_
         torch.manual_seed(seed)  # lora_A starts random: the resumed run (another seed) takes it from the checkpoint
         recorder = LossRecorder()
         module = PretrainModule(str(base_dir), lr=1e-2, warmup_steps=2, max_steps=8)
-        trainer = make_trainer(root, steps, [recorder, LoRACallback(r=4, dropout=0.0), *callbacks])
+        trainer = make_trainer(root, steps, [recorder, LoRACallback(r=4, dropout=0.0, lr_multiplier=3.0), *callbacks])
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
         return recorder.losses, trainer
 
-    straight, _ = run(tmp_path / "a", 8)
+    straight, straight_trainer = run(tmp_path / "a", 8)
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_last=True)
     first, _ = run(tmp_path / "b", 4, callbacks=[saver])
-    second, _ = run(tmp_path / "c", 8, ckpt=tmp_path / "ckpt" / "last.ckpt", seed=123)
+    second, resumed = run(tmp_path / "c", 8, ckpt=tmp_path / "ckpt" / "last.ckpt", seed=123)
     assert len(second) == 4
+    # the learning-rate multiplier is applied once, not again on top of the checkpoint's rates
+    assert resumed.optimizers[0].param_groups[0]["lr"] == pytest.approx(straight_trainer.optimizers[0].param_groups[0]["lr"])
     torch.testing.assert_close(torch.tensor(first + second), torch.tensor(straight), rtol=1e-5, atol=1e-5)
 
     full_module = PretrainModule(str(base_dir), warmup_steps=1)
@@ -134,9 +156,21 @@ def test_qlora_stores_4_bits_per_weight_trains_and_merges(base_dir, datamodule, 
     trained = {n.split("base_model.model.", 1)[1].replace(".base_layer", ""): m for n, m in module.model.named_modules()
                if isinstance(m, bnb.nn.Linear4bit)}
     assert len(trained) == 14
+    assert all(type(m.weight) is bnb.nn.Params4bit and m.weight.dtype == torch.uint8 for m in trained.values())
     assert all(torch.equal(m.weight.data, fresh[n].weight.data) for n, m in trained.items())
 
+    # oracle: a plain model whose linear weights are bitsandbytes' own dequantization of the 4-bit
+    # codes plus the LoRA update (alpha / r) B A computed by hand
     adapted = probe(module.model)
+    oracle = AutoModelForCausalLM.from_pretrained(base_dir)
+    peft_layers = {n.split("base_model.model.", 1)[1]: m for n, m in module.model.named_modules() if hasattr(m, "lora_A")}
+    for name, layer in peft_layers.items():
+        w = layer.base_layer.weight
+        update = layer.lora_B["default"].weight @ layer.lora_A["default"].weight * (32 / 8)
+        oracle.get_submodule(name).weight.data = bnb.functional.dequantize_4bit(w.data, w.quant_state) + update.detach()
+    torch.testing.assert_close(probe(oracle), adapted, rtol=0, atol=1e-4)
+    assert (probe(AutoModelForCausalLM.from_pretrained(base_dir)) - adapted).abs().max() > 1e-2  # the oracle can fail
+
     trainer.save_checkpoint(tmp_path / "qlora.ckpt")
     out, error = export_lora_checkpoint(tmp_path / "qlora.ckpt", tmp_path / "merged", merge=True)
     # fp32 compute: the merge into the dequantized base differs from the 4-bit model by fp32 rounding
@@ -159,25 +193,18 @@ def test_qlora_bf16_merge_is_within_bf16_rounding():
 
 def test_two_named_adapters_each_do_their_own_task(tmp_path):
     """Train adapter 'up' on x -> x+1 and adapter 'down' on x -> x-1; swap with one call."""
-    vocab = 48
-
-    def task(step):
-        starts = torch.randint(0, vocab, (64, 1), generator=torch.Generator().manual_seed(step))
-        seq = (starts + step * torch.arange(17)) % vocab
-        return [{"input_ids": s[:-1], "targets": s[1:]} for s in seq]
-
     torch.manual_seed(0)
-    module = PretrainModule("tiny", vocab_size=vocab, lr=1e-2, warmup_steps=5, weight_decay=0.0)
+    module = PretrainModule("tiny", vocab_size=VOCAB, lr=1e-2, warmup_steps=5, weight_decay=0.0)
     for name, step in (("up", 1), ("down", -1)):
         make_trainer(tmp_path, 40, [LoRACallback(r=8, adapter_name=name, dropout=0.0)]).fit(
-            module, torch.utils.data.DataLoader(task(step), batch_size=8, shuffle=True))
+            module, torch.utils.data.DataLoader(shift_task(step), batch_size=8, shuffle=True))
         if name == "up":
             up_weights = {n: p.clone() for n, p in module.named_parameters() if ".up." in n}
     assert all(torch.equal(p, up_weights[n]) for n, p in module.named_parameters() if ".up." in n)
 
     def loss(adapter, step):
         use_adapter(module, adapter)
-        batch = torch.utils.data.default_collate(task(step)[:32])
+        batch = torch.utils.data.default_collate(shift_task(step, n=32, seed=1))
         module.eval()
         with torch.no_grad():
             return module.loss(batch).item()
@@ -229,3 +256,83 @@ def test_an_adapter_onto_a_base_with_other_shapes_is_refused(tmp_path):
         load_adapter(other, tmp_path / "adapter")
     # the same adapter onto a base of its own shapes loads
     assert isinstance(load_adapter(build_model("tiny", vocab_size=64), tmp_path / "adapter"), PeftModel)
+
+
+def test_master_weights_precision_keeps_fp32_masters_of_the_adapter_only(base_dir, datamodule, tmp_path):
+    recorder = LossRecorder()
+    module = PretrainModule(str(base_dir), lr=1e-2, warmup_steps=1)
+    trainer = make_trainer(tmp_path, 6, [recorder, LoRACallback(r=4, dropout=0.0)], plugins=[MasterWeightsPrecision()])
+    trainer.fit(module, datamodule=datamodule)
+    assert sum(recorder.losses[-2:]) < sum(recorder.losses[:2])
+    masters = [p for g in trainer.optimizers[0].param_groups for p in g["params"]]
+    adapter = [p for n, p in module.named_parameters() if ".lora_" in n]
+    assert len(masters) == len(adapter) > 0 and all(m.dtype == torch.float32 for m in masters)
+    # each bf16 adapter weight is its fp32 master rounded
+    assert sorted(m.to(torch.bfloat16).sum().item() for m in masters) == sorted(p.sum().item() for p in adapter)
+    base = AutoModelForCausalLM.from_pretrained(base_dir).to(torch.bfloat16).state_dict()
+    for name, weight in module.model.get_base_model().state_dict().items():
+        if ".lora_" not in name:
+            assert weight.dtype == torch.bfloat16 and torch.equal(weight, base[name.replace(".base_layer", "")]), name
+
+
+def _ddp_fit(rank, world_size, root):
+    """3 LoRA steps on shift_task: each of `world_size` ranks takes every world_size-th sequence, 4 per step."""
+    torch.manual_seed(0)
+    module = PretrainModule("tiny", vocab_size=VOCAB, lr=1e-2, warmup_steps=2, weight_decay=0.0)
+    strategy = DDPStrategy(process_group_backend="gloo") if world_size > 1 else "auto"
+    # Lightning's distributed sampler shuffles training data; here the split is fixed, to compare with one process
+    trainer = make_trainer(root, 3, [LoRACallback(r=4, dropout=0.0)], strategy=strategy, devices=world_size,
+                           use_distributed_sampler=False)
+    data = shift_task(1, n=48)[rank::world_size]
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8 // world_size))
+    return module
+
+
+def _ddp_worker(rank, port, root):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank), NODE_RANK="0")
+    torch.set_num_threads(1)
+    module = _ddp_fit(rank, 2, root)
+    torch.save(module.model.state_dict(), os.path.join(root, f"rank{rank}.pt"))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_ddp_trains_the_adapter_like_one_process_on_the_whole_batch(tmp_path):
+    """2 gloo ranks with 4 sequences each take the steps one process takes with the same 8."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    single = _ddp_fit(0, 1, tmp_path / "single").model.state_dict()
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    for name, weight in single.items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+        if ".lora_" in name:
+            torch.testing.assert_close(ranks[0][name], weight, rtol=0, atol=2e-6)
+        else:
+            assert torch.equal(ranks[0][name], weight), name
+    assert any(".lora_B." in n and w.abs().sum() > 0 for n, w in single.items())
+
+
+@pytest.mark.parametrize("example", ["lora_tiny.yaml", "qlora_tiny.yaml"])
+def test_examples_from_yaml(example, tmp_path, base_dir, corpus_dir, tokenizer):
+    """The example configs, pointed at a test base and corpus, train and write the adapter."""
+    config = yaml.safe_load((Path(__file__).parents[1] / "examples" / example).read_text())
+    tokenizer.save_pretrained(base_dir)
+    config["model"]["init_args"]["model"] = str(base_dir)
+    config["data"]["init_args"].update(sources=str(corpus_dir), tokenizer=str(base_dir), block_size=32, batch_size=4,
+                                       cache_dir=str(tmp_path / "cache"))
+    config["trainer"].update(max_steps=3, val_check_interval=None, limit_val_batches=0, num_sanity_val_steps=0,
+                             default_root_dir=str(tmp_path), logger=False, enable_progress_bar=False)
+    config["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(tmp_path / "ckpt")
+    config["trainer"]["callbacks"][1]["init_args"]["adapter_dir"] = str(tmp_path / "adapter")
+    config.pop("export_dir", None)
+    path = tmp_path / "lora.yaml"
+    path.write_text(yaml.safe_dump(config))
+    main(["fit", "--config", str(path)])
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "adapter")
+    assert reloaded.peft_config["default"].r == config["trainer"]["callbacks"][1]["init_args"]["r"]
+    assert any(w.abs().sum() > 0 for n, w in reloaded.state_dict().items() if ".lora_B." in n)
+    assert all(".lora_" in k for k in torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["state_dict"])
