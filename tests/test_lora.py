@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from lightning_llm.callbacks.lora import (
     LoRACallback, QLoRACallback, add_adapter, export_lora_checkpoint, load_adapter, merge_adapter,
@@ -31,8 +32,15 @@ from lightning_llm.precision import MasterWeightsPrecision
 
 
 class LossRecorder(Callback):
+    """Losses per step; whether every module trains (LoRA dropout on) and every decoder layer recomputes."""
+
     def __init__(self):
-        self.losses = []
+        self.losses, self.training, self.checkpointed = [], [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.training.append(all(m.training for m in pl_module.modules()))
+        layers = [m for m in pl_module.modules() if isinstance(m, GradientCheckpointingLayer)]
+        self.checkpointed.append(bool(layers) and all(m.gradient_checkpointing and m.training for m in layers))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(outputs["loss"].item())
@@ -103,6 +111,10 @@ def test_only_the_adapter_trains_and_merging_gives_the_same_model(base_dir, data
     torch.testing.assert_close(probe(reloaded), adapted, rtol=0, atol=1e-6)
     # the merged export is a plain transformers model with the adapted model's logits
     trainer.save_checkpoint(tmp_path / "lora.ckpt")
+    out, error = export_lora_checkpoint(tmp_path / "lora.ckpt", tmp_path / "exported")
+    assert error is None
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out)
+    torch.testing.assert_close(probe(reloaded), adapted, rtol=0, atol=1e-6)
     out, error = export_lora_checkpoint(tmp_path / "lora.ckpt", tmp_path / "merged", merge=True)
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert not any(".lora_" in n for n, _ in merged.named_parameters())
@@ -151,6 +163,8 @@ def test_qlora_stores_4_bits_per_weight_trains_and_merges(base_dir, datamodule, 
     trainer = make_trainer(tmp_path, 12, [recorder, QLoRACallback(r=8, compute_dtype="float32")])
     trainer.fit(module, datamodule=datamodule)
     assert sum(recorder.losses[-3:]) < sum(recorder.losses[:3]) - 0.15
+    # the base came from `from_pretrained` in eval mode; QLoRA trains it with dropout and recomputation on
+    assert all(recorder.training) and all(recorder.checkpointed)
     # the 4-bit base is bitwise what quantizing the base again gives: training left it alone
     fresh = dict(quantize_4bit(AutoModelForCausalLM.from_pretrained(base_dir), compute_dtype=torch.float32).named_modules())
     trained = {n.split("base_model.model.", 1)[1].replace(".base_layer", ""): m for n, m in module.model.named_modules()
@@ -196,8 +210,8 @@ def test_two_named_adapters_each_do_their_own_task(tmp_path):
     torch.manual_seed(0)
     module = PretrainModule("tiny", vocab_size=VOCAB, lr=1e-2, warmup_steps=5, weight_decay=0.0)
     for name, step in (("up", 1), ("down", -1)):
-        make_trainer(tmp_path, 40, [LoRACallback(r=8, adapter_name=name, dropout=0.0)]).fit(
-            module, torch.utils.data.DataLoader(shift_task(step), batch_size=8, shuffle=True))
+        trainer = make_trainer(tmp_path, 40, [LoRACallback(r=8, adapter_name=name, dropout=0.0)])
+        trainer.fit(module, torch.utils.data.DataLoader(shift_task(step), batch_size=8, shuffle=True))
         if name == "up":
             up_weights = {n: p.clone() for n, p in module.named_parameters() if ".up." in n}
     assert all(torch.equal(p, up_weights[n]) for n, p in module.named_parameters() if ".up." in n)
@@ -213,6 +227,10 @@ def test_two_named_adapters_each_do_their_own_task(tmp_path):
     assert loss("down", -1) < loss("up", -1) - 0.5
     with pytest.raises(ValueError, match=r"no adapter named 'left'; the model has \['down', 'up'\]"):
         use_adapter(module, "left")
+    # the base was a random initialisation: an adapter-only checkpoint cannot be exported without it
+    trainer.save_checkpoint(tmp_path / "swap.ckpt")
+    with pytest.raises(ValueError, match="its base 'tiny' has no pretrained weights"):
+        export_lora_checkpoint(tmp_path / "swap.ckpt", tmp_path / "out", merge=True)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -273,6 +291,27 @@ def test_master_weights_precision_keeps_fp32_masters_of_the_adapter_only(base_di
     for name, weight in module.model.get_base_model().state_dict().items():
         if ".lora_" not in name:
             assert weight.dtype == torch.bfloat16 and torch.equal(weight, base[name.replace(".base_layer", "")]), name
+
+
+def test_a_bitsandbytes_optimizer_takes_the_module_optimizers_place(tmp_path):
+    def fit(optimizer, **kwargs):
+        torch.manual_seed(0)
+        recorder = LossRecorder()
+        module = PretrainModule("tiny", vocab_size=VOCAB, lr=1e-2, warmup_steps=3, weight_decay=0.0)
+        trainer = make_trainer(tmp_path, 6, [recorder, LoRACallback(r=8, dropout=0.0, optimizer=optimizer)], **kwargs)
+        trainer.fit(module, torch.utils.data.DataLoader(shift_task(1), batch_size=8))
+        return recorder.losses, trainer
+
+    adamw, _ = fit(None)
+    adamw8bit, trainer = fit("adamw8bit")
+    assert type(trainer.optimizers[0]) is bnb.optim.AdamW8bit
+    assert trainer.lr_scheduler_configs[0].scheduler.optimizer is trainer.optimizers[0]
+    # bitsandbytes keeps 32-bit state for tensors under 4096 elements (min_8bit_size), as all of these
+    # adapters are: then its AdamW is torch's, and the same groups and schedule give the same losses
+    torch.testing.assert_close(torch.tensor(adamw8bit), torch.tensor(adamw), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="cannot replace an optimizer whose parameters the precision plugin "
+                                         r"\(MasterWeightsPrecision\) has replaced by master copies"):
+        fit("adamw8bit", plugins=[MasterWeightsPrecision()])
 
 
 def _ddp_fit(rank, world_size, root):

@@ -100,20 +100,21 @@ def quantize_4bit(model: nn.Module, quant_type: str = "nf4", double_quant: bool 
     return model
 
 
+def quantization_constants(layer: bnb.nn.Linear4bit) -> list[torch.Tensor]:
+    """The tensors a 4-bit layer stores beside its codes: the per-block absmax and, with double
+    quantization, the second-level absmax and the offset. The code books (16 NF4 values, 256 for
+    the 8-bit absmax code) are fixed tables, the same for every layer, and are not counted."""
+    state = layer.weight.quant_state
+    return [state.absmax, state.state2.absmax, state.offset] if state.nested else [state.absmax]
+
+
 def quantized_bits_per_parameter(model: nn.Module) -> float:
-    """Bits of storage per quantized weight: the 4-bit codes, their absmax constants and, with double
-    quantization, the second-level absmax and offset. The code books (16 NF4 values, 256 for the
-    8-bit absmax code) are fixed tables, the same for every layer, and are not counted."""
+    """Bits of storage per quantized weight: the 4-bit codes and their quantization constants."""
     bits, params = 0, 0
     for m in model.modules():
-        if not isinstance(m, bnb.nn.Linear4bit):
-            continue
-        w, state = m.weight, m.weight.quant_state
-        params += m.in_features * m.out_features
-        tensors = [w.data, state.absmax]
-        if state.nested:
-            tensors += [state.state2.absmax, state.offset]
-        bits += 8 * sum(t.numel() * t.element_size() for t in tensors)
+        if isinstance(m, bnb.nn.Linear4bit):
+            params += m.in_features * m.out_features
+            bits += 8 * sum(t.numel() * t.element_size() for t in [m.weight.data, *quantization_constants(m)])
     if params == 0:
         raise ValueError("the model has no 4-bit layers")
     return bits / params
@@ -304,6 +305,9 @@ class LoRACallback(Callback):
         if not isinstance(model, PeftModel):
             model = self.prepare_base(model)
         model = add_adapter(model, self.config, self.adapter_name)
+        # `from_pretrained` returns a model in eval mode and Lightning keeps the mode it finds; in eval
+        # mode the adapter's dropout and transformers' gradient checkpointing are both switched off.
+        model.train()
         # Checkpoints leave the frozen base out; the base is rebuilt from its spec on resume.
         pl_module.strict_loading = False
         base = getattr(pl_module.hparams, "model", None) if hasattr(pl_module, "hparams") else None
@@ -341,6 +345,13 @@ class LoRACallback(Callback):
         if len(trainer.optimizers) != 1:
             raise ValueError(f"optimizer={self.optimizer!r} replaces a single optimizer; the module has {len(trainer.optimizers)}")
         old = trainer.optimizers[0]
+        own = {id(p) for p in trainer.lightning_module.parameters()}
+        if any(id(p) not in own for g in old.param_groups for p in g["params"]):
+            # A precision plugin (fp32 master weights) has put copies in the optimizer and steps
+            # through it; a new optimizer would bypass those copies.
+            raise ValueError(f"optimizer={self.optimizer!r} cannot replace an optimizer whose parameters the precision "
+                             f"plugin ({type(trainer.precision_plugin).__name__}) has replaced by master copies; "
+                             "use optimizer=None with it")
         groups = [{k: v for k, v in g.items() if k in ("params", "lr", "weight_decay", "betas", "eps", "initial_lr")}
                   for g in old.param_groups]
         new = OPTIMIZERS[self.optimizer](groups, lr=old.defaults["lr"], betas=old.defaults.get("betas", (0.9, 0.999)))
@@ -425,10 +436,15 @@ class QLoRACallback(LoRACallback):
 # -- from a checkpoint to an adapter or a merged model --------------------------------------------
 
 
+def is_adapter_checkpoint(checkpoint: dict[str, Any]) -> bool:
+    """Whether a loaded checkpoint was written by a LoRA/QLoRA run (it holds adapters, not a base)."""
+    return ADAPTER_KEY in checkpoint
+
+
 def peft_model_from_checkpoint(checkpoint: dict[str, Any], base: str | None = None) -> PeftModel:
     """Rebuild the adapted model of a LoRA/QLoRA checkpoint: its base (quantized as in training) and
     its adapters, the active one active."""
-    if ADAPTER_KEY not in checkpoint:
+    if not is_adapter_checkpoint(checkpoint):
         raise ValueError("the checkpoint was not written by a LoRA or QLoRA run (it has no 'lora' entry)")
     info = checkpoint[ADAPTER_KEY]
     spec = base or info["base"]
@@ -458,16 +474,19 @@ def probe_logits(model: nn.Module, vocab_size: int, seed: int = 0) -> torch.Tens
         return model(input_ids=ids.to(next(model.parameters()).device)).logits.float().cpu()
 
 
-def export_lora_checkpoint(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike, merge: bool = False,
-                           base: str | None = None, overwrite: bool = False) -> tuple[Path, float | None]:
-    """`lightning-llm export` of a LoRA/QLoRA checkpoint: the adapter in peft's format, or with
-    `merge=True` a Hugging Face model with the active adapter merged into its base.
+def export_lora_checkpoint(checkpoint: str | os.PathLike | dict[str, Any], out_dir: str | os.PathLike,
+                           merge: bool = False, base: str | None = None,
+                           overwrite: bool = False) -> tuple[Path, float | None]:
+    """`lightning-llm export` of a LoRA/QLoRA checkpoint (a path or an already loaded one): the
+    adapter in peft's format, or with `merge=True` a Hugging Face model with the active adapter
+    merged into its base.
 
     Returns the output directory and, for a merge, the largest absolute difference between the
     merged model's logits and the adapted model's on a probe batch (for QLoRA this is the error of
     merging into the dequantized base in the compute dtype).
     """
-    checkpoint = load_checkpoint(checkpoint_path)
+    if not isinstance(checkpoint, dict):
+        checkpoint = load_checkpoint(checkpoint)
     model = peft_model_from_checkpoint(checkpoint, base)
     tokenizer = tokenizer_from_checkpoint(checkpoint)
     if not merge:
