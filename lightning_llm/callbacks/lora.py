@@ -315,7 +315,9 @@ class LoRACallback(Callback):
             rank_zero_warn(f"LoRA on base {base!r}, which has no pretrained weights (a random initialisation): "
                            "checkpoints hold the adapter only, and resuming or merging one needs this same base")
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
+        # a 4-bit weight packs two parameters per byte: count the weights it stands for
+        total = sum(p.quant_state.shape.numel() if isinstance(p, bnb.nn.Params4bit) else p.numel()
+                    for p in model.parameters())
         rank_zero_info(f"LoRA adapter {self.adapter_name!r}: {trainable:,} trainable of {total:,} parameters")
         return model
 
