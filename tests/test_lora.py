@@ -292,6 +292,17 @@ def test_master_weights_precision_keeps_fp32_masters_of_the_adapter_only(base_di
         if ".lora_" not in name:
             assert weight.dtype == torch.bfloat16 and torch.equal(weight, base[name.replace(".base_layer", "")]), name
 
+    # with QLoRA, the bf16 cast leaves the 4-bit codes alone and the adapters alone get masters
+    recorder = LossRecorder()
+    module = PretrainModule(str(base_dir), lr=1e-2, warmup_steps=1)
+    trainer = make_trainer(tmp_path, 6, [recorder, QLoRACallback(r=4, dropout=0.0)], plugins=[MasterWeightsPrecision()])
+    trainer.fit(module, datamodule=datamodule)
+    assert sum(recorder.losses[-2:]) < sum(recorder.losses[:2])
+    masters = [p for g in trainer.optimizers[0].param_groups for p in g["params"]]
+    assert len(masters) == sum(".lora_" in n for n, _ in module.named_parameters())
+    assert all(m.dtype == torch.float32 for m in masters)
+    assert {m.weight.dtype for m in module.modules() if isinstance(m, bnb.nn.Linear4bit)} == {torch.uint8}
+
 
 def test_a_bitsandbytes_optimizer_takes_the_module_optimizers_place(tmp_path):
     def fit(optimizer, **kwargs):
