@@ -30,6 +30,11 @@ _EXPORTS = {
     "run_python": "lightning_llm.eval.sandbox",
     "SandboxLimits": "lightning_llm.eval.sandbox",
     "pass_at_k": "lightning_llm.eval.code_eval",
+    "flash_attention": "lightning_llm.attention",
+    "FlashAttention": "lightning_llm.attention",
+    "PipelineStrategy": "lightning_llm.strategies.pipeline",
+    "InstructionDataModule": "lightning_llm.data.instruct",
+    "InstructionTuningModule": "lightning_llm.modules.instruct",
 }
 
 __all__ = sorted(_EXPORTS)

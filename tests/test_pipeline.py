@@ -101,14 +101,15 @@ class LossRecorder(pl.Callback):
 
 
 def fit(module: TinyLM, data: TokenData, strategy="auto", devices: int = 1, max_steps: int = 10,
-        callbacks: list | None = None, ckpt_path: str | None = None) -> list[float]:
+        callbacks: list | None = None, ckpt_path: str | None = None, plugins: list | None = None) -> list[float]:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     recorder = LossRecorder()
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=max_steps,
                          gradient_clip_val=0.5, use_distributed_sampler=devices == 1, logger=False,
                          enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks or []), enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0, callbacks=[recorder, *(callbacks or [])])
+                         enable_model_summary=False, num_sanity_val_steps=0, callbacks=[recorder, *(callbacks or [])],
+                         plugins=plugins)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return recorder.losses
 
@@ -216,6 +217,35 @@ def pipeline_scenarios(rank: int, tmp: Path) -> dict:
     module = TinyLM(init4, layers=4)
     out["interleaved_losses"] = fit(module, TokenData(), pipe("interleaved-1f1b"), devices=2, max_steps=4)
     out["interleaved_weights"] = local_weights(module)
+    module = TinyLM(init4, layers=4)
+    out["zero-bubble_losses"] = fit(module, TokenData(), pipe("interleaved-zero-bubble"), devices=2, max_steps=4)
+    out["zero-bubble_weights"] = local_weights(module)
+
+    from lightning_llm.precision import MixedPrecision
+
+    class PlantOverflow(pl.Callback):
+        """An inf in one gradient of the last stage only, at step 2: the first stage must skip it too."""
+
+        def on_after_backward(self, trainer, module) -> None:
+            if trainer.global_rank == 1 and trainer.global_step == 2:
+                next(p.grad for p in module.parameters() if p.grad is not None).view(-1)[0] = float("inf")
+
+    class Track(pl.Callback):
+        def __init__(self) -> None:
+            self.scales: list[float] = []
+            self.weights: list[dict[str, torch.Tensor]] = []
+            self.lrs: list[float] = []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            self.scales.append(trainer.precision_plugin.scaler.get_scale())
+            self.weights.append(local_weights(module))
+            self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    track = Track()
+    module = TinyLM(init2)
+    out["fp16_losses"] = fit(module, TokenData(), pipe("1f1b"), devices=2, max_steps=4, callbacks=[PlantOverflow(), track],
+                             plugins=[MixedPrecision("fp16-mixed", init_scale=1024.0)])
+    out["fp16_scales"], out["fp16_weights"], out["fp16_lrs"] = track.scales, track.weights, track.lrs
 
     for name, strategy, data in [
         ("too_many_stages", pipe("interleaved-1f1b", stages_per_rank=2), TokenData()),
@@ -279,18 +309,34 @@ def two_stage_run(tmp_path_factory):
     return spawn(pipeline_scenarios, 2, tmp), ref, tmp
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved"])
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved", "zero-bubble"])
 def test_two_stages_match_one_process(two_stage_run, schedule):
-    """10 optimizer steps (4 interleaved, 2 chunks per rank) on 2 stages = one process: losses and weights.
+    """10 optimizer steps (4 interleaved and zero bubble, 2 chunks per rank) on 2 stages = one process: losses and weights.
     For 1f1b the run is 5 steps, a checkpoint, a resume and 5 more: equal to the uninterrupted run."""
     ranks, ref, _ = two_stage_run
-    key = "interleaved_" if schedule == "interleaved" else ""
+    key = "interleaved_" if schedule in ("interleaved", "zero-bubble") else ""
     for out in ranks:
         assert out[f"{schedule}_losses"] == pytest.approx(ref[f"{key}losses"], rel=LOSS_RTOL)
         assert_same_weights(out[f"{schedule}_weights"], ref[f"{key}weights"])
     # Each stage holds its own layers only; the tied embedding sits on both ends.
     assert "lm_head.weight" not in ranks[0][f"{schedule}_weights"]
     assert "model.embed_tokens.weight" in ranks[1][f"{schedule}_weights"]
+
+
+def test_fp16_overflow_on_one_stage_skips_the_step_on_both(two_stage_run):
+    """An inf planted in the last stage's gradients at step 2: both stages skip (weights unchanged, the
+    learning rate held), both halve the loss scale; the other steps track the fp32 run."""
+    ranks, ref, _ = two_stage_run
+    for out in ranks:
+        assert out["fp16_scales"] == [1024.0, 1024.0, 512.0, 512.0]
+        skipped_before, skipped_after = out["fp16_weights"][1], out["fp16_weights"][2]
+        for key, value in skipped_after.items():
+            assert torch.equal(value, skipped_before[key]), key
+        assert not torch.equal(out["fp16_weights"][3][key], skipped_after[key])
+        assert out["fp16_lrs"][2] == out["fp16_lrs"][1] != out["fp16_lrs"][3]
+    assert ranks[0]["fp16_losses"] == ranks[1]["fp16_losses"]
+    # Before the plant the fp16 run follows fp32 (same data and initial weights) to fp16's precision.
+    assert ranks[0]["fp16_losses"][:3] == pytest.approx(ref["losses"][:3], abs=2e-3)
 
 
 def test_validation_runs_the_module_step_through_the_pipeline(two_stage_run):

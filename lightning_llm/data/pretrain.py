@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +166,11 @@ class PretrainDataModule(LightningDataModule):
         num_workers: DataLoader workers.
     """
 
+    # Hooks for subclasses: the kind of source a dict in `sources` becomes, and how samples make a batch
+    # (None: the default collate, which stacks equal-length blocks).
+    source_class: type[Source] = Source
+    collate_fn: Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]] | None = None
+
     def __init__(
         self,
         sources: str | list[Source] | list[dict] = "python-stdlib",
@@ -185,7 +191,7 @@ class PretrainDataModule(LightningDataModule):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        self.sources = as_sources(sources)
+        self.sources = as_sources(sources, self.source_class)
         self.tokenizer_spec, self.vocab_size_wanted = tokenizer, vocab_size
         self.block_size, self.batch_size, self.num_workers = block_size, batch_size, num_workers
         self.val_fraction, self.max_val_blocks, self.train_blocks, self.seed = val_fraction, max_val_blocks, train_blocks, seed
@@ -263,7 +269,7 @@ class PretrainDataModule(LightningDataModule):
             kwargs.update(getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or {})
         kwargs = {k: kwargs[k] for k in ("num_replicas", "rank")}
         sampler = ResumableSampler(dataset, shuffle=shuffle, seed=self.seed, start=start, **kwargs)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=shuffle,
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=shuffle, collate_fn=self.collate_fn,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:

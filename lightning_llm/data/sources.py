@@ -124,10 +124,10 @@ def _jsonl_texts(path: Path, field: str) -> Iterator[str]:
                 yield str(record[field])
 
 
-def as_sources(spec: str | Source | dict | list) -> list[Source]:
-    """Normalise a source spec (a path string, a `Source`, a dict, or a list of them) to a list."""
+def as_sources(spec: str | Source | dict | list, kind: type[Source] = Source) -> list[Source]:
+    """Normalise a source spec (a path string, a `Source`, a dict, or a list of them) to a list of `kind`."""
     items = spec if isinstance(spec, list | tuple) else [spec]
-    sources = [s if isinstance(s, Source) else Source(**s) if isinstance(s, dict) else Source(os.fspath(s)) for s in items]
+    sources = [s if isinstance(s, kind) else kind(**s) if isinstance(s, dict) else kind(os.fspath(s)) for s in items]
     if not sources:
         raise ValueError("no data sources given")
     names = [s.name for s in sources]

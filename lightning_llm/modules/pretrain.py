@@ -61,7 +61,7 @@ class PretrainModule(LightningModule):
     Args:
         model: a preset name, a config file, a local model directory or a hub id (see `models.build_model`).
         vocab_size: the model's vocabulary; `None` takes the data module's tokenizer size (or the preset's).
-        attn_implementation: an entry of transformers' attention registry ("sdpa", "eager", "lightning_flash").
+        attn_implementation: an entry of transformers' attention registry ("sdpa", "eager", "lightning_fa2").
         lr: peak learning rate of AdamW.
         weight_decay: decoupled weight decay on weight matrices (none on norms, biases, embeddings).
         betas: AdamW betas.
@@ -100,18 +100,15 @@ class PretrainModule(LightningModule):
     # -- model -----------------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
+        # The data was tokenized with the data module's tokenizer: the model and the checkpoints use that one.
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if self.tokenizer is None and datamodule is not None:
-            self.tokenizer = getattr(datamodule, "tokenizer", None)
+        if datamodule is not None and getattr(datamodule, "tokenizer", None) is not None:
+            self.tokenizer = datamodule.tokenizer
 
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        hp = self.hparams
-        vocab_size = hp.vocab_size or (len(self.tokenizer) if self.tokenizer is not None else None)
-        # A randomly initialised model takes the tokenizer's vocabulary; pretrained weights keep theirs.
-        overrides = {} if vocab_size is None or has_weights(hp.model) else {"vocab_size": vocab_size}
-        self.model = build_model(hp.model, attn_implementation=hp.attn_implementation, **overrides)
+        self.model = self.build_hf_model()
         self._check_data_fits()
         # Callbacks that change the model (LoRA, QLoRA) do it here: after it is built, before a
         # strategy shards it and before the optimizer sees its parameters.
@@ -119,8 +116,16 @@ class PretrainModule(LightningModule):
             transform = getattr(callback, "transform_model", None)
             if transform is not None:
                 self.model = transform(self.model, self)
-        if hp.activation_checkpointing:
+        if self.hparams.activation_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def build_hf_model(self) -> PreTrainedModel:
+        """The HF model named by `model`; subclasses that start from elsewhere (a checkpoint) override this."""
+        hp = self.hparams
+        vocab_size = hp.vocab_size or (len(self.tokenizer) if self.tokenizer is not None else None)
+        # A randomly initialised model takes the tokenizer's vocabulary; pretrained weights keep theirs.
+        overrides = {} if vocab_size is None or has_weights(hp.model) else {"vocab_size": vocab_size}
+        return build_model(hp.model, attn_implementation=hp.attn_implementation, **overrides)
 
     def _check_data_fits(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None

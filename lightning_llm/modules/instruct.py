@@ -1,0 +1,113 @@
+"""InstructionTuningModule: supervised finetuning of a pretrained causal LM on chat-formatted examples.
+
+It is `PretrainModule` (the same next-token loss, optimizer, schedule, logging, checkpoints and
+export) started from pretrained weights: an export directory, a hub id or a Lightning checkpoint,
+whose tokenizer comes along. The answer-only loss needs nothing here: the data module's targets are
+-100 outside the answers, and `next_token_loss` averages over the answer tokens of the batch.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lightning_llm.data.instruct import Messages, chat_prompt_ids
+from lightning_llm.data.tokenizer import load_tokenizer
+from lightning_llm.export import load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
+from lightning_llm.models import has_weights
+from lightning_llm.modules.pretrain import PretrainModule
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def is_checkpoint(spec: str | os.PathLike) -> bool:
+    return str(spec).endswith(".ckpt")
+
+
+def source_tokenizer(spec: str | os.PathLike) -> PreTrainedTokenizerBase | None:
+    """The tokenizer that comes with a model source: a checkpoint's, an export's, a hub id's; None for presets and configs."""
+    if is_checkpoint(spec):
+        return tokenizer_from_checkpoint(load_checkpoint(spec))
+    path = Path(spec)
+    if path.is_dir():
+        return load_tokenizer(path) if any((path / name).exists() for name in TOKENIZER_FILES) else None
+    return load_tokenizer(spec) if has_weights(spec) else None
+
+
+def fit_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """Grow the embeddings to the tokenizer when it has tokens the model lacks (a chat template's role tokens).
+
+    New rows are drawn around the mean of the pretrained ones, which keeps the model's output
+    distribution nearly unchanged (Hewitt, 2021); a model on the meta device has no mean yet.
+    """
+    if len(tokenizer) > model.config.vocab_size:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=not model.get_input_embeddings().weight.is_meta)
+    return model
+
+
+class InstructionTuningModule(PretrainModule):
+    """Supervised finetuning (instruction tuning) of a pretrained causal LM, with the loss on answer tokens only.
+
+    Args:
+        model: an export directory, a hub id, a Lightning checkpoint file (`.ckpt`), or (for tests) a
+            preset name or config, which starts from random weights.
+        vocab_size, attn_implementation, betas, min_lr_ratio, max_steps, activation_checkpointing: as in
+            `PretrainModule`.
+        lr, weight_decay, warmup_steps: as in `PretrainModule`, with finetuning's defaults (a lower
+            peak rate, no decay, a short warmup).
+
+    The tokenizer is the model source's; a data module that names another tokenizer overrides it.
+    When the chat template adds tokens (the default template's role tokens), the embeddings are
+    resized to the tokenizer, new rows drawn around the mean of the pretrained ones.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        vocab_size: int | None = None,
+        attn_implementation: str | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 20,
+        min_lr_ratio: float = 0.1,
+        max_steps: int | None = None,
+        activation_checkpointing: bool = False,
+    ) -> None:
+        super().__init__(model, vocab_size=vocab_size, attn_implementation=attn_implementation, lr=lr, weight_decay=weight_decay,
+                         betas=betas, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, max_steps=max_steps,
+                         activation_checkpointing=activation_checkpointing)
+        if is_checkpoint(model) and not Path(model).is_file():
+            raise FileNotFoundError(f"checkpoint {str(model)!r} does not exist")
+        self.tokenizer = source_tokenizer(model)
+
+    def build_hf_model(self) -> PreTrainedModel:
+        hp = self.hparams
+        if is_checkpoint(hp.model):
+            model = model_from_checkpoint(load_checkpoint(hp.model)).train()
+            if hp.attn_implementation is not None:
+                model.set_attn_implementation(hp.attn_implementation)
+        else:
+            model = super().build_hf_model()
+        if self.tokenizer is not None:
+            fit_embeddings(model, self.tokenizer)
+        return model
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        if "num_tokens" in batch:
+            self.log("train/packing_efficiency", batch["num_tokens"].sum() / batch["input_ids"].numel())
+        return loss
+
+
+@torch.no_grad()
+def generate_answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, messages: Messages, max_new_tokens: int = 64) -> str:
+    """The model's greedy answer to `messages`, rendered with the chat template; stops at EOS."""
+    ids = torch.tensor([chat_prompt_ids(tokenizer, messages)], device=model.device)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
