@@ -16,6 +16,8 @@ import yaml
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
+from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -29,6 +31,7 @@ from lightning_llm.data.pretrain import PretrainDataModule
 from lightning_llm.models import build_model
 from lightning_llm.modules.pretrain import PretrainModule
 from lightning_llm.precision import MasterWeightsPrecision
+from lightning_llm.strategies.zero import ZeROStrategy
 
 
 class LossRecorder(Callback):
@@ -260,6 +263,13 @@ def test_target_modules_that_match_nothing_list_what_exists():
         LoRACallback(target_modules=".*attention.*").transform_model(build_model("tiny", vocab_size=64), module)
 
 
+def test_a_base_on_the_meta_device_is_refused():
+    with torch.device("meta"):
+        model = build_model("tiny", vocab_size=64)
+    with pytest.raises(ValueError, match=r"created on the meta device .* use ZeROStrategy\(empty_init=False\)"):
+        LoRACallback().transform_model(model, PretrainModule("tiny"))
+
+
 def test_qlora_on_a_model_without_linear_layers_is_refused():
     no_linear = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.LayerNorm(8))
     with pytest.raises(ValueError, match="QLoRA quantizes linear layers, and Sequential has none"):
@@ -327,48 +337,98 @@ def test_a_bitsandbytes_optimizer_takes_the_module_optimizers_place(tmp_path):
 
 DDP_CALLBACKS = {"lora": lambda: LoRACallback(r=4, dropout=0.0),
                  "qlora": lambda: QLoRACallback(r=4, dropout=0.0, compute_dtype="float32")}
+STRATEGIES = {"ddp": lambda: DDPStrategy(process_group_backend="gloo"),
+              # stage 3 shards the frozen base too (the 4-bit codes included); the base is built whole first
+              "zero3": lambda: ZeROStrategy(stage=3, empty_init=False, process_group_backend="gloo")}
 
 
-def _ddp_fit(rank, world_size, root, kind):
+def _ddp_fit(rank, world_size, root, kind, strategy="auto"):
     """3 steps on shift_task: each of `world_size` ranks takes every world_size-th sequence, 4 per step."""
     torch.manual_seed(0)
     module = PretrainModule("tiny", vocab_size=VOCAB, lr=1e-2, warmup_steps=2, weight_decay=0.0)
-    strategy = DDPStrategy(process_group_backend="gloo") if world_size > 1 else "auto"
     # Lightning's distributed sampler shuffles training data; here the split is fixed, to compare with one process
-    trainer = make_trainer(os.path.join(root, kind), 3, [DDP_CALLBACKS[kind]()], strategy=strategy, devices=world_size,
-                           use_distributed_sampler=False)
+    trainer = make_trainer(root, 3, [DDP_CALLBACKS[kind]()], devices=world_size, use_distributed_sampler=False,
+                           strategy=STRATEGIES[strategy]() if strategy in STRATEGIES else strategy)
     data = shift_task(1, n=48)[rank::world_size]
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8 // world_size))
-    return module.model.state_dict()
+    # the whole weights (gathered from the shards under ZeRO-3), on every rank
+    return get_model_state_dict(module.model, options=StateDictOptions(full_state_dict=True))
 
 
 def _ddp_worker(rank, port, root):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
                       LOCAL_RANK=str(rank), NODE_RANK="0")
     torch.set_num_threads(1)
-    states = {kind: _ddp_fit(rank, 2, root, kind) for kind in DDP_CALLBACKS}
+    states = {(strategy, kind): _ddp_fit(rank, 2, os.path.join(root, strategy, kind), kind, strategy)
+              for strategy in STRATEGIES for kind in DDP_CALLBACKS}
     torch.save(states, os.path.join(root, f"rank{rank}.pt"))
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
-def test_ddp_trains_the_adapter_like_one_process_on_the_whole_batch(tmp_path):
-    """2 gloo ranks with 4 sequences each take the steps one process takes with the same 8 (LoRA and QLoRA)."""
+def test_ddp_and_zero3_train_the_adapter_like_one_process_on_the_whole_batch(tmp_path):
+    """2 gloo ranks with 4 sequences each take the steps one process takes with the same 8 (LoRA and
+    QLoRA, under DDP and under ZeRO stage 3); the adapter written at the end is the whole adapter."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     mp.start_processes(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     for kind in DDP_CALLBACKS:
-        single = _ddp_fit(0, 1, tmp_path / "single", kind)
-        assert (tmp_path / kind / "adapter" / "adapter_model.safetensors").exists()
-        for name, weight in single.items():
-            assert torch.equal(ranks[0][kind][name], ranks[1][kind][name]), (kind, name)
-            if ".lora_" in name:  # summation order differs; 1e-5 is a thousandth of one Adam step at lr 1e-2
-                torch.testing.assert_close(ranks[0][kind][name], weight, rtol=0, atol=1e-5)
-            else:
-                assert torch.equal(ranks[0][kind][name], weight), (kind, name)
+        single = _ddp_fit(0, 1, tmp_path / "single" / kind, kind)
         assert any(".lora_B." in n and w.abs().sum() > 0 for n, w in single.items())
+        for strategy in STRATEGIES:
+            run = [states[strategy, kind] for states in ranks]
+            # (get_model_state_dict of a sharded model leaves out the 4-bit layers' quantization constants)
+            assert run[0].keys() <= single.keys() and any(".lora_" in n for n in run[0])
+            for name, weight in ((n, single[n]) for n in run[0]):
+                assert torch.equal(run[0][name], run[1][name]), (strategy, kind, name)
+                if ".lora_" in name:  # summation order differs; 1e-5 is a thousandth of one Adam step at lr 1e-2
+                    torch.testing.assert_close(run[0][name], weight, rtol=0, atol=1e-5)
+                else:
+                    assert torch.equal(run[0][name], weight), (strategy, kind, name)
+            written = load_file(tmp_path / strategy / kind / "adapter" / "adapter_model.safetensors")
+            assert len(written) == sum(".lora_" in n for n in single) > 0
+            for name, weight in written.items():
+                torch.testing.assert_close(weight, run[0][name.replace(".weight", ".default.weight")], rtol=0, atol=0)
+
+
+def _zero3_resume_worker(rank, port, root):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank), NODE_RANK="0")
+    torch.set_num_threads(1)
+
+    def run(steps, ckpt=None, callbacks=()):
+        torch.manual_seed(0)
+        recorder = LossRecorder()
+        module = PretrainModule("tiny", vocab_size=VOCAB, lr=1e-2, warmup_steps=2, weight_decay=0.0, max_steps=6)
+        trainer = make_trainer(root, steps, [recorder, LoRACallback(r=4, dropout=0.0), *callbacks], devices=2,
+                               use_distributed_sampler=False, strategy=STRATEGIES["zero3"]())
+        # the same 4 sequences every step: a resumed run sees the batches the uninterrupted one saw
+        trainer.fit(module, torch.utils.data.DataLoader(shift_task(1, n=8)[rank::2] * 6, batch_size=4), ckpt_path=ckpt)
+        return recorder.losses
+
+    straight = run(6)
+    first = run(3, callbacks=[ModelCheckpoint(dirpath=os.path.join(root, "ckpt"), save_last=True, every_n_train_steps=3)])
+    try:
+        second = run(6, ckpt=os.path.join(root, "ckpt", "last.ckpt"))
+    except RuntimeError as err:  # DCP: "Missing key in checkpoint state_dict" (the frozen base is not in it)
+        second = [str(err)]
+    torch.save((straight, first + second), os.path.join(root, f"rank{rank}.pt"))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.mark.xfail(strict=True, reason="ZeROStrategy.load_checkpoint loads every model key from the sharded checkpoint; "
+                   "an adapter-only one needs DefaultLoadPlanner(allow_partial_load=not module.strict_loading)")
+def test_zero3_resumes_from_an_adapter_only_checkpoint_with_the_same_losses(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(_zero3_resume_worker, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    for rank in range(2):
+        straight, resumed = torch.load(tmp_path / f"rank{rank}.pt")
+        assert resumed == pytest.approx(straight, abs=1e-6)
 
 
 @pytest.mark.parametrize("example", ["lora_tiny.yaml", "qlora_tiny.yaml"])

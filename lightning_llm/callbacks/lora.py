@@ -26,6 +26,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.integrations.bitsandbytes import dequantize_and_replace
 
@@ -182,15 +183,25 @@ def check_adapter_fits(model: nn.Module, state: dict[str, torch.Tensor]) -> None
                          + "; ".join(bad[:3]))
 
 
+def gathered_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every adapter's weights, whole: under a sharding strategy (`fully_shard`) they are `DTensor`
+    shards, gathered here (a collective: every rank calls this, in the same order)."""
+    peft_model = as_peft_model(model)
+    keys = adapter_keys(peft_model)
+    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in peft_model.state_dict().items() if k in keys}
+
+
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike, adapter_name: str | None = None,
-                 tokenizer: PreTrainedTokenizerBase | None = None) -> Path:
-    """Write adapters in peft's format (`PeftModel.from_pretrained(base, out_dir)` loads them).
+                 tokenizer: PreTrainedTokenizerBase | None = None,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write adapters in peft's format (`PeftModel.from_pretrained(base, out_dir)` loads them),
+    from `state_dict` if given (the gathered weights of a sharded model).
 
     peft writes the adapter named "default" into `out_dir` and any other into `out_dir/<name>`.
     """
     peft_model = as_peft_model(model)
     selected = None if adapter_name is None else [adapter_name]
-    peft_model.save_pretrained(str(out_dir), selected_adapters=selected, safe_serialization=True)
+    peft_model.save_pretrained(str(out_dir), selected_adapters=selected, safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
     return Path(out_dir)
@@ -302,6 +313,11 @@ class LoRACallback(Callback):
 
     def transform_model(self, model: nn.Module, pl_module: LightningModule) -> PeftModel:
         """Called by the module's `configure_model` (and by `setup` on an existing model)."""
+        if any(p.is_meta for p in model.parameters()):
+            # A strategy's empty init would later initialise every layer, the adapter's B included
+            # (which must start at zero), and the base's pretrained weights never arrive on meta.
+            raise ValueError("LoRA needs the base's weights, and this model was created on the meta device (a "
+                             "strategy's empty init): use ZeROStrategy(empty_init=False) or a strategy without it")
         if not isinstance(model, PeftModel):
             model = self.prepare_base(model)
         model = add_adapter(model, self.config, self.adapter_name)
@@ -377,7 +393,10 @@ class LoRACallback(Callback):
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         # The module loaded the checkpoint non-strictly (it has no base weights): make sure the
-        # adapter weights themselves were all there.
+        # adapter weights themselves were all there. A sharded checkpoint has no "state_dict" here:
+        # the strategy has loaded the shards into the model itself.
+        if "state_dict" not in checkpoint:
+            return
         missing = sorted(adapter_keys(pl_module.model, prefix=MODEL_PREFIX) - set(checkpoint["state_dict"]))
         if missing:
             raise ValueError(f"the checkpoint lacks {len(missing)} adapter weights of this run, e.g. {missing[:2]}: "
@@ -389,12 +408,13 @@ class LoRACallback(Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         out = Path(self.adapter_dir or Path(trainer.default_root_dir) / "adapter")
+        state = gathered_adapter_state(pl_module.model)
         if trainer.is_global_zero:
             peft_model = as_peft_model(pl_module.model)
             base = getattr(pl_module.hparams, "model", None)
             if base is not None:
                 peft_model.peft_config[self.adapter_name].base_model_name_or_path = str(base)
-            path = save_adapter(peft_model, out, self.adapter_name, getattr(pl_module, "tokenizer", None))
+            path = save_adapter(peft_model, out, self.adapter_name, getattr(pl_module, "tokenizer", None), state)
             rank_zero_info(f"adapter {self.adapter_name!r} written to {path}")
 
 
