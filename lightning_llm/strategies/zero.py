@@ -246,8 +246,9 @@ class ZeROStrategy(ModelParallelStrategy):
 
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
         """Load a sharded checkpoint written on any number of ranks into this run's shards."""
-        from torch.distributed.checkpoint import load
+        from torch.distributed.checkpoint import DefaultLoadPlanner, load
         from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
             get_model_state_dict,
             get_optimizer_state_dict,
             set_model_state_dict,
@@ -267,8 +268,11 @@ class ZeROStrategy(ModelParallelStrategy):
             state[f"optimizer_{idx}"] = (
                 shards.state_dict(initialize=True) if shards is not None else get_optimizer_state_dict(self.model, optimizer)
             )
-        load(state, checkpoint_id=path)
-        set_model_state_dict(self.model, state["state_dict"])
+        # A module that loads non-strictly (LoRA: the checkpoint holds the adapters, not the frozen base)
+        # takes the keys the checkpoint has and keeps its own values for the rest.
+        strict = self.lightning_module.strict_loading
+        load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=not strict))
+        set_model_state_dict(self.model, state["state_dict"], options=StateDictOptions(strict=strict))
         for idx, optimizer in enumerate(self.optimizers):
             shards = self._optimizer_shards.get(id(optimizer))
             if shards is not None:
