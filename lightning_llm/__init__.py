@@ -36,6 +36,12 @@ _EXPORTS = {
     "ZeROStrategy": "lightning_llm.strategies.zero",
     "InstructionDataModule": "lightning_llm.data.instruct",
     "InstructionTuningModule": "lightning_llm.modules.instruct",
+    "LoRACallback": "lightning_llm.callbacks.lora",
+    "QLoRACallback": "lightning_llm.callbacks.lora",
+    "use_adapter": "lightning_llm.callbacks.lora",
+    "merge_adapter": "lightning_llm.callbacks.lora",
+    "save_adapter": "lightning_llm.callbacks.lora",
+    "load_adapter": "lightning_llm.callbacks.lora",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -96,14 +96,27 @@ def generate(argv: list[str]) -> None:
 
 
 def export(argv: list[str]) -> None:
-    from lightning_llm.export import export_checkpoint
+    from lightning_llm.callbacks.lora import export_lora_checkpoint, is_adapter_checkpoint
+    from lightning_llm.export import export_checkpoint, load_checkpoint
 
     parser = argparse.ArgumentParser(prog="lightning-llm export", description="Write a checkpoint as a Hugging Face model directory.")
-    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint file or a sharded checkpoint directory")
     parser.add_argument("--out", required=True)
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--merge", action="store_true",
+                        help="LoRA/QLoRA checkpoints: merge the adapter into its base (default: the adapter in peft's format)")
+    parser.add_argument("--base", default=None, help="LoRA/QLoRA checkpoints: the base model directory, if not the run's")
     args = parser.parse_args(argv)
-    path = export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite)
+    checkpoint = load_checkpoint(args.checkpoint)
+    if is_adapter_checkpoint(checkpoint):
+        path, error = export_lora_checkpoint(checkpoint, args.out, merge=args.merge, base=args.base,
+                                             overwrite=args.overwrite)
+        if error is not None:
+            print(f"merge error: max |merged - adapted| logit difference {error:.3g}")
+    elif args.merge or args.base:
+        parser.error("--merge and --base apply to LoRA/QLoRA checkpoints only, and this one holds a whole model")
+    else:
+        path = export_checkpoint(checkpoint, args.out, overwrite=args.overwrite)
     print(f"exported to {path}")
 
 

@@ -123,11 +123,15 @@ def tokenizer_from_checkpoint(checkpoint: dict[str, Any]) -> PreTrainedTokenizer
 
 
 def load_for_inference(path: str | os.PathLike) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
-    """A model and tokenizer from a checkpoint file or an export directory."""
+    """A model and tokenizer from a checkpoint (file or sharded directory) or an export directory."""
+    from lightning_llm.callbacks.lora import is_adapter_checkpoint, peft_model_from_checkpoint
+
     path = Path(path)
     if path.is_dir() and (path / "config.json").exists():
         return AutoModelForCausalLM.from_pretrained(path).eval(), load_tokenizer(path)
     checkpoint = load_checkpoint(path)
+    if is_adapter_checkpoint(checkpoint):  # a LoRA/QLoRA run: its base with the adapters on it
+        return peft_model_from_checkpoint(checkpoint), tokenizer_from_checkpoint(checkpoint)
     return model_from_checkpoint(checkpoint), tokenizer_from_checkpoint(checkpoint)
 
 
@@ -153,9 +157,11 @@ def save_pretrained_atomic(
     return out
 
 
-def export_checkpoint(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """`lightning-llm export`: a checkpoint file to a Hugging Face directory."""
-    checkpoint = load_checkpoint(checkpoint_path)
+def export_checkpoint(checkpoint: str | os.PathLike | dict[str, Any], out_dir: str | os.PathLike,
+                      overwrite: bool = False) -> Path:
+    """`lightning-llm export`: a checkpoint (a path, or one already loaded) to a Hugging Face directory."""
+    if not isinstance(checkpoint, dict):
+        checkpoint = load_checkpoint(checkpoint)
     model = model_from_checkpoint(checkpoint)
     return save_pretrained_atomic(model, out_dir, tokenizer_from_checkpoint(checkpoint), overwrite=overwrite)
 

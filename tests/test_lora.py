@@ -28,6 +28,7 @@ from lightning_llm.callbacks.lora import (
     quantize_4bit, quantized_bits_per_parameter, save_adapter, use_adapter,
 )
 from lightning_llm.cli import main
+from lightning_llm.export import load_for_inference
 from lightning_llm.data.pretrain import PretrainDataModule
 from lightning_llm.models import build_model
 from lightning_llm.modules.pretrain import PretrainModule
@@ -124,6 +125,11 @@ def test_only_the_adapter_trains_and_merging_gives_the_same_model(base_dir, data
     assert not any(".lora_" in n for n, _ in merged.named_parameters())
     torch.testing.assert_close(probe(merged), adapted, rtol=0, atol=1e-5)
     assert error < 1e-5
+    # the same through the command line, and `generate`'s loader rebuilds base + adapter
+    main(["export", "--checkpoint", str(tmp_path / "lora.ckpt"), "--out", str(tmp_path / "cli-merged"), "--merge"])
+    torch.testing.assert_close(probe(AutoModelForCausalLM.from_pretrained(tmp_path / "cli-merged")), adapted,
+                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(probe(load_for_inference(tmp_path / "lora.ckpt")[0]), adapted, rtol=0, atol=1e-6)
 
 
 def test_adapter_only_checkpoint_is_small_and_resumes_with_the_same_losses(base_dir, datamodule, tmp_path):

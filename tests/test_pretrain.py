@@ -10,6 +10,7 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lightning_llm.cli import main
 from lightning_llm.data.pretrain import PretrainDataModule
 from lightning_llm.export import export_checkpoint, load_checkpoint, model_from_checkpoint
 from lightning_llm.modules.pretrain import PretrainModule, next_token_loss, parameter_groups, warmup_cosine
@@ -96,7 +97,7 @@ def test_resume_mid_epoch_continues_exactly(datamodule, tmp_path):
     torch.testing.assert_close(torch.tensor(first.losses + second.losses), torch.tensor(straight.losses), rtol=1e-5, atol=1e-5)
 
 
-def test_export_loads_in_transformers_with_the_same_logits(datamodule, tmp_path):
+def test_export_loads_in_transformers_with_the_same_logits(datamodule, tmp_path, capsys):
     module = PretrainModule("tiny", warmup_steps=2)
     trainer = make_trainer(tmp_path, 3)
     trainer.fit(module, datamodule=datamodule)
@@ -113,6 +114,11 @@ def test_export_loads_in_transformers_with_the_same_logits(datamodule, tmp_path)
     with pytest.raises(FileExistsError, match="exists and is not empty"):
         export_checkpoint(tmp_path / "run.ckpt", out)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".hf")) == []
+    # --merge is for adapter checkpoints: on a whole model the command line says so and writes nothing
+    with pytest.raises(SystemExit):
+        main(["export", "--checkpoint", str(tmp_path / "run.ckpt"), "--out", str(tmp_path / "merged"), "--merge"])
+    assert "LoRA/QLoRA checkpoints only" in capsys.readouterr().err
+    assert not (tmp_path / "merged").exists()
 
 
 def test_export_of_a_bad_checkpoint_leaves_nothing(tmp_path):

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -515,7 +517,16 @@ def export_lora_checkpoint(checkpoint: str | os.PathLike | dict[str, Any], out_d
         out = Path(out_dir)
         if out.exists() and any(out.iterdir()) and not overwrite:
             raise FileExistsError(f"export directory {str(out)!r} exists and is not empty; remove it or pass overwrite=True")
-        return save_adapter(model, out, model.active_adapter, tokenizer), None
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))  # nothing half-written at `out`
+        try:
+            save_adapter(model, tmp, model.active_adapter, tokenizer)
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.rename(out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return out, None
     vocab_size = model.get_base_model().config.vocab_size
     before = probe_logits(model, vocab_size)
     merged = merge_adapter(model).eval()
