@@ -88,14 +88,16 @@ class InstructionTuningModule(PretrainModule):
     def build_hf_model(self) -> PreTrainedModel:
         hp = self.hparams
         if is_checkpoint(hp.model):
-            model = model_from_checkpoint(load_checkpoint(hp.model)).train()
+            model = model_from_checkpoint(load_checkpoint(hp.model))
             if hp.attn_implementation is not None:
                 model.set_attn_implementation(hp.attn_implementation)
         else:
             model = super().build_hf_model()
         if self.tokenizer is not None:
             fit_embeddings(model, self.tokenizer)
-        return model
+        # `from_pretrained` returns a model in eval mode, and Lightning keeps the modes it finds: train
+        # with dropout where the pretrained config has it.
+        return model.train()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = super().training_step(batch, batch_idx)
