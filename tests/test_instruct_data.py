@@ -83,6 +83,42 @@ def test_label_masks_are_exact_for_each_format(chat_tokenizer, case):
     assert runs(chat_tokenizer, ids, trained) == expected
 
 
+def random_record(rng):
+    """A conversation of random text (words, digits, punctuation, newlines, unicode) in a random format."""
+    def text():
+        pieces = ["the", " cat", "42", "\n", "  ", "def f(x):", "é", "—", "<|", "|>", "user", "\t", "!"]
+        return "".join(rng.choice(pieces) for _ in range(rng.randint(1, 12))).strip() or "x"
+
+    turns = [(text(), text()) for _ in range(rng.randint(1, 4))]
+    system = text() if rng.random() < 0.5 else None
+    format = rng.choice(["messages", "sharegpt", "alpaca", "prompt_completion"])
+    if format == "alpaca":
+        return {"instruction": turns[0][0], "input": text(), "output": turns[0][1]}, [turns[0][1]]
+    if format == "prompt_completion":
+        return {"prompt": turns[0][0], "completion": turns[0][1]}, [turns[0][1]]
+    role, content, names = ("role", "content", ("user", "assistant")) if format == "messages" else ("from", "value", ("human", "gpt"))
+    turns_out = [{role: "system", content: system}] if system else []
+    turns_out += [{role: name, content: t} for q, a in turns for name, t in zip(names, (q, a))]
+    return {"messages" if format == "messages" else "conversations": turns_out}, [a for _, a in turns]
+
+
+def test_the_trained_tokens_decode_to_the_answers_and_nothing_else(chat_tokenizer):
+    """An oracle that needs no hand-written runs: on random conversations of every format, the unmasked
+    tokens decode to the concatenated answers, each with its end of turn (EOS for the default template)."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        record, answers = random_record(rng)
+        messages = to_messages(record)
+        ids, trained = tokenize_conversation(chat_tokenizer, messages)
+        answer_ids = [t for t, is_trained in zip(ids, trained) if is_trained]
+        assert chat_tokenizer.decode(answer_ids, clean_up_tokenization_spaces=False) == "".join(a + E for a in answers), record
+        # and no text is lost or added: all the tokens decode to the rendered conversation
+        rendered = chat_tokenizer.apply_chat_template(messages, tokenize=False)
+        assert chat_tokenizer.decode(ids, clean_up_tokenization_spaces=False) == rendered, record
+
+
 def test_the_tokenizers_own_template_is_used(tokenizer):
     tok = copy.deepcopy(tokenizer)
     tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)

@@ -77,8 +77,12 @@ def test_packed_examples_do_not_attend_across_and_lose_what_unpacked_lose(chat_t
         starts = np.cumsum([0] + lengths)
         for i, n in enumerate(lengths):  # each packed example computes what it computes alone
             torch.testing.assert_close(logits[starts[i]:starts[i] + n], alone[i, :n], rtol=1e-4, atol=1e-5)
-        # the same loss, token-weighted over the answer tokens of the batch
+        # the same loss as the padded batch, and as one batch per example weighted by its answer tokens
         torch.testing.assert_close(module.loss(packed), module.loss(unpacked), rtol=1e-5, atol=1e-6)
+        answer_tokens = [int((targets != -100).sum()) for _, targets in samples]
+        one_by_one = [module.loss(pad_collate([SingleExamples(samples, np.array([i]))[0]], pad)) for i in range(3)]
+        weighted = sum(loss * n for loss, n in zip(one_by_one, answer_tokens)) / sum(answer_tokens)
+        torch.testing.assert_close(module.loss(packed), weighted, rtol=1e-5, atol=1e-6)
 
         # change the middle example: the first and the last see nothing of it
         changed = packed["input_ids"].clone()
@@ -118,6 +122,7 @@ def test_starts_from_an_export_then_from_its_checkpoint(tmp_path, tokenizer):
     fit.fit(module, datamodule=dm)
     # the default template's three role tokens got embeddings; the pretrained rows are untouched
     embeddings = module.model.get_input_embeddings().weight
+    assert module.model.training  # from_pretrained hands back eval mode; tuning trains
     assert module.model.config.vocab_size == len(tokenizer) + 3 == len(module.tokenizer)
     torch.testing.assert_close(embeddings[: len(tokenizer)], pretrained.get_input_embeddings().weight, rtol=0, atol=0)
     assert module.tokenizer is dm.tokenizer
@@ -182,6 +187,7 @@ def test_tuning_raises_exact_match_on_held_out_questions(tmp_path, tokenizer):
     module.configure_model()  # the untuned model
     module.model.eval()
     before = make_sft_data.exact_match(module.model, dm.tokenizer, test)
+    module.model.train()
     trainer(tmp_path, 200).fit(module, datamodule=dm)
     module.model.eval()
     after = make_sft_data.exact_match(module.model, dm.tokenizer, test)

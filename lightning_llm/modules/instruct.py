@@ -95,7 +95,9 @@ class InstructionTuningModule(PretrainModule):
             model = super().build_hf_model()
         if self.tokenizer is not None:
             fit_embeddings(model, self.tokenizer)
-        return model
+        # `from_pretrained` returns a model in eval mode, and Lightning keeps the modes it finds: train
+        # with dropout where the pretrained config has it.
+        return model.train()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = super().training_step(batch, batch_idx)
