@@ -95,9 +95,7 @@ class InstructionTuningModule(PretrainModule):
             model = super().build_hf_model()
         if self.tokenizer is not None:
             fit_embeddings(model, self.tokenizer)
-        # `from_pretrained` returns a model in eval mode, and Lightning keeps the modes it finds: train
-        # with dropout where the pretrained config has it.
-        return model.train()
+        return model  # (put in train mode by PretrainModule.configure_model)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = super().training_step(batch, batch_idx)
