@@ -28,6 +28,11 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=-100)
 
 
+def next_token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy over target tokens (-100 = ignored), computed in fp32."""
+    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+
+
 def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
     """Learning-rate multiplier: linear warmup to 1, then cosine decay to `min_lr_ratio` at `max_steps`."""
     if step < warmup_steps:
@@ -153,11 +158,30 @@ class PretrainModule(LightningModule):
         kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or {}
         return kwargs.get("num_replicas", 1)
 
+    def training_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss this rank backpropagates, and the global batch's token-mean loss (for the logs).
+
+        Data-parallel ranks can hold different numbers of target tokens (instruction data: answers
+        vary in length). A per-rank mean, averaged over ranks, would weight a token on a rank with
+        few of them more than one on a busy rank. Each rank instead divides its summed loss by the
+        mean count over ranks, so the ranks' averaged gradients are those of the token mean over
+        the whole global batch, as one process computes it. (Within gradient accumulation each
+        micro-batch is still its own mean.)
+        """
+        logits = self(batch["input_ids"], batch.get("position_ids"), batch.get("attention_mask"))
+        total = next_token_loss_sum(logits, batch["targets"])
+        totals = torch.stack([total.detach(), (batch["targets"] != -100).sum().to(total.dtype)])
+        replicas = self._data_parallel_size()
+        if replicas > 1:
+            totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        tokens = totals[1].clamp(min=1)
+        return total * replicas / tokens, totals[0] / tokens
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.loss(batch)
+        loss, batch_loss = self.training_loss(batch)
         self.tokens_seen += batch["input_ids"].numel() * self._data_parallel_size()
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/ppl", torch.exp(loss.detach().clamp(max=20)))
+        self.log("train/loss", batch_loss, prog_bar=True)
+        self.log("train/ppl", torch.exp(batch_loss.clamp(max=20)))
         self.log("train/tokens", float(self.tokens_seen))
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
