@@ -387,21 +387,20 @@ def data_x_pipeline(rank: int, tmp: Path) -> dict:
     trainer = pl.Trainer(accelerator="cpu", devices=4, strategy=strategy, max_steps=4, gradient_clip_val=0.5,
                          use_distributed_sampler=False, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder])
-    trainer.fit(module, datamodule=TokenData(n=32, mask=0.0, split_by_strategy=True))
+    trainer.fit(module, datamodule=TokenData(n=32, split_by_strategy=True))
     return {"losses": recorder.losses, "weights": local_weights(module)}
 
 
 def test_data_parallel_pipelines_match_one_process(tmp_path):
-    """dp=2 x pp=2: each pipeline trains on half of every global batch of 8; the averaged gradients equal
-    one process on the whole batch (no ignored targets, so the token mean is the mean of the halves)."""
+    """dp=2 x pp=2: each pipeline trains on half of every global batch of 8, whose halves hold different
+    numbers of target tokens (20% ignored at random); the averaged gradients and the logged loss equal
+    one process's token mean over the whole batch."""
     torch.manual_seed(0)
     torch.save(build_model("tiny", vocab_size=VOCAB).state_dict(), tmp_path / "init2.pt")
     module = TinyLM(str(tmp_path / "init2.pt"))
-    ref_losses = fit(module, TokenData(n=32, batch_size=2 * BATCH, mask=0.0), max_steps=4)
+    ref_losses = fit(module, TokenData(n=32, batch_size=2 * BATCH), max_steps=4)
     ranks = spawn(data_x_pipeline, 4, tmp_path)
-    # Each pipeline reports its own half's loss; their mean is the whole batch's.
-    assert ranks[0]["losses"] == ranks[1]["losses"] and ranks[2]["losses"] == ranks[3]["losses"]
-    halves = torch.tensor([ranks[0]["losses"], ranks[2]["losses"]])
-    assert halves.mean(0).tolist() == pytest.approx(ref_losses, rel=LOSS_RTOL)
+    for out in ranks:
+        assert out["losses"] == pytest.approx(ref_losses, rel=LOSS_RTOL)
     for out in ranks:
         assert_same_weights(out["weights"], local_weights(module))

@@ -571,7 +571,13 @@ class PipelineStrategy(ParallelStrategy):
             raise ValueError("PipelineStrategy: the training batch has no 'targets' for the last stage's loss")
         self._check_divisible(input_ids.shape[0])
         schedule = self._get_schedule(True, tuple(input_ids.shape), tuple(sorted(kwargs)))
-        self._loss_normalizer = (targets != -100).sum().clamp(min=1)
+        # Replicas (dp > 1) can hold different numbers of target tokens: each divides its summed loss by
+        # the mean count over replicas, so the averaged gradients are the global batch's token mean.
+        count = (targets != -100).sum().to(torch.float32)
+        if self.data_parallel_size > 1:
+            dist.all_reduce(count, group=self._dp_group)
+            count /= self.data_parallel_size
+        self._loss_normalizer = count.clamp(min=1)
         self._microbatch_losses = []
         held = self._hold_gradients()
         schedule.step(*((input_ids,) if self.holds_first_stage else ()),
@@ -582,6 +588,9 @@ class PipelineStrategy(ParallelStrategy):
         shares = self._microbatch_losses[-schedule._n_microbatches:]
         loss = torch.stack(shares).sum() if shares else torch.zeros((), device=self.root_device)
         dist.broadcast(loss, src=self._last_stage_rank(), group=self._pp_group)
+        if self.data_parallel_size > 1:  # the global batch's loss, on every rank
+            dist.all_reduce(loss, group=self._dp_group)
+            loss /= self.data_parallel_size
         return loss
 
     def training_step(self, *args: Any, **kwargs: Any) -> Tensor:
