@@ -69,6 +69,19 @@ class MasterWeightsPrecision(HalfPrecision):
         optimizer.register_load_state_dict_pre_hook(self._take_saved_masters)
         optimizer.register_load_state_dict_post_hook(self._load_masters)
 
+    def master_weights(self, optimizer: Optimizer) -> list[tuple[Tensor, Tensor]]:
+        """(model weight, its fp32 master) for every tensor that `optimizer` steps through a master.
+
+        A strategy that keys the optimizer state by parameter name (ZeROStrategy's sharded
+        checkpoints) uses this to find the names of the masters, which stand in for the weights."""
+        return list(self._masters.get(id(optimizer), ()))
+
+    def copy_masters_to_weights(self, optimizer: Optimizer) -> None:
+        """Round each fp32 master into its bf16 model weight (after a step, or after loading the masters)."""
+        with torch.no_grad():
+            for param, master in self._masters.get(id(optimizer), ()):
+                param.copy_(master)
+
     def _master_indices(self, optimizer: Optimizer) -> dict[int, Tensor]:
         """Index in the optimizer's state_dict (params numbered in group order) -> fp32 master."""
         masters = {id(master) for _, master in self._masters.get(id(optimizer), ())}
@@ -121,7 +134,5 @@ class MasterWeightsPrecision(HalfPrecision):
     def optimizer_step(self, optimizer: Optimizer, model: pl.LightningModule,  # type: ignore[override]
                        closure: Callable[[], Any], **kwargs: Any) -> Any:
         step_output = super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
-        with torch.no_grad():
-            for param, master in self._masters.get(id(optimizer), ()):
-                param.copy_(master)
+        self.copy_masters_to_weights(optimizer)
         return step_output
