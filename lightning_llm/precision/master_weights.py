@@ -31,7 +31,9 @@ class MasterWeightsPrecision(HalfPrecision):
     Built on Lightning's `HalfPrecision("bf16-true")`, which casts the model and the floating-point
     inputs to bf16; this plugin adds the fp32 master copies to each optimizer in `connect`. The
     masters are saved with the optimizer's state (key `fp32_master_weight` per parameter), so a
-    resumed run continues from the fp32 values, not from the rounded bf16 weights.
+    resumed run continues from the fp32 values, not from the rounded bf16 weights. A strategy that
+    writes sharded checkpoints keyed by parameter name (ZeROStrategy) saves the masters in place of
+    the weights instead, through `master_weights` and `copy_masters_to_weights`.
 
     Args:
         precision: "bf16" (alias "bf16-true"), the dtype of the model's weights.

@@ -26,8 +26,11 @@ How each stage is built from torch.distributed:
 Models are created on the meta device in `configure_model` and materialised one FSDP unit (decoder
 layer) at a time right before it is sharded, so a model never exists whole on one rank at stages 2
 and 3. Checkpoints are `torch.distributed.checkpoint` directories (each rank writes its shards,
-`meta.pt` holds the rest); they load on any number of ranks, and `lightning_llm.export.load_checkpoint` turns one
-into an ordinary Lightning checkpoint dict on a single process.
+`meta.pt` holds the rest); they load on any number of ranks, and `lightning_llm.export.load_checkpoint`
+turns one into an ordinary Lightning checkpoint dict on a single process. Under each parameter's name a
+checkpoint holds the tensor the optimizer steps (the stage-1 shard, or the fp32 master of
+`MasterWeightsPrecision`) and, keyed by the same name, its optimizer state: every rank writes its own
+rows at every stage, and a master-weights run saves, resumes and exports its fp32 masters.
 """
 
 from __future__ import annotations
@@ -79,8 +82,10 @@ class ZeROStrategy(ModelParallelStrategy):
     Precision: the project's `MixedPrecision("fp16-mixed")` (its overflow verdict is all-reduced, so
     an inf in one rank's shard makes every rank skip the step) and `MixedPrecision("bf16-mixed")`
     work at every stage (their fp32 weights are the masters, so checkpoints take the fp32 path).
-    `MasterWeightsPrecision("bf16")` trains at every stage but cannot checkpoint (refused with an
-    error). Lightning's `precision="16-mixed"` is refused (its GradScaler does not agree on overflow
+    `MasterWeightsPrecision("bf16")` works at every stage, checkpoints included: the checkpoint's
+    weights are the fp32 masters, sharded as the optimizer state is (the bf16 weights are their
+    rounding, recomputed on load), so a resumed run continues bit for bit and an export gets the fp32
+    masters. Lightning's `precision="16-mixed"` is refused (its GradScaler does not agree on overflow
     across ranks). Gradient clipping by norm works at every stage: the optimizer's gradients are
     `DTensor` shards, so the norm is global.
     """
