@@ -31,7 +31,9 @@ class MasterWeightsPrecision(HalfPrecision):
     Built on Lightning's `HalfPrecision("bf16-true")`, which casts the model and the floating-point
     inputs to bf16; this plugin adds the fp32 master copies to each optimizer in `connect`. The
     masters are saved with the optimizer's state (key `fp32_master_weight` per parameter), so a
-    resumed run continues from the fp32 values, not from the rounded bf16 weights.
+    resumed run continues from the fp32 values, not from the rounded bf16 weights. A strategy that
+    writes sharded checkpoints keyed by parameter name (ZeROStrategy) saves the masters in place of
+    the weights instead, through `master_weights` and `copy_masters_to_weights`.
 
     Args:
         precision: "bf16" (alias "bf16-true"), the dtype of the model's weights.
@@ -68,6 +70,19 @@ class MasterWeightsPrecision(HalfPrecision):
         optimizer.register_state_dict_post_hook(self._save_masters)
         optimizer.register_load_state_dict_pre_hook(self._take_saved_masters)
         optimizer.register_load_state_dict_post_hook(self._load_masters)
+
+    def master_weights(self, optimizer: Optimizer) -> list[tuple[Tensor, Tensor]]:
+        """(model weight, its fp32 master) for every tensor that `optimizer` steps through a master.
+
+        A strategy that keys the optimizer state by parameter name (ZeROStrategy's sharded
+        checkpoints) uses this to find the names of the masters, which stand in for the weights."""
+        return list(self._masters.get(id(optimizer), ()))
+
+    def copy_masters_to_weights(self, optimizer: Optimizer) -> None:
+        """Round each fp32 master into its bf16 model weight (after a step, or after loading the masters)."""
+        with torch.no_grad():
+            for param, master in self._masters.get(id(optimizer), ()):
+                param.copy_(master)
 
     def _master_indices(self, optimizer: Optimizer) -> dict[int, Tensor]:
         """Index in the optimizer's state_dict (params numbered in group order) -> fp32 master."""
@@ -121,7 +136,5 @@ class MasterWeightsPrecision(HalfPrecision):
     def optimizer_step(self, optimizer: Optimizer, model: pl.LightningModule,  # type: ignore[override]
                        closure: Callable[[], Any], **kwargs: Any) -> Any:
         step_output = super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
-        with torch.no_grad():
-            for param, master in self._masters.get(id(optimizer), ()):
-                param.copy_(master)
+        self.copy_masters_to_weights(optimizer)
         return step_output

@@ -26,8 +26,11 @@ How each stage is built from torch.distributed:
 Models are created on the meta device in `configure_model` and materialised one FSDP unit (decoder
 layer) at a time right before it is sharded, so a model never exists whole on one rank at stages 2
 and 3. Checkpoints are `torch.distributed.checkpoint` directories (each rank writes its shards,
-`meta.pt` holds the rest); they load on any number of ranks, and `lightning_llm.export.load_checkpoint` turns one
-into an ordinary Lightning checkpoint dict on a single process.
+`meta.pt` holds the rest); they load on any number of ranks, and `lightning_llm.export.load_checkpoint`
+turns one into an ordinary Lightning checkpoint dict on a single process. Under each parameter's name a
+checkpoint holds the tensor the optimizer steps (the stage-1 shard, or the fp32 master of
+`MasterWeightsPrecision`) and, keyed by the same name, its optimizer state: every rank writes its own
+rows at every stage, and a master-weights run saves, resumes and exports its fp32 masters.
 """
 
 from __future__ import annotations
@@ -79,8 +82,10 @@ class ZeROStrategy(ModelParallelStrategy):
     Precision: the project's `MixedPrecision("fp16-mixed")` (its overflow verdict is all-reduced, so
     an inf in one rank's shard makes every rank skip the step) and `MixedPrecision("bf16-mixed")`
     work at every stage (their fp32 weights are the masters, so checkpoints take the fp32 path).
-    `MasterWeightsPrecision("bf16")` trains at every stage but cannot checkpoint (refused with an
-    error). Lightning's `precision="16-mixed"` is refused (its GradScaler does not agree on overflow
+    `MasterWeightsPrecision("bf16")` works at every stage, checkpoints included: the checkpoint's
+    weights are the fp32 masters, sharded as the optimizer state is (the bf16 weights are their
+    rounding, recomputed on load), so a resumed run continues bit for bit and an export gets the fp32
+    masters. Lightning's `precision="16-mixed"` is refused (its GradScaler does not agree on overflow
     across ranks). Gradient clipping by norm works at every stage: the optimizer's gradients are
     `DTensor` shards, so the norm is global.
     """
@@ -127,8 +132,6 @@ class ZeROStrategy(ModelParallelStrategy):
     # -- model -----------------------------------------------------------------------------------
 
     def setup(self, trainer: Trainer) -> None:
-        if trainer.state.fn == TrainerFn.FITTING and trainer.checkpoint_callbacks:
-            self._refuse_master_weights_checkpoint()
         self.accelerator.setup(trainer)
         module = self.lightning_module
         units = self._units(module)
@@ -227,58 +230,69 @@ class ZeROStrategy(ModelParallelStrategy):
 
     # -- checkpoints -----------------------------------------------------------------------------
 
-    def _refuse_master_weights_checkpoint(self) -> None:
-        from lightning_llm.precision import MasterWeightsPrecision
+    # A checkpoint stores, under each parameter's name, the tensor that the optimizer steps for it, and
+    # that tensor's optimizer state: so every rank writes only its own rows (at stage 1 too, where the
+    # parameters are replicated), and under MasterWeightsPrecision the fp32 masters are the weights
+    # (the bf16 weights are their rounding; export gets the masters). torch's get_optimizer_state_dict
+    # cannot be used: it names only the model's own parameters, not the shards or masters stepped here.
 
-        if isinstance(self.precision_plugin, MasterWeightsPrecision):
-            raise ValueError(
-                "ZeROStrategy with MasterWeightsPrecision trains (stages 1, 2, 3) but cannot checkpoint: the fp32 "
-                "master weights replace the parameters in the optimizer, so its sharded state no longer maps to the "
-                "model's parameter names. Train with Trainer(enable_checkpointing=False), or use "
-                "MixedPrecision('bf16-mixed') / MixedPrecision('fp16-mixed'), whose fp32 weights are the masters "
-                "and checkpoint as fp32 runs do"
-            )
+    def _master_weights(self, optimizer: Optimizer) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        # MasterWeightsPrecision's (weight, fp32 master) pairs, duck-typed: strategies/ and precision/
+        # do not import each other.
+        master_weights = getattr(self.precision_plugin, "master_weights", None)
+        return master_weights(optimizer) if master_weights is not None else []
+
+    def _stepped_tensors(self) -> dict[str, torch.Tensor]:
+        """Parameter name (a tied parameter under each of its names) -> the tensor an optimizer steps for
+        it: the parameter at stages 2 and 3, its dim-0 shard at stage 1, or the fp32 master standing in
+        for either. Parameters that no optimizer steps (frozen ones) are left out."""
+        stand_in = {id(p): shard for shards in self._optimizer_shards.values() for _, p, shard in shards.params}
+        masters = {id(weight): master for opt in self.optimizers for weight, master in self._master_weights(opt)}
+        stepped = {id(t) for opt in self.optimizers for group in opt.param_groups for t in group["params"]}
+        tensors = {}
+        for name, p in self.lightning_module.named_parameters(remove_duplicate=False):
+            t = stand_in.get(id(p), p)
+            t = masters.get(id(t), t)
+            if id(t) in stepped:
+                tensors[name] = t
+        return tensors
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        return {**super().lightning_module_state_dict(), **self._stepped_tensors()}
 
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        self._refuse_master_weights_checkpoint()
-        shards = self._optimizer_shards.get(id(_unwrap(optimizer)))
-        return shards.state_dict() if shards is not None else super().optimizer_state(optimizer)
+        return _optimizer_state_by_name(_unwrap(optimizer), _names(self._stepped_tensors()))
 
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
         """Load a sharded checkpoint written on any number of ranks into this run's shards."""
         from torch.distributed.checkpoint import DefaultLoadPlanner, load
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
-        self._refuse_master_weights_checkpoint()
         path = Path(self.broadcast(checkpoint_path))
         if not _is_sharded_checkpoint(path):
             raise ValueError(
                 f"{str(path)!r} is not a sharded checkpoint directory (with {_METADATA_FILENAME}): "
                 "ZeROStrategy resumes only from checkpoints written by a ZeROStrategy or ModelParallelStrategy"
             )
-        state: dict[str, Any] = {"state_dict": get_model_state_dict(self.model)}
+        stepped = self._stepped_tensors()
+        names = _names(stepped)
+        state: dict[str, Any] = {"state_dict": {**get_model_state_dict(self.model), **stepped}}
         for idx, optimizer in enumerate(self.optimizers):
-            shards = self._optimizer_shards.get(id(optimizer))
-            state[f"optimizer_{idx}"] = (
-                shards.state_dict(initialize=True) if shards is not None else get_optimizer_state_dict(self.model, optimizer)
-            )
+            state[f"optimizer_{idx}"] = _optimizer_state_by_name(optimizer, names, initialize=True)
         # A module that loads non-strictly (LoRA: the checkpoint holds the adapters, not the frozen base)
         # takes the keys the checkpoint has and keeps its own values for the rest.
         strict = self.lightning_module.strict_loading
         load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=not strict))
-        set_model_state_dict(self.model, state["state_dict"], options=StateDictOptions(strict=strict))
+        # `load` fills the stepped tensors in place (the key check was its job); the rest of the model
+        # (frozen parameters, buffers) is set here, and the weights are then derived from what was stepped.
+        rest = {k: v for k, v in state["state_dict"].items() if k not in stepped}
+        set_model_state_dict(self.model, rest, options=StateDictOptions(strict=False))
         for idx, optimizer in enumerate(self.optimizers):
-            shards = self._optimizer_shards.get(id(optimizer))
-            if shards is not None:
-                shards.load_state_dict(state[f"optimizer_{idx}"])
-            else:
-                set_optimizer_state_dict(self.model, optimizer, state[f"optimizer_{idx}"])
+            _load_optimizer_state_by_name(optimizer, state[f"optimizer_{idx}"], stepped)
+            if self._master_weights(optimizer):
+                self.precision_plugin.copy_masters_to_weights(optimizer)
+        for shards in self._optimizer_shards.values():
+            shards.gather_params()
         return torch.load(path / _METADATA_FILENAME, weights_only=False if weights_only is None else weights_only)
 
     def teardown(self) -> None:
@@ -334,34 +348,6 @@ class OptimizerShards:
         for _, p, _ in self.params:
             p.grad = None
 
-    def state_dict(self, initialize: bool = False) -> dict[str, Any]:
-        """The optimizer state keyed by parameter name, tensors as `DTensor` shards (the layout of
-        `get_optimizer_state_dict` for a `fully_shard`ed model); `initialize` creates empty state first."""
-        if initialize:
-            from torch.distributed.checkpoint.state_dict import _init_optim_state
-
-            _init_optim_state(self.optimizer)
-        by_shard = {id(shard): name for name, _, shard in self.params}
-        return {
-            "state": {by_shard[id(s)]: state for s, state in self.optimizer.state.items()},
-            "param_groups": [
-                {**{k: v for k, v in group.items() if k != "params"}, "params": [by_shard[id(s)] for s in group["params"]]}
-                for group in self.optimizer.param_groups
-            ],
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        shard_of = {name: shard for name, _, shard in self.params}
-        for name, values in state_dict["state"].items():
-            target = self.optimizer.state[shard_of[name]]
-            for key, value in values.items():
-                if isinstance(target.get(key), torch.Tensor):
-                    target[key].copy_(value)
-                else:
-                    target[key] = value
-        for group, saved in zip(self.optimizer.param_groups, state_dict["param_groups"]):
-            group.update({k: v for k, v in saved.items() if k != "params"})
-
 
 def state_bytes(module: nn.Module, optimizers: Iterable[Optimizer] = ()) -> dict[str, int]:
     """Bytes this rank holds of parameters, gradients and optimizer state (local shards only)."""
@@ -381,6 +367,42 @@ def state_bytes(module: nn.Module, optimizers: Iterable[Optimizer] = ()) -> dict
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
+
+def _names(stepped: dict[str, torch.Tensor]) -> dict[int, str]:
+    """id(stepped tensor) -> its parameter's name (a tied parameter's first name, as `named_parameters`)."""
+    names: dict[int, str] = {}
+    for name, t in stepped.items():
+        names.setdefault(id(t), name)
+    return names
+
+
+def _optimizer_state_by_name(optimizer: Optimizer, names: dict[int, str], initialize: bool = False) -> dict[str, Any]:
+    """The optimizer state keyed by parameter name, tensors as this rank's `DTensor` shards (the layout
+    of `get_optimizer_state_dict` for a `fully_shard`ed model); `initialize` creates empty state first."""
+    if initialize:
+        from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+        _init_optim_state(optimizer)
+    return {
+        "state": {names[id(t)]: state for t, state in optimizer.state.items()},
+        "param_groups": [
+            {**{k: v for k, v in group.items() if k != "params"}, "params": [names[id(t)] for t in group["params"]]}
+            for group in optimizer.param_groups
+        ],
+    }
+
+
+def _load_optimizer_state_by_name(optimizer: Optimizer, state_dict: dict[str, Any], stepped: dict[str, torch.Tensor]) -> None:
+    for name, values in state_dict["state"].items():
+        target = optimizer.state[stepped[name]]
+        for key, value in values.items():
+            if isinstance(target.get(key), torch.Tensor):
+                target[key].copy_(value)
+            else:
+                target[key] = value
+    for group, saved in zip(optimizer.param_groups, state_dict["param_groups"]):
+        group.update({k: v for k, v in saved.items() if k != "params"})
 
 
 def _unwrap(optimizer: Optimizer) -> Optimizer:
