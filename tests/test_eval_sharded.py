@@ -20,10 +20,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from lm_eval.api.instance import Instance
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.utils.data import DataLoader
 
 from eval_support import FIXTURES, one_thread, small_tokenizer, tiny_model
-from lightning_llm.callbacks.benchmarks import ARCChallengeCallback, LMEvalCallback
+from lightning_llm.callbacks.benchmarks import LMEvalCallback
 from lightning_llm.eval import tasks
 from lightning_llm.eval.lm_adapter import LightningLM, within_root_forward
 from lightning_llm.strategies.zero import ZeROStrategy
@@ -61,26 +62,26 @@ class TinyLM(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-2)
 
 
-def benchmark_callbacks() -> list[LMEvalCallback]:
+class FixtureTasks(LMEvalCallback):
+    FOLDERS = tasks.BENCHMARK_FOLDERS  # index only the benchmarks' folders of lm-eval (the full index takes seconds)
+
+
+def benchmark_callback() -> LMEvalCallback:
+    """ARC-Challenge (multiple choice: loglikelihood) and GSM8K (generate_until) on the fixture data."""
     gsm8k = tasks.benchmark_task("gsm8k", FIXTURES / "gsm8k", num_fewshot=0)
     gsm8k = {**gsm8k, "generation_kwargs": {**gsm8k["generation_kwargs"], "until": UNTIL}}
-    options = dict(batch_size=2, max_gen_toks=MAX_GEN_TOKS, bootstrap_iters=0, every_n_steps=EVAL_STEP, on_fit_end=False)
-    return [ARCChallengeCallback(FIXTURES / "ai2_arc", num_fewshot=0, **options),
-            LMEvalCallback([gsm8k], num_fewshot=0, limit=3, **options)]
+    arc = tasks.benchmark_task("arc_challenge", FIXTURES / "ai2_arc", num_fewshot=0)
+    # Three documents each: rank 0 gets two, rank 1 one (lm-eval pads its requests with repeats).
+    return FixtureTasks([arc, gsm8k], num_fewshot=0, limit=3, batch_size=2, max_gen_toks=MAX_GEN_TOKS, bootstrap_iters=0,
+                        every_n_steps=EVAL_STEP, on_fit_end=False)
 
 
-def direct_requests(rank: int, world: int) -> tuple[list[Instance], list[Instance]]:
-    """Rank `rank`'s share of the direct requests: rank 0 gets all, the others one each."""
-    pairs = PAIRS if rank == 0 else PAIRS[rank % len(PAIRS):][:1]
-    contexts = CONTEXTS if rank == 0 else CONTEXTS[rank % len(CONTEXTS):][:1]
-    return ([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)],
-            [Instance("generate_until", {}, (c, GEN), i) for i, c in enumerate(contexts)])
-
-
-def direct_outputs(model, tokenizer, rank: int, world: int) -> dict:
+def direct_outputs(model, tokenizer, rank: int) -> dict:
+    """The adapter called directly with rank `rank`'s share: rank 0 all requests, rank 1 one of each kind."""
+    pairs, contexts = (PAIRS, CONTEXTS) if rank == 0 else (PAIRS[1:2], CONTEXTS[1:2])
     lm = LightningLM(model, tokenizer, batch_size=1, progress=False)
-    loglikelihood, generate = direct_requests(rank, world)
-    return {"loglikelihood": lm.loglikelihood(loglikelihood), "generate_until": lm.generate_until(generate)}
+    return {"loglikelihood": lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]),
+            "generate_until": lm.generate_until([Instance("generate_until", {}, (c, GEN), i) for i, c in enumerate(contexts)])}
 
 
 def loader():
@@ -90,30 +91,30 @@ def loader():
 # -- what runs in the spawned processes ----------------------------------------------------------
 
 
+def full_weights(model) -> dict[str, torch.Tensor]:
+    """The whole parameters, gathered from the shards onto rank 0 (the other ranks get an empty dict)."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return {k: v.clone() for k, v in get_model_state_dict(model, options=options).items()}
+
+
 class Recorder(pl.Callback):
-    """After the benchmark callbacks' evaluation: the evaluated weights, training mode, direct calls."""
+    """After the benchmark callback's evaluation: the evaluated weights, training mode, direct calls."""
 
     def __init__(self, record: dict):
         self.record = record
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
         self.record.setdefault("losses", []).append(outputs["loss"].item())
         if trainer.global_step != EVAL_STEP:
             return
         self.record["training_after_eval"] = [m.training for m in pl_module.modules()]
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        self.record["evaluated"] = {k: v.clone() for k, v in get_model_state_dict(pl_module.model, options=options).items()}
-        self.record["direct"] = within_root_forward(pl_module, lambda: direct_outputs(
-            pl_module.model, pl_module.tokenizer, trainer.global_rank, trainer.world_size))
+        self.record["evaluated"] = full_weights(pl_module.model)
+        self.record["direct"] = within_root_forward(
+            pl_module, lambda: direct_outputs(pl_module.model, pl_module.tokenizer, trainer.global_rank))
         self.record["training_after_direct"] = [m.training for m in pl_module.modules()]
 
     def on_train_end(self, trainer, pl_module):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        self.record["final"] = {k: v.clone() for k, v in get_model_state_dict(pl_module.model, options=options).items()}
+        self.record["final"] = full_weights(pl_module.model)
         self.record["steps"] = trainer.global_step
 
 
@@ -123,15 +124,15 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     record: dict = {}
     try:
-        callbacks = benchmark_callbacks()
+        callback = benchmark_callback()
         # A hung collective fails after the timeout instead of blocking the test run.
         strategy = ZeROStrategy(stage=3, process_group_backend="gloo", timeout=timedelta(seconds=60))
         trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=STEPS,
-                             callbacks=[*callbacks, Recorder(record)], logger=False, default_root_dir=out,
+                             callbacks=[callback, Recorder(record)], logger=False, default_root_dir=out,
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
         trainer.fit(TinyLM(), loader())
-        record["metrics"] = [c.metrics for c in callbacks]
-        record["samples"] = [c.results and c.results["samples"] for c in callbacks]
+        record["metrics"] = callback.metrics
+        record["samples"] = callback.results and callback.results["samples"]
     except BaseException as err:
         record["error"] = f"rank {rank}: {type(err).__name__}: {err}"
         raise
@@ -174,46 +175,46 @@ def ranks(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def one_process(ranks):
-    """The same callbacks and direct calls on one process, on the weights the ranks evaluated."""
+def one_process(ranks, tmp_path_factory):
+    """The same callback and direct calls on one process, on the weights the ranks evaluated."""
     module = TinyLM()
     module.configure_model()
     module.model.load_state_dict(ranks[0]["evaluated"])
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path_factory.mktemp("one"),
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.strategy.connect(module)
-    callbacks = benchmark_callbacks()
-    for callback in callbacks:
-        callback.evaluate(trainer, module)
-    return {"metrics": [c.metrics for c in callbacks], "samples": [c.results["samples"] for c in callbacks],
-            "direct": [direct_outputs(module.model, module.tokenizer, r, len(ranks)) for r in range(len(ranks))]}
+    callback = benchmark_callback()
+    callback.evaluate(trainer, module)
+    return {"metrics": callback.metrics, "samples": callback.results["samples"],
+            "direct": [direct_outputs(module.model, module.tokenizer, rank) for rank in range(len(ranks))]}
 
 
 def test_metrics_and_per_sample_outputs_equal_one_process(ranks, one_process):
     for rank in ranks:  # the metrics are broadcast to every rank
         assert rank["metrics"] == one_process["metrics"]
-    assert ranks[1]["samples"] == [None, None], "only rank 0 gathers the samples"
-    assert set(one_process["metrics"][0]) >= {"bench/arc_challenge/acc", "bench/arc_challenge/acc_norm"}
-    for sharded, single in zip(ranks[0]["samples"], one_process["samples"]):
-        for task, samples in single.items():
-            # Gathered: rank 0's documents, then rank 1's (for each answer filter).
-            gathered, samples = (sorted(x, key=lambda s: (s["filter"], s["doc_id"])) for x in (sharded[task], samples))
-            assert [s["doc_id"] for s in gathered] == [s["doc_id"] for s in samples]
-            for mine, reference in zip(gathered, samples):
-                # [0]: lm-eval pads the rank with fewer requests with repeats of its last request,
-                # whose answers it appends to that request (a second, equal response).
-                for mine_resp, ref_resp in ((m[0], r[0]) for m, r in zip(mine["resps"], reference["resps"], strict=True)):
-                    if isinstance(ref_resp, tuple):  # (log-likelihood, is_greedy)
-                        assert mine_resp[0] == pytest.approx(ref_resp[0], abs=1e-4)
-                        assert mine_resp[1] == ref_resp[1]
-                    else:  # generated text
-                        assert mine_resp == ref_resp
+    assert ranks[1]["samples"] is None, "only rank 0 gathers the samples"
+    assert set(one_process["metrics"]) >= {"bench/arc_challenge/acc", "bench/arc_challenge/acc_norm", "bench/gsm8k/exact_match"}
+    sharded = ranks[0]["samples"]
+    assert set(sharded) == set(one_process["samples"]) == {"arc_challenge", "gsm8k"}
+    for task, samples in one_process["samples"].items():
+        # Gathered: rank 0's documents, then rank 1's (for each answer filter).
+        gathered, samples = (sorted(x, key=lambda s: (s["filter"], s["doc_id"])) for x in (sharded[task], samples))
+        assert [s["doc_id"] for s in gathered] == [s["doc_id"] for s in samples]
+        for mine, reference in zip(gathered, samples):
+            # [0]: lm-eval pads the rank with fewer requests with repeats of its last request,
+            # whose answers it appends to that request (a second, equal response).
+            for mine_resp, ref_resp in ((m[0], r[0]) for m, r in zip(mine["resps"], reference["resps"], strict=True)):
+                if isinstance(ref_resp, tuple):  # (log-likelihood, is_greedy)
+                    assert mine_resp[0] == pytest.approx(ref_resp[0], abs=1e-4)
+                    assert mine_resp[1] == ref_resp[1]
+                else:  # generated text
+                    assert mine_resp == ref_resp
 
 
 def test_generations_end_at_different_lengths(one_process):
     # What makes the sharded generation non-trivial: unequal lengths across documents (and ranks).
     tokenizer = small_tokenizer()
-    (gsm8k,) = one_process["samples"][1].values()
+    gsm8k = one_process["samples"]["gsm8k"]
     lengths = [len(tokenizer.encode(s["resps"][0][0])) for s in gsm8k]
     assert len(set(lengths)) > 1 and min(lengths) < MAX_GEN_TOKS, lengths
 
