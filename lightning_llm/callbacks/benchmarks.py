@@ -30,7 +30,7 @@ from lm_eval.utils import handle_non_serializable, make_table
 
 from lightning_llm.eval import tasks as lm_tasks
 from lightning_llm.eval.code_eval import HUMANEVAL_LIMITS
-from lightning_llm.eval.lm_adapter import LightningLM
+from lightning_llm.eval.lm_adapter import LightningLM, within_root_forward
 
 
 class LMEvalCallback(pl.Callback):
@@ -141,17 +141,20 @@ class LMEvalCallback(pl.Callback):
                          max_gen_toks=self.max_gen_toks, forward_context=trainer.precision_plugin.forward_context,
                          progress=trainer.progress_bar_callback is not None)
         with _training_rng_untouched():
-            results = lm_eval.simple_evaluate(
+            # Under ZeRO-3 the LightningModule is the root sharded module: evaluate inside its forward.
+            results = within_root_forward(trainer.strategy.model, lambda: lm_eval.simple_evaluate(
                 lm, tasks=self.task_specs(), task_manager=lm_tasks.task_manager(self.FOLDERS),
                 num_fewshot=self.num_fewshot, limit=self.limit, bootstrap_iters=self.bootstrap_iters,
                 gen_kwargs={"max_gen_toks": self.max_gen_toks}, log_samples=True,
                 confirm_run_unsafe_code=self.confirm_run_unsafe_code,
-            )
+            ))
         self._last_step = trainer.global_step
+        # `trainer.log_dir` is a broadcast from rank 0: every rank asks for it, not rank 0 alone.
+        directory = Path(trainer.log_dir or trainer.default_root_dir) / "lm_eval"
         if results is not None:  # rank 0
             self.results = results
             self.metrics = bench_metrics(results, self.log_subtasks)
-            self._write(trainer, results)
+            self._write(directory, trainer.global_step, results)
             rank_zero_info(make_table(results) + (make_table(results, "groups") if results.get("groups") else ""))
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             shared = [self.metrics]
@@ -166,11 +169,10 @@ class LMEvalCallback(pl.Callback):
                 logger.save()
         return self.metrics
 
-    def _write(self, trainer: pl.Trainer, results: dict[str, Any]) -> None:
-        directory = Path(trainer.log_dir or trainer.default_root_dir) / "lm_eval"
+    def _write(self, directory: Path, step: int, results: dict[str, Any]) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         name = "-".join(sorted(results["results"]))[:80]
-        path = directory / f"{name}-step{trainer.global_step}.json"
+        path = directory / f"{name}-step{step}.json"
         path.write_text(json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
 
 

@@ -11,8 +11,11 @@ What differs from HFLM, for speed: the language-model head and the log-softmax r
 positions being scored (`logits_to_keep`), not on every position of every padded row.
 
 Under torch.distributed each rank scores its share of the requests (lm-eval splits them) and the
-results are gathered on rank 0; when the parameters are sharded (ZeRO-3 / FSDP2), every rank makes
-the same number of forward passes, as the all-gathers inside the forward require.
+results are gathered on rank 0. When the parameters are sharded (ZeRO-3 / FSDP2), every forward pass
+all-gathers them, so every rank makes the same number of forward passes and `generate` calls, and
+generation runs with `synced_gpus` (a rank whose sequences are done keeps stepping until all are);
+the evaluation must then run inside the forward of the root sharded module (`within_root_forward`),
+whose hooks gather the parameters that the root holds itself.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -28,11 +31,46 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text, resolve_max_length
 from lm_eval.models.utils_hf import stop_sequences_criteria
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 # (string pair or None, context tokens, continuation tokens): what TemplateLM hands to scoring.
 TokenRequest = tuple[Any, list[int], list[int]]
+T = TypeVar("T")
+
+
+def within_root_forward(root: nn.Module | None, run: Callable[[], T]) -> T:
+    """`run()`, called from inside `root`'s forward when `root` is a `fully_shard`ed module (ZeRO-3 / FSDP2).
+
+    FSDP2 gathers the parameters that a sharded module holds itself (those outside its sharded
+    sub-modules: a LightningModule's embedding, final norm and LM head under ZeROStrategy) only in
+    the hooks around that module's forward. Lightning's steps reach the model through the root's
+    forward (its "forward redirection"); an evaluation of the model inside must go the same way.
+    Any other `root` (None, a plain or DDP-wrapped module) just calls `run()`.
+    """
+    if not isinstance(root, FSDPModule):
+        return run()
+    shadowed = root.__dict__.get("forward")  # Lightning's redirection may leave one behind
+
+    def forward(*args: Any, **kwargs: Any) -> T:
+        _restore_forward(root, shadowed)  # `run` may call the real forward
+        return run()
+
+    root.forward = forward
+    try:
+        with torch.no_grad():
+            return root()
+    finally:
+        _restore_forward(root, shadowed)
+
+
+def _restore_forward(module: nn.Module, shadowed: Callable | None) -> None:
+    if shadowed is not None:
+        module.forward = shadowed
+    else:
+        module.__dict__.pop("forward", None)
 
 
 class LightningLM(TemplateLM):
@@ -47,6 +85,10 @@ class LightningLM(TemplateLM):
         forward_context: context manager factory entered around every model call (e.g. autocast
             from the trainer's precision plugin).
         progress: show tqdm progress bars (on rank 0 only).
+
+    With sharded parameters (ZeRO-3 / FSDP2) call lm-eval from `within_root_forward(root, ...)`,
+    where `root` is the sharded module that contains `model` (the LightningModule); the benchmark
+    callbacks do.
     """
 
     def __init__(
@@ -121,10 +163,10 @@ class LightningLM(TemplateLM):
             group_fn=lambda req: req[-2] + req[-1][:-1],
         )
         results: list[tuple[float, bool]] = []
-        batches = 0
+        batches = list(ordered.get_batched(n=self.batch_size))
+        throwaways = self._missing_calls(len(batches))
         with self._evaluating(), self._progress_bar(len(requests), "loglikelihood", disable_tqdm) as bar:
-            for chunk in ordered.get_batched(n=self.batch_size):
-                batches += 1
+            for chunk in batches:
                 for request, logprobs in zip(chunk, self._continuation_logprobs(chunk)):
                     greedy = logprobs.argmax(dim=-1)
                     for key, cont_toks, lp in ordered.get_cache(
@@ -140,7 +182,9 @@ class LightningLM(TemplateLM):
                         if key is not None:
                             self.cache_hook.add_partial("loglikelihood", key, answer)
                         bar.update(1)
-            self._match_forward_passes(batches)
+            for _ in range(throwaways):
+                with self._forward_context():
+                    self.model(self._dummy_input())
         return ordered.get_original(results)
 
     def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
@@ -171,8 +215,10 @@ class LightningLM(TemplateLM):
         )
         eos = self.tokenizer.decode(self.eot_token_id, skip_special_tokens=False)
         results: list[str] = []
+        batches = list(ordered.get_batched(n=self.batch_size))
+        throwaways = self._missing_calls(len(batches))
         with self._evaluating(), self._progress_bar(len(requests), "generate_until", disable_tqdm) as bar:
-            for chunk in ordered.get_batched(n=self.batch_size):
+            for chunk in batches:
                 contexts, all_gen_kwargs = zip(*chunk)
                 kwargs = normalize_gen_kwargs(all_gen_kwargs[0], self.max_gen_toks)
                 until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
@@ -180,6 +226,12 @@ class LightningLM(TemplateLM):
                     results.append(text)
                     self.cache_hook.add_partial("generate_until", (context, all_gen_kwargs[0]), text)
                     bar.update(1)
+            for _ in range(throwaways):
+                # One token, then synced_gpus keeps it stepping for as long as another rank's call runs.
+                dummy = self._dummy_input()
+                with self._forward_context():
+                    self.model.generate(input_ids=dummy, attention_mask=torch.ones_like(dummy), max_new_tokens=1,
+                                        do_sample=False, pad_token_id=self.eot_token_id, synced_gpus=True)
         return ordered.get_original(results)
 
     # ---- torch.distributed, for lm-eval's data-parallel evaluation ----
@@ -263,17 +315,22 @@ class LightningLM(TemplateLM):
             for row in output
         ]
 
-    def _match_forward_passes(self, done: int) -> None:
-        # With sharded parameters every forward is a collective: a rank with fewer batches than the
-        # others runs throwaway passes until all ranks have made the same number.
+    def _missing_calls(self, calls: int) -> int:
+        """How many throwaway model calls this rank adds to its own `calls` (forward passes or
+        `generate` calls) so that every rank makes as many as the busiest one.
+
+        With sharded parameters every forward pass is a collective (the all-gathers), so a rank that
+        runs out of work must keep calling the model. The counts are agreed on before any call: an
+        exchange after its own work would meet another rank's all-gathers and hang.
+        """
         if not self._sharded:
-            return
-        most = torch.tensor(done, device=self._device)
+            return 0
+        most = torch.tensor(calls, device=self._device)
         dist.all_reduce(most, op=dist.ReduceOp.MAX)
-        dummy = torch.full((1, 1), self.eot_token_id, dtype=torch.long, device=self._device)
-        for _ in range(int(most) - done):
-            with self._forward_context():
-                self.model(dummy)
+        return int(most) - calls
+
+    def _dummy_input(self) -> torch.Tensor:
+        return torch.full((1, 1), self.eot_token_id, dtype=torch.long, device=self._device)
 
     @contextlib.contextmanager
     def _evaluating(self) -> Iterator[None]:
