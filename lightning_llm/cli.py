@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -67,10 +69,22 @@ def plan(argv: list[str]) -> None:
         print(f"plot written to {args.plot}")
 
 
+def inference_model(path: str) -> tuple[Any, Any]:
+    """The model and tokenizer `generate` uses: an export directory, a checkpoint, or a LoRA/QLoRA
+    run's adapter checkpoint rebuilt on its base."""
+    from lightning_llm.export import is_adapter_checkpoint, load_checkpoint, load_for_inference, tokenizer_from_checkpoint
+
+    source = Path(path) if (Path(path) / "config.json").exists() else load_checkpoint(path)
+    if isinstance(source, dict) and is_adapter_checkpoint(source):
+        # (imported only here: it imports peft and bitsandbytes)
+        from lightning_llm.callbacks.lora import peft_model_from_checkpoint
+
+        return peft_model_from_checkpoint(source), tokenizer_from_checkpoint(source)
+    return load_for_inference(source)
+
+
 def generate(argv: list[str]) -> None:
     import torch
-
-    from lightning_llm.export import load_for_inference
 
     parser = argparse.ArgumentParser(prog="lightning-llm generate", description="Continue a prompt with a trained model.")
     parser.add_argument("--checkpoint", required=True, help="a checkpoint file or a Hugging Face export directory")
@@ -80,7 +94,7 @@ def generate(argv: list[str]) -> None:
     parser.add_argument("--top_k", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    model, tokenizer = load_for_inference(args.checkpoint)
+    model, tokenizer = inference_model(args.checkpoint)
     if tokenizer is None:
         parser.error(f"{args.checkpoint} carries no tokenizer")
     torch.manual_seed(args.seed)
@@ -96,8 +110,11 @@ def generate(argv: list[str]) -> None:
 
 
 def export(argv: list[str]) -> None:
-    from lightning_llm.callbacks.lora import export_lora_checkpoint, is_adapter_checkpoint
-    from lightning_llm.export import export_checkpoint, load_checkpoint
+    from lightning_llm.export import (
+        export_checkpoint,
+        is_adapter_checkpoint,
+        load_checkpoint,
+    )
 
     parser = argparse.ArgumentParser(prog="lightning-llm export", description="Write a checkpoint as a Hugging Face model directory.")
     parser.add_argument("--checkpoint", required=True, help="a checkpoint file or a sharded checkpoint directory")
@@ -109,6 +126,9 @@ def export(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     checkpoint = load_checkpoint(args.checkpoint)
     if is_adapter_checkpoint(checkpoint):
+        # (imported only here: it imports peft and bitsandbytes)
+        from lightning_llm.callbacks.lora import export_lora_checkpoint
+
         path, error = export_lora_checkpoint(checkpoint, args.out, merge=args.merge, base=args.base,
                                              overwrite=args.overwrite)
         if error is not None:

@@ -16,7 +16,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from lightning_llm.data.tokenizer import load_tokenizer
 
@@ -122,17 +128,27 @@ def tokenizer_from_checkpoint(checkpoint: dict[str, Any]) -> PreTrainedTokenizer
         return load_tokenizer(tmp)
 
 
-def load_for_inference(path: str | os.PathLike) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
-    """A model and tokenizer from a checkpoint (file or sharded directory) or an export directory."""
-    from lightning_llm.callbacks.lora import is_adapter_checkpoint, peft_model_from_checkpoint
+ADAPTER_KEY = "lora"  # the checkpoint entry of a LoRA/QLoRA run: how to rebuild the adapted model
 
-    path = Path(path)
-    if path.is_dir() and (path / "config.json").exists():
-        return AutoModelForCausalLM.from_pretrained(path).eval(), load_tokenizer(path)
-    checkpoint = load_checkpoint(path)
-    if is_adapter_checkpoint(checkpoint):  # a LoRA/QLoRA run: its base with the adapters on it
-        return peft_model_from_checkpoint(checkpoint), tokenizer_from_checkpoint(checkpoint)
-    return model_from_checkpoint(checkpoint), tokenizer_from_checkpoint(checkpoint)
+
+def is_adapter_checkpoint(checkpoint: dict[str, Any]) -> bool:
+    """Whether a loaded checkpoint was written by a LoRA/QLoRA run (it holds adapters, not a base)."""
+    return ADAPTER_KEY in checkpoint
+
+
+def load_for_inference(source: str | os.PathLike | dict[str, Any]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """A model and tokenizer from an export directory, a checkpoint (file or sharded directory) or
+    an already loaded checkpoint. (A LoRA run's adapter checkpoint needs its base too:
+    `lightning_llm.callbacks.lora.peft_model_from_checkpoint`.)"""
+    if not isinstance(source, dict):
+        path = Path(source)
+        if path.is_dir() and (path / "config.json").exists():
+            return AutoModelForCausalLM.from_pretrained(path).eval(), load_tokenizer(path)
+        source = load_checkpoint(path)
+    if is_adapter_checkpoint(source):
+        raise ValueError("the checkpoint holds LoRA adapters, not a whole model: load it with "
+                         "lightning_llm.callbacks.lora.peft_model_from_checkpoint (lightning-llm generate does)")
+    return model_from_checkpoint(source), tokenizer_from_checkpoint(source)
 
 
 def save_pretrained_atomic(
@@ -168,7 +184,10 @@ def export_checkpoint(checkpoint: str | os.PathLike | dict[str, Any], out_dir: s
 
 def export_module(module: Any, out_dir: str | os.PathLike, overwrite: bool = True) -> Path | None:
     """Export a LightningModule's live model (all ranks call this: sharded weights are gathered to rank 0)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     state = get_model_state_dict(module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if module.global_rank != 0:

@@ -16,19 +16,29 @@ import yaml
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
+from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from peft import LoraConfig, PeftModel
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+)
 from transformers import AutoModelForCausalLM
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from lightning_llm.callbacks.lora import (
-    LoRACallback, QLoRACallback, add_adapter, export_lora_checkpoint, load_adapter, merge_adapter,
-    quantize_4bit, quantized_bits_per_parameter, save_adapter, use_adapter,
+    LoRACallback,
+    QLoRACallback,
+    add_adapter,
+    export_lora_checkpoint,
+    load_adapter,
+    merge_adapter,
+    quantize_4bit,
+    quantized_bits_per_parameter,
+    save_adapter,
+    use_adapter,
 )
-from lightning_llm.cli import main
-from lightning_llm.export import load_for_inference
+from lightning_llm.cli import inference_model, main
 from lightning_llm.data.pretrain import PretrainDataModule
 from lightning_llm.models import build_model
 from lightning_llm.modules.pretrain import PretrainModule
@@ -129,7 +139,7 @@ def test_only_the_adapter_trains_and_merging_gives_the_same_model(base_dir, data
     main(["export", "--checkpoint", str(tmp_path / "lora.ckpt"), "--out", str(tmp_path / "cli-merged"), "--merge"])
     torch.testing.assert_close(probe(AutoModelForCausalLM.from_pretrained(tmp_path / "cli-merged")), adapted,
                                rtol=0, atol=1e-5)
-    torch.testing.assert_close(probe(load_for_inference(tmp_path / "lora.ckpt")[0]), adapted, rtol=0, atol=1e-6)
+    torch.testing.assert_close(probe(inference_model(str(tmp_path / "lora.ckpt"))[0]), adapted, rtol=0, atol=1e-6)
 
 
 def test_adapter_only_checkpoint_is_small_and_resumes_with_the_same_losses(base_dir, datamodule, tmp_path):

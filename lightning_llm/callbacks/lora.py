@@ -32,10 +32,16 @@ from torch.distributed.tensor import DTensor
 from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.integrations.bitsandbytes import dequantize_and_replace
 
-from lightning_llm.export import MODEL_PREFIX, load_checkpoint, save_pretrained_atomic, tokenizer_from_checkpoint
+from lightning_llm.export import (
+    ADAPTER_KEY,
+    MODEL_PREFIX,
+    is_adapter_checkpoint,
+    load_checkpoint,
+    save_pretrained_atomic,
+    tokenizer_from_checkpoint,
+)
 from lightning_llm.models import build_model, has_weights
 
-ADAPTER_KEY = "lora"  # the checkpoint entry that says how to rebuild the adapted model
 NF4_BLOCKSIZE = 64  # weights per absmax in QLoRA's NF4 (the paper's block size)
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OPTIMIZERS = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW, "paged_adamw8bit": bnb.optim.PagedAdamW8bit}
@@ -458,11 +464,6 @@ class QLoRACallback(LoRACallback):
 
 
 # -- from a checkpoint to an adapter or a merged model --------------------------------------------
-
-
-def is_adapter_checkpoint(checkpoint: dict[str, Any]) -> bool:
-    """Whether a loaded checkpoint was written by a LoRA/QLoRA run (it holds adapters, not a base)."""
-    return ADAPTER_KEY in checkpoint
 
 
 def peft_model_from_checkpoint(checkpoint: dict[str, Any], base: str | None = None) -> PeftModel:
