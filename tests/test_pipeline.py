@@ -39,12 +39,14 @@ LOSS_RTOL, WEIGHT_ATOL = 1e-5, 2e-4
 
 
 class Tokens(Dataset):
-    """Random token blocks; `mask` of the targets set to -100 (ignored) at random."""
+    """Random token blocks; `mask` of the targets set to -100 (ignored) at random. `packed`: each block
+    holds two examples, with position ids restarting at a random point (as instruction packing does)."""
 
-    def __init__(self, n: int, mask: float = 0.2, seed: int = 0) -> None:
+    def __init__(self, n: int, mask: float = 0.2, seed: int = 0, packed: bool = False) -> None:
         g = torch.Generator().manual_seed(seed)
         self.x = torch.randint(0, VOCAB, (n, SEQ + 1), generator=g)
         self.ignored = torch.rand(n, SEQ, generator=g) < mask
+        self.cuts = torch.randint(4, SEQ - 4, (n,), generator=g) if packed else None
 
     def __len__(self) -> int:
         return len(self.x)
@@ -52,18 +54,22 @@ class Tokens(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         targets = self.x[i, 1:].clone()
         targets[self.ignored[i]] = -100
-        return {"input_ids": self.x[i, :-1], "targets": targets}
+        item = {"input_ids": self.x[i, :-1], "targets": targets}
+        if self.cuts is not None:
+            cut = int(self.cuts[i])
+            item["position_ids"] = torch.cat([torch.arange(cut), torch.arange(SEQ - cut)])
+        return item
 
 
 class TokenData(pl.LightningDataModule):
     def __init__(self, n: int = 20, batch_size: int = BATCH, mask: float = 0.2, val: bool = False,
-                 split_by_strategy: bool = False) -> None:
+                 split_by_strategy: bool = False, packed: bool = False) -> None:
         super().__init__()
-        self.n, self.batch_size, self.mask, self.val = n, batch_size, mask, val
+        self.n, self.batch_size, self.mask, self.val, self.packed = n, batch_size, mask, val, packed
         self.split_by_strategy = split_by_strategy
 
     def train_dataloader(self) -> DataLoader:
-        data = Tokens(self.n, self.mask)
+        data = Tokens(self.n, self.mask, packed=self.packed)
         if not self.split_by_strategy:
             return DataLoader(data, batch_size=self.batch_size)
         # Lightning's own DistributedSampler always shuffles training data; an unshuffled one split the
@@ -387,18 +393,19 @@ def data_x_pipeline(rank: int, tmp: Path) -> dict:
     trainer = pl.Trainer(accelerator="cpu", devices=4, strategy=strategy, max_steps=4, gradient_clip_val=0.5,
                          use_distributed_sampler=False, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder])
-    trainer.fit(module, datamodule=TokenData(n=32, split_by_strategy=True))
+    trainer.fit(module, datamodule=TokenData(n=32, split_by_strategy=True, packed=True))
     return {"losses": recorder.losses, "weights": local_weights(module)}
 
 
 def test_data_parallel_pipelines_match_one_process(tmp_path):
     """dp=2 x pp=2: each pipeline trains on half of every global batch of 8, whose halves hold different
     numbers of target tokens (20% ignored at random); the averaged gradients and the logged loss equal
-    one process's token mean over the whole batch."""
+    one process's token mean over the whole batch. The blocks are packed (two examples each, position
+    ids restarting), so the stages must carry the position ids to every layer as one process does."""
     torch.manual_seed(0)
     torch.save(build_model("tiny", vocab_size=VOCAB).state_dict(), tmp_path / "init2.pt")
     module = TinyLM(str(tmp_path / "init2.pt"))
-    ref_losses = fit(module, TokenData(n=32, batch_size=2 * BATCH), max_steps=4)
+    ref_losses = fit(module, TokenData(n=32, batch_size=2 * BATCH, packed=True), max_steps=4)
     ranks = spawn(data_x_pipeline, 4, tmp_path)
     for out in ranks:
         assert out["losses"] == pytest.approx(ref_losses, rel=LOSS_RTOL)
