@@ -253,6 +253,14 @@ def pipeline_scenarios(rank: int, tmp: Path) -> dict:
                              plugins=[MixedPrecision("fp16-mixed", init_scale=1024.0)])
     out["fp16_scales"], out["fp16_weights"], out["fp16_lrs"] = track.scales, track.weights, track.lrs
 
+    from lightning_llm.precision import MasterWeightsPrecision
+
+    module, masters = TinyLM(init2), MasterWeightsPrecision("bf16")
+    out["masters_losses"] = fit(module, TokenData(), pipe("1f1b"), devices=2, max_steps=4, plugins=[masters])
+    out["masters_dtypes"] = {p.dtype for p in module.parameters()}
+    held = [(w, m) for opt in module.trainer.optimizers for w, m in masters.master_weights(opt)]
+    out["masters"] = {name: next(m for w, m in held if w is p).clone() for name, p in module.named_parameters()}
+
     for name, strategy, data in [
         ("too_many_stages", pipe("interleaved-1f1b", stages_per_rank=2), TokenData()),
         ("indivisible", pipe("1f1b", microbatches=3), TokenData()),
@@ -309,6 +317,10 @@ def two_stage_run(tmp_path_factory):
     module = TinyLM(str(tmp / "init2.pt"))
     ref["losses"] = fit(module, TokenData(val=True), callbacks=[KeepStep5()])
     ref["val"], ref["weights"] = module.val_history, local_weights(module)
+    from lightning_llm.precision import MasterWeightsPrecision
+
+    ref["masters_losses"] = fit(TinyLM(str(tmp / "init2.pt")), TokenData(), max_steps=4,
+                                plugins=[MasterWeightsPrecision("bf16")])
     module = TinyLM(str(tmp / "init4.pt"), layers=4)
     ref["interleaved_losses"] = fit(module, TokenData(), max_steps=4)
     ref["interleaved_weights"] = local_weights(module)
@@ -343,6 +355,18 @@ def test_fp16_overflow_on_one_stage_skips_the_step_on_both(two_stage_run):
     assert ranks[0]["fp16_losses"] == ranks[1]["fp16_losses"]
     # Before the plant the fp16 run follows fp32 (same data and initial weights) to fp16's precision.
     assert ranks[0]["fp16_losses"][:3] == pytest.approx(ref["losses"][:3], abs=2e-3)
+
+
+def test_master_weights_on_two_stages_track_one_process(two_stage_run):
+    """MasterWeightsPrecision("bf16") on 2 stages: each stage keeps bf16 weights with an fp32 master for
+    each of its own parameters, and the losses follow the one-process master-weights run."""
+    ranks, ref, _ = two_stage_run
+    for out in ranks:
+        assert out["masters_dtypes"] == {torch.bfloat16}
+        assert all(m.dtype == torch.float32 for m in out["masters"].values())
+        # bf16 rounding differs with the micro-batch split (measured up to 6e-4)
+        assert out["masters_losses"] == pytest.approx(ref["masters_losses"], abs=3e-3)
+    assert ranks[0]["masters"].keys().isdisjoint(ranks[1]["masters"].keys() - {"model.model.embed_tokens.weight", "model.lm_head.weight"})
 
 
 def test_validation_runs_the_module_step_through_the_pipeline(two_stage_run):

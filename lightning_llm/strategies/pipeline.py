@@ -586,7 +586,8 @@ class PipelineStrategy(ParallelStrategy):
         # On its first step torch calls the loss once more, on placeholder tensors, to infer gradient shapes
         # (before the real micro-batches): the batch loss is the sum of the last m calls.
         shares = self._microbatch_losses[-schedule._n_microbatches:]
-        loss = torch.stack(shares).sum() if shares else torch.zeros((), device=self.root_device)
+        # (fp32 on every stage: a precision plugin may have made the default dtype 16-bit)
+        loss = torch.stack(shares).sum() if shares else torch.zeros((), dtype=torch.float32, device=self.root_device)
         dist.broadcast(loss, src=self._last_stage_rank(), group=self._pp_group)
         if self.data_parallel_size > 1:  # the global batch's loss, on every rank
             dist.all_reduce(loss, group=self._dp_group)
