@@ -185,7 +185,10 @@ def test_qlora_stores_4_bits_per_weight_trains_and_merges(base_dir, datamodule, 
     assert sum(recorder.losses[-3:]) < sum(recorder.losses[:3]) - 0.15
     # the base came from `from_pretrained` in eval mode; QLoRA trains it with dropout and recomputation on
     assert all(recorder.training) and all(recorder.checkpointed)
-    # the 4-bit base is bitwise what quantizing the base again gives: training left it alone
+    # the pretrained base was loaded straight into 4 bits (never whole in fp32), and is bitwise what
+    # quantizing the fp32 base gives: training left it alone
+    loaded_with = module.model.get_base_model().config.quantization_config
+    assert loaded_with.load_in_4bit and loaded_with.bnb_4bit_quant_type == "nf4" and loaded_with.bnb_4bit_use_double_quant
     fresh = dict(quantize_4bit(AutoModelForCausalLM.from_pretrained(base_dir), compute_dtype=torch.float32).named_modules())
     trained = {n.split("base_model.model.", 1)[1].replace(".base_layer", ""): m for n, m in module.model.named_modules()
                if isinstance(m, bnb.nn.Linear4bit)}

@@ -90,7 +90,8 @@ def quantize_4bit(model: nn.Module, quant_type: str = "nf4", double_quant: bool 
         raise ValueError(f"QLoRA quantizes linear layers, and {type(model).__name__} has none")
     for name in names:
         linear = model.get_submodule(name)
-        if isinstance(linear, bnb.nn.Linear4bit):
+        if isinstance(linear, bnb.nn.Linear4bit):  # loaded in 4 bits already (`QLoRACallback.model_load_kwargs`)
+            linear.support_avx512bf16_for_cpu = linear.support_avx512bf16_for_cpu and compute_dtype == torch.bfloat16
             continue
         if linear.weight.is_meta:
             raise ValueError(f"cannot quantize {name!r}: its weight is on the meta device (not materialized yet)")
@@ -456,6 +457,14 @@ class QLoRACallback(LoRACallback):
 
     def quantization(self) -> dict[str, Any]:
         return {"quant_type": self.quant_type, "double_quant": self.double_quant, "compute_dtype": self.compute_dtype}
+
+    def model_load_kwargs(self, pl_module: LightningModule) -> dict[str, Any]:
+        """What the module passes to `from_pretrained` for a base with weights: load it straight into
+        4 bits, layer by layer, so the whole model never exists in 16/32 bits (a base initialised at
+        random is quantized after it is built, in `prepare_base`)."""
+        return {"quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=self.quant_type, bnb_4bit_use_double_quant=self.double_quant,
+            bnb_4bit_compute_dtype=COMPUTE_DTYPES[self.compute_dtype])}
 
     def prepare_base(self, model: PreTrainedModel) -> PreTrainedModel:
         model = quantize_4bit(model, self.quant_type, self.double_quant, COMPUTE_DTYPES[self.compute_dtype])

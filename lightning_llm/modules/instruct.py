@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -85,14 +86,14 @@ class InstructionTuningModule(PretrainModule):
             raise FileNotFoundError(f"checkpoint {str(model)!r} does not exist")
         self.tokenizer = source_tokenizer(model)
 
-    def build_hf_model(self) -> PreTrainedModel:
+    def build_hf_model(self, **load_kwargs: Any) -> PreTrainedModel:
         hp = self.hparams
-        if is_checkpoint(hp.model):
+        if is_checkpoint(hp.model):  # (rebuilt from a state dict: there is no `from_pretrained` to pass `load_kwargs` to)
             model = model_from_checkpoint(load_checkpoint(hp.model))
             if hp.attn_implementation is not None:
                 model.set_attn_implementation(hp.attn_implementation)
         else:
-            model = super().build_hf_model()
+            model = super().build_hf_model(**load_kwargs)
         if self.tokenizer is not None:
             fit_embeddings(model, self.tokenizer)
         return model  # (put in train mode by PretrainModule.configure_model)

@@ -113,8 +113,14 @@ class PretrainModule(LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
+        # Callbacks may ask for load options (QLoRA: straight to 4 bits, never the whole model in 16/32).
+        load_kwargs: dict[str, Any] = {}
+        for callback in self.trainer.callbacks if self._trainer is not None else []:
+            hook = getattr(callback, "model_load_kwargs", None)
+            if hook is not None:
+                load_kwargs.update(hook(self))
         # `from_pretrained` returns a model in eval mode; training starts from train mode (dropout).
-        self.model = self.build_hf_model().train()
+        self.model = self.build_hf_model(**load_kwargs).train()
         self._check_data_fits()
         # Callbacks that change the model (LoRA, QLoRA) do it here: after it is built, before a
         # strategy shards it and before the optimizer sees its parameters.
@@ -125,12 +131,17 @@ class PretrainModule(LightningModule):
         if self.hparams.activation_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    def build_hf_model(self) -> PreTrainedModel:
-        """The HF model named by `model`; subclasses that start from elsewhere (a checkpoint) override this."""
+    def build_hf_model(self, **load_kwargs: Any) -> PreTrainedModel:
+        """The HF model named by `model`; subclasses that start from elsewhere (a checkpoint) override this.
+
+        `load_kwargs` go to `from_pretrained` when the model has pretrained weights (a random
+        initialisation has nothing to load and ignores them)."""
         hp = self.hparams
+        if has_weights(hp.model):  # pretrained weights keep their own vocabulary
+            return build_model(hp.model, attn_implementation=hp.attn_implementation, **load_kwargs)
+        # A randomly initialised model takes the tokenizer's vocabulary.
         vocab_size = hp.vocab_size or (len(self.tokenizer) if self.tokenizer is not None else None)
-        # A randomly initialised model takes the tokenizer's vocabulary; pretrained weights keep theirs.
-        overrides = {} if vocab_size is None or has_weights(hp.model) else {"vocab_size": vocab_size}
+        overrides = {} if vocab_size is None else {"vocab_size": vocab_size}
         return build_model(hp.model, attn_implementation=hp.attn_implementation, **overrides)
 
     def _check_data_fits(self) -> None:
