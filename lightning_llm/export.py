@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -151,26 +153,34 @@ def load_for_inference(source: str | os.PathLike | dict[str, Any]) -> tuple[PreT
     return model_from_checkpoint(source), tokenizer_from_checkpoint(source)
 
 
-def save_pretrained_atomic(
-    model: nn.Module, out_dir: str | os.PathLike, tokenizer: PreTrainedTokenizerBase | None = None,
-    state_dict: dict[str, torch.Tensor] | None = None, overwrite: bool = False,
-) -> Path:
-    """Write `model` (with `state_dict` if given) and `tokenizer` as a Hugging Face directory, atomically."""
+@contextmanager
+def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary directory beside `out_dir` to write into; it becomes `out_dir` only if the block
+    completes, so an error never leaves a half-written export behind."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"export directory {str(out)!r} exists and is not empty; remove it or pass overwrite=True")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        yield tmp
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+
+def save_pretrained_atomic(
+    model: nn.Module, out_dir: str | os.PathLike, tokenizer: PreTrainedTokenizerBase | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None, overwrite: bool = False,
+) -> Path:
+    """Write `model` (with `state_dict` if given) and `tokenizer` as a Hugging Face directory, atomically."""
+    with atomic_directory(out_dir, overwrite) as tmp:
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out_dir)
 
 
 def export_checkpoint(checkpoint: str | os.PathLike | dict[str, Any], out_dir: str | os.PathLike,

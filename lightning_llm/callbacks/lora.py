@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +33,7 @@ from transformers.integrations.bitsandbytes import dequantize_and_replace
 from lightning_llm.export import (
     ADAPTER_KEY,
     MODEL_PREFIX,
+    atomic_directory,
     is_adapter_checkpoint,
     load_checkpoint,
     save_pretrained_atomic,
@@ -524,19 +523,9 @@ def export_lora_checkpoint(checkpoint: str | os.PathLike | dict[str, Any], out_d
     model = peft_model_from_checkpoint(checkpoint, base)
     tokenizer = tokenizer_from_checkpoint(checkpoint)
     if not merge:
-        out = Path(out_dir)
-        if out.exists() and any(out.iterdir()) and not overwrite:
-            raise FileExistsError(f"export directory {str(out)!r} exists and is not empty; remove it or pass overwrite=True")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))  # nothing half-written at `out`
-        try:
+        with atomic_directory(out_dir, overwrite) as tmp:
             save_adapter(model, tmp, model.active_adapter, tokenizer)
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.rename(out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return out, None
+        return Path(out_dir), None
     vocab_size = model.get_base_model().config.vocab_size
     before = probe_logits(model, vocab_size)
     merged = merge_adapter(model).eval()
