@@ -2,7 +2,10 @@
 
 import csv
 import json
+import logging
+import re
 import shutil
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -10,6 +13,8 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from lm_eval import simple_evaluate
 from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
+from lm_eval.tasks._yaml_loader import load_yaml
 from torch.utils.data import DataLoader
 
 from eval_support import FIXTURES, one_thread, small_tokenizer, tiny_model
@@ -178,3 +183,113 @@ def test_clear_errors(tmp_path):
         HumanEvalCallback(n_samples=4, k=[1])
     with pytest.raises(ValueError, match="every_n_steps must be a positive int or None, got 0"):
         ARCChallengeCallback(every_n_steps=0)
+
+
+# Generative tasks of one's own, in lm-eval's format: one sets max_gen_toks: 32, the other none.
+CUSTOM_TASKS = FIXTURES / "custom_tasks"
+REPOSITORY = Path(__file__).parent.parent  # the fixture YAMLs name their data file relative to it
+
+
+def export(module, directory):
+    module.model.save_pretrained(directory)
+    module.tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def test_generative_tasks_keep_their_own_length_as_in_hflm(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPOSITORY)
+    callback = ARCFolderCallback(["capped_gen", "default_gen"], include_path=CUSTOM_TASKS, max_gen_toks=8,
+                                 batch_size=4, limit=3, bootstrap_iters=0)
+    module = TinyLM()
+    fit = trainer(tmp_path, [])
+    fit.strategy.connect(module)
+    callback.evaluate(fit, module)
+
+    # Oracle: lm-eval's own model class and task manager on the exported model, with the same
+    # default length for tasks that set none (HFLM's is a fixed 256).
+    class HFLMWithDefault(HFLM):
+        max_gen_toks = 8
+
+    hflm = HFLMWithDefault(pretrained=export(module, tmp_path / "exported"), device="cpu", batch_size=4, dtype="float32")
+    oracle = simple_evaluate(hflm, tasks=["capped_gen", "default_gen"], limit=3, bootstrap_iters=0, log_samples=True,
+                             task_manager=TaskManager(include_defaults=False, include_path=str(CUSTOM_TASKS)))
+    for task in ("capped_gen", "default_gen"):
+        ours, theirs = callback.results["samples"][task], oracle["samples"][task]
+        assert [s["arguments"] for s in ours] == [s["arguments"] for s in theirs], task
+        assert [s["resps"] for s in ours] == [s["resps"] for s in theirs], task
+    lengths = [len(module.tokenizer.encode(s["resps"][0][0])) for s in callback.results["samples"]["capped_gen"]]
+    assert max(lengths) > 8, "capped_gen generates up to its own 32 tokens, not the callback's 8"
+
+
+def test_tasks_by_yaml_path_and_include_path_errors(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPOSITORY)
+    module = TinyLM()
+    fit = trainer(tmp_path, [])
+    fit.strategy.connect(module)
+    by_name = ARCFolderCallback(["default_gen"], include_path=[CUSTOM_TASKS], max_gen_toks=4, limit=2, bootstrap_iters=0)
+    by_path = ARCFolderCallback([str(CUSTOM_TASKS / "default_gen.yaml")], max_gen_toks=4, limit=2, bootstrap_iters=0)
+    by_name.evaluate(fit, module), by_path.evaluate(fit, module)
+    assert [s["resps"] for s in by_path.results["samples"]["default_gen"]] == \
+        [s["resps"] for s in by_name.results["samples"]["default_gen"]]
+    # An explicit override reaches the task, and leaves the user's config dict as it was.
+    spec = load_yaml(CUSTOM_TASKS / "default_gen.yaml", resolve_func=True)
+    overridden = ARCFolderCallback([spec], gen_kwargs={"max_gen_toks": 2}, limit=2, bootstrap_iters=0)
+    overridden.evaluate(fit, module)
+    assert spec == load_yaml(CUSTOM_TASKS / "default_gen.yaml", resolve_func=True)
+    short = [s["resps"][0][0] for s in overridden.results["samples"]["default_gen"]]
+    longer = [s["resps"][0][0] for s in by_name.results["samples"]["default_gen"]]  # greedy, 4 tokens
+    assert all(b.startswith(a) for a, b in zip(short, longer)) and short != longer
+
+    with pytest.raises(ValueError, match=r"unknown lm-eval task 'default_gen'.*include_path=<folder of task YAMLs>"):
+        ARCFolderCallback(["default_gen"])
+    with pytest.raises(ValueError, match=r"include_path takes folders.*capped_gen.yaml' is a file: name it in tasks"):
+        ARCFolderCallback(["capped_gen"], include_path=CUSTOM_TASKS / "capped_gen.yaml")
+    with pytest.raises(FileNotFoundError, match=r"include_path: no such folder .*nowhere"):
+        ARCFolderCallback(["capped_gen"], include_path=tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"task YAML 'nowhere/my_task.yaml': no such file"):
+        ARCFolderCallback(["nowhere/my_task.yaml"])
+
+
+def test_explicit_generation_overrides_are_logged(monkeypatch, caplog):
+    monkeypatch.chdir(REPOSITORY)
+    monkeypatch.setattr(logging.getLogger("lightning.pytorch"), "propagate", True)  # Lightning's logger, seen by caplog
+    with caplog.at_level(logging.INFO):
+        override = ARCFolderCallback(["capped_gen", "default_gen", "arc_challenge"], include_path=CUSTOM_TASKS,
+                                     data_dirs={"arc_challenge": FIXTURES / "ai2_arc"}, gen_kwargs={"max_gen_toks": 8})
+        HumanEvalCallback(max_gen_toks=16)
+        HumanEvalCallback()
+    assert override.gen_kwargs == {"max_gen_toks": 8}
+    lines = [r.getMessage() for r in caplog.records if "replace these generation settings" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert "capped_gen: max_gen_toks 32 -> 8; default_gen: max_gen_toks (unset) -> 8" in lines[0]
+    assert "arc_challenge" not in lines[0]  # not generative: nothing changes
+    assert "humaneval: max_gen_toks 1024 -> 16" in lines[1]
+
+
+class StepRecorder(pl.Callback):
+    def __init__(self):
+        self.steps = []
+
+    def on_train_batch_start(self, trainer, *args):
+        self.steps.append(trainer.global_step)
+
+
+def test_missing_task_data_fails_before_training(tmp_path):
+    missing = tmp_path / "absent.jsonl"
+    task = {"task": "broken", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(missing)}},
+            "output_type": "generate_until", "test_split": "test", "doc_to_text": "{{question}}", "doc_to_target": "{{answer}}"}
+    recorder = StepRecorder()
+    with pytest.raises(FileNotFoundError, match=rf"task 'broken': its data cannot be found .*{re.escape(str(missing))}.*Fix: correct"):
+        trainer(tmp_path, [recorder, ARCFolderCallback([task])]).fit(TinyLM(), loader())
+    assert recorder.steps == []
+
+    # A task YAML in include_path whose data file is missing; a hub dataset offline and not cached.
+    (tmp_path / "tasks").mkdir()
+    yaml = (CUSTOM_TASKS / "_short_answer.yaml").read_text().replace("tests/fixtures/eval/gsm8k/main", str(tmp_path / "moved"))
+    (tmp_path / "tasks" / "moved_data.yaml").write_text(yaml + "task: moved_data\n")
+    with pytest.raises(FileNotFoundError, match=r"task 'moved_data': its data cannot be found .*moved/test-00000-of-00001.jsonl"):
+        ARCFolderCallback(["moved_data"], include_path=tmp_path / "tasks")
+    hub = {**task, "dataset_path": "lightning-llm-tests/no-such-dataset", "dataset_kwargs": None}
+    with pytest.raises(FileNotFoundError, match=r"task 'broken': .*hub dataset 'lightning-llm-tests/no-such-dataset'.*"
+                                                r"data_dirs=\{'broken': <folder>\}"):
+        ARCFolderCallback([hub])

@@ -7,6 +7,11 @@ or optimizer steps, and in `trainer.validate`. Metrics are logged as `bench/<tas
 `<metric>_stderr`); lm-eval's results JSON with every sample's prompt and output is written to
 `<log_dir>/lm_eval/`.
 
+Each task keeps its own definition: `max_gen_toks` applies only to generative tasks that set no
+length of their own, and an explicit override (`gen_kwargs`, `HumanEvalCallback(max_gen_toks=...)`)
+is logged task by task. Task names (also those in `include_path` folders of task YAMLs) and the
+tasks' data are checked when the callback is built, so that a missing dataset fails before training.
+
 The LightningModule exposes the Hugging Face model as `pl_module.model` and its tokenizer as
 `pl_module.tokenizer` (or the datamodule as `trainer.datamodule.tokenizer`).
 """
@@ -14,6 +19,7 @@ The LightningModule exposes the Hugging Face model as `pl_module.model` and its 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import os
@@ -37,12 +43,16 @@ class LMEvalCallback(pl.Callback):
     """Run lm-eval `tasks` on `pl_module.model` during training and validation.
 
     Args:
-        tasks: lm-eval task, group or tag names (or task config dicts).
+        tasks: lm-eval task, group or tag names, paths of task YAMLs, or task config dicts.
         data_dirs: task name -> local directory in the layout of the task's hub dataset.
+        include_path: a folder of task YAMLs in lm-eval's format (or a list of them), searched for the
+            names in `tasks` before lm-eval's own (lm-eval's TaskManager option).
         num_fewshot: few-shot examples per prompt (None: each task's default).
         limit: evaluate only the first `limit` documents of each task (a float < 1: that fraction).
         batch_size: requests per forward pass.
-        max_gen_toks: cap on generated tokens for generative tasks.
+        max_gen_toks: cap on generated tokens for generative tasks that set none themselves.
+        gen_kwargs: generation settings that replace every generative task's own (lm-eval's
+            `gen_kwargs`, e.g. `{"max_gen_toks": 64}` for quicker runs); each change is logged.
         every_n_epochs: also run after every N-th training epoch.
         every_n_steps: also run after every N-th optimizer step.
         on_fit_end: run once training ends.
@@ -61,10 +71,12 @@ class LMEvalCallback(pl.Callback):
         tasks: Sequence[str | dict[str, Any]],
         *,
         data_dirs: Mapping[str, str | os.PathLike] | None = None,
+        include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
         num_fewshot: int | None = None,
         limit: int | float | None = None,
         batch_size: int = 16,
         max_gen_toks: int = 256,
+        gen_kwargs: Mapping[str, Any] | None = None,
         every_n_epochs: int | None = None,
         every_n_steps: int | None = None,
         on_fit_end: bool = True,
@@ -84,10 +96,13 @@ class LMEvalCallback(pl.Callback):
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
         if limit is not None and not limit > 0:
             raise ValueError(f"limit must be > 0 (a count, or a fraction < 1) or None, got {limit!r}")
+        if gen_kwargs is not None and (not isinstance(gen_kwargs, Mapping) or not gen_kwargs):
+            raise ValueError(f"gen_kwargs must be a non-empty dict of generation settings or None, got {gen_kwargs!r}")
         self.num_fewshot = num_fewshot
         self.limit = limit
         self.batch_size = batch_size
         self.max_gen_toks = max_gen_toks
+        self.gen_kwargs = dict(gen_kwargs) if gen_kwargs else None
         self.every_n_epochs = every_n_epochs
         self.every_n_steps = every_n_steps
         self.run_on_fit_end = on_fit_end
@@ -95,7 +110,9 @@ class LMEvalCallback(pl.Callback):
         self.bootstrap_iters = bootstrap_iters
         self.log_subtasks = log_subtasks
         self.confirm_run_unsafe_code = confirm_run_unsafe_code
-        self._tasks = lm_tasks.resolve_tasks(tasks, data_dirs, num_fewshot, self.FOLDERS)
+        self._manager = lm_tasks.task_manager(self.FOLDERS, lm_tasks.include_folders(include_path))
+        self._tasks = self._resolve(tasks, data_dirs)
+        self._check_tasks()
         self._last_step: int | None = None
         self.results: dict[str, Any] | None = None
         """lm-eval's results of the latest run (on rank 0)."""
@@ -104,7 +121,25 @@ class LMEvalCallback(pl.Callback):
 
     def task_specs(self) -> list[Any]:
         """What to hand to `lm_eval.simple_evaluate` for this run (built at run time: may load data)."""
-        return list(self._tasks)
+        # lm-eval's gen_kwargs update a task's generation settings in place: each run gets copies.
+        return [copy.deepcopy(t) if isinstance(t, dict) else t for t in self._tasks]
+
+    def _resolve(self, tasks: Sequence[str | dict[str, Any]], data_dirs: Mapping[str, str | os.PathLike] | None) -> list[Any]:
+        """The task specs to evaluate (names, YAML paths, config dicts), found in `self._manager`."""
+        return lm_tasks.resolve_tasks(tasks, data_dirs, self.num_fewshot, self._manager)
+
+    def _check_tasks(self) -> None:
+        """Every task's data can be found; the generation settings that `gen_kwargs` replaces are logged."""
+        checked = set()
+        changes = []
+        for config in (c for spec in self._tasks for c in lm_tasks.leaf_configs(spec, self._manager)):
+            source = repr((config.get("dataset_path"), config.get("dataset_name"), config.get("dataset_kwargs")))
+            if source not in checked:  # MMLU's 57 subjects share a few sources
+                lm_tasks.check_task_data(config)
+                checked.add(source)
+            if self.gen_kwargs and config.get("output_type") == "generate_until":
+                changes.append(lm_tasks.generation_changes(config["task"], config.get("generation_kwargs") or {}, self.gen_kwargs))
+        _log_overrides("gen_kwargs", changes)
 
     # ---- when to run ----
 
@@ -143,9 +178,9 @@ class LMEvalCallback(pl.Callback):
         with _training_rng_untouched():
             # Under ZeRO-3 the LightningModule is the root sharded module: evaluate inside its forward.
             results = within_root_forward(trainer.strategy.model, lambda: lm_eval.simple_evaluate(
-                lm, tasks=self.task_specs(), task_manager=lm_tasks.task_manager(self.FOLDERS),
+                lm, tasks=self.task_specs(), task_manager=self._manager,
                 num_fewshot=self.num_fewshot, limit=self.limit, bootstrap_iters=self.bootstrap_iters,
-                gen_kwargs={"max_gen_toks": self.max_gen_toks}, log_samples=True,
+                gen_kwargs=self.gen_kwargs, log_samples=True,
                 confirm_run_unsafe_code=self.confirm_run_unsafe_code,
             ))
         self._last_step = trainer.global_step
@@ -188,12 +223,17 @@ class MMLUCallback(LMEvalCallback):
     FOLDERS = lm_tasks.BENCHMARK_FOLDERS
 
     def __init__(self, data_dir: str | os.PathLike | None = None, subjects: Sequence[str] | None = None, **kwargs: Any) -> None:
+        self._data_dir, self._subjects = data_dir, subjects
         super().__init__(["mmlu"], **kwargs)
-        self._subjects = None if data_dir is None and subjects is None else lm_tasks.mmlu_configs(
-            data_dir, subjects, self.num_fewshot)
+
+    def _resolve(self, tasks: Sequence[str | dict[str, Any]], data_dirs: Mapping[str, str | os.PathLike] | None) -> list[Any]:
+        if self._data_dir is None and self._subjects is None:
+            return super()._resolve(tasks, data_dirs)
+        return lm_tasks.mmlu_configs(self._data_dir, self._subjects, self.num_fewshot, self._manager)
 
     def task_specs(self) -> list[Any]:
-        return ["mmlu"] if self._subjects is None else [lm_tasks.mmlu_group(self._subjects)]
+        specs = super().task_specs()
+        return specs if specs == ["mmlu"] else [lm_tasks.mmlu_group(specs)]
 
 
 class _BenchmarkCallback(LMEvalCallback):
@@ -201,8 +241,7 @@ class _BenchmarkCallback(LMEvalCallback):
     TASK: str
 
     def __init__(self, data_dir: str | os.PathLike | None = None, **kwargs: Any) -> None:
-        super().__init__([self.TASK], **kwargs)
-        self._tasks = [lm_tasks.benchmark_task(self.TASK, data_dir, self.num_fewshot)]
+        super().__init__([self.TASK], data_dirs=None if data_dir is None else {self.TASK: data_dir}, **kwargs)
 
 
 class ARCChallengeCallback(_BenchmarkCallback):
@@ -243,7 +282,9 @@ class HumanEvalCallback(LMEvalCallback):
         temperature: sampling temperature (0: greedy, then n_samples must be 1).
         timeout: wall-clock seconds per program.
         workers: programs run at the same time.
-        Others as `LMEvalCallback` (`max_gen_toks` defaults to 512 here).
+        max_gen_toks: replaces the task's own cap on generated tokens (lm-eval's humaneval: 1024),
+            which needs a context window longer than that; the change is logged.
+        Others as `LMEvalCallback`.
     """
 
     FOLDERS = lm_tasks.BENCHMARK_FOLDERS
@@ -256,12 +297,26 @@ class HumanEvalCallback(LMEvalCallback):
         temperature: float = 0.0,
         timeout: float = HUMANEVAL_LIMITS.timeout,
         workers: int = 2,
-        max_gen_toks: int = 512,
+        max_gen_toks: int | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(["humaneval"], max_gen_toks=max_gen_toks, confirm_run_unsafe_code=True, **kwargs)
-        limits = dataclasses.replace(HUMANEVAL_LIMITS, timeout=timeout)
-        self._tasks = [lm_tasks.humaneval_task(data_dir, n_samples, k, temperature, max_gen_toks, limits, workers)]
+        self._humaneval = dict(data_dir=data_dir, n_samples=n_samples, k=k, temperature=temperature, max_gen_toks=max_gen_toks,
+                               limits=dataclasses.replace(HUMANEVAL_LIMITS, timeout=timeout), workers=workers)
+        super().__init__(["humaneval"], confirm_run_unsafe_code=True,
+                         **({"max_gen_toks": max_gen_toks} if max_gen_toks is not None else {}), **kwargs)
+
+    def _resolve(self, tasks: Sequence[str | dict[str, Any]], data_dirs: Mapping[str, str | os.PathLike] | None) -> list[Any]:
+        config = lm_tasks.humaneval_task(**self._humaneval, manager=self._manager)
+        own = lm_tasks.registered_config("humaneval", resolve_functions=False, manager=self._manager)
+        _log_overrides("HumanEvalCallback's options", [
+            lm_tasks.generation_changes("humaneval", own["generation_kwargs"], config["generation_kwargs"])])
+        return [config]
+
+
+def _log_overrides(what: str, changes: Sequence[str | None]) -> None:
+    changes = [c for c in changes if c]
+    if changes:
+        rank_zero_info(f"{what} replace these generation settings of the tasks' own definitions: " + "; ".join(changes))
 
 
 def find_tokenizer(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
