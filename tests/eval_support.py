@@ -14,6 +14,36 @@ from lightning_llm.models import build_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 
+# float32's unit roundoff: one rounded operation is off by at most this, relatively.
+U32 = 2.0**-24
+
+
+def loglikelihood_tolerance(model: torch.nn.Module, n_tokens: int, score: float) -> float:
+    """How far apart two float32 computations of one log-likelihood (a sum over `n_tokens` tokens,
+    `score` in all) may land when they run the same decoder and differ only in the order of the
+    sums after it: `LightningLM` against lm-eval's `HFLM`.
+
+    Both run the decoder on the same batches (the same Collator, the same padding), so the hidden
+    states entering the LM head are the same computation. From there they differ: `LightningLM`
+    runs the LM head on the scored positions only (a matrix product of another shape, which a BLAS
+    may block differently) and the log-softmax on other tensors. Worst-case bounds of a sum's
+    rounding (Higham, Accuracy and Stability of Numerical Algorithms, ch. 3), so that this holds on
+    any CPU, per token:
+    - a logit is a sum of d products h_k W_vk; two orders of it differ by at most
+      2 d u sum_k |h_k W_vk| <= 2 d u |h| |W_v| (Cauchy-Schwarz), and after the final RMSNorm
+      |h| <= sqrt(d) max|g|;
+    - log p = z_t - logsumexp(z): the target logit and the logsumexp each move by that much, and
+      the logsumexp's own sum of V exponentials (each <= 1 once the maximum is subtracted) rounds
+      by at most (V + 2) u in each of the two;
+    then the sum over n tokens rounds by at most n u |score| in each.
+    A wrong position, token or mask moves a score by whole units, far above this.
+    """
+    head = model.get_output_embeddings().weight
+    vocab, d = head.shape
+    final_norm = model.get_decoder().norm.weight
+    logit = 2 * d * U32 * d**0.5 * final_norm.abs().max().item() * head.norm(dim=1).max().item()
+    return n_tokens * (2 * logit + 2 * (vocab + 2) * U32) + 2 * n_tokens * U32 * abs(score)
+
 
 @functools.cache
 def _trained_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:

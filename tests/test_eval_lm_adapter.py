@@ -6,7 +6,7 @@ from lm_eval import simple_evaluate
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
-from eval_support import FIXTURES, one_thread, small_tokenizer, tiny_model
+from eval_support import FIXTURES, loglikelihood_tolerance, one_thread, small_tokenizer, tiny_model
 from lightning_llm.eval import tasks
 from lightning_llm.eval.lm_adapter import LightningLM
 
@@ -56,16 +56,23 @@ def test_metrics_equal_hflm(both_results):
     assert ours["results"]["humaneval"]["pass@1,sandbox"] == theirs["results"]["humaneval"]["pass@1,sandbox"]
 
 
-def test_per_sample_outputs_equal_hflm(both_results):
+def continuation_length(lm, context, continuation):
+    """Tokens scored for a (context, continuation) request, split as lm-eval splits them."""
+    return len(lm._encode_pair(context, continuation)[1] if context else lm.tok_encode(continuation))
+
+
+def test_per_sample_outputs_equal_hflm(setup, both_results):
+    model, _, hflm = setup
     ours, theirs = both_results
     compared = 0
     for task, samples in theirs["samples"].items():
         assert len(ours["samples"][task]) == len(samples) > 0
         for mine, reference in zip(ours["samples"][task], samples):
             assert mine["arguments"] == reference["arguments"]
-            for (mine_resp,), (ref_resp,) in zip(mine["resps"], reference["resps"]):
+            for (mine_resp,), (ref_resp,), arguments in zip(mine["resps"], reference["resps"], reference["arguments"]):
                 if isinstance(ref_resp, tuple):  # (log-likelihood, is_greedy)
-                    assert mine_resp[0] == pytest.approx(ref_resp[0], abs=1e-4)
+                    tolerance = loglikelihood_tolerance(model, continuation_length(hflm, *arguments), ref_resp[0])
+                    assert mine_resp[0] == pytest.approx(ref_resp[0], rel=0, abs=tolerance)
                     assert mine_resp[1] == ref_resp[1]
                 else:  # generated text
                     assert mine_resp == ref_resp
@@ -82,9 +89,11 @@ def test_rolling_loglikelihood_and_empty_context_equal_hflm(setup):
     # A short window makes the long texts span several rolling windows.
     ours = LightningLM(model, tokenizer, batch_size=3, max_length=32, progress=False)
     theirs = HFLM(pretrained=model, tokenizer=tokenizer, device="cpu", batch_size=3, max_length=32)
-    assert ours.loglikelihood_rolling(rolling) == pytest.approx(theirs.loglikelihood_rolling(rolling), abs=1e-3)
-    for (a, ga), (b, gb) in zip(ours.loglikelihood(loglik), theirs.loglikelihood(loglik)):
-        assert a == pytest.approx(b, abs=1e-4) and ga == gb
+    for text, a, b in zip(texts, ours.loglikelihood_rolling(rolling), theirs.loglikelihood_rolling(rolling)):
+        assert a == pytest.approx(b, rel=0, abs=loglikelihood_tolerance(model, len(tokenizer.encode(text)), b))
+    for (context, continuation), (a, ga), (b, gb) in zip(pairs, ours.loglikelihood(loglik), theirs.loglikelihood(loglik)):
+        tolerance = loglikelihood_tolerance(model, continuation_length(theirs, context, continuation), b)
+        assert a == pytest.approx(b, rel=0, abs=tolerance) and ga == gb
 
 
 def test_results_do_not_depend_on_batch_size(setup):
