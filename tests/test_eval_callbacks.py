@@ -293,3 +293,11 @@ def test_missing_task_data_fails_before_training(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"task 'broken': .*hub dataset 'lightning-llm-tests/no-such-dataset'.*"
                                                 r"data_dirs=\{'broken': <folder>\}"):
         ARCFolderCallback([hub])
+
+
+def test_generation_longer_than_the_window_fails_before_training(tmp_path):
+    recorder = StepRecorder()
+    # lm-eval's humaneval generates up to 1024 tokens; the test model's window is 512.
+    with pytest.raises(ValueError, match=r"max_gen_toks of \{'humaneval': 1024\} leaves no room .* window of 512 tokens"):
+        trainer(tmp_path, [recorder, HumanEvalCallback(limit=1)]).fit(TinyLM(), loader())
+    assert recorder.steps == []

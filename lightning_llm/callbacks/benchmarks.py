@@ -32,6 +32,7 @@ import lm_eval
 import torch.distributed as dist
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.utilities import rank_zero_info
+from lm_eval.models.utils import normalize_gen_kwargs, resolve_max_length
 from lm_eval.utils import handle_non_serializable, make_table
 
 from lightning_llm.eval import tasks as lm_tasks
@@ -129,22 +130,43 @@ class LMEvalCallback(pl.Callback):
         return lm_tasks.resolve_tasks(tasks, data_dirs, self.num_fewshot, self._manager)
 
     def _check_tasks(self) -> None:
-        """Every task's data can be found; the generation settings that `gen_kwargs` replaces are logged."""
+        """Every task's data can be found; the generation settings that `gen_kwargs` replaces are logged;
+        each generative task's length is kept for the check against the model's window."""
         checked = set()
         changes = []
+        self._gen_lengths: dict[str, int] = {}
         for config in (c for spec in self._tasks for c in lm_tasks.leaf_configs(spec, self._manager)):
             source = repr((config.get("dataset_path"), config.get("dataset_name"), config.get("dataset_kwargs")))
             if source not in checked:  # MMLU's 57 subjects share a few sources
                 lm_tasks.check_task_data(config)
                 checked.add(source)
-            if self.gen_kwargs and config.get("output_type") == "generate_until":
-                changes.append(lm_tasks.generation_changes(config["task"], config.get("generation_kwargs") or {}, self.gen_kwargs))
+            if config.get("output_type") == "generate_until":
+                own = config.get("generation_kwargs") or {}
+                if self.gen_kwargs:
+                    changes.append(lm_tasks.generation_changes(config["task"], own, self.gen_kwargs))
+                # As lm-eval merges gen_kwargs into the task's and LightningLM reads the result.
+                settings = normalize_gen_kwargs({**own, **(self.gen_kwargs or {})}, self.max_gen_toks)
+                self._gen_lengths[config["task"]] = settings["max_gen_toks"]
         _log_overrides("gen_kwargs", changes)
 
     # ---- when to run ----
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         find_tokenizer(trainer, pl_module)  # fail before training, not after it
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The model exists from here on (it may be built in `configure_model`): fail before training
+        # where a generative task's length leaves no room for a prompt in its window.
+        model = getattr(pl_module, "model", None)
+        if model is None:
+            return
+        window = resolve_max_length(model.config, find_tokenizer(trainer, pl_module))
+        too_long = {task: n for task, n in self._gen_lengths.items() if n >= window}
+        if too_long:
+            raise ValueError(
+                f"{type(self).__name__}: max_gen_toks of {too_long} leaves no room for a prompt in the model's window of "
+                f"{window} tokens; ask for fewer: gen_kwargs={{'max_gen_toks': ...}} (HumanEvalCallback: max_gen_toks=...)"
+            )
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step
