@@ -1,18 +1,24 @@
 """The sandbox under attack: each attack is stopped or contained, and the machine is unharmed.
 
 Attack targets are files in pytest's tmp_path (outside the sandbox's own working directory), a
-throwaway listener on loopback, and a throwaway parent process, never real system paths. Where an
+throwaway listener on loopback, and a throwaway parent process, never real system paths (the only
+host files touched are read: /etc/passwd and this process's /proc entry). Where an
 attack is harmless to run unconfined, the same program is also run unconfined as a control, so that
 the test shows the attack would work without the sandbox.
 """
 
+import contextlib
 import json
 import os
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -211,3 +217,169 @@ def test_limits_are_validated():
         SandboxLimits(timeout=0)
     with pytest.raises(ValueError, match="processes must be > 0, got -1"):
         SandboxLimits(processes=-1)
+
+
+# ---- escapes that leave something behind or see the host (issue 14) ----
+
+
+def skip_unless_held(result, guarantee: str) -> None:
+    """Skip, naming the reason the sandbox itself reports, where this machine cannot give `guarantee`."""
+    if guarantee in result.missing:
+        pytest.skip(f"this machine cannot give the sandbox's {guarantee!r} guarantee: {result.isolation[guarantee]}")
+
+
+def processes_named(name: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "comm").read_text().strip() == name:
+                pids.append(int(entry.name))
+        except OSError:  # exited meanwhile
+            pass
+    return pids
+
+
+@pytest.mark.parametrize("ending", ["program exits", "timeout"])
+def test_setsid_fork_chain_does_not_outlive_the_run(ending):
+    # Each member of the chain leaves the session, forks its successor and exits at once, so that a
+    # sweep over /proc keeps finding a different process. The chain names itself (comm, inherited by
+    # fork) so that the host can look for it; it ends by itself after 20 s should it escape.
+    name = f"llmsbx{secrets.token_hex(4)}"
+    chain = textwrap.dedent(f"""
+        import ctypes, os, time
+        ctypes.CDLL(None).prctl(15, {name.encode()!r}, 0, 0, 0)  # PR_SET_NAME
+        deadline = time.time() + 20
+        if os.fork() == 0:
+            os.setsid()
+            while time.time() < deadline:
+                try:
+                    if os.fork():
+                        os._exit(0)
+                except OSError:  # the process limit: wait for the predecessor to be reaped
+                    time.sleep(0.001)
+            os._exit(0)
+        time.sleep(0.5)
+        print("chain started", flush=True)
+        {"time.sleep(60)" if ending == "timeout" else ""}
+    """)
+    result = run_python(chain, SandboxLimits(timeout=1.5, processes=8))
+    skip_unless_held(result, "processes")
+    assert "chain started" in result.stdout, result.stderr
+    assert result.timed_out == (ending == "timeout")
+    survivors = []
+    for _ in range(5):  # a chain that escaped is still forking a while later
+        survivors += processes_named(name)
+        time.sleep(0.1)
+    deadline = time.monotonic() + 25
+    while (pids := processes_named(name)) and time.monotonic() < deadline:  # clean up after a failure
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert survivors == [], f"{len(set(survivors))} processes of the chain outlived the run"
+
+
+def test_tmp_and_shm_are_private_and_gone_after_the_run():
+    name = f"lightning-llm-test-{secrets.token_hex(4)}"
+    program = textwrap.dedent(f"""
+        import os
+        for folder in ("/tmp", "/dev/shm"):
+            with open(os.path.join(folder, {name!r}), "wb") as f:
+                f.write(b"left behind")
+        print(sorted(os.listdir("/tmp")), sorted(os.listdir("/dev/shm")))
+    """)
+    try:
+        result = run_python(program, FAST)
+        skip_unless_held(result, "tmp")
+        assert result.passed, result.stderr
+        assert name in result.stdout
+        left = [folder for folder in ("/tmp", "/dev/shm") if (Path(folder) / name).exists()]
+        assert left == [], f"files the run wrote stayed in {left}"
+    finally:
+        for folder in ("/tmp", "/dev/shm"):
+            (Path(folder) / name).unlink(missing_ok=True)
+
+
+def test_disk_budget_holds_across_files_and_folders():
+    # Every file stays under the per-file cap; only the total budget can stop the writes.
+    limits = SandboxLimits(timeout=5, file_size=1 << 20, disk=3 << 20)
+    chunk = 3 << 18  # 0.75 MiB
+    program = textwrap.dedent(f"""
+        import errno, os
+        written = 0
+        try:
+            for i in range(12):
+                folder = (".", "/tmp", "/dev/shm")[i % 3]
+                with open(os.path.join(folder, f"part{{i}}"), "wb") as f:
+                    f.write(b"x" * {chunk})
+                written += {chunk}
+        except OSError as err:
+            print("stopped", errno.errorcode[err.errno])
+        print("written", written)
+    """)
+    result = run_python(program, limits)
+    skip_unless_held(result, "tmp")
+    assert result.passed, result.stderr
+    written = int(result.stdout.split("written")[1])
+    assert "stopped ENOSPC" in result.stdout, result.stdout
+    assert limits.disk - 2 * chunk < written <= limits.disk
+
+
+def test_memory_budget_holds_for_the_run_not_per_process():
+    # Several processes, each well inside the per-process address-space limit, together hold more
+    # than the run's budget; the run's cgroup must not let them all keep their memory.
+    limits = SandboxLimits(timeout=10, memory=192 << 20, processes=16)
+    chunk, children = 48 << 20, 8
+    program = textwrap.dedent(f"""
+        import os, time
+        pids = []
+        for _ in range({children}):
+            ready, done = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                block = bytearray(b"1") * {chunk}  # written, so resident
+                os.write(done, b"1")
+                time.sleep(60)
+                os._exit(0)
+            os.close(done)
+            os.read(ready, 1)  # the child holds its block, or died trying
+            pids.append(pid)
+        time.sleep(0.5)
+        alive = [pid for pid in pids if os.waitpid(pid, os.WNOHANG) == (0, 0)]
+        print("alive", len(alive), flush=True)
+    """)
+    result = run_python(program, limits)
+    skip_unless_held(result, "memory")
+    assert "alive" in result.stdout, (result.returncode, result.stderr)
+    alive = int(result.stdout.split("alive")[1])
+    assert alive * chunk <= limits.memory, f"{alive} processes held {alive * chunk} bytes, the budget is {limits.memory}"
+    assert alive >= 1  # the budget is not so tight that nothing runs
+
+
+def test_world_readable_host_files_are_not_visible(tmp_path):
+    # A world-readable file in a world-traversable folder, the host's /etc/passwd, and this
+    # process's command line (/proc/PID/cmdline is readable by every user on the host).
+    folder = Path(tempfile.mkdtemp(prefix="lightning-llm-test-", dir="/tmp"))
+    try:
+        folder.chmod(0o755)
+        data = folder / "checkpoint.txt"
+        data.write_text("another project's data")
+        data.chmod(0o644)
+        targets = [str(data), "/etc/passwd", f"/proc/{os.getpid()}/cmdline"]
+        for target in targets:
+            assert os.stat(target).st_mode & 0o004, f"{target} must be world-readable for this test"
+        program = textwrap.dedent(f"""
+            for target in {targets!r}:
+                try:
+                    open(target, "rb").read()
+                    print("read", target)
+                except OSError as err:
+                    print("refused", target, type(err).__name__)
+        """)
+        result = run_python(program, FAST)
+        skip_unless_held(result, "filesystem")
+        assert result.passed, result.stderr
+        assert "read " not in result.stdout, result.stdout
+        assert result.stdout.count("refused") == len(targets)
+    finally:
+        shutil.rmtree(folder)
+
