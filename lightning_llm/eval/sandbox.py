@@ -44,11 +44,13 @@ is not stopped.
 
 This file is also the child's entry point: `python -I -S sandbox.py CONFIG STATUS_FD` joins the
 memory cgroup, sets the limits and drops privileges (as root), then executes bubblewrap (or, without
-it, the program directly). It therefore imports only the standard library.
+it, the program directly); `python -I -S sandbox.py kill UID` is the kill(-1) sweep. It therefore
+imports only the standard library.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import json
@@ -57,6 +59,7 @@ import os
 import random
 import resource
 import secrets
+import select
 import shutil
 import signal
 import subprocess
@@ -99,17 +102,6 @@ paths = sysconfig.get_paths(vars={"base": sys.base_prefix, "platbase": sys.base_
 print(json.dumps([os.path.realpath(sys.executable), paths["stdlib"], paths["platstdlib"],
                   sysconfig.get_config_var("LIBDIR") or ""]))
 """
-
-# Run as the sandbox's uid: signal every process of that uid until none is left (ESRCH).
-_KILL_UID = """
-import os, signal
-while True:
-    try:
-        os.kill(-1, signal.SIGKILL)
-    except ProcessLookupError:
-        break
-"""
-
 
 class SandboxError(RuntimeError):
     """The confinement could not be set up; the program was not run."""
@@ -174,62 +166,56 @@ def run_python(source: str, limits: SandboxLimits = SandboxLimits(), python: str
         raise SandboxError(f"the sandbox needs Linux (namespaces, rlimits), this is {sys.platform!r}")
     python = python or sandbox_python()
     bwrap, bwrap_missing = _bubblewrap()
-    private = Path(tempfile.mkdtemp(prefix="lightning-llm-sandbox-io-"))  # stays root-only
-    workdir = None if bwrap else Path(tempfile.mkdtemp(prefix="lightning-llm-sandbox-"))
     uid = _fresh_uid() if os.geteuid() == 0 else None
-    cgroup, isolation = _memory_cgroup(limits.memory)
-    try:
-        program = (private if bwrap else workdir) / "main.py"
-        program.write_text(source)
-        program_fd = os.open(program, os.O_RDONLY)
-        if bwrap:
-            isolation.update(_bwrap_isolation(limits))
-            inner = f"/dev/shm/lightning-llm-sandbox-{secrets.token_hex(6)}"
-            argv = _bwrap_argv(bwrap, _interpreter_files(python), inner, program_fd, limits)
-            cwd, env = "/", _child_env(inner, "/tmp")
-            argv += [_interpreter_files(python)[0], "-I", "-c", _RUNNER, f"{inner}/main.py"]
-        else:
-            isolation.update(_host_isolation(bwrap_missing, limits, uid))
-            if uid is not None:
-                os.chown(workdir, uid, uid)
-                os.chown(program, uid, uid)
-            cwd, env = workdir, _child_env(str(workdir), str(workdir))
-            argv = [python, "-I", "-c", _RUNNER, str(program)]
-        nproc = limits.processes if uid is not None else len(_processes_of(os.getuid())) + limits.processes
-        config = dict(asdict(limits), uid=uid, argv=argv, nproc=nproc, bwrap=bool(bwrap),
-                      cgroup=str(cgroup) if cgroup else None)
+    with contextlib.ExitStack() as cleanup:
+        private = Path(tempfile.mkdtemp(prefix="lightning-llm-sandbox-io-"))  # stays root-only
+        cleanup.callback(shutil.rmtree, private, ignore_errors=True)
+        cgroup, isolation = _memory_cgroup(limits.memory)
+        if cgroup:
+            cleanup.callback(_remove_cgroup, cgroup)
+        (private / "main.py").write_text(source)
         status_read, status_write = os.pipe()
-        with open(private / "stdout", "wb") as out, open(private / "stderr", "wb") as err:
+        cleanup.callback(os.close, status_read)
+        out = cleanup.enter_context(open(private / "stdout", "wb"))
+        err = cleanup.enter_context(open(private / "stderr", "wb"))
+        with open(status_write, "wb") as status, open(private / "main.py", "rb") as program:
+            if bwrap:
+                argv, cwd, env = _bwrap_command(bwrap, python, program.fileno(), status.fileno(), limits)
+                isolation.update(_bwrap_isolation(limits))
+            else:
+                workdir = Path(tempfile.mkdtemp(prefix="lightning-llm-sandbox-"))
+                cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
+                argv, cwd, env = _host_command(python, workdir, source, uid)
+                isolation.update(_host_isolation(bwrap_missing, limits, uid))
+            # RLIMIT_NPROC counts every process of the real uid. With a fresh uid that is this run
+            # alone; without one it is the whole user's, so allow what the user already has plus the budget.
+            nproc = limits.processes if uid is not None else len(_processes_of(os.getuid())) + limits.processes
+            config = dict(asdict(limits), uid=uid, argv=argv, nproc=nproc, bwrap=bool(bwrap),
+                          cgroup=str(cgroup) if cgroup else None)
             start = time.monotonic()
             child = subprocess.Popen(
-                [sys.executable, "-I", "-S", os.path.abspath(__file__), json.dumps(config), str(status_write)],
+                [sys.executable, "-I", "-S", os.path.abspath(__file__), json.dumps(config), str(status.fileno())],
                 cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                start_new_session=True, pass_fds=(status_write, program_fd),
+                start_new_session=True, pass_fds=(status.fileno(), program.fileno()) if bwrap else (status.fileno(),),
             )
-            os.close(status_write)
-            os.close(program_fd)
-            timed_out = False
-            try:
-                child.wait(timeout=limits.timeout)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            finally:
-                _kill_all(child, uid if not bwrap else None, python)
-            duration = time.monotonic() - start
-        with os.fdopen(status_read, "rb") as pipe:
-            status = json.loads(pipe.read() or b"{}")
+        timed_out = False
+        try:
+            child.wait(timeout=limits.timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            reported = _read_available(status_read)  # bubblewrap's first report names its init
+            _kill_all(child, uid if not bwrap else None, _status_documents(reported)[1].get("child-pid"))
+        duration = time.monotonic() - start
+        status, bwrap_status = _status_documents(reported + _read_all(status_read))
         stdout, stderr = (_read_head(private / name, limits.output) for name in ("stdout", "stderr"))
         if child.returncode == _SETUP_FAILED and "error" in status:
             raise SandboxError(f"could not confine the child process: {status['error']}")
+        if bwrap and not timed_out and "exit-code" not in bwrap_status:
+            raise SandboxError(f"bubblewrap could not build the sandbox: {stderr.strip()}")
         isolation.update(status)
         _warn_missing(isolation)
         return SandboxResult(_returncode(child.returncode, bool(bwrap)), stdout, stderr, timed_out, duration, isolation)
-    finally:
-        if cgroup:
-            _remove_cgroup(cgroup)
-        if workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
-        shutil.rmtree(private, ignore_errors=True)
 
 
 @functools.cache
@@ -283,9 +269,14 @@ def _interpreter_files(python: str) -> list[str]:
     return [path for path in json.loads(found.stdout) if path]
 
 
-def _bwrap_argv(bwrap: str, interpreter: list[str], workdir: str, program_fd: int, limits: SandboxLimits) -> list[str]:
+def _bwrap_command(bwrap: str, python: str, program_fd: int, status_fd: int,
+                   limits: SandboxLimits) -> tuple[list[str], str, dict[str, str]]:
+    """bubblewrap's command line for the run (without the network mode, which the child appends)."""
+    interpreter = _interpreter_files(python)
+    workdir = f"/dev/shm/lightning-llm-sandbox-{secrets.token_hex(6)}"
     argv = [bwrap, "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
             "--unshare-cgroup-try", "--disable-userns", "--die-with-parent", "--new-session",
+            "--json-status-fd", str(status_fd),  # reports the program's exit once the sandbox is up
             "--proc", "/proc", "--dev", "/dev",
             # One tmpfs holds /dev/shm, /tmp (a link to it) and the working directory: one disk budget.
             "--perms", "1777", "--size", str(limits.disk), "--tmpfs", "/dev/shm", "--symlink", "/dev/shm", "/tmp",
@@ -293,7 +284,18 @@ def _bwrap_argv(bwrap: str, interpreter: list[str], workdir: str, program_fd: in
             "--chdir", workdir]
     for path in _view(interpreter):
         argv += ["--symlink", os.readlink(path), path] if os.path.islink(path) else ["--ro-bind", path, path]
-    return argv
+    argv += [interpreter[0], "-I", "-c", _RUNNER, f"{workdir}/main.py"]
+    return argv, "/", _child_env(workdir, "/tmp")
+
+
+def _host_command(python: str, workdir: Path, source: str, uid: int | None) -> tuple[list[str], str, dict[str, str]]:
+    """The command line without bubblewrap: the program in a fresh directory of the host's /tmp."""
+    program = workdir / "main.py"
+    program.write_text(source)
+    if uid is not None:
+        os.chown(workdir, uid, uid)
+        os.chown(program, uid, uid)
+    return [python, "-I", "-c", _RUNNER, str(program)], str(workdir), _child_env(str(workdir), str(workdir))
 
 
 def _view(interpreter: list[str]) -> list[str]:
@@ -330,6 +332,38 @@ def _warn_missing(isolation: dict[str, str]) -> None:
     for name, how in isolation.items():
         if how.startswith(MISSING):
             warnings.warn(f"sandbox guarantee '{name}' is {how} (see lightning_llm.eval.sandbox)", stacklevel=3)
+
+
+def _status_documents(data: bytes) -> tuple[dict, dict]:
+    """The child's own status and bubblewrap's (--json-status-fd), from the JSON documents in the pipe."""
+    text, decoder, at = data.decode(), json.JSONDecoder(), 0
+    status: dict = {}
+    bwrap: dict = {}
+    while (at := len(text) - len(text[at:].lstrip())) < len(text):
+        document, at = decoder.raw_decode(text, at)
+        (bwrap if {"child-pid", "exit-code"} & document.keys() else status).update(document)
+    return status, bwrap
+
+
+def _read_available(fd: int) -> bytes:
+    """What the pipe holds now, without waiting for its writers."""
+    os.set_blocking(fd, False)
+    chunks = []
+    try:
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+    except BlockingIOError:
+        pass
+    finally:
+        os.set_blocking(fd, True)
+    return b"".join(chunks)
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _returncode(code: int, bwrap: bool) -> int:
@@ -372,8 +406,23 @@ def _processes_of(uid: int) -> list[int]:
     return pids
 
 
-def _kill_all(child: subprocess.Popen, uid: int | None, python: str) -> None:
-    """Kill the run. Under bubblewrap, its death takes the PID namespace with it (--die-with-parent)."""
+def _kill_all(child: subprocess.Popen, uid: int | None, namespace_init: int | None) -> None:
+    """Kill the run and return once none of its processes is left."""
+    if namespace_init is not None:
+        # The kernel kills every process of a PID namespace before its init's exit completes. Init is
+        # not our child, so wait for its exit through a pidfd (opened while the outer bubblewrap,
+        # which reaps it, is alive, so the pid cannot have been reused).
+        try:
+            pidfd = os.pidfd_open(namespace_init)
+        except ProcessLookupError:  # already reaped: the namespace is gone
+            pidfd = None
+        if pidfd is not None:
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            select.select([pidfd], [], [], 30)
+            os.close(pidfd)
     try:
         os.killpg(child.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -382,7 +431,7 @@ def _kill_all(child: subprocess.Popen, uid: int | None, python: str) -> None:
     if uid is not None:
         # Without a PID namespace, processes that left the group (setsid) still carry the uid: kill
         # everything of that uid, as that uid, until the kernel finds nothing left to signal.
-        subprocess.run([python, "-I", "-S", "-c", _KILL_UID], user=uid, group=uid, extra_groups=[],
+        subprocess.run([sys.executable, "-I", "-S", os.path.abspath(__file__), "kill", str(uid)],
                        env={}, stdin=subprocess.DEVNULL, check=True, timeout=30)
 
 
@@ -478,7 +527,8 @@ def _confine_and_exec(config: dict, status_fd: int) -> None:
         os.write(status_fd, json.dumps(status).encode())
         os._exit(_SETUP_FAILED)
     os.write(status_fd, json.dumps(status).encode())
-    os.close(status_fd)
+    if not config["bwrap"]:  # bubblewrap writes its own status to it
+        os.close(status_fd)
     argv = config["argv"] + [network]
     os.execve(argv[0], argv, dict(os.environ))
 
@@ -503,8 +553,6 @@ def _can_regain_root() -> bool:
 
 def _set_limits(config: dict) -> None:
     cpu = math.ceil(config["timeout"]) + 1
-    # RLIMIT_NPROC counts every process of the real uid. With a fresh uid that is this run alone;
-    # without one it is the whole user's, so the parent allowed what the user already has plus the budget.
     for limit, value in (
         (resource.RLIMIT_CPU, cpu),
         (resource.RLIMIT_AS, config["memory"]),
@@ -516,5 +564,29 @@ def _set_limits(config: dict) -> None:
         resource.setrlimit(limit, (value, value))
 
 
+def _kill_uid(uid: int) -> None:
+    """As `uid` (the run's own), signal every process of it until none is left alive.
+
+    One kill(-1) reaches every process of the uid, and a fork racing with it fails (the kernel
+    rechecks pending signals before a child joins the task list); repeat while any is still on its
+    way out. kill(-1) also counts unreaped zombies, which an init that does not reap leaves forever,
+    so "none left" is either ESRCH or no live process of the uid in /proc.
+    """
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    deadline = time.monotonic() + 10  # a process stuck in the kernel dies when it leaves it
+    while time.monotonic() < deadline:
+        try:
+            os.kill(-1, signal.SIGKILL)  # every process this uid may signal, except this one
+        except ProcessLookupError:
+            return
+        if _processes_of(uid) == [os.getpid()]:
+            return
+
+
 if __name__ == "__main__":
-    _confine_and_exec(json.loads(sys.argv[1]), int(sys.argv[2]))
+    if sys.argv[1] == "kill":
+        _kill_uid(int(sys.argv[2]))
+    else:
+        _confine_and_exec(json.loads(sys.argv[1]), int(sys.argv[2]))
