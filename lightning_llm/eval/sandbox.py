@@ -205,7 +205,7 @@ def run_python(source: str, limits: SandboxLimits = SandboxLimits(), python: str
             timed_out = True
         finally:
             reported = _read_available(status_read)  # bubblewrap's first report names its init
-            _kill_all(child, uid if not bwrap else None, _status_documents(reported)[1].get("child-pid"))
+            _kill_all(child, uid if not bwrap else None, _namespace_init(_status_documents(reported)[1]))
         duration = time.monotonic() - start
         status, bwrap_status = _status_documents(reported + _read_all(status_read))
         stdout, stderr = (_read_head(private / name, limits.output) for name in ("stdout", "stderr"))
@@ -406,31 +406,43 @@ def _processes_of(uid: int) -> list[int]:
     return pids
 
 
+def _namespace_init(report: dict) -> int | None:
+    """A pidfd on the init of the run's PID namespace, from bubblewrap's report; None if it is gone.
+
+    bubblewrap's outer process may exit before that init does, which the system's init then reaps:
+    the pid is trusted only if it is still in the namespace bubblewrap reported.
+    """
+    if "child-pid" not in report:
+        return None
+    try:
+        pidfd = os.pidfd_open(report["child-pid"])
+    except ProcessLookupError:
+        return None
+    try:
+        same = os.stat(f"/proc/{report['child-pid']}/ns/pid").st_ino == report.get("pid-namespace")
+    except OSError:  # exited meanwhile
+        same = False
+    if not same:
+        os.close(pidfd)
+        return None
+    return pidfd
+
+
 def _kill_all(child: subprocess.Popen, uid: int | None, namespace_init: int | None) -> None:
     """Kill the run and return once none of its processes is left."""
     if namespace_init is not None:
-        # The kernel kills every process of a PID namespace before its init's exit completes. Init is
-        # not our child, so wait for its exit through a pidfd (opened while the outer bubblewrap,
-        # which reaps it, is alive, so the pid cannot have been reused).
-        try:
-            pidfd = os.pidfd_open(namespace_init)
-        except ProcessLookupError:  # already reaped: the namespace is gone
-            pidfd = None
-        if pidfd is not None:
-            try:
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            select.select([pidfd], [], [], 30)
-            os.close(pidfd)
-    try:
-        os.killpg(child.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+        # The kernel kills every process of a PID namespace before its init's exit completes.
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(namespace_init, signal.SIGKILL)
+        select.select([namespace_init], [], [], 30)  # readable once init has exited
+        os.close(namespace_init)
+    if child.returncode is None or namespace_init is None:  # a reaped group id may be reused
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.pid, signal.SIGKILL)
     child.wait()
     if uid is not None:
         # Without a PID namespace, processes that left the group (setsid) still carry the uid: kill
-        # everything of that uid, as that uid, until the kernel finds nothing left to signal.
+        # everything of that uid, as that uid, until none is left.
         subprocess.run([sys.executable, "-I", "-S", os.path.abspath(__file__), "kill", str(uid)],
                        env={}, stdin=subprocess.DEVNULL, check=True, timeout=30)
 
