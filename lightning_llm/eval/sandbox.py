@@ -94,13 +94,13 @@ sys.argv = sys.argv[1:2]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
-# The paths an interpreter runs from: its real executable, its base installation's standard library
-# (a virtual environment's packages are not part of the view) and the directory of libpython.
+# The paths an interpreter runs from (symlinks resolved): its executable, its base installation's
+# standard library (a virtual environment's packages are not part of the view) and libpython's folder.
 _INTERPRETER_FILES = """
 import json, os, sys, sysconfig
 paths = sysconfig.get_paths(vars={"base": sys.base_prefix, "platbase": sys.base_exec_prefix})
-print(json.dumps([os.path.realpath(sys.executable), paths["stdlib"], paths["platstdlib"],
-                  sysconfig.get_config_var("LIBDIR") or ""]))
+found = [sys.executable, paths["stdlib"], paths["platstdlib"], sysconfig.get_config_var("LIBDIR") or ""]
+print(json.dumps([os.path.realpath(path) for path in found if path]))
 """
 
 class SandboxError(RuntimeError):
@@ -134,6 +134,9 @@ class SandboxLimits:
 @dataclass(frozen=True)
 class SandboxResult:
     """What a run did: exit status (negative: killed by that signal), output, and what confined it.
+
+    Under bubblewrap, which reports a program killed by signal N as 128 + N (as a shell does), a
+    program's own exit status between 129 and 128 + NSIG also reads as a signal.
 
     `isolation` maps each guarantee (processes, filesystem, tmp, memory, network, identity) to how it
     was enforced; a value starting with "missing:" says that it was not, and why.
@@ -266,7 +269,7 @@ def _interpreter_files(python: str) -> list[str]:
                                timeout=30, env={"PATH": "/usr/bin:/bin"}, check=True)
     except (OSError, subprocess.SubprocessError) as err:
         raise SandboxError(f"cannot ask the interpreter {python!r} where its files are: {err}") from err
-    return [path for path in json.loads(found.stdout) if path]
+    return json.loads(found.stdout)
 
 
 def _bwrap_command(bwrap: str, python: str, program_fd: int, status_fd: int,
@@ -301,8 +304,8 @@ def _host_command(python: str, workdir: Path, source: str, uid: int | None) -> t
 def _view(interpreter: list[str]) -> list[str]:
     """What the sandbox sees of the host: library directories and the interpreter, outermost first."""
     shown: list[str] = []
-    for path in [p for p in _LIBRARY_DIRS if os.path.lexists(p)] + ["/etc/ld.so.cache"] + interpreter:
-        if os.path.lexists(path) and not any(path == s or path.startswith(s.rstrip("/") + "/") for s in shown):
+    for path in [*_LIBRARY_DIRS, "/etc/ld.so.cache", *interpreter]:
+        if os.path.lexists(path) and not any(path == s or path.startswith(s + "/") for s in shown):
             shown.append(path)
     return shown
 
