@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from lightning_llm.eval import sandbox
+from lightning_llm.eval.confine import processes_of
 from lightning_llm.eval.sandbox import SandboxLimits, run_python
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the sandbox needs Linux")
@@ -44,7 +45,7 @@ def sandbox_uid(result) -> int | None:
 def assert_nothing_left(result) -> None:
     uid = sandbox_uid(result)
     if uid is not None:
-        assert sandbox._processes_of(uid) == [], "processes of the sandbox's uid survived the run"
+        assert processes_of(uid) == [], "processes of the sandbox's uid survived the run"
 
 
 def test_confinement_is_in_place_before_the_program_runs():

