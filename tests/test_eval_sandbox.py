@@ -419,3 +419,15 @@ def test_without_bubblewrap_the_report_and_a_warning_name_what_is_missing(withou
         assert result.isolation[name].startswith(sandbox.MISSING) and "bubblewrap disabled by the test" in str(warned)
     if os.geteuid() != 0:
         assert {"processes", "identity"} <= set(result.missing)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs a folder that the sandbox's own uid cannot enter (root only)")
+def test_a_sandbox_that_cannot_be_built_raises(tmp_path):
+    # An interpreter in a folder private to root: bubblewrap, running as the run's uid, cannot show it.
+    if sandbox._bubblewrap()[0] is None:
+        pytest.skip(f"bubblewrap is not usable here: {sandbox._bubblewrap()[1]}")
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    python = shutil.copy(os.path.realpath(sandbox.sandbox_python()), private / "python3")
+    with pytest.raises(sandbox.SandboxError, match="bubblewrap could not build the sandbox: .*python3"):
+        run_python("print('ran')", FAST, python=python)

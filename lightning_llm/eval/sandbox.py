@@ -170,13 +170,13 @@ def run_python(source: str, limits: SandboxLimits = SandboxLimits(), python: str
         if cgroup:
             cleanup.callback(_remove_cgroup, cgroup)
         (private / "main.py").write_text(source)
-        status_read, status_write = os.pipe()
-        cleanup.callback(os.close, status_read)
         out = cleanup.enter_context(open(private / "stdout", "wb"))
         err = cleanup.enter_context(open(private / "stderr", "wb"))
-        with open(status_write, "wb") as status, open(private / "main.py", "rb") as program:
+        status_read, status_write = os.pipe()
+        cleanup.callback(os.close, status_read)
+        with open(status_write, "wb") as status_pipe, open(private / "main.py", "rb") as program:
             if bwrap:
-                argv, cwd, env = _bwrap_command(bwrap, python, program.fileno(), status.fileno(), limits)
+                argv, cwd, env = _bwrap_command(bwrap, python, program.fileno(), status_pipe.fileno(), limits)
                 isolation.update(_bwrap_isolation(limits))
             else:
                 workdir = Path(tempfile.mkdtemp(prefix="lightning-llm-sandbox-"))
@@ -190,9 +190,9 @@ def run_python(source: str, limits: SandboxLimits = SandboxLimits(), python: str
                           cgroup=str(cgroup) if cgroup else None)
             start = time.monotonic()
             child = subprocess.Popen(
-                [sys.executable, "-I", "-S", _CONFINE, json.dumps(config), str(status.fileno())],
-                cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                start_new_session=True, pass_fds=(status.fileno(), program.fileno()) if bwrap else (status.fileno(),),
+                [sys.executable, "-I", "-S", _CONFINE, json.dumps(config), str(status_pipe.fileno())],
+                cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
+                pass_fds=(status_pipe.fileno(), program.fileno()) if bwrap else (status_pipe.fileno(),),
             )
         timed_out = False
         try:
