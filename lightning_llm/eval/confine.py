@@ -17,8 +17,10 @@ import signal
 import sys
 import time
 
+_CLONE_NEWNS = 0x00020000
 _CLONE_NEWUSER = 0x10000000
 _CLONE_NEWNET = 0x40000000
+_MS_NOSUID, _MS_NODEV, _MS_BIND, _MS_REC, _MS_PRIVATE = 0x2, 0x4, 0x1000, 0x4000, 0x40000
 # Exit status of the child when the confinement itself could not be set up.
 SETUP_FAILED = 125
 # The value of an isolation entry whose guarantee did not hold starts with this.
@@ -48,9 +50,14 @@ def _confine_and_exec(config: dict, status_fd: int) -> None:
         if config["cgroup"]:
             with open(os.path.join(config["cgroup"], "cgroup.procs"), "w") as f:
                 f.write(str(os.getpid()))
-        # bubblewrap makes the network namespace itself, inside its user namespace.
+        # bubblewrap makes the namespaces and the program's file itself, inside its user namespace.
         network = "namespace" if config["bwrap"] else _isolate_network(as_root=uid is not None)
         status["network"] = network
+        if not config["bwrap"]:
+            status["tmp"] = _private_tmp(config["disk"]) if uid is not None else (
+                f"{MISSING} the host's /tmp and /dev/shm are shared and no total disk budget holds, only "
+                f"{config['file_size']} bytes per file (no bubblewrap, not root)")
+            _place_program(config, uid)
         _set_limits(config)
         if uid is not None:
             os.setgroups([])
@@ -70,6 +77,45 @@ def _confine_and_exec(config: dict, status_fd: int) -> None:
         os.close(status_fd)
     argv = config["argv"] + [network]
     os.execve(argv[0], argv, dict(os.environ))
+
+
+def _private_tmp(disk: int) -> str:
+    """As root without bubblewrap: a mount namespace whose /tmp, also shown at /dev/shm, is one tmpfs
+    of `disk` bytes, gone with the run's last process. Says how the "tmp" guarantee held."""
+    import ctypes  # only without bubblewrap: a slow import
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+        encode = (lambda text: None if text is None else text.encode())
+        if libc.mount(encode(source), encode(target), encode(fstype), ctypes.c_ulong(flags), encode(data)) != 0:
+            raise OSError(ctypes.get_errno(), f"mount {target}: {os.strerror(ctypes.get_errno())}")
+
+    try:
+        if libc.unshare(_CLONE_NEWNS) != 0:
+            raise OSError(ctypes.get_errno(), f"unshare(CLONE_NEWNS): {os.strerror(ctypes.get_errno())}")
+        mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing mounted from here on reaches the host
+        mount("tmpfs", "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={disk},mode=1777")
+        if os.path.isdir("/dev/shm"):
+            os.mkdir("/tmp/.shm")
+            os.chmod("/tmp/.shm", 0o1777)
+            mount("/tmp/.shm", "/dev/shm", None, _MS_BIND)
+    except OSError as err:
+        return f"{MISSING} the host's /tmp and /dev/shm are shared (no bubblewrap; a private tmpfs failed: {err})"
+    return (f"private tmpfs of {disk} bytes for /tmp, /dev/shm and the working directory, gone after the run "
+            f"(mount namespace; no bubblewrap)")
+
+
+def _place_program(config: dict, uid: int | None) -> None:
+    """Write the program from the parent's file descriptor into the working directory the run sees."""
+    workdir = os.path.dirname(config["program"])
+    os.makedirs(workdir, mode=0o700, exist_ok=True)
+    with os.fdopen(config["program_fd"], "rb") as source, open(config["program"], "wb") as program:
+        program.write(source.read())
+    if uid is not None:
+        os.chown(workdir, uid, uid)
+        os.chown(config["program"], uid, uid)
+    os.chdir(workdir)
 
 
 def _isolate_network(as_root: bool) -> str:

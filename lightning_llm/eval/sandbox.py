@@ -26,11 +26,13 @@ program runs, the child has:
 
 Where a layer is unavailable, the run still happens with what is left, and `SandboxResult.isolation`
 says per guarantee what held, starting with "missing:" where it did not, and a warning names it:
-- no usable bubblewrap (not installed, or user namespaces disabled): the host's filesystem and
-  `/tmp` are visible (only file permissions and the fresh uid protect them), the network namespace
-  comes from `unshare(2)` or, failing that, an audit hook that refuses internet sockets (Python-level
-  only); processes: as root, the parent kills with the run's uid, `kill(-1)` repeated until no
-  process is left; otherwise only the process group is killed;
+- no usable bubblewrap (not installed, or user namespaces disabled): the host's filesystem is
+  visible (only file permissions and the fresh uid protect it); as root, `/tmp` and `/dev/shm` are
+  still one private tmpfs of `disk` bytes (a mount namespace of the child's own), the network
+  namespace comes from `unshare(2)`, and the parent kills with the run's uid, `kill(-1)` repeated
+  until no process of it is left; not root: the host's `/tmp` is shared, the network is refused by an
+  audit hook (Python-level only) unless a user namespace allows a network namespace, and only the
+  process group is killed;
 - no writable cgroup memory controller (cgroup v2 without the controller delegated to this
   process's cgroup, or not root): memory is capped per process only (address space), so a run may
   hold up to `processes` x `memory`.
@@ -181,18 +183,18 @@ def run_python(source: str, limits: SandboxLimits = SandboxLimits(), python: str
             else:
                 workdir = Path(tempfile.mkdtemp(prefix="lightning-llm-sandbox-"))
                 cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
-                argv, cwd, env = _host_command(python, workdir, source, uid)
-                isolation.update(_host_isolation(bwrap_missing, limits, uid))
+                argv, cwd, env = _host_command(python, workdir)
+                isolation.update(_host_isolation(bwrap_missing, uid))
             # RLIMIT_NPROC counts every process of the real uid. With a fresh uid that is this run
             # alone; without one it is the whole user's, so allow what the user already has plus the budget.
             nproc = limits.processes if uid is not None else len(processes_of(os.getuid())) + limits.processes
             config = dict(asdict(limits), uid=uid, argv=argv, nproc=nproc, bwrap=bool(bwrap),
-                          cgroup=str(cgroup) if cgroup else None)
+                          cgroup=str(cgroup) if cgroup else None, program=argv[-1], program_fd=program.fileno())
             start = time.monotonic()
             child = subprocess.Popen(
                 [sys.executable, "-I", "-S", _CONFINE, json.dumps(config), str(status_pipe.fileno())],
                 cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
-                pass_fds=(status_pipe.fileno(), program.fileno()) if bwrap else (status_pipe.fileno(),),
+                pass_fds=(status_pipe.fileno(), program.fileno()),
             )
         timed_out = False
         try:
@@ -284,14 +286,10 @@ def _bwrap_command(bwrap: str, python: str, program_fd: int, status_fd: int,
     return argv, "/", _child_env(workdir, "/tmp")
 
 
-def _host_command(python: str, workdir: Path, source: str, uid: int | None) -> tuple[list[str], str, dict[str, str]]:
-    """The command line without bubblewrap: the program in a fresh directory of the host's /tmp."""
-    program = workdir / "main.py"
-    program.write_text(source)
-    if uid is not None:
-        os.chown(workdir, uid, uid)
-        os.chown(program, uid, uid)
-    return [python, "-I", "-c", _RUNNER, str(program)], str(workdir), _child_env(str(workdir), str(workdir))
+def _host_command(python: str, workdir: Path) -> tuple[list[str], str, dict[str, str]]:
+    """The command line without bubblewrap: the child writes the program into `workdir`, a fresh
+    directory of /tmp, which is then a private tmpfs where the child can mount one (as root)."""
+    return [python, "-I", "-c", _RUNNER, str(workdir / "main.py")], str(workdir), _child_env(str(workdir), str(workdir))
 
 
 def _view(interpreter: list[str]) -> list[str]:
@@ -312,15 +310,13 @@ def _bwrap_isolation(limits: SandboxLimits) -> dict[str, str]:
     }
 
 
-def _host_isolation(bwrap_missing: str, limits: SandboxLimits, uid: int | None) -> dict[str, str]:
+def _host_isolation(bwrap_missing: str, uid: int | None) -> dict[str, str]:
     processes = (f"the run's uid killed with kill(-1) until none is left ({bwrap_missing})" if uid is not None
                  else f"{MISSING} only the process group is killed; a process that calls setsid may outlive "
                       f"the run ({bwrap_missing}, not root)")
     return {
         "processes": processes,
         "filesystem": f"{MISSING} the host's files are visible; world-readable ones can be read ({bwrap_missing})",
-        "tmp": f"{MISSING} the host's /tmp and /dev/shm are shared and no total disk budget holds, only "
-               f"{limits.file_size} bytes per file ({bwrap_missing})",
     }
 
 
