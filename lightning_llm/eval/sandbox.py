@@ -21,7 +21,8 @@ program runs, the child has:
   processes (bubblewrap's own two count), open files, no core dumps; plus a wall-clock timeout
   enforced by the parent;
 - when the parent is root: an identity of its own, a fresh unused uid/gid with no supplementary
-  groups, so the process limit counts only this run and nothing of the host is writable;
+  groups, so the process limit counts only this run, and the program owns no file and may signal no
+  process outside it;
 - an environment without the parent's variables (only PATH, HOME, TMPDIR, LANG).
 
 Where a layer is unavailable, the run still happens with what is left, and `SandboxResult.isolation`
@@ -287,8 +288,8 @@ def _bwrap_command(bwrap: str, python: str, program_fd: int, status_fd: int,
 
 
 def _host_command(python: str, workdir: Path) -> tuple[list[str], str, dict[str, str]]:
-    """The command line without bubblewrap: the child writes the program into `workdir`, a fresh
-    directory of /tmp, which is then a private tmpfs where the child can mount one (as root)."""
+    """The command line without bubblewrap. The child writes the program into `workdir`, a fresh
+    directory under /tmp: on the private tmpfs it mounts over /tmp where it can (as root), else on the host's."""
     return [python, "-I", "-c", _RUNNER, str(workdir / "main.py")], str(workdir), _child_env(str(workdir), str(workdir))
 
 
