@@ -90,7 +90,7 @@ def quantize_4bit(model: nn.Module, quant_type: str = "nf4", double_quant: bool 
     for name in names:
         linear = model.get_submodule(name)
         if isinstance(linear, bnb.nn.Linear4bit):  # loaded in 4 bits already (`QLoRACallback.model_load_kwargs`)
-            linear.support_avx512bf16_for_cpu = linear.support_avx512bf16_for_cpu and compute_dtype == torch.bfloat16
+            dequantize_in_every_matmul(linear)
             continue
         if linear.weight.is_meta:
             raise ValueError(f"cannot quantize {name!r}: its weight is on the meta device (not materialized yet)")
@@ -101,12 +101,24 @@ def quantize_4bit(model: nn.Module, quant_type: str = "nf4", double_quant: bool 
         q.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, blocksize=NF4_BLOCKSIZE,
                                      compress_statistics=double_quant, quant_type=quant_type, module=q).to(linear.weight.device)
         q.bias = linear.bias
-        # On CPUs with AVX512-BF16, bitsandbytes runs inference matmuls in bf16 whatever the compute
-        # dtype; keep that fast path only where bf16 is the dtype asked for.
-        q.support_avx512bf16_for_cpu = q.support_avx512bf16_for_cpu and compute_dtype == torch.bfloat16
-        model.set_submodule(name, q)
+        model.set_submodule(name, dequantize_in_every_matmul(q))
     model.is_loaded_in_4bit = True  # what peft reads to wrap Linear4bit layers and prepare k-bit training
     return model
+
+
+def dequantize_in_every_matmul(layer: bnb.nn.Linear4bit) -> bnb.nn.Linear4bit:
+    """Keep `layer` on bitsandbytes' dequantize-then-matmul path on every CPU, in training and inference.
+
+    On CPUs with AVX512-BF16, `Linear4bit.forward` repacks the weight in place into a CPU-only layout the first
+    time it runs without gradients (validation, generation, a merge's probe) and from then on multiplies in
+    bf16 with that layout. The repacking asserts that the output size is a multiple of 32 (llama-5m's 688 is
+    not); the bf16 product differs from the compute dtype's; `dequantize_4bit` (what peft's and transformers'
+    merges call) reads the repacked bytes as NF4 codes and returns garbage; and the packed matmul gives no
+    gradient to its input, so training after a validation would stop the gradient at every base layer. The
+    switch is this layer's own attribute: other bitsandbytes layers in the process are left as they are.
+    """
+    layer.support_avx512bf16_for_cpu = False
+    return layer
 
 
 def quantization_constants(layer: bnb.nn.Linear4bit) -> list[torch.Tensor]:
@@ -348,8 +360,15 @@ class LoRACallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # A model that exists already (a second fit on the same module) is not rebuilt by
         # configure_model: the adapter is added to it here, before the optimizer is built.
-        if getattr(pl_module, "model", None) is not None:
-            pl_module.model = self.transform_model(pl_module.model, pl_module)
+        model = getattr(pl_module, "model", None)
+        if model is None:
+            return
+        if isinstance(model, PeftModel) and self.adapter_name in model.peft_config:
+            # validate/test (or fit again) after a fit: the adapter is there already, and peft has resolved
+            # its target_modules in place to names that a second add would look for in vain.
+            model.set_adapter(self.adapter_name)
+            return
+        pl_module.model = self.transform_model(model, pl_module)
 
     # -- the optimizer ----------------------------------------------------------------------------
 
