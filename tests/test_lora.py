@@ -16,14 +16,14 @@ import yaml
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
-from peft import LoraConfig, PeftModel
+from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel
 from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
 )
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from lightning_llm.callbacks.lora import (
@@ -566,3 +566,29 @@ def test_qlora_trains_validates_generates_and_merges_on_any_shape(shaped_base, d
     bound = expected.abs().max().item() * 2**-8 * 4
     assert (merged - expected).abs().max() <= bound
     assert (adapted - expected).abs().max() <= bound and error <= bound
+
+
+def test_an_adapter_loads_with_auto_peft_from_another_directory(tmp_path, tokenizer, monkeypatch):
+    # Trained on a base given as a relative path, as a user in the run's directory types it; the adapter written
+    # at the end of fit and the one `export` writes from the checkpoint both load with peft's Auto class (which
+    # finds the base by base_model_name_or_path) from elsewhere, and compute what the trained model computes.
+    run = tmp_path / "run"
+    torch.manual_seed(0)
+    build_model("tiny", vocab_size=len(tokenizer), max_position_embeddings=64).save_pretrained(run / "base")
+    monkeypatch.chdir(run)
+    module = PretrainModule("base", lr=1e-2, warmup_steps=1)
+    module.tokenizer = tokenizer  # what a data module gives the module; the adapter exports carry it
+    trainer = make_trainer(run, 2, [LoRACallback(r=4, dropout=0.0, adapter_dir="adapter")])
+    trainer.fit(module, torch.utils.data.DataLoader(shift_task(1), batch_size=8))
+    trainer.save_checkpoint("lora.ckpt")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    export_lora_checkpoint(run / "lora.ckpt", "exported")
+    expected = probe(module.model, VOCAB)
+    for adapter in (run / "adapter", tmp_path / "elsewhere" / "exported"):
+        loaded = AutoPeftModelForCausalLM.from_pretrained(adapter)
+        torch.testing.assert_close(probe(loaded, VOCAB), expected, rtol=0, atol=1e-5)
+    # the exported tokenizers truncate to the model's window, the trainer's own left as it was
+    assert AutoTokenizer.from_pretrained(run / "adapter").model_max_length == 64
+    assert AutoTokenizer.from_pretrained("exported").model_max_length == 64
+    assert tokenizer.model_max_length == 1 << 30

@@ -37,9 +37,10 @@ from lightning_llm.export import (
     is_adapter_checkpoint,
     load_checkpoint,
     save_pretrained_atomic,
+    tokenizer_for_export,
     tokenizer_from_checkpoint,
 )
-from lightning_llm.models import build_model, has_weights
+from lightning_llm.models import PRESETS, build_model, has_weights
 
 NF4_BLOCKSIZE = 64  # weights per absmax in QLoRA's NF4 (the paper's block size)
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -211,6 +212,14 @@ def gathered_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in peft_model.state_dict().items() if k in keys}
 
 
+def base_reference(spec: str | os.PathLike | None) -> str | None:
+    """How an adapter names its base so that it loads from any working directory: a local path made absolute
+    (as typed at training it is relative to that run's directory), a preset or hub id as it is."""
+    if spec is None or str(spec) in PRESETS or not Path(spec).exists():
+        return None if spec is None else str(spec)
+    return str(Path(spec).resolve())
+
+
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike, adapter_name: str | None = None,
                  tokenizer: PreTrainedTokenizerBase | None = None,
                  state_dict: dict[str, torch.Tensor] | None = None) -> Path:
@@ -221,9 +230,11 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, adapter_name: str
     """
     peft_model = as_peft_model(model)
     selected = None if adapter_name is None else [adapter_name]
+    for config in peft_model.peft_config.values():
+        config.base_model_name_or_path = base_reference(config.base_model_name_or_path)
     peft_model.save_pretrained(str(out_dir), selected_adapters=selected, safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(out_dir))
+        tokenizer_for_export(tokenizer, peft_model.get_base_model().config).save_pretrained(str(out_dir))
     return Path(out_dir)
 
 
@@ -412,7 +423,7 @@ class LoRACallback(Callback):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         peft_model = as_peft_model(pl_module.model)
         checkpoint[ADAPTER_KEY] = {
-            "base": getattr(pl_module.hparams, "model", None),
+            "base": base_reference(getattr(pl_module.hparams, "model", None)),
             "adapters": {name: config_dict(config) for name, config in peft_model.peft_config.items()},
             "active": peft_model.active_adapter,
             "quantization": self.quantization(),
