@@ -227,13 +227,14 @@ def test_valid_keys_mask_cuts_an_unfilled_buffer_in_a_direct_call():
     assert valid_keys_mask(2, 9, 9) is None  # a dynamic cache's keys are all real: dense attention
 
 
-@pytest.mark.parametrize("shape", list(STATIC_SHAPES))
 @pytest.mark.parametrize("padded", [False, True], ids=["no-padding", "left-padding"])
-def test_static_cache_generation_matches_eager(shape, padded):
-    reference, flash = eager_twins(shape)
-    batch = STATIC_BATCH[shape]
+def test_static_cache_generation_matches_eager(padded):
+    # transformers' own loop (the odd shape is covered by the direct prefill and decode test above, which costs
+    # less under the Triton interpreter)
+    reference, flash = eager_twins("tiny")
+    batch = STATIC_BATCH["tiny"]
     ids, mask = left_padded(batch, 9) if padded else (tokens(batch, 9), torch.ones(batch, 9, dtype=torch.long))
-    options = dict(attention_mask=mask.to(DEVICE), max_new_tokens=5, do_sample=False, pad_token_id=0,
+    options = dict(attention_mask=mask.to(DEVICE), max_new_tokens=3, do_sample=False, pad_token_id=0,
                    cache_implementation="static", output_logits=True, return_dict_in_generate=True)
     expected, actual = reference.generate(ids, **options), flash.generate(ids, **options)
     assert torch.equal(actual.sequences, expected.sequences)
