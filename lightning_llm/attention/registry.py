@@ -59,8 +59,9 @@ def valid_keys_mask(batch_size: int, q_length: int, kv_length: int, q_offset: in
 
     A StaticCache hands attention its whole buffer (kv_length = max_cache_len slots) while only the first
     q_offset + q_length slots hold tokens. transformers' own flash-attention path learns the valid length
-    from the padding mask's length and slices K/V to it, and gets it wrong when the caller passes no mask;
-    here the cache's own count makes the mask whenever slots are empty, so a call without a mask is right too.
+    from the padding mask's length and slices K/V to it, so without a mask it would attend over the whole
+    buffer; here the cache's count (q_offset) makes the mask whenever slots are empty, so a call without a
+    mask is right too. (int(q_offset) reads a StaticCache's tensor counter: one host sync per forward.)
     """
     mask = flash_attention_mask(batch_size, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset,
                                 attention_mask=attention_mask, **kwargs)
