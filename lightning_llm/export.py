@@ -208,12 +208,13 @@ def tokenizer_for_export(tokenizer: PreTrainedTokenizerBase, config: PretrainedC
     return tokenizer
 
 
-def save_tokenizer_and_token_ids(directory: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Beside the weights `model.save_pretrained` wrote into `directory`: the tokenizer, and config.json and
-    generation_config.json that name its special tokens, so a plain `model.generate` stops at EOS and pads with
-    the pad token. The live model's configs are left as they are (the copies are written)."""
-    _with_token_ids(model.config, tokenizer).save_pretrained(directory)
-    _with_token_ids(model.generation_config, tokenizer).save_pretrained(directory)
+def save_tokenizer_and_token_ids(directory: Path, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Beside the weights `model.save_pretrained` wrote into `directory`: the tokenizer, and (for a whole model,
+    not a peft adapter) config.json and generation_config.json that name its special tokens, so a plain
+    `model.generate` stops at EOS and pads with the pad token. The live model's configs are left as they are."""
+    if isinstance(model, PreTrainedModel):
+        _with_token_ids(model.config, tokenizer).save_pretrained(directory)
+        _with_token_ids(model.generation_config, tokenizer).save_pretrained(directory)
     tokenizer_for_export(tokenizer, model.config).save_pretrained(directory)
 
 
