@@ -8,6 +8,8 @@ half-written export behind.
 
 from __future__ import annotations
 
+import copy
+import logging
 import os
 import shutil
 import tempfile
@@ -21,12 +23,15 @@ from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    GenerationConfig,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
 from lightning_llm.data.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
 
 MODEL_PREFIX = "model."  # the LightningModule holds the HF model as `self.model`
 
@@ -171,6 +176,48 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _with_token_ids(config: PretrainedConfig | GenerationConfig, tokenizer: PreTrainedTokenizerBase,
+                    ) -> PretrainedConfig | GenerationConfig:
+    """A copy of `config` with the tokenizer's BOS/EOS/pad ids where it has none. An id it has already is kept
+    when it agrees with the tokenizer (an EOS list holding the tokenizer's EOS does); one that disagrees names a
+    token the model was not trained with, and the tokenizer's replaces it, with a warning."""
+    config = copy.deepcopy(config)
+    for name in SPECIAL_TOKENS:
+        wanted, have = getattr(tokenizer, name), getattr(config, name, None)
+        if wanted is None or have == wanted or (isinstance(have, list) and wanted in have):
+            continue
+        if have is not None:
+            log.warning("export: %s %s of the %s is not the tokenizer's (%s): writing the tokenizer's",
+                        name, have, type(config).__name__, wanted)
+        setattr(config, name, wanted)
+    return config
+
+
+def tokenizer_for_export(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig) -> PreTrainedTokenizerBase:
+    """`tokenizer`, or a copy whose `model_max_length` is the model's window (`max_position_embeddings`) where
+    it claims more (the tokenizers trained here say 2^30, transformers' 'unknown' is 1e30): pipelines and
+    evaluation harnesses truncate to model_max_length, and a longer input runs past the positions trained."""
+    window = getattr(config, "max_position_embeddings", None)
+    if window is None or tokenizer.model_max_length <= window:
+        return tokenizer
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.model_max_length = window
+    return tokenizer
+
+
+def save_tokenizer_and_token_ids(directory: Path, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Beside the weights `model.save_pretrained` wrote into `directory`: the tokenizer, and (for a whole model,
+    not a peft adapter) config.json and generation_config.json that name its special tokens, so a plain
+    `model.generate` stops at EOS and pads with the pad token. The live model's configs are left as they are."""
+    if isinstance(model, PreTrainedModel):
+        _with_token_ids(model.config, tokenizer).save_pretrained(directory)
+        _with_token_ids(model.generation_config, tokenizer).save_pretrained(directory)
+    tokenizer_for_export(tokenizer, model.config).save_pretrained(directory)
+
+
 def save_pretrained_atomic(
     model: nn.Module, out_dir: str | os.PathLike, tokenizer: PreTrainedTokenizerBase | None = None,
     state_dict: dict[str, torch.Tensor] | None = None, overwrite: bool = False,
@@ -179,7 +226,7 @@ def save_pretrained_atomic(
     with atomic_directory(out_dir, overwrite) as tmp:
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer_and_token_ids(tmp, model, tokenizer)
     return Path(out_dir)
 
 

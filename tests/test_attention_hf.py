@@ -13,10 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from transformers import AttentionInterface
+from transformers import AttentionInterface, StaticCache
 from transformers.masking_utils import AttentionMaskInterface
 
 from lightning_llm.attention import ATTN_IMPLEMENTATION, attention_backend, lightning_attention_forward
+from lightning_llm.attention.reference import naive_attention
+from lightning_llm.attention.registry import valid_keys_mask
 from lightning_llm.models import build_model
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -139,3 +141,102 @@ def test_attention_dropout_is_refused():
     model.to(DEVICE).train()
     with pytest.raises(ValueError, match="attention_dropout"):
         model(tokens(1, 8))
+
+
+# A StaticCache preallocates max_cache_len slots and hands attention the whole buffer; only the first
+# q_offset + q_len slots hold tokens. Two shapes: the tiny preset (head_dim 16, 4 query heads on 2 KV heads,
+# batch 3) and an odd one (head_dim 15, 3 query heads on 1 KV head, batch 2).
+STATIC_SHAPES = {"tiny": dict(), "odd": dict(hidden_size=45, num_attention_heads=3, num_key_value_heads=1,
+                                              intermediate_size=91)}
+STATIC_BATCH = {"tiny": 3, "odd": 2}
+
+
+def eager_twins(shape: str):
+    torch.manual_seed(0)
+    overrides = dict(vocab_size=VOCAB, **STATIC_SHAPES[shape])
+    reference = build_model("tiny", attn_implementation="eager", **overrides).to(DEVICE)
+    flash = build_model("tiny", attn_implementation=ATTN_IMPLEMENTATION, **overrides).to(DEVICE)
+    flash.load_state_dict(reference.state_dict())
+    return reference, flash
+
+
+def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor, config) -> None:
+    # Both sides are float32 and differ only in summation order. A float32 dot product of n terms is off by at
+    # most n * eps times the sum of its terms' magnitudes; the longest reduction in a layer is the MLP's
+    # intermediate_size and each layer adds its own, so eps * intermediate_size * layers, relative to the
+    # logits' scale, bounds the difference (~4.6e-5 of it for the tiny preset; measured: under 1e-6).
+    bound = torch.finfo(torch.float32).eps * config.intermediate_size * config.num_hidden_layers
+    torch.testing.assert_close(actual, expected, rtol=0, atol=bound * expected.abs().max().item())
+
+
+def left_padded(batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = tokens(batch, seq, seed=3)
+    mask = torch.ones_like(ids)
+    for row in range(1, batch):
+        mask[row, :2 * row + 1] = 0  # row 1 has 3 pads, row 2 has 5
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def static_cache_run(model, ids, mask, steps: int, slots: int) -> list[torch.Tensor]:
+    """Prefill `ids` into a StaticCache of `slots` slots, then decode `steps` greedy tokens; every step's logits."""
+    cache = StaticCache(config=model.config, max_cache_len=slots)
+    positions = None if mask is None else (mask.cumsum(1) - 1).clamp(min=0)
+    logits = [model(ids, attention_mask=mask, position_ids=positions, cache=cache).logits]
+    for _ in range(steps):
+        next_ids = logits[-1][:, -1:].argmax(-1)
+        if mask is not None:
+            mask = torch.cat([mask, torch.ones_like(next_ids)], 1)
+            positions = positions[:, -1:] + 1
+        logits.append(model(next_ids, attention_mask=mask, position_ids=positions, cache=cache).logits)
+    return logits
+
+
+@pytest.mark.parametrize("shape", list(STATIC_SHAPES))
+@pytest.mark.parametrize("padded", [False, True], ids=["no-padding", "left-padding"])
+def test_static_cache_prefill_and_decode_match_eager(shape, padded):
+    # A 9-token prefill into an 11-slot buffer, then two decode steps that fill it; without a mask the
+    # attention function gets the whole buffer, so it must learn the valid length from the cache.
+    reference, flash = eager_twins(shape)
+    batch = STATIC_BATCH[shape]
+    ids, mask = left_padded(batch, 9) if padded else (tokens(batch, 9), None)
+    expected = static_cache_run(reference, ids, mask, steps=2, slots=11)
+    actual = static_cache_run(flash, ids, mask, steps=2, slots=11)
+    assert_backend_ran(flash)
+    real = slice(None) if mask is None else mask.bool()  # padded queries are 0 in flash attention, any in eager
+    assert_logits_close(actual[0][real], expected[0][real], flash.config)
+    for got, want in zip(actual[1:], expected[1:]):
+        assert_logits_close(got, want, flash.config)
+
+
+def test_valid_keys_mask_cuts_an_unfilled_buffer_in_a_direct_call():
+    # The attention function alone, as transformers calls it: queries of a 9-token prefill, keys of an
+    # 11-slot buffer whose last 2 slots hold garbage; against naive causal attention over the 9 real keys.
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.is_causal = True
+    q = torch.randn(2, 4, 9, 16, device=DEVICE)
+    k, v = (torch.randn(2, 2, 11, 16, device=DEVICE) * 10 for _ in range(2))
+    for q_len, q_offset in ((9, 0), (1, 9), (1, 10)):  # prefill, then two decode steps that fill the buffer
+        valid = q_offset + q_len
+        mask = valid_keys_mask(2, q_len, 11, q_offset=torch.tensor(q_offset), device=DEVICE)
+        # A full buffer needs no mask: dense attention over all 11 keys.
+        assert (mask is None) if valid == 11 else (mask.shape == (2, valid) and mask.all())
+        out, _ = lightning_attention_forward(module, q[:, :, :q_len], k, v, mask)
+        expected, _ = naive_attention(q[:, :, :q_len].double(), k[:, :, :valid].double(), v[:, :, :valid].double())
+        torch.testing.assert_close(out.double(), expected.transpose(1, 2), atol=1e-5, rtol=1e-5)
+    assert valid_keys_mask(2, 9, 9) is None  # a dynamic cache's keys are all real: dense attention
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["no-padding", "left-padding"])
+def test_static_cache_generation_matches_eager(padded):
+    # transformers' own loop (the odd shape is covered by the direct prefill and decode test above, which costs
+    # less under the Triton interpreter)
+    reference, flash = eager_twins("tiny")
+    batch = STATIC_BATCH["tiny"]
+    ids, mask = left_padded(batch, 9) if padded else (tokens(batch, 9), torch.ones(batch, 9, dtype=torch.long))
+    options = dict(attention_mask=mask.to(DEVICE), max_new_tokens=3, do_sample=False, pad_token_id=0,
+                   cache_implementation="static", output_logits=True, return_dict_in_generate=True)
+    expected, actual = reference.generate(ids, **options), flash.generate(ids, **options)
+    assert torch.equal(actual.sequences, expected.sequences)
+    for got, want in zip(actual.logits, expected.logits):
+        assert_logits_close(got, want, flash.config)

@@ -161,3 +161,27 @@ def test_checkpoint_rebuilds_the_model_for_inference(datamodule, tmp_path):
     rebuilt = model_from_checkpoint(load_checkpoint(tmp_path / "one.ckpt"))
     for (name, a), b in zip(module.model.state_dict().items(), rebuilt.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_an_export_is_what_plain_transformers_expects(datamodule, tmp_path, monkeypatch):
+    # config.json and generation_config.json name the tokenizer's EOS and pad, so a plain `generate` (no
+    # eos_token_id or pad_token_id passed) stops at EOS; the tokenizer truncates to the model's window. All of it
+    # loaded from another working directory.
+    module = PretrainModule("tiny", warmup_steps=1)
+    trainer = make_trainer(tmp_path, 1)
+    trainer.fit(module, datamodule=datamodule)
+    # a final norm of zeros makes every logit 0, so greedy decoding picks the first token: the tokenizer's EOS
+    assert datamodule.tokenizer.eos_token_id == 0
+    module.model.model.norm.weight.data.zero_()
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    out = export_checkpoint(tmp_path / "run.ckpt", tmp_path / "hf")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    model, tok = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    assert (model.config.eos_token_id, model.config.pad_token_id) == (tok.eos_token_id, tok.pad_token_id)
+    ids = tok("def f(x):", return_tensors="pt")["input_ids"]
+    generated = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert generated[0, ids.shape[1]:].tolist() == [tok.eos_token_id]
+    window = model.config.max_position_embeddings
+    assert tok.model_max_length == window
+    assert len(tok("x " * 2 * window, truncation=True)["input_ids"]) == window

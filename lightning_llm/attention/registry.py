@@ -2,11 +2,12 @@
 
 transformers looks attention functions up by name in `AttentionInterface`, and asks
 `AttentionMaskInterface` under the same name how to build the mask: a name missing there gets no mask at
-all, so padding would be silently ignored. This module registers both: transformers' own flash-attention
-mask builder (None for a batch without padding, else the 2-d [batch, kv_len] padding mask) and
+all, so padding would be silently ignored. This module registers both: `valid_keys_mask` (None for a batch
+without padding whose keys are all real, else the 2-d [batch, valid_len] mask of the real keys) and
 `lightning_attention_forward`, which turns whatever describes the sequences into one kernel call:
 
-- a padding mask: the padded tokens are dropped and the rest run as packed variable-length sequences;
+- a padding mask: the padded tokens are dropped and the rest run as packed variable-length sequences; keys
+  past the mask's length are a StaticCache's empty slots and are cut off;
 - `cu_seq_lens_q`/`cu_seq_lens_k` (transformers' padding-free collators): used as they are;
 - position_ids that restart inside a row (packed examples, as the instruction-tuning packer makes them):
   each run of positions becomes one sequence, so packed examples never attend to each other;
@@ -51,6 +52,25 @@ def _packed_cu_seqlens(position_ids: Tensor, batch: int) -> Tensor | None:
     return torch.cat([first_tokens, total]).to(torch.int32)
 
 
+def valid_keys_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int | Tensor = 0,
+                    kv_offset: int = 0, attention_mask: Tensor | None = None, device: torch.device | str = "cpu",
+                    **kwargs) -> Tensor | None:
+    """transformers' flash-attention mask, plus the valid length of a preallocated cache.
+
+    A StaticCache hands attention its whole buffer (kv_length = max_cache_len slots) while only the first
+    q_offset + q_length slots hold tokens. transformers' own flash-attention path learns the valid length
+    from the padding mask's length and slices K/V to it, so without a mask it would attend over the whole
+    buffer; here the cache's count (q_offset) makes the mask whenever slots are empty, so a call without a
+    mask is right too. (int(q_offset) reads a StaticCache's tensor counter: one host sync per forward.)
+    """
+    mask = flash_attention_mask(batch_size, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset,
+                                attention_mask=attention_mask, **kwargs)
+    valid_length = int(q_offset) + q_length - kv_offset
+    if mask is None and valid_length < kv_length:
+        mask = torch.ones(batch_size, valid_length, dtype=torch.bool, device=device)
+    return mask
+
+
 def _tokens(x: Tensor) -> Tensor:
     """[B, H, T, D] -> [B * T, H, D]; free for the transposed [B, T, H, D] projections transformers passes."""
     return x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])
@@ -92,9 +112,12 @@ def lightning_attention_forward(
 
     options = dict(causal=causal, scale=scaling)
     if attention_mask is not None:
-        if attention_mask.shape != (batch, seqlen_k):
-            raise ValueError(f"padding mask of shape {tuple(attention_mask.shape)} does not match keys "
-                             f"[batch={batch}, kv_len={seqlen_k}]")
+        if attention_mask.shape[0] != batch or not seqlen_q <= attention_mask.shape[1] <= seqlen_k:
+            raise ValueError(f"padding mask of shape {tuple(attention_mask.shape)} does not match queries and keys "
+                             f"[batch={batch}, q_len={seqlen_q}, kv_len={seqlen_k}]: expected [{batch}, "
+                             f"valid_len] with {seqlen_q} <= valid_len <= {seqlen_k}")
+        # A mask shorter than the keys: a StaticCache's buffer, whose slots past the mask are empty.
+        key, value = key[:, :, :attention_mask.shape[1]], value[:, :, :attention_mask.shape[1]]
         # Queries are the last seqlen_q positions of the mask (all of it without a KV cache).
         mask_q, mask_k = attention_mask[:, -seqlen_q:], attention_mask
         q_tokens = query.transpose(1, 2)[mask_q]
@@ -121,4 +144,4 @@ def lightning_attention_forward(
 def register() -> None:
     """Make `attn_implementation="lightning_fa2"` known to every transformers model (idempotent)."""
     AttentionInterface.register(ATTN_IMPLEMENTATION, lightning_attention_forward)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, flash_attention_mask)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, valid_keys_mask)

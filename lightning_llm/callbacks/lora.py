@@ -37,9 +37,10 @@ from lightning_llm.export import (
     is_adapter_checkpoint,
     load_checkpoint,
     save_pretrained_atomic,
+    tokenizer_for_export,
     tokenizer_from_checkpoint,
 )
-from lightning_llm.models import build_model, has_weights
+from lightning_llm.models import PRESETS, build_model, has_weights
 
 NF4_BLOCKSIZE = 64  # weights per absmax in QLoRA's NF4 (the paper's block size)
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -90,7 +91,7 @@ def quantize_4bit(model: nn.Module, quant_type: str = "nf4", double_quant: bool 
     for name in names:
         linear = model.get_submodule(name)
         if isinstance(linear, bnb.nn.Linear4bit):  # loaded in 4 bits already (`QLoRACallback.model_load_kwargs`)
-            linear.support_avx512bf16_for_cpu = linear.support_avx512bf16_for_cpu and compute_dtype == torch.bfloat16
+            dequantize_in_every_matmul(linear)
             continue
         if linear.weight.is_meta:
             raise ValueError(f"cannot quantize {name!r}: its weight is on the meta device (not materialized yet)")
@@ -101,12 +102,24 @@ def quantize_4bit(model: nn.Module, quant_type: str = "nf4", double_quant: bool 
         q.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, blocksize=NF4_BLOCKSIZE,
                                      compress_statistics=double_quant, quant_type=quant_type, module=q).to(linear.weight.device)
         q.bias = linear.bias
-        # On CPUs with AVX512-BF16, bitsandbytes runs inference matmuls in bf16 whatever the compute
-        # dtype; keep that fast path only where bf16 is the dtype asked for.
-        q.support_avx512bf16_for_cpu = q.support_avx512bf16_for_cpu and compute_dtype == torch.bfloat16
-        model.set_submodule(name, q)
+        model.set_submodule(name, dequantize_in_every_matmul(q))
     model.is_loaded_in_4bit = True  # what peft reads to wrap Linear4bit layers and prepare k-bit training
     return model
+
+
+def dequantize_in_every_matmul(layer: bnb.nn.Linear4bit) -> bnb.nn.Linear4bit:
+    """Keep `layer` on bitsandbytes' dequantize-then-matmul path on every CPU, in training and inference.
+
+    On CPUs with AVX512-BF16, `Linear4bit.forward` repacks the weight in place into a CPU-only layout the first
+    time it runs without gradients (validation, generation, a merge's probe) and from then on multiplies in
+    bf16 with that layout. The repacking asserts that the output size is a multiple of 32 (llama-5m's 688 is
+    not); the bf16 product differs from the compute dtype's; `dequantize_4bit` (what peft's and transformers'
+    merges call) reads the repacked bytes as NF4 codes and returns garbage; and the packed matmul gives no
+    gradient to its input, so training after a validation would stop the gradient at every base layer. The
+    switch is this layer's own attribute: other bitsandbytes layers in the process are left as they are.
+    """
+    layer.support_avx512bf16_for_cpu = False
+    return layer
 
 
 def quantization_constants(layer: bnb.nn.Linear4bit) -> list[torch.Tensor]:
@@ -199,6 +212,14 @@ def gathered_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in peft_model.state_dict().items() if k in keys}
 
 
+def base_reference(spec: str | os.PathLike | None) -> str | None:
+    """How an adapter names its base so that it loads from any working directory: a local path made absolute
+    (as typed at training it is relative to that run's directory), a preset or hub id as it is."""
+    if spec is None or str(spec) in PRESETS or not Path(spec).exists():
+        return None if spec is None else str(spec)
+    return str(Path(spec).resolve())
+
+
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike, adapter_name: str | None = None,
                  tokenizer: PreTrainedTokenizerBase | None = None,
                  state_dict: dict[str, torch.Tensor] | None = None) -> Path:
@@ -209,9 +230,11 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, adapter_name: str
     """
     peft_model = as_peft_model(model)
     selected = None if adapter_name is None else [adapter_name]
+    for config in peft_model.peft_config.values():
+        config.base_model_name_or_path = base_reference(config.base_model_name_or_path)
     peft_model.save_pretrained(str(out_dir), selected_adapters=selected, safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(out_dir))
+        tokenizer_for_export(tokenizer, peft_model.get_base_model().config).save_pretrained(str(out_dir))
     return Path(out_dir)
 
 
@@ -348,8 +371,15 @@ class LoRACallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # A model that exists already (a second fit on the same module) is not rebuilt by
         # configure_model: the adapter is added to it here, before the optimizer is built.
-        if getattr(pl_module, "model", None) is not None:
-            pl_module.model = self.transform_model(pl_module.model, pl_module)
+        model = getattr(pl_module, "model", None)
+        if model is None:
+            return
+        if isinstance(model, PeftModel) and self.adapter_name in model.peft_config:
+            # validate/test (or fit again) after a fit: the adapter is there already, and peft has resolved
+            # its target_modules in place to names that a second add would look for in vain.
+            model.set_adapter(self.adapter_name)
+            return
+        pl_module.model = self.transform_model(model, pl_module)
 
     # -- the optimizer ----------------------------------------------------------------------------
 
@@ -393,7 +423,7 @@ class LoRACallback(Callback):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         peft_model = as_peft_model(pl_module.model)
         checkpoint[ADAPTER_KEY] = {
-            "base": getattr(pl_module.hparams, "model", None),
+            "base": base_reference(getattr(pl_module.hparams, "model", None)),
             "adapters": {name: config_dict(config) for name, config in peft_model.peft_config.items()},
             "active": peft_model.active_adapter,
             "quantization": self.quantization(),
