@@ -15,9 +15,13 @@ directory is written into a temporary sibling, fsync'd, and swapped with the old
 (Linux's `renameat2(RENAME_EXCHANGE)`); then the old one is deleted. Where the filesystem cannot swap
 (NFS, other systems) it takes two renames: the old one aside, the new one in. A kill between them
 leaves the name missing with the complete new directory beside it; readers then read that one, and
-the next save (or export) of the name renames it in. Temporaries left by a killed process are removed at the next
-save into their folder, with a line saying so (torchtitan trusts only checkpoint folders whose metadata
-is complete; `torch.distributed.checkpoint` itself writes `.metadata` last, by the same rename).
+the next save (or export) of the name renames it in. Temporaries left by a killed process are removed
+at the next save into their folder, with a line saying so. (torchtitan trusts only checkpoint folders
+whose metadata is complete; `torch.distributed.checkpoint` writes its `.metadata` last, by a rename.)
+
+Lightning's strategies write files through their CheckpointIO: `PretrainModule.setup` (so every module
+of the project) gives the strategy an `AtomicCheckpointIO` where it would use Lightning's default
+one, and says so in a log line; a CheckpointIO the user passed is kept.
 """
 
 from __future__ import annotations
@@ -323,9 +327,10 @@ def check_sharded(path: str | os.PathLike) -> dict[str, Any]:
                      if size is not None and name not in missing and (path / name).stat().st_size != size)
     if missing or resized:
         step = f"step-{record['step']} " if record is not None else ""
-        raise ValueError(f"sharded checkpoint {str(path)!r} is incomplete: of its {step}shard set, "
-                         f"{len(missing)} files are missing {missing[:4]} and {len(resized)} have another size than "
-                         f"recorded {resized[:4]}; resume from an earlier checkpoint")
+        problems = [f"{len(names)} {what} ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
+                    for names, what in ((missing, "missing"), (resized, "of another size than recorded")) if names]
+        raise ValueError(f"sharded checkpoint {str(path)!r} is incomplete: of the {len(expected)} files of its "
+                         f"{step}shard set, {' and '.join(problems)}; resume from an earlier checkpoint")
     return meta
 
 
@@ -404,6 +409,8 @@ def use_atomic_checkpoint_io(trainer: Any) -> None:
     """Give `trainer`'s strategy an `AtomicCheckpointIO` where it would use Lightning's default one; a
     CheckpointIO the user passed (as a plugin or to the strategy) is kept."""
     strategy = trainer.strategy
+    # Lightning keeps what the user passed (a plugin, or the strategy's `checkpoint_io`) in its
+    # accelerator connector, and creates its default lazily on the strategy: only that one is replaced.
     chosen = getattr(trainer, "_accelerator_connector", None)
     if chosen is not None and chosen.checkpoint_io is not None:
         return

@@ -65,9 +65,9 @@ def test_a_sharded_checkpoint_reads_back(tmp_path):
 @pytest.mark.parametrize("damage, message", [
     (lambda p: (p / SHARDED_METADATA).unlink(), "incomplete: it has no meta.pt, the record written last"),
     (lambda p: (p / DCP_METADATA).unlink(), r"incomplete: \.metadata is missing"),
-    (lambda p: (p / "__0_0.distcp").unlink(), r"of its step-2 shard set, 1 files are missing \['__0_0.distcp'\]"),
+    (lambda p: (p / "__0_0.distcp").unlink(), r"files of its step-2 shard set, 1 missing \(__0_0.distcp\)"),
     (lambda p: (p / "__0_0.distcp").write_bytes((p / "__0_0.distcp").read_bytes()[:-8]),
-     r"1 have another size than recorded \['__0_0.distcp'\]"),
+     r"shard set, 1 of another size than recorded \(__0_0.distcp\)"),
 ])
 def test_an_incomplete_sharded_checkpoint_is_refused_naming_the_path_and_what_is_missing(tmp_path, damage, message):
     write_sharded(tmp_path / "last.ckpt", 2, 1.5)
