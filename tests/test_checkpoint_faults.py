@@ -175,10 +175,9 @@ def _life(rank: int, world: int, port: int, out: str, config: str, kill: Kill | 
     torch.set_num_threads(1)
     out = Path(out)
     ckpt_dir = out / ("reference" if reference else "ckpt")
-    try:
-        resume = None if reference else str(resolve(ckpt_dir / "last.ckpt"))
-    except FileNotFoundError:
-        resume = None
+    # Resume from the name, also where a kill between two renames left it missing (the readers find
+    # the complete new version beside it).
+    resume = str(ckpt_dir / "last.ckpt") if not reference and _readable(ckpt_dir / "last.ckpt") else None
     callbacks = [LossLog(out / ("reference.jsonl" if reference else "losses.jsonl")),
                  ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=EVERY, save_last=True,
                                  save_top_k=-1 if reference else 0)]
@@ -199,6 +198,14 @@ def _start(fn, args: tuple, nprocs: int) -> None:
                                             "lightning_llm.strategies.zero", "lightning_llm.strategies.pipeline",
                                             "lightning_llm.cli", "lightning_llm.export"])
     mp.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method="forkserver")
+
+
+def _readable(path: Path) -> bool:
+    try:
+        resolve(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _launch(out: Path, config: str, kill: Kill | None = None, reference: bool = False) -> None:
