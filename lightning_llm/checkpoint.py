@@ -135,8 +135,9 @@ def resolve(path: str | os.PathLike) -> Path:
     if path.exists():
         return path
     if path.parent.is_dir():
-        olds = {m["token"] for e in path.parent.iterdir() if (m := _TEMPORARY.match(e.name)) and m["kind"] == "old" and m["name"] == path.name}
-        for token in sorted(olds):
+        matches = [_TEMPORARY.match(entry.name) for entry in path.parent.iterdir()]
+        olds = sorted(m["token"] for m in matches if m and m["kind"] == "old" and m["name"] == path.name)
+        for token in olds:
             new = _sibling(path, "tmp", token)
             if new.exists():
                 rank_zero_warn(f"{str(path)!r} is missing: a save was killed between its renames; reading its "
