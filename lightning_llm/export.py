@@ -1,9 +1,9 @@
-"""From a run to a Hugging Face model: read checkpoints, rebuild the model, write an export atomically.
+"""From a run to a Hugging Face model: rebuild the model of a checkpoint, write an export atomically.
 
 An export is a directory that `AutoModelForCausalLM.from_pretrained` and
 `AutoTokenizer.from_pretrained` load: safetensors weights, `config.json` and the tokenizer. It is
-written into a temporary sibling directory and renamed into place, so a failure never leaves a
-half-written export behind.
+written with `lightning_llm.checkpoint.atomic_directory` (complete in a temporary sibling before it
+replaces the old one by rename), and checkpoints are read with `lightning_llm.checkpoint.load_checkpoint`.
 """
 
 from __future__ import annotations
@@ -11,10 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +26,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from lightning_llm.checkpoint import atomic_directory, load_checkpoint
 from lightning_llm.data.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -39,48 +37,6 @@ MODEL_PREFIX = "model."  # the LightningModule holds the HF model as `self.model
 def config_from_dict(data: dict[str, Any]) -> PretrainedConfig:
     data = dict(data)
     return AutoConfig.for_model(data.pop("model_type"), **data)
-
-
-SHARDED_METADATA = "meta.pt"  # the non-tensor part of a sharded checkpoint (loops, callbacks, hyper-parameters)
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A Lightning checkpoint as a dict, on CPU: a checkpoint file, or a sharded checkpoint directory
-    (ZeROStrategy, PipelineStrategy) joined on this process."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    if path.is_dir():
-        return load_sharded_checkpoint(path)
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def load_sharded_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A `torch.distributed.checkpoint` directory as one Lightning checkpoint dict, without a process group.
-
-    The strategies write the model's tensors under `"state_dict"` with the LightningModule's own key
-    names (whatever the sharding, every key whole in the metadata) and the rest to `meta.pt`. The
-    weights are read whole; optimizer states are left out.
-    """
-    import torch.distributed.checkpoint as dcp
-
-    path = Path(path)
-    if not (path / SHARDED_METADATA).is_file() or not (path / ".metadata").is_file():
-        raise ValueError(
-            f"checkpoint {str(path)!r} is a directory but not a sharded checkpoint (one holds .metadata and "
-            f"{SHARDED_METADATA}); give a checkpoint file or a directory written by ZeROStrategy or PipelineStrategy"
-        )
-    metadata = dcp.FileSystemReader(path).read_metadata()
-    template: dict[str, torch.Tensor] = {}
-    for flat_key, where in metadata.planner_data.items():
-        entry = metadata.state_dict_metadata[flat_key]
-        if where[0] == "state_dict" and isinstance(entry, dcp.metadata.TensorStorageMetadata):
-            template[where[1]] = torch.empty(entry.size, dtype=entry.properties.dtype)
-    state = {"state_dict": template}
-    dcp.load(state, checkpoint_id=path, no_dist=True)
-    checkpoint = torch.load(path / SHARDED_METADATA, map_location="cpu", weights_only=False)
-    checkpoint["state_dict"] = state["state_dict"]
-    return checkpoint
 
 
 def model_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -156,24 +112,6 @@ def load_for_inference(source: str | os.PathLike | dict[str, Any]) -> tuple[PreT
         raise ValueError("the checkpoint holds LoRA adapters, not a whole model: load it with "
                          "lightning_llm.callbacks.lora.peft_model_from_checkpoint (lightning-llm generate does)")
     return model_from_checkpoint(source), tokenizer_from_checkpoint(source)
-
-
-@contextmanager
-def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """A temporary directory beside `out_dir` to write into; it becomes `out_dir` only if the block
-    completes, so an error never leaves a half-written export behind."""
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"export directory {str(out)!r} exists and is not empty; remove it or pass overwrite=True")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")

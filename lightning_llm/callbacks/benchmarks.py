@@ -35,6 +35,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lm_eval.models.utils import normalize_gen_kwargs, resolve_max_length
 from lm_eval.utils import handle_non_serializable, make_table
 
+from lightning_llm.checkpoint import atomic_file
 from lightning_llm.eval import tasks as lm_tasks
 from lightning_llm.eval.code_eval import HUMANEVAL_LIMITS
 from lightning_llm.eval.lm_adapter import LightningLM, within_root_forward
@@ -230,7 +231,8 @@ class LMEvalCallback(pl.Callback):
         directory.mkdir(parents=True, exist_ok=True)
         name = "-".join(sorted(results["results"]))[:80]
         path = directory / f"{name}-step{step}.json"
-        path.write_text(json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
+        with atomic_file(path) as f:
+            f.write(json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False).encode())
 
 
 class MMLUCallback(LMEvalCallback):

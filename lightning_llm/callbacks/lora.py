@@ -30,12 +30,11 @@ from torch.distributed.tensor import DTensor
 from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.integrations.bitsandbytes import dequantize_and_replace
 
+from lightning_llm.checkpoint import atomic_directory, load_checkpoint
 from lightning_llm.export import (
     ADAPTER_KEY,
     MODEL_PREFIX,
-    atomic_directory,
     is_adapter_checkpoint,
-    load_checkpoint,
     save_pretrained_atomic,
     tokenizer_for_export,
     tokenizer_from_checkpoint,
@@ -452,8 +451,9 @@ class LoRACallback(Callback):
             base = getattr(pl_module.hparams, "model", None)
             if base is not None:
                 peft_model.peft_config[self.adapter_name].base_model_name_or_path = str(base)
-            path = save_adapter(peft_model, out, self.adapter_name, getattr(pl_module, "tokenizer", None), state)
-            rank_zero_info(f"adapter {self.adapter_name!r} written to {path}")
+            with atomic_directory(out, overwrite=True) as tmp:
+                save_adapter(peft_model, tmp, self.adapter_name, getattr(pl_module, "tokenizer", None), state)
+            rank_zero_info(f"adapter {self.adapter_name!r} written to {out}")
 
 
 class QLoRACallback(LoRACallback):

@@ -20,6 +20,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from lightning_llm.checkpoint import use_atomic_checkpoint_io
 from lightning_llm.models import build_model, has_weights
 
 
@@ -105,6 +106,8 @@ class PretrainModule(LightningModule):
     # -- model -----------------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
+        if self._trainer is not None:
+            use_atomic_checkpoint_io(self.trainer)  # Lightning's default writes through $TMPDIR
         # The data was tokenized with the data module's tokenizer: the model and the checkpoints use that one.
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and getattr(datamodule, "tokenizer", None) is not None:

@@ -19,8 +19,9 @@ Validation, test and predict steps of the module run unchanged: while they run, 
 `forward` is redirected to a forward-only pass through the pipeline whose logits are broadcast
 from the last stage to every rank (the same redirection Lightning uses for wrapped models).
 
-Checkpoints are `torch.distributed.checkpoint` directories: every stage writes its own layers
-under the single-process key names, so `lightning_llm.export.load_checkpoint` joins them on one process.
+Checkpoints are sharded directories in the format of `lightning_llm.checkpoint`: every stage writes
+its own layers under the single-process key names, so `lightning_llm.checkpoint.load_checkpoint`
+joins them on one process.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -65,7 +65,7 @@ from torch.distributed.pipelining.schedules import (
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from lightning_llm.export import SHARDED_METADATA
+from lightning_llm.checkpoint import open_sharded, remove_checkpoint, save_sharded
 
 SCHEDULES: dict[str, type] = {
     "gpipe": ScheduleGPipe,
@@ -738,21 +738,14 @@ class PipelineStrategy(ParallelStrategy):
         if storage_options is not None:
             raise TypeError("PipelineStrategy.save_checkpoint(storage_options=...) is not supported: it writes "
                             "torch.distributed.checkpoint directories, not through CheckpointIO")
-        path = Path(self.broadcast(str(filepath)))
-        if self.is_global_zero and path.is_file():
-            path.unlink()
-        path.mkdir(parents=True, exist_ok=True)
-        tensors = {"state_dict": checkpoint.pop("state_dict")}
-        for i, state in enumerate(checkpoint.pop("optimizer_states", [])):
-            tensors[f"optimizer_{i}"] = state
-        dcp.save(tensors, checkpoint_id=path)
+        save_sharded(self, checkpoint, filepath)
+
+    def remove_checkpoint(self, filepath: str | os.PathLike) -> None:
         if self.is_global_zero:
-            torch.save(checkpoint, path / SHARDED_METADATA)
+            remove_checkpoint(filepath)
 
     def load_checkpoint(self, checkpoint_path: str | os.PathLike, weights_only: bool | None = None) -> dict[str, Any]:
-        path = Path(self.broadcast(str(checkpoint_path)))
-        if not (path / SHARDED_METADATA).is_file():
-            raise ValueError(f"{str(path)!r} is not a PipelineStrategy checkpoint (a directory with {SHARDED_METADATA})")
+        path, meta = open_sharded(self.broadcast(str(checkpoint_path)))
         module = self.lightning_module
         state: dict[str, Any] = {"state_dict": module.state_dict()}
         optimizers = [getattr(o, "_optimizer", o) for o in self.optimizers]
@@ -763,7 +756,7 @@ class PipelineStrategy(ParallelStrategy):
         for i, optimizer in enumerate(optimizers):
             set_optimizer_state_dict(module, optimizer, optim_state_dict=state[f"optimizer_{i}"],
                                      options=OPTIMIZER_STATE_OPTIONS)
-        return torch.load(path / SHARDED_METADATA, weights_only=bool(weights_only))
+        return meta
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         pass  # loaded in load_checkpoint

@@ -25,9 +25,10 @@ How each stage is built from torch.distributed:
 
 Models are created on the meta device in `configure_model` and materialised one FSDP unit (decoder
 layer) at a time right before it is sharded, so a model never exists whole on one rank at stages 2
-and 3. Checkpoints are `torch.distributed.checkpoint` directories (each rank writes its shards,
-`meta.pt` holds the rest); they load on any number of ranks, and `lightning_llm.export.load_checkpoint`
-turns one into an ordinary Lightning checkpoint dict on a single process. Under each parameter's name a
+and 3. Checkpoints are `torch.distributed.checkpoint` directories in the format of `lightning_llm.checkpoint`
+(each rank writes its shards, `meta.pt` holds the rest and is written last, the directory is renamed
+into place); they load on any number of ranks, and `lightning_llm.checkpoint.load_checkpoint` turns
+one into an ordinary Lightning checkpoint dict on a single process. Under each parameter's name a
 checkpoint holds the tensor the optimizer steps (the stage-1 shard, or the fp32 master of
 `MasterWeightsPrecision`) and, keyed by the same name, its optimizer state: every rank writes its own
 rows at every stage, and a master-weights run saves, resumes and exports its fp32 masters.
@@ -38,13 +39,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Generator
 
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.strategies.fsdp import _is_sharded_checkpoint, _move_torchmetrics_to_device
-from lightning.fabric.utilities.load import _METADATA_FILENAME
+from lightning.fabric.strategies.fsdp import _move_torchmetrics_to_device
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import Trainer
 from lightning.pytorch.core.optimizer import LightningOptimizer
@@ -56,6 +55,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
+
+from lightning_llm.checkpoint import open_sharded, remove_checkpoint, save_sharded
 
 STAGES = (1, 2, 3)
 
@@ -263,17 +264,22 @@ class ZeROStrategy(ModelParallelStrategy):
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         return _optimizer_state_by_name(_unwrap(optimizer), _names(self._stepped_tensors()))
 
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("ZeROStrategy.save_checkpoint(storage_options=...) is not supported: it writes "
+                            "torch.distributed.checkpoint directories, not through CheckpointIO")
+        save_sharded(self, checkpoint, filepath)
+
+    def remove_checkpoint(self, filepath: _PATH) -> None:
+        if self.is_global_zero:
+            remove_checkpoint(filepath)
+
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
         """Load a sharded checkpoint written on any number of ranks into this run's shards."""
         from torch.distributed.checkpoint import DefaultLoadPlanner, load
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
-        path = Path(self.broadcast(checkpoint_path))
-        if not _is_sharded_checkpoint(path):
-            raise ValueError(
-                f"{str(path)!r} is not a sharded checkpoint directory (with {_METADATA_FILENAME}): "
-                "ZeROStrategy resumes only from checkpoints written by a ZeROStrategy or ModelParallelStrategy"
-            )
+        path, meta = open_sharded(self.broadcast(str(checkpoint_path)))
         stepped = self._stepped_tensors()
         names = _names(stepped)
         state: dict[str, Any] = {"state_dict": {**get_model_state_dict(self.model), **stepped}}
@@ -293,7 +299,7 @@ class ZeROStrategy(ModelParallelStrategy):
                 self.precision_plugin.copy_masters_to_weights(optimizer)
         for shards in self._optimizer_shards.values():
             shards.gather_params()
-        return torch.load(path / _METADATA_FILENAME, weights_only=False if weights_only is None else weights_only)
+        return meta
 
     def teardown(self) -> None:
         if isinstance(self.model, DistributedDataParallel):

@@ -1,0 +1,421 @@
+"""The one home of the checkpoint format: its names, its atomic writers and its checked readers.
+
+What a run writes:
+- a checkpoint file: Lightning's checkpoint dict, `torch.save`d (Lightning's own strategies, through
+  `AtomicCheckpointIO`);
+- a sharded checkpoint directory (`ZeROStrategy`, `PipelineStrategy`): the `torch.distributed.checkpoint`
+  files (`__<rank>_<n>.distcp` shards and `.metadata`, the index of every tensor's bytes) plus
+  `meta.pt`, the rest of Lightning's dict with the shard record (the step, the save id of `.metadata`,
+  every file and its size). `meta.pt` is written last, after every rank has written its shards;
+- an export or an adapter directory (`export.py`, `callbacks/lora.py`, through `atomic_directory`).
+
+No write is in place. A file is written to a temporary sibling in its own folder (never `$TMPDIR`:
+on another filesystem the final move would be a copy), flushed, fsync'd and renamed over the name. A
+directory is written into a temporary sibling, fsync'd, and swapped with the old one in one step
+(Linux's `renameat2(RENAME_EXCHANGE)`); then the old one is deleted. Where the filesystem cannot swap
+(NFS, other systems) it takes two renames: the old one aside, the new one in. A kill between them
+leaves the name missing with the complete new directory beside it; readers then read that one, and
+the next save (or export) of the name renames it in. Temporaries left by a killed process are removed
+at the next save into their folder, with a line saying so. (torchtitan trusts only checkpoint folders
+whose metadata is complete; `torch.distributed.checkpoint` writes its `.metadata` last, by a rename.)
+
+Lightning's strategies write files through their CheckpointIO: `PretrainModule.setup` (so every module
+of the project) gives the strategy an `AtomicCheckpointIO` where it would use Lightning's default
+one, and says so in a log line; a CheckpointIO the user passed is kept.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import pickle
+import re
+import secrets
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+SHARDED_METADATA = "meta.pt"  # a sharded checkpoint's non-tensor part and shard record, written last
+DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of the tensors (`_metadata_fn`)
+SHARD_RECORD = "lightning_llm_shards"  # the entry of `meta.pt` that records the step and the shard set
+
+# Temporaries beside a name: `.<name>.<kind>-<pid>-<random>`. `tmp`: being written (complete once an
+# `old` of the same token exists); `old`: the previous version, set aside; `del`: being deleted.
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old|del)-(?P<token>(?P<pid>\d+)-[0-9a-f]{6})$")
+
+
+def _sibling(path: Path, kind: str, token: str) -> Path:
+    return path.parent / f".{path.name}.{kind}-{token}"
+
+
+def _new_token() -> str:
+    return f"{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def fsync_directory(path: Path) -> None:
+    """Make a rename or a new entry in `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and directory under `root` (writers such as `save_pretrained` do not)."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_directory(Path(folder))
+
+
+def _delete(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover(folder: str | os.PathLike) -> None:
+    """Finish or undo what killed writers left in `folder`: a complete new directory whose name is
+    missing (killed between its two renames) is renamed in; every other temporary of a process that
+    no longer runs is deleted. Each action is logged."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    groups: dict[tuple[str, str], dict[str, Path]] = {}
+    for entry in folder.iterdir():
+        match = _TEMPORARY.match(entry.name)
+        if match and not _alive(int(match["pid"])):
+            groups.setdefault((match["name"], match["token"]), {})[match["kind"]] = entry
+    for (name, _), kinds in sorted(groups.items()):
+        target = folder / name
+        if not target.exists() and "old" in kinds and "tmp" in kinds:
+            os.rename(kinds.pop("tmp"), target)
+            fsync_directory(folder)
+            rank_zero_info(f"{target}: a save was killed between its renames; its complete new version is now in place")
+        elif not target.exists() and "old" in kinds:
+            os.rename(kinds.pop("old"), target)
+            fsync_directory(folder)
+            rank_zero_info(f"{target}: a save was killed between its renames; its previous version is back in place")
+        for leftover in kinds.values():
+            _delete(leftover)
+            rank_zero_info(f"removed {leftover}, left by a killed save")
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """The path to read for the checkpoint or export `path`: itself, or, where a save was killed
+    between its two renames, the complete new version beside it (read in place, nothing is moved)."""
+    path = Path(path)
+    if path.exists():
+        return path
+    if path.parent.is_dir():
+        matches = [_TEMPORARY.match(entry.name) for entry in path.parent.iterdir()]
+        olds = sorted(m["token"] for m in matches if m and m["kind"] == "old" and m["name"] == path.name)
+        for token in olds:
+            new = _sibling(path, "tmp", token)
+            if new.exists():
+                rank_zero_warn(f"{str(path)!r} is missing: a save was killed between its renames; reading its "
+                               f"complete new version {str(new)!r} (the next save puts it in place)")
+                return new
+    raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+
+
+# -- writers ---------------------------------------------------------------------------------------
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[IO[bytes]]:
+    """A binary file to write `path` through: a temporary sibling, flushed, fsync'd and renamed over
+    `path` when the block completes (a failure removes it)."""
+    path = Path(path)
+    tmp = _sibling(path, "tmp", _new_token())
+    try:
+        with open(tmp, "xb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fsync_directory(path.parent)
+
+
+def save_file(obj: Any, path: str | os.PathLike) -> None:
+    """`torch.save(obj, path)`, atomically; stale temporaries in the folder are removed first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recover(path.parent)
+    with atomic_file(path) as f:
+        torch.save(obj, f)
+
+
+def new_directory(path: str | os.PathLike) -> Path:
+    """An empty temporary sibling of `path` to write a directory into, then `commit_directory`; stale
+    temporaries in the folder are removed first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recover(path.parent)
+    tmp = _sibling(path, "tmp", _new_token())
+    tmp.mkdir()
+    return tmp
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically (Linux `renameat2` with RENAME_EXCHANGE, which Python does
+    not wrap); False where the system or the filesystem cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def commit_directory(tmp: Path, path: str | os.PathLike) -> None:
+    """Put the fully written directory `tmp` (from `new_directory`) at `path`: durable first, then
+    swapped with the old `path` (or the old one aside and `tmp` in), the old one deleted."""
+    path = Path(path)
+    token = _TEMPORARY.match(tmp.name)["token"]
+    _fsync_tree(tmp)
+    old = _sibling(path, "old", token)
+    if path.exists() and _exchange(tmp, path):
+        fsync_directory(path.parent)
+        _delete(tmp)  # the old version, now under the temporary name
+        return
+    if path.exists():
+        os.rename(path, old)
+    os.rename(tmp, path)
+    fsync_directory(path.parent)
+    if old.exists():
+        _delete(old)
+
+
+def remove_checkpoint(path: str | os.PathLike) -> None:
+    """Delete a checkpoint file or directory so that its name never holds a part of it: the name goes
+    by one rename, the rest is deleted after."""
+    path = Path(path)
+    if not path.exists():
+        return
+    doomed = _sibling(path, "del", _new_token())
+    os.rename(path, doomed)
+    fsync_directory(path.parent)
+    _delete(doomed)
+
+
+@contextmanager
+def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary directory beside `out_dir` to write an export into; it replaces `out_dir` only once
+    the block has completed, so at every instant `out_dir` holds the whole old or the whole new export."""
+    out = Path(out_dir)
+    tmp = new_directory(out)  # first: it also finishes an export killed between its renames
+    try:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+            raise FileExistsError(f"export directory {str(out)!r} exists and is not empty; remove it or pass overwrite=True")
+        yield tmp
+        commit_directory(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- sharded checkpoints ----------------------------------------------------------------------------
+
+
+def save_sharded(strategy: Any, checkpoint: dict[str, Any], path: _PATH) -> None:
+    """Write a Lightning checkpoint as a `torch.distributed.checkpoint` directory (every rank calls this).
+
+    `strategy` is a Lightning strategy (`broadcast`, `barrier`, `is_global_zero`). Every rank writes its
+    shards of `checkpoint["state_dict"]` and `checkpoint["optimizer_states"]` into one temporary sibling
+    of `path`; after a barrier rank 0 writes `meta.pt` (the rest of the dict and the shard record) and
+    swaps the directory in.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(strategy.broadcast(str(path)))
+    tmp = new_directory(path) if strategy.is_global_zero else None
+    tmp = Path(strategy.broadcast(str(tmp) if tmp is not None else None))
+    tensors = {"state_dict": checkpoint.pop("state_dict")}
+    for i, state in enumerate(checkpoint.pop("optimizer_states", [])):
+        tensors[f"optimizer_{i}"] = state
+    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))
+    strategy.barrier()  # every rank's shards are written and fsync'd
+    if strategy.is_global_zero:
+        record = {"step": checkpoint.get("global_step"), "save_id": _read_dcp_metadata(tmp).storage_meta.save_id,
+                  "files": {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}}
+        with atomic_file(tmp / SHARDED_METADATA) as f:
+            torch.save({**checkpoint, SHARD_RECORD: record}, f)
+        commit_directory(tmp, path)
+    strategy.barrier()  # no rank reads `path` before it is in place
+
+
+def _read_dcp_metadata(path: Path) -> Any:
+    import torch.distributed.checkpoint as dcp
+
+    return dcp.FileSystemReader(path).read_metadata()
+
+
+def _torch_load(path: Path, what: str, map_location: Any = "cpu", weights_only: bool | None = False) -> Any:
+    try:
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueError) as err:
+        raise ValueError(f"{what} {str(path)!r} cannot be read (truncated or not a checkpoint): {err}") from None
+
+
+def check_sharded(path: str | os.PathLike) -> dict[str, Any]:
+    """The non-tensor part of the sharded checkpoint `path`, once it is verified complete and consistent:
+    `meta.pt` present, its `.metadata` from the same save, and every shard file of its record present
+    with its recorded size. Raises naming the path and what is missing otherwise."""
+    path = Path(path)
+    meta_file, index_file = path / SHARDED_METADATA, path / DCP_METADATA
+    if not meta_file.is_file():
+        if index_file.exists() or any(path.glob("*.distcp")):
+            raise ValueError(f"sharded checkpoint {str(path)!r} is incomplete: it has no {SHARDED_METADATA}, the "
+                             "record written last, so its save did not finish; resume from an earlier checkpoint")
+        raise ValueError(f"checkpoint {str(path)!r} is a directory but not a sharded checkpoint (one holds "
+                         f"{DCP_METADATA} and {SHARDED_METADATA}); give a checkpoint file or a directory written by "
+                         "ZeROStrategy or PipelineStrategy")
+    meta = _torch_load(meta_file, "the metadata of sharded checkpoint")
+    if not index_file.is_file():
+        raise ValueError(f"sharded checkpoint {str(path)!r} is incomplete: {DCP_METADATA} is missing")
+    try:
+        index = _read_dcp_metadata(path)
+    except Exception as err:  # torch raises whatever unpickling a damaged file raises
+        raise ValueError(f"sharded checkpoint {str(path)!r}: {DCP_METADATA} cannot be read: {err}") from None
+    shard_files = {info.relative_path for info in index.storage_data.values()}
+    record = meta.pop(SHARD_RECORD, None)
+    if record is None:
+        rank_zero_warn(f"sharded checkpoint {str(path)!r} has no shard record (written by an older version): only the "
+                       "presence of its shard files is checked, not that they come from one save")
+        expected = {name: None for name in shard_files}
+    else:
+        expected = record["files"]
+        save_id = getattr(index.storage_meta, "save_id", None)
+        if save_id != record["save_id"] or not shard_files <= set(expected):
+            raise ValueError(f"sharded checkpoint {str(path)!r} is inconsistent: its {DCP_METADATA} is not the one "
+                             f"of the step-{record['step']} save recorded in {SHARDED_METADATA}")
+    missing = sorted(name for name in expected if not (path / name).is_file())
+    resized = sorted(name for name, size in expected.items()
+                     if size is not None and name not in missing and (path / name).stat().st_size != size)
+    if missing or resized:
+        step = f"step-{record['step']} " if record is not None else ""
+        problems = [f"{len(names)} {what} ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
+                    for names, what in ((missing, "missing"), (resized, "of another size than recorded")) if names]
+        raise ValueError(f"sharded checkpoint {str(path)!r} is incomplete: of the {len(expected)} files of its "
+                         f"{step}shard set, {' and '.join(problems)}; resume from an earlier checkpoint")
+    return meta
+
+
+def open_sharded(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """The directory to read for the sharded checkpoint `path` (see `resolve`) and its verified
+    non-tensor part (`check_sharded`); a checkpoint file is refused."""
+    path = resolve(path)
+    if not path.is_dir():
+        raise ValueError(f"{str(path)!r} is a checkpoint file, not a sharded checkpoint directory: a strategy that "
+                         "shards (ZeROStrategy, PipelineStrategy) resumes only from the directories it writes")
+    return path, check_sharded(path)
+
+
+def load_sharded_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A sharded checkpoint directory as one Lightning checkpoint dict, without a process group.
+
+    The strategies write the model's tensors under `"state_dict"` with the LightningModule's own key
+    names (whatever the sharding, every key whole in the metadata). The weights are read whole;
+    optimizer states are left out.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    path, checkpoint = open_sharded(path)
+    index = _read_dcp_metadata(path)
+    template: dict[str, torch.Tensor] = {}
+    for flat_key, where in index.planner_data.items():
+        entry = index.state_dict_metadata[flat_key]
+        if where[0] == "state_dict" and isinstance(entry, dcp.metadata.TensorStorageMetadata):
+            template[where[1]] = torch.empty(entry.size, dtype=entry.properties.dtype)
+    state = {"state_dict": template}
+    dcp.load(state, checkpoint_id=path, no_dist=True)
+    checkpoint["state_dict"] = state["state_dict"]
+    return checkpoint
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", weights_only: bool | None = False) -> dict[str, Any]:
+    """A Lightning checkpoint as a dict (on CPU by default): a checkpoint file, or a sharded checkpoint
+    directory (ZeROStrategy, PipelineStrategy) joined on this process, checked first."""
+    path = resolve(path)
+    if path.is_dir():
+        return load_sharded_checkpoint(path)
+    return _torch_load(path, "checkpoint", map_location, weights_only)
+
+
+# -- Lightning's CheckpointIO ---------------------------------------------------------------------
+
+
+def _is_local(path: _PATH) -> bool:
+    return get_filesystem(path).protocol in ("file", ("file", "local"))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's `TorchCheckpointIO` with the writes of this module: a checkpoint file is written
+    beside its name, fsync'd and renamed (Lightning's own goes through a temporary file in `$TMPDIR`,
+    and across filesystems its final move is a copy that a kill leaves truncated). Reads are checked
+    and name the path. Remote paths (s3://, ...) go through Lightning's code unchanged."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not _is_local(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        save_file(checkpoint, path)
+
+    def load_checkpoint(self, path: _PATH, map_location: Callable | None = None,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        if not _is_local(path):
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        return load_checkpoint(path, map_location, weights_only)
+
+    def remove_checkpoint(self, path: _PATH) -> None:
+        if not _is_local(path):
+            return super().remove_checkpoint(path)
+        remove_checkpoint(path)
+
+
+def use_atomic_checkpoint_io(trainer: Any) -> None:
+    """Give `trainer`'s strategy an `AtomicCheckpointIO` where it would use Lightning's default one; a
+    CheckpointIO the user passed (as a plugin or to the strategy) is kept."""
+    strategy = trainer.strategy
+    # Lightning keeps what the user passed (a plugin, or the strategy's `checkpoint_io`) in its
+    # accelerator connector, and creates its default lazily on the strategy: only that one is replaced.
+    chosen = getattr(trainer, "_accelerator_connector", None)
+    if chosen is not None and chosen.checkpoint_io is not None:
+        return
+    current = strategy._checkpoint_io
+    if current is None or type(current) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()
+        rank_zero_info("checkpoints: written atomically in their own folder (lightning_llm.checkpoint.AtomicCheckpointIO)")
