@@ -10,16 +10,17 @@ from __future__ import annotations
 import math
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from lightning_llm.divergence import DivergenceGuard
 from lightning_llm.models import build_model, has_weights
 
 
@@ -74,6 +75,10 @@ class PretrainModule(LightningModule):
         min_lr_ratio: the cosine schedule ends at `lr * min_lr_ratio`.
         max_steps: length of the cosine schedule; `None` takes the trainer's estimated optimizer steps.
         activation_checkpointing: recompute each decoder layer's activations in the backward pass.
+        on_nonfinite: what a non-finite loss or gradient norm does (`DivergenceGuard`, which the module
+            adds to the trainer and which also logs the gradient norm): "stop" the run with an error
+            before the step is applied, or "skip" the step.
+        max_nonfinite_skips: with on_nonfinite="skip", stop after this many skipped steps in a row.
     """
 
     def __init__(
@@ -89,6 +94,8 @@ class PretrainModule(LightningModule):
         min_lr_ratio: float = 0.1,
         max_steps: int | None = None,
         activation_checkpointing: bool = False,
+        on_nonfinite: Literal["stop", "skip"] = "stop",
+        max_nonfinite_skips: int = 16,
     ) -> None:
         super().__init__()
         if not lr > 0:
@@ -96,6 +103,7 @@ class PretrainModule(LightningModule):
         if warmup_steps < 0 or not 0 <= min_lr_ratio <= 1:
             raise ValueError(f"warmup_steps must be >= 0 and min_lr_ratio in [0, 1], got {warmup_steps}, {min_lr_ratio}")
         self.save_hyperparameters()
+        self.divergence_guard = DivergenceGuard(on_nonfinite, max_nonfinite_skips)  # validates both
         self.model: PreTrainedModel | None = None
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.val_loss = MeanMetric()
@@ -197,13 +205,8 @@ class PretrainModule(LightningModule):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads:
-            norm = torch.nn.utils.get_total_norm(grads)
-            if hasattr(norm, "full_tensor"):  # sharded (DTensor) gradients: the norm over all shards
-                norm = norm.full_tensor()
-            self.log("train/grad_norm", norm)
+    def configure_callbacks(self) -> list[Callback]:
+        return [self.divergence_guard]
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss = self.loss(batch)
