@@ -4,11 +4,14 @@
     lightning-llm generate --checkpoint runs/tiny/checkpoints/last.ckpt --prompt "def "
     lightning-llm export --checkpoint runs/tiny/checkpoints/last.ckpt --out runs/tiny/hf
     lightning-llm plan --compute 5.76e23 --plot plan.png
+
+An error prints as one or two lines with the fix; LIGHTNING_LLM_TRACEBACK=1 shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,7 @@ from lightning.pytorch.cli import LightningCLI
 
 TRAINER_COMMANDS = ("fit", "validate", "test")
 TOOL_COMMANDS = ("plan", "generate", "export")
+TRACEBACK_ENV = "LIGHTNING_LLM_TRACEBACK"
 
 
 class LLMCLI(LightningCLI):
@@ -141,11 +145,20 @@ def export(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run a command; an error ends it with its message (which names the bad value and the fix) and
+    exit status 1, without a traceback unless `$LIGHTNING_LLM_TRACEBACK` is set to 1."""
     command_line = sys.argv[1:] if argv is None else argv
-    if command_line and command_line[0] in TOOL_COMMANDS:
-        {"plan": plan, "generate": generate, "export": export}[command_line[0]](command_line[1:])
-    else:
-        run_trainer_cli(argv)  # None: LightningCLI reads sys.argv itself
+    try:
+        if command_line and command_line[0] in TOOL_COMMANDS:
+            {"plan": plan, "generate": generate, "export": export}[command_line[0]](command_line[1:])
+        else:
+            run_trainer_cli(argv)  # None: LightningCLI reads sys.argv itself
+    except Exception as err:
+        if os.environ.get(TRACEBACK_ENV, "0") not in ("", "0"):
+            raise
+        print(f"lightning-llm: error: {err or type(err).__name__}\n"
+              f"({TRACEBACK_ENV}=1 shows the traceback)", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":
