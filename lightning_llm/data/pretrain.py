@@ -67,7 +67,8 @@ def tokenize_to_file(source: Source, tokenizer: PreTrainedTokenizerBase, path: P
                     fh.write(arr.tobytes())
                     total += arr.size
                 bar.update(len(batch))
-        path.with_suffix(".json").write_text(json.dumps({"dtype": np.dtype(dtype).name, "tokens": total}))
+        meta = {"dtype": np.dtype(dtype).name, "tokens": total, "replaced": source.replaced}
+        path.with_suffix(".json").write_text(json.dumps(meta))
         tmp.rename(path)
     finally:
         bar.close()
@@ -75,8 +76,13 @@ def tokenize_to_file(source: Source, tokenizer: PreTrainedTokenizerBase, path: P
     return total
 
 
+def token_file_meta(path: Path) -> dict[str, Any]:
+    """What `tokenize_to_file` recorded beside the tokens: dtype, token count, replaced characters."""
+    return json.loads(path.with_suffix(".json").read_text())
+
+
 def load_tokens(path: Path) -> np.memmap:
-    meta = json.loads(path.with_suffix(".json").read_text())
+    meta = token_file_meta(path)
     return np.memmap(path, dtype=meta["dtype"], mode="r", shape=(meta["tokens"],))
 
 
@@ -244,7 +250,8 @@ class PretrainDataModule(LightningDataModule):
             streams.append(tokens)
             train_blocks.append(train)
             val_index.append(np.stack([np.full(len(val), s), val], axis=1))
-            self.stats[source.name] = {"tokens": len(tokens), "train_tokens": len(train) * self.block_size, "val_tokens": len(val) * self.block_size}
+            self.stats[source.name] = {"tokens": len(tokens), "train_tokens": len(train) * self.block_size, "val_tokens": len(val) * self.block_size,
+                                       "replaced": token_file_meta(self.token_file(source)).get("replaced", 0)}
         total = self.train_blocks or sum(len(b) for b in train_blocks)
         index = mixture_index(train_blocks, [s.weight for s in self.sources], total, self.seed)
         val = np.concatenate(val_index)
@@ -257,9 +264,12 @@ class PretrainDataModule(LightningDataModule):
         self._log_stats(len(val))
 
     def _log_stats(self, n_val: int) -> None:
-        rows = [f"{'source':<24}{'tokens':>12}{'train':>12}{'val':>10}{'in mixture':>12}"]
+        # The replaced-characters column appears when a source asked for errors="replace".
+        replacing = any(source.errors == "replace" for source in self.sources)
+        rows = [f"{'source':<24}{'tokens':>12}{'train':>12}{'val':>10}{'in mixture':>12}" + (f"{'replaced chars':>16}" if replacing else "")]
         for name, st in self.stats.items():
-            rows.append(f"{name:<24}{st['tokens']:>12,}{st['train_tokens']:>12,}{st['val_tokens']:>10,}{st['mixture_tokens']:>12,}")
+            rows.append(f"{name:<24}{st['tokens']:>12,}{st['train_tokens']:>12,}{st['val_tokens']:>10,}{st['mixture_tokens']:>12,}"
+                        + (f"{st['replaced']:>16,}" if replacing else ""))
         rows.append(f"{len(self.train_set)} training blocks of {self.block_size} tokens per epoch; {n_val} validation blocks")
         rank_zero_info("\n".join(rows))
 
