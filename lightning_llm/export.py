@@ -47,7 +47,33 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     if path.is_dir():
         return load_sharded_checkpoint(path)
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return read_checkpoint_file(path)
+
+
+def load_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """What a checkpoint records besides its tensors (hyper-parameters, loops, data order, hf_config),
+    without reading the weights: a file's tensors are memory-mapped, a sharded checkpoint's left on disk."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if path.is_dir():
+        if not (path / SHARDED_METADATA).is_file():
+            raise ValueError(f"checkpoint {str(path)!r} is a directory without {SHARDED_METADATA}: not a sharded checkpoint")
+        return read_checkpoint_file(path / SHARDED_METADATA)
+    return read_checkpoint_file(path, mmap=True)
+
+
+def read_checkpoint_file(path: Path, mmap: bool = False) -> dict[str, Any]:
+    """`torch.load` of a checkpoint file; a file torch cannot read (truncated, not a checkpoint) is an
+    error naming it. (weights_only=False: checkpoints hold the run's own objects, e.g. hyper-parameters.)"""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except Exception as err:  # torch raises many kinds (RuntimeError, UnpicklingError, EOFError, ...)
+        raise ValueError(f"checkpoint {str(path)!r} cannot be read: it is truncated or not a checkpoint "
+                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"checkpoint {str(path)!r} holds a {type(checkpoint).__name__}, not a Lightning checkpoint")
+    return checkpoint
 
 
 def load_sharded_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

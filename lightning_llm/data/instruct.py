@@ -385,9 +385,11 @@ class InstructionDataModule(PretrainDataModule):
         train_examples: examples per training epoch before packing; `None` is the sum over sources.
         seed: seeds the split, the mixture, the packing and the shuffling.
         num_workers: DataLoader workers.
+        allow_data_change: as in `PretrainDataModule`.
     """
 
     source_class = InstructionSource
+    DATA_ORDER = (*PretrainDataModule.DATA_ORDER, "chat_template", "packing", "train_on_prompt", "truncate", "train_examples")
 
     def __init__(
         self,
@@ -405,9 +407,10 @@ class InstructionDataModule(PretrainDataModule):
         train_examples: int | None = None,
         seed: int = 1234,
         num_workers: int = 0,
+        allow_data_change: bool = False,
     ) -> None:
         super().__init__(sources=sources, tokenizer=tokenizer, block_size=block_size, batch_size=batch_size,
-                         val_fraction=val_fraction, seed=seed, num_workers=num_workers)
+                         val_fraction=val_fraction, seed=seed, num_workers=num_workers, allow_data_change=allow_data_change)
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         for name, value in (("max_val_examples", max_val_examples), ("train_examples", train_examples)):
@@ -457,6 +460,7 @@ class InstructionDataModule(PretrainDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
+        self.check_model_fits()
         samples: list[tuple[np.ndarray, np.ndarray]] = []
         train_index, val_index = [], []
         rng = np.random.default_rng(self.seed)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_llm.data.instruct import Messages, chat_prompt_ids
 from lightning_llm.data.tokenizer import load_tokenizer
@@ -88,6 +88,11 @@ class InstructionTuningModule(PretrainModule):
         if is_checkpoint(model) and not Path(model).is_file():
             raise FileNotFoundError(f"checkpoint {str(model)!r} does not exist")
         self.tokenizer = source_tokenizer(model)
+
+    def model_config(self) -> PretrainedConfig | None:
+        if is_checkpoint(self.hparams.model):  # (its config is known once the checkpoint is read, in build_hf_model)
+            return None
+        return super().model_config()
 
     def build_hf_model(self, **load_kwargs: Any) -> PreTrainedModel:
         hp = self.hparams

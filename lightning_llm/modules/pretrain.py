@@ -18,10 +18,11 @@ from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_llm.divergence import DivergenceGuard
-from lightning_llm.models import build_model, has_weights
+from lightning_llm.data.pretrain import check_block_fits
+from lightning_llm.models import build_config, build_model, has_weights
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -152,12 +153,21 @@ class PretrainModule(LightningModule):
         overrides = {} if vocab_size is None else {"vocab_size": vocab_size}
         return build_model(hp.model, attn_implementation=hp.attn_implementation, **overrides)
 
+    def context_window(self) -> int | None:
+        """The longest sequence the model takes, known before it is built (a data module checks its
+        block against it before tokenizing); an unknown model name is an error here, as early."""
+        config = self.model.config if self.model is not None else self.model_config()
+        return getattr(config, "max_position_embeddings", None) if config is not None else None
+
+    def model_config(self) -> PretrainedConfig | None:
+        """The config of the model `configure_model` will build; subclasses return None where only building tells."""
+        return build_config(self.hparams.model)
+
     def _check_data_fits(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         block_size = getattr(datamodule, "block_size", None)
-        max_pos = getattr(self.model.config, "max_position_embeddings", None)
-        if block_size is not None and max_pos is not None and block_size > max_pos:
-            raise ValueError(f"block_size {block_size} exceeds the model's max_position_embeddings {max_pos}; use block_size <= {max_pos}")
+        if block_size is not None:
+            check_block_fits(block_size, getattr(self.model.config, "max_position_embeddings", None))
         if self.tokenizer is not None and len(self.tokenizer) > self.model.config.vocab_size:
             raise ValueError(
                 f"the tokenizer has {len(self.tokenizer)} tokens but the model's vocabulary is "
@@ -231,9 +241,28 @@ class PretrainModule(LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         optimizer = torch.optim.AdamW(parameter_groups(self, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas))
+        self._group_options = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         max_steps = hp.max_steps or int(self.trainer.estimated_stepping_batches)
         schedule = LambdaLR(optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, max_steps, hp.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        # A resumed run restores the optimizer's and the schedule's state, and with it the checkpoint's
+        # learning rate, betas and weight decay; this run's options (the user may lower the rate on
+        # resume) are put back, and the schedule continues from its step on the new peak rate.
+        if self.trainer.ckpt_path is None or len(self.trainer.optimizers) != 1:
+            return
+        groups = self.trainer.optimizers[0].param_groups
+        for group, options in zip(groups, self._group_options, strict=True):
+            group.update({k: v for k, v in options.items() if k != "lr"}, initial_lr=options["lr"])
+        for config in self.trainer.lr_scheduler_configs:
+            schedule = config.scheduler
+            while not isinstance(schedule, LambdaLR) and hasattr(schedule, "scheduler"):  # wrappers (HoldOnSkippedStep)
+                schedule = schedule.scheduler
+            if isinstance(schedule, LambdaLR):
+                schedule.base_lrs = [group["initial_lr"] for group in groups]
+                for group, factor in zip(groups, schedule.lr_lambdas, strict=True):
+                    group["lr"] = group["initial_lr"] * factor(schedule.last_epoch)
 
     # -- checkpoints -----------------------------------------------------------------------------
 
