@@ -20,8 +20,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from lightning_llm.divergence import DivergenceGuard
 from lightning_llm.data.pretrain import check_block_fits
+from lightning_llm.divergence import DivergenceGuard
 from lightning_llm.models import build_config, build_model, has_weights
 
 
