@@ -9,7 +9,7 @@ together. Then:
   (all checkpoints written so far are finite: the guard ran before every step); the bad step is not
   applied, and since the run ends with an error, nothing after it (a checkpoint, the CLI's export) runs;
 - "skip" drops the step's gradients, so the optimizer updates nothing (as an fp16 overflow does), holds
-  "step"-interval LR schedules still (`HoldOnSkippedStep`), and stops after `max_skips` in a row.
+  "step"-interval LR schedules still (`HoldOnSkippedStep`), and stops after `max_nonfinite_skips` in a row.
 
 Under a precision plugin with a loss scaler (fp16), a non-finite gradient is an overflow that the scaler
 skips and backs off from; the guard then checks the loss only.
@@ -66,18 +66,18 @@ class DivergenceGuard(Callback):
 
     Args:
         on_nonfinite: "stop" raises `NonFiniteError` before the bad step is applied; "skip" drops the
-            step (no update, no LR schedule step) and stops after `max_skips` skipped steps in a row.
-        max_skips: with "skip", the number of consecutive skipped steps that ends the run.
+            step (no update, no LR schedule step) and stops after `max_nonfinite_skips` skipped steps in a row.
+        max_nonfinite_skips: with "skip", the number of consecutive skipped steps that ends the run.
         log_grad_norm: log the gradient norm it computes as `train/grad_norm`.
     """
 
-    def __init__(self, on_nonfinite: Literal["stop", "skip"] = "stop", max_skips: int = 16,
+    def __init__(self, on_nonfinite: Literal["stop", "skip"] = "stop", max_nonfinite_skips: int = 16,
                  log_grad_norm: bool = True) -> None:
         if on_nonfinite not in ON_NONFINITE:
             raise ValueError(f"on_nonfinite={on_nonfinite!r}: expected one of {', '.join(map(repr, ON_NONFINITE))}")
-        if not isinstance(max_skips, int) or max_skips < 1:
-            raise ValueError(f"max_skips={max_skips!r}: must be a positive integer")
-        self.on_nonfinite, self.max_skips, self.log_grad_norm = on_nonfinite, max_skips, log_grad_norm
+        if not isinstance(max_nonfinite_skips, int) or max_nonfinite_skips < 1:
+            raise ValueError(f"max_nonfinite_skips={max_nonfinite_skips!r}: must be a positive integer")
+        self.on_nonfinite, self.max_nonfinite_skips, self.log_grad_norm = on_nonfinite, max_nonfinite_skips, log_grad_norm
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self.last_step_skipped = False
@@ -125,9 +125,9 @@ class DivergenceGuard(Callback):
         self.consecutive_skips += 1
         pl_module.log("train/nonfinite_skips", float(self.skipped_steps))
         rank_zero_warn(f"{what}: optimizer step {trainer.global_step} skipped ({self.consecutive_skips} in a row)")
-        if self.consecutive_skips >= self.max_skips:
+        if self.consecutive_skips >= self.max_nonfinite_skips:
             raise NonFiniteError(self._stop_message(
-                trainer, f"{self.consecutive_skips} optimizer steps in a row skipped (max_skips={self.max_skips}), "
+                trainer, f"{self.consecutive_skips} optimizer steps in a row skipped (max_nonfinite_skips={self.max_nonfinite_skips}), "
                          f"the last one for {what} at step {trainer.global_step}"))
 
     @staticmethod
@@ -146,8 +146,10 @@ class DivergenceGuard(Callback):
         lr = f" (lr {trainer.optimizers[0].param_groups[0]['lr']:g})" if trainer.optimizers else ""
         where = (f"the last checkpoint, {checkpoint}, is finite (it was written before this step)" if checkpoint
                  else "no checkpoint was written in this run")
-        return (f"training diverged: {what}{lr}; the step was not applied and nothing was saved or exported, "
-                f"{where}. Lower the learning rate, check the data, or pass on_nonfinite='skip' to skip such steps.")
+        remedy = ("pass on_nonfinite='skip' to skip such steps" if self.on_nonfinite == "stop"
+                  else f"raise max_nonfinite_skips (now {self.max_nonfinite_skips})")
+        return (f"training diverged: {what}{lr}; the step was not applied, so no non-finite weights were saved or "
+                f"exported; {where}. Lower the learning rate, check the data, or {remedy}.")
 
     def state_dict(self) -> dict[str, Any]:
         return {"skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips}

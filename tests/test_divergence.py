@@ -97,9 +97,9 @@ def test_a_nonfinite_gradient_is_skipped_in_fp32_and_left_to_the_loss_scaler_in_
     assert scaler.skipped_steps == 1 and guard.skipped_steps == 0
 
 
-def test_skip_mode_stops_after_max_skips_in_a_row():
-    guard = DivergenceGuard("skip", max_skips=3)
-    with pytest.raises(NonFiniteError, match=r"3 optimizer steps in a row skipped \(max_skips=3\).*at step 3"):
+def test_skip_mode_stops_after_max_nonfinite_skips_in_a_row():
+    guard = DivergenceGuard("skip", max_nonfinite_skips=3)
+    with pytest.raises(NonFiniteError, match=r"3 optimizer steps in a row skipped \(max_nonfinite_skips=3\).*at step 3"):
         fit(PoisonedLM({1, 2, 3, 4, 5}), guard, [], 8)
     with pytest.raises(ValueError, match="on_nonfinite='ignore'"):
         DivergenceGuard("ignore")
