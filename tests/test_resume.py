@@ -11,6 +11,7 @@ import yaml
 from test_cli import tiny_config
 
 from lightning_llm.cli import main
+from lightning_llm.data.pretrain import PretrainDataModule
 from lightning_llm.export import load_checkpoint
 from lightning_llm.modules.pretrain import warmup_cosine
 
@@ -43,17 +44,21 @@ def test_the_command_line_wins_over_the_checkpoint_and_the_changes_are_printed(t
     checkpoint, base = base_run
     config = resume_config(tmp_path, base, corpus_dir, lr=BASE_LR)
     with caplog.at_level(logging.INFO):
-        main(["fit", "--config", config, "--ckpt_path", str(checkpoint), "--model.lr=1e-5"])
-    table = caplog.text[caplog.text.index("resuming from"):]
-    assert "these options differ" in table and any(
-        line.split() == ["lr", repr(BASE_LR), "1e-05"] for line in table.splitlines())
+        main(["fit", "--config", config, "--ckpt_path", str(checkpoint), "--model.lr=1e-5", "--model.weight_decay=0.05"])
+    table = caplog.text[caplog.text.index("resuming from"):].splitlines()
+    assert "these options differ" in table[0]
+    assert ["lr", repr(BASE_LR), "1e-05"] in [line.split() for line in table]
+    assert ["weight_decay", "0.1", "0.05"] in [line.split() for line in table]
     resumed = load_checkpoint(tmp_path / "ckpt" / "last.ckpt")
     assert resumed["global_step"] == 6 and resumed["hyper_parameters"]["lr"] == 1e-5
-    # The optimizer ran on the new peak rate, at the schedule's step (the oracle: the schedule itself).
+    # The optimizer ran on the new peak rate, at the schedule's step (the oracle: the schedule itself),
+    # and with the new weight decay on the weight matrices (none on norms and embeddings).
     (schedule,) = resumed["lr_schedulers"]
     assert schedule["base_lrs"] == [1e-5, 1e-5]
     expected = 1e-5 * warmup_cosine(6, warmup_steps=2, max_steps=6, min_lr_ratio=0.1)
-    for group in resumed["optimizer_states"][0]["param_groups"]:
+    decay, no_decay = resumed["optimizer_states"][0]["param_groups"]
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
+    for group in (decay, no_decay):
         assert group["lr"] == pytest.approx(expected, rel=1e-12) and group["initial_lr"] == 1e-5
 
 
@@ -106,3 +111,14 @@ def test_an_unreadable_checkpoint_is_an_error_naming_it(tmp_path, base_run, corp
     with pytest.raises(SystemExit):
         main(["export", "--checkpoint", str(garbage), "--out", str(tmp_path / "hf")])
     assert f"checkpoint '{garbage}' cannot be read" in capsys.readouterr().err
+
+
+def test_the_data_parallel_size_is_part_of_the_data_order(corpus_dir, tmp_path):
+    data = PretrainDataModule(str(corpus_dir), block_size=32, batch_size=4, cache_dir=str(tmp_path))
+    saved = data.data_order(data_parallel_size=2)
+    data.check_data_order(saved, data_parallel_size=2)  # the same: accepted
+    with pytest.raises(ValueError, match=r"data-parallel size 2 -> 1\..*allow_data_change=True"):
+        data.check_data_order(saved, data_parallel_size=1)
+    more = PretrainDataModule([str(corpus_dir), {"path": str(corpus_dir / "heapq.py"), "weight": 0.5}], block_size=32, batch_size=4)
+    with pytest.raises(ValueError, match=r"sources \[\{'path': '.*'\}\] -> \[\{.*\}, \{'path': '.*heapq.py', 'weight': 0.5"):
+        more.check_data_order(saved)
