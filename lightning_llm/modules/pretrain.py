@@ -241,25 +241,32 @@ class PretrainModule(LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         optimizer = torch.optim.AdamW(parameter_groups(self, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas))
-        self._group_options = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         max_steps = hp.max_steps or int(self.trainer.estimated_stepping_batches)
         schedule = LambdaLR(optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, max_steps, hp.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    # A resumed run restores the optimizer's and the schedule's state, and with it the checkpoint's peak
+    # learning rate, betas and weight decay. This run's options win (the user may lower the rate on
+    # resume): they are noted once the optimizer is final (after the callbacks' on_fit_start, which may
+    # scale rates or swap the optimizer; before the checkpoint is loaded), put back after the load, and
+    # the schedule continues from its step on the peak rate of this run.
+
+    def on_fit_start(self) -> None:
+        self._group_options = [[{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+                               for optimizer in self.trainer.optimizers]
+
     def on_train_start(self) -> None:
-        # A resumed run restores the optimizer's and the schedule's state, and with it the checkpoint's
-        # learning rate, betas and weight decay; this run's options (the user may lower the rate on
-        # resume) are put back, and the schedule continues from its step on the new peak rate.
-        if self.trainer.ckpt_path is None or len(self.trainer.optimizers) != 1:
+        if self.trainer.ckpt_path is None:
             return
-        groups = self.trainer.optimizers[0].param_groups
-        for group, options in zip(groups, self._group_options, strict=True):
-            group.update({k: v for k, v in options.items() if k != "lr"}, initial_lr=options["lr"])
+        for optimizer, options in zip(self.trainer.optimizers, self._group_options, strict=True):
+            for group, own in zip(optimizer.param_groups, options, strict=True):
+                group.update(own)
         for config in self.trainer.lr_scheduler_configs:
             schedule = config.scheduler
             while not isinstance(schedule, LambdaLR) and hasattr(schedule, "scheduler"):  # wrappers (HoldOnSkippedStep)
                 schedule = schedule.scheduler
-            if isinstance(schedule, LambdaLR):
+            if isinstance(schedule, LambdaLR):  # (it set each group's initial_lr, the peak rate)
+                groups = schedule.optimizer.param_groups
                 schedule.base_lrs = [group["initial_lr"] for group in groups]
                 for group, factor in zip(groups, schedule.lr_lambdas, strict=True):
                     group["lr"] = group["initial_lr"] * factor(schedule.last_epoch)
