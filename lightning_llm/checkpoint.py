@@ -29,7 +29,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import pickle
 import re
 import secrets
 import shutil
@@ -284,11 +283,19 @@ def _read_dcp_metadata(path: Path) -> Any:
     return dcp.FileSystemReader(path).read_metadata()
 
 
-def _torch_load(path: Path, what: str, map_location: Any = "cpu", weights_only: bool | None = False) -> Any:
+def _torch_load(path: Path, what: str, map_location: Any = "cpu", weights_only: bool | None = False,
+                mmap: bool = False) -> Any:
+    """`torch.load`; a file torch cannot read (truncated, not a checkpoint) is an error naming it.
+    (weights_only=False by default: checkpoints hold the run's own objects, e.g. hyper-parameters.)"""
     try:
-        return torch.load(path, map_location=map_location, weights_only=weights_only)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueError) as err:
-        raise ValueError(f"{what} {str(path)!r} cannot be read (truncated or not a checkpoint): {err}") from None
+        checkpoint = torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
+    except Exception as err:  # torch raises many kinds (RuntimeError, UnpicklingError, EOFError, ...)
+        first_line = str(err).splitlines()[0] if str(err) else ""
+        raise ValueError(f"{what} {str(path)!r} cannot be read: it is truncated or not a checkpoint "
+                         f"({type(err).__name__}: {first_line})") from None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{what} {str(path)!r} holds a {type(checkpoint).__name__}, not a Lightning checkpoint")
+    return checkpoint
 
 
 def check_sharded(path: str | os.PathLike) -> dict[str, Any]:
@@ -374,6 +381,15 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", weights_
     if path.is_dir():
         return load_sharded_checkpoint(path)
     return _torch_load(path, "checkpoint", map_location, weights_only)
+
+
+def load_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """What a checkpoint records besides its tensors (hyper-parameters, loops, data order, hf_config),
+    without reading the weights: a file's tensors are memory-mapped, a sharded checkpoint's left on disk."""
+    path = resolve(path)
+    if path.is_dir():
+        return check_sharded(path)
+    return _torch_load(path, "checkpoint", mmap=True)
 
 
 # -- Lightning's CheckpointIO ---------------------------------------------------------------------

@@ -4,27 +4,72 @@
     lightning-llm generate --checkpoint runs/tiny/checkpoints/last.ckpt --prompt "def "
     lightning-llm export --checkpoint runs/tiny/checkpoints/last.ckpt --out runs/tiny/hf
     lightning-llm plan --compute 5.76e23 --plot plan.png
+
+An error prints as one or two lines with the fix; LIGHTNING_LLM_TRACEBACK=1 shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 TRAINER_COMMANDS = ("fit", "validate", "test")
 TOOL_COMMANDS = ("plan", "generate", "export")
+TRACEBACK_ENV = "LIGHTNING_LLM_TRACEBACK"
 
 
 class LLMCLI(LightningCLI):
-    """LightningCLI with `--export_dir`: after `fit`, the trained model is exported for transformers."""
+    """LightningCLI with `--export_dir` (after `fit`, the trained model is exported for transformers),
+    a resume that honours what the user typed (`--ckpt_path`), and checks that need no data done first."""
+
+    resume_checkpoint: tuple[str, dict[str, Any]] | None = None
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--export_dir", type=str | None, default=None,
                             help="after fit, write a Hugging Face export of the model here")
+
+    def parse_arguments(self, parser, args) -> None:
+        self._args = args  # parsed again on resume, over the checkpoint's hyper-parameters
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI lays the checkpoint's hyper-parameters over the whole config, dropping what the user
+        # typed. Here they become the defaults under the config files and the command line, which win.
+        from lightning_llm.checkpoint import load_checkpoint_metadata
+        from lightning_llm.resume import changes_table, check_same_architecture, plain, saved_model_config
+
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not path:
+            return
+        checkpoint = load_checkpoint_metadata(path)  # (early: an unreadable checkpoint fails before any work)
+        self.resume_checkpoint = (str(path), checkpoint)
+        class_path = self.config[subcommand]["model"]["class_path"]
+        module_name, _, class_name = class_path.rpartition(".")
+        saved = saved_model_config(checkpoint, class_path, getattr(importlib.import_module(module_name), class_name))
+        if saved is None:
+            return
+        self._subcommand_parsers[subcommand].set_defaults({"model": saved})
+        super().parse_arguments(self.parser, self._args)
+        now = plain(self.config[subcommand]["model"]["init_args"])
+        check_same_architecture(str(path), checkpoint, saved["init_args"], now)
+        rank_zero_info(changes_table(str(path), saved["init_args"], now))
+
+    def before_fit(self) -> None:
+        check_precision_device(self.trainer)
+        if self.resume_checkpoint is not None:
+            path, checkpoint = self.resume_checkpoint
+            state = checkpoint.get(type(self.datamodule).__qualname__) or {}
+            check = getattr(self.datamodule, "check_data_order", None)
+            if check is not None:  # (the data-parallel size is compared when the trainer restores the state)
+                check(state.get("data_order"), checkpoint=path)
 
     def after_fit(self) -> None:
         from lightning_llm.export import export_module
@@ -34,6 +79,17 @@ class LLMCLI(LightningCLI):
             path = export_module(self.model, out)
             if path is not None:
                 print(f"exported the model to {path}")
+
+
+def check_precision_device(trainer: Any) -> None:
+    """A precision plugin that autocasts one device type (MixedPrecision) must match the trainer's device."""
+    check = getattr(trainer.precision_plugin, "check_device", None)
+    try:
+        device = trainer.strategy.root_device.type
+    except (AssertionError, AttributeError, IndexError, TypeError):  # a strategy that knows its device only once set up
+        return
+    if check is not None:
+        check(device)
 
 
 def run_trainer_cli(args: list[str] | None) -> None:
@@ -141,11 +197,20 @@ def export(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run a command; an error ends it with its message (which names the bad value and the fix) and
+    exit status 1, without a traceback unless `$LIGHTNING_LLM_TRACEBACK` is set to 1."""
     command_line = sys.argv[1:] if argv is None else argv
-    if command_line and command_line[0] in TOOL_COMMANDS:
-        {"plan": plan, "generate": generate, "export": export}[command_line[0]](command_line[1:])
-    else:
-        run_trainer_cli(argv)  # None: LightningCLI reads sys.argv itself
+    try:
+        if command_line and command_line[0] in TOOL_COMMANDS:
+            {"plan": plan, "generate": generate, "export": export}[command_line[0]](command_line[1:])
+        else:
+            run_trainer_cli(argv)  # None: LightningCLI reads sys.argv itself
+    except Exception as err:
+        if os.environ.get(TRACEBACK_ENV, "0") not in ("", "0"):
+            raise
+        print(f"lightning-llm: error: {err or type(err).__name__}\n"
+              f"({TRACEBACK_ENV}=1 shows the traceback)", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ is how a sharding strategy creates it on the meta device inside `configure_model
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from pathlib import Path
@@ -43,7 +44,20 @@ _PRESET_DEFAULTS = dict(tie_word_embeddings=True, rms_norm_eps=1e-5, initializer
 
 
 def _is_local(spec: str) -> bool:
-    return os.path.sep in spec or spec.startswith(".") or spec.endswith((".json", ".yaml", ".yml")) or Path(spec).exists()
+    # A path that exists, or one written as a path (absolute, ./ ../ ~) or a config file; anything else
+    # that is not a preset is a hub id ("org/name").
+    return Path(spec).exists() or spec.startswith((os.path.sep, ".", "~")) or spec.endswith((".json", ".yaml", ".yml"))
+
+
+def unknown_model(spec: str, reason: str) -> ValueError:
+    """The error for a spec that is neither a preset, a local path nor a loadable hub id: the choices and how to name each."""
+    close = difflib.get_close_matches(spec.lower(), list(PRESETS), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ValueError(
+        f"unknown model {spec!r} ({reason}){hint} Give a preset ({', '.join(PRESETS)}), a local config file or "
+        f"model directory (it must exist; write a relative one as ./{spec}), or a hub id such as 'org/name' "
+        "(needs a network, or the model in the local hub cache)"
+    )
 
 
 def build_config(spec: str | os.PathLike | PretrainedConfig, **overrides: Any) -> PretrainedConfig:
@@ -61,20 +75,19 @@ def build_config(spec: str | os.PathLike | PretrainedConfig, **overrides: Any) -
         if not path.exists():
             raise FileNotFoundError(
                 f"model {str(spec)!r}: no such file or directory. Give a preset ({', '.join(PRESETS)}), "
-                "a config.json, a model directory or a hub id."
+                "a config.json, a model directory or a hub id ('org/name')."
             )
         if path.is_file():
             config = _config_from_file(path)
         else:
             config = AutoConfig.from_pretrained(path)
+    elif str(spec).lower() in PRESETS:  # a preset in other letters: never worth a hub lookup
+        raise unknown_model(str(spec), "preset names are lower-case")
     else:
         try:
             config = AutoConfig.from_pretrained(str(spec))
         except OSError as err:
-            raise ValueError(
-                f"unknown model {str(spec)!r}: not a preset ({', '.join(PRESETS)}), not a local path, "
-                f"and not loadable as a hub id ({err.__class__.__name__}: {str(err).splitlines()[0]})"
-            ) from err
+            raise unknown_model(str(spec), f"not a preset nor a local path, and as a hub id: {str(err).splitlines()[0]}") from err
     unknown = [key for key in overrides if not hasattr(config, key)]
     if unknown:
         raise ValueError(f"unknown config field(s) {unknown} for {config.model_type!r} config")

@@ -81,25 +81,26 @@ class MetricsRecorder(Logger):
 
 
 class PlantOverflow(Callback):
-    """Puts an inf into one gradient after backward on the given (0-based) optimizer steps, and
-    snapshots weights, optimizer state, LR and loss scale around every step."""
+    """Puts an inf (or `value`) into one gradient after backward on the given (0-based) optimizer steps,
+    and snapshots weights, optimizer state, LR and loss scale (if any) around every step."""
 
-    def __init__(self, steps: set[int]) -> None:
-        self.steps = steps
+    def __init__(self, steps: set[int], value: float = float("inf")) -> None:
+        self.steps, self.value = steps, value
         self.before: dict[int, dict] = {}
         self.after: dict[int, dict] = {}
 
     def snapshot(self, trainer, module) -> dict:
         optimizer = trainer.optimizers[0]
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
         return {"weights": copy.deepcopy(module.state_dict()), "optimizer": copy.deepcopy(optimizer.state_dict()),
-                "lr": optimizer.param_groups[0]["lr"], "scale": trainer.precision_plugin.scaler.get_scale()}
+                "lr": optimizer.param_groups[0]["lr"], "scale": scaler.get_scale() if scaler is not None else None}
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         self.before[trainer.global_step] = self.snapshot(trainer, module)
 
     def on_after_backward(self, trainer, module):
         if trainer.global_step in self.steps:
-            next(module.parameters()).grad.view(-1)[0] = float("inf")
+            next(module.parameters()).grad.view(-1)[0] = self.value
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self.after[trainer.global_step - 1] = self.snapshot(trainer, module)

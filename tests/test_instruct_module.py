@@ -144,7 +144,7 @@ def test_a_data_module_without_tokenizer_needs_a_model_that_has_one(tmp_path):
     data = tmp_path / "train.jsonl"
     write_records(data, 8)
     with pytest.raises(ValueError, match="InstructionDataModule has no tokenizer"):
-        trainer(tmp_path, 1).fit(InstructionTuningModule("tiny"), datamodule=InstructionDataModule(str(data), batch_size=1))
+        trainer(tmp_path, 1).fit(InstructionTuningModule("tiny"), datamodule=InstructionDataModule(str(data), batch_size=1, block_size=64))
 
 
 def test_the_yaml_example_runs_through_the_cli(tmp_path, tokenizer):

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from lightning_llm.data.pretrain import PretrainDataModule, mixture_index
-from lightning_llm.data.sources import Source
+from lightning_llm.data.sources import Source, decode_file
 from lightning_llm.data.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ class InstructionSource(Source):
         weight: share of the mixture's training examples (normalised over sources).
         format: "auto" (detected per record), "messages", "alpaca", "sharegpt" or "prompt_completion".
         name: label for logs.
+        encoding, errors: how the files' bytes become text, as in `Source`.
     """
 
     format: str = "auto"
@@ -96,24 +97,27 @@ class InstructionSource(Source):
             for i, row in enumerate(datasets.load_dataset(name, split=split or "train")):
                 yield f"{name}[{i}]", row
             return
+        self.replaced = 0
         for f in self.files():
+            text, replaced = decode_file(f, self.encoding, self.errors)
+            self.replaced += replaced
             if f.suffix == ".json":
                 try:
-                    data = json.loads(f.read_text(encoding="utf-8"))
+                    data = json.loads(text)
                 except json.JSONDecodeError as err:  # one document: nothing of it can be kept
                     raise BadRecord(f"{f}:{err.lineno}: not valid JSON", err.msg) from err
                 if not isinstance(data, list):
                     raise BadRecord(f"{f}: a .json instruction file must hold a list of records", f"got {type(data).__name__}")
                 yield from ((f"{f}[{i}]", record) for i, record in enumerate(data))
                 continue
-            with f.open(encoding="utf-8") as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        yield f"{f}:{lineno}", json.loads(line)
-                    except json.JSONDecodeError as err:
-                        yield f"{f}:{lineno}", BadRecord("not valid JSON", err.msg)
+            # Split on newlines only: a JSON string may hold U+2028, which str.splitlines would cut at.
+            for lineno, line in enumerate(text.split("\n"), 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"{f}:{lineno}", json.loads(line)
+                except json.JSONDecodeError as err:
+                    yield f"{f}:{lineno}", BadRecord("not valid JSON", err.msg)
 
 
 # -- records to messages ---------------------------------------------------------------------------
@@ -381,9 +385,11 @@ class InstructionDataModule(PretrainDataModule):
         train_examples: examples per training epoch before packing; `None` is the sum over sources.
         seed: seeds the split, the mixture, the packing and the shuffling.
         num_workers: DataLoader workers.
+        allow_data_change: as in `PretrainDataModule`.
     """
 
     source_class = InstructionSource
+    DATA_ORDER = (*PretrainDataModule.DATA_ORDER, "chat_template", "packing", "train_on_prompt", "truncate", "train_examples")
 
     def __init__(
         self,
@@ -401,9 +407,10 @@ class InstructionDataModule(PretrainDataModule):
         train_examples: int | None = None,
         seed: int = 1234,
         num_workers: int = 0,
+        allow_data_change: bool = False,
     ) -> None:
         super().__init__(sources=sources, tokenizer=tokenizer, block_size=block_size, batch_size=batch_size,
-                         val_fraction=val_fraction, seed=seed, num_workers=num_workers)
+                         val_fraction=val_fraction, seed=seed, num_workers=num_workers, allow_data_change=allow_data_change)
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         for name, value in (("max_val_examples", max_val_examples), ("train_examples", train_examples)):
@@ -453,6 +460,7 @@ class InstructionDataModule(PretrainDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
+        self.check_model_fits()
         samples: list[tuple[np.ndarray, np.ndarray]] = []
         train_index, val_index = [], []
         rng = np.random.default_rng(self.seed)
@@ -467,6 +475,8 @@ class InstructionDataModule(PretrainDataModule):
             train_index.append(index[n_val:])
             self.stats[source.name] = {"examples": len(own), "dropped": sum(dropped.values()), **{f"dropped: {k}": v for k, v in dropped.items()},
                                        "train": len(index) - n_val, "val": n_val}
+            if source.errors == "replace":
+                self.stats[source.name]["replaced characters (errors='replace')"] = source.replaced
         total = self.train_examples or sum(len(t) for t in train_index)
         mixture = mixture_index(train_index, [s.weight for s in self.sources], total, self.seed)
         for s, source in enumerate(self.sources):
@@ -500,7 +510,7 @@ class InstructionDataModule(PretrainDataModule):
         rows = [f"{'source':<24}{'examples':>10}{'dropped':>9}{'train':>9}{'val':>7}{'in mixture':>12}"]
         for name, st in self.stats.items():
             rows.append(f"{name:<24}{st['examples']:>10,}{st['dropped']:>9,}{st['train']:>9,}{st['val']:>7,}{st['in mixture']:>12,}")
-            rows += [f"    {key}: {value}" for key, value in st.items() if key.startswith("dropped: ")]
+            rows += [f"    {key}: {value}" for key, value in st.items() if key.startswith(("dropped: ", "replaced "))]
         if self.packing:
             rows.append(f"{len(self.train_set)} packed blocks of {self.block_size} tokens per epoch, "
                         f"{self.packing_efficiency:.1%} of their tokens are examples (not padding); {n_val} validation examples")

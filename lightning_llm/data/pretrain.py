@@ -10,6 +10,7 @@ resumed mid-epoch sees exactly the batches an uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
@@ -67,7 +68,8 @@ def tokenize_to_file(source: Source, tokenizer: PreTrainedTokenizerBase, path: P
                     fh.write(arr.tobytes())
                     total += arr.size
                 bar.update(len(batch))
-        path.with_suffix(".json").write_text(json.dumps({"dtype": np.dtype(dtype).name, "tokens": total}))
+        meta = {"dtype": np.dtype(dtype).name, "tokens": total, "replaced": source.replaced}
+        path.with_suffix(".json").write_text(json.dumps(meta))
         tmp.rename(path)
     finally:
         bar.close()
@@ -75,8 +77,13 @@ def tokenize_to_file(source: Source, tokenizer: PreTrainedTokenizerBase, path: P
     return total
 
 
+def token_file_meta(path: Path) -> dict[str, Any]:
+    """What `tokenize_to_file` recorded beside the tokens: dtype, token count, replaced characters."""
+    return json.loads(path.with_suffix(".json").read_text())
+
+
 def load_tokens(path: Path) -> np.memmap:
-    meta = json.loads(path.with_suffix(".json").read_text())
+    meta = token_file_meta(path)
     return np.memmap(path, dtype=meta["dtype"], mode="r", shape=(meta["tokens"],))
 
 
@@ -146,6 +153,25 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.start
 
 
+def check_block_fits(block_size: int, window: int | None) -> None:
+    """Raise unless a block of `block_size` tokens fits the model's window (max_position_embeddings)."""
+    if window is not None and block_size > window:
+        raise ValueError(f"block_size {block_size} exceeds the model's max_position_embeddings {window}; "
+                         f"use block_size <= {window}")
+
+
+# Attribute -> the option a user writes, in data-order messages.
+OPTION_NAMES = {"tokenizer_spec": "tokenizer", "vocab_size_wanted": "vocab_size"}
+
+
+def source_settings(source: Source) -> dict[str, Any]:
+    """A source's options that decide what it yields (not its display name or counters)."""
+    settings = dataclasses.asdict(source)
+    for key in ("name", "replaced"):
+        settings.pop(key, None)
+    return settings
+
+
 class PretrainDataModule(LightningDataModule):
     """Packed next-token blocks from a weighted mixture of text sources.
 
@@ -164,8 +190,15 @@ class PretrainDataModule(LightningDataModule):
         cache_dir: where tokenizers and token files are cached (`$LIGHTNING_LLM_CACHE`, else
             `~/.cache/lightning-llm`).
         num_workers: DataLoader workers.
+        allow_data_change: resume from a checkpoint whose data order (`DATA_ORDER`, and the number of
+            data-parallel replicas) differs from this one's. By default that is an error: a resumed run
+            sees the batches an uninterrupted one would have seen only when none of them changed.
     """
 
+    # The options that decide which batch an optimizer step sees (attribute names): a checkpoint
+    # records them, and resuming with others breaks the resumed-equals-uninterrupted promise.
+    DATA_ORDER: tuple[str, ...] = ("sources", "tokenizer_spec", "vocab_size_wanted", "block_size", "batch_size",
+                                   "val_fraction", "train_blocks", "seed")
     # Hooks for subclasses: the kind of source a dict in `sources` becomes, and how samples make a batch
     # (None: the default collate, which stacks equal-length blocks).
     source_class: type[Source] = Source
@@ -184,8 +217,10 @@ class PretrainDataModule(LightningDataModule):
         seed: int = 1234,
         cache_dir: str | None = None,
         num_workers: int = 0,
+        allow_data_change: bool = False,
     ) -> None:
         super().__init__()
+        self.allow_data_change = allow_data_change
         for name, value in (("block_size", block_size), ("batch_size", batch_size), ("vocab_size", vocab_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -219,7 +254,18 @@ class PretrainDataModule(LightningDataModule):
         key = hashlib.sha256(f"{source.fingerprint()}|{tokenizer_fingerprint(self.tokenizer)}".encode()).hexdigest()[:16]
         return self.cache_dir / "tokens" / f"{source.name.replace(os.sep, '_')}-{key}.bin"
 
+    def check_model_fits(self) -> None:
+        """What can be checked against the model before any text is read: the block fits its window.
+
+        The module says its window through `context_window()` (PretrainModule does, from the model's
+        config, before building it); a module that does not is checked when it builds its model."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        context_window = getattr(module, "context_window", None)
+        if callable(context_window):
+            check_block_fits(self.block_size, context_window())
+
     def prepare_data(self) -> None:
+        self.check_model_fits()
         for source in self.sources:
             path = self.token_file(source)
             if not path.exists():
@@ -228,6 +274,7 @@ class PretrainDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
+        self.check_model_fits()
         self.prepare_data()  # no-op when the files exist; covers a `setup` without `prepare_data`
         streams, train_blocks, val_index = [], [], []
         for s, source in enumerate(self.sources):
@@ -244,7 +291,8 @@ class PretrainDataModule(LightningDataModule):
             streams.append(tokens)
             train_blocks.append(train)
             val_index.append(np.stack([np.full(len(val), s), val], axis=1))
-            self.stats[source.name] = {"tokens": len(tokens), "train_tokens": len(train) * self.block_size, "val_tokens": len(val) * self.block_size}
+            self.stats[source.name] = {"tokens": len(tokens), "train_tokens": len(train) * self.block_size, "val_tokens": len(val) * self.block_size,
+                                       "replaced": token_file_meta(self.token_file(source)).get("replaced", 0)}
         total = self.train_blocks or sum(len(b) for b in train_blocks)
         index = mixture_index(train_blocks, [s.weight for s in self.sources], total, self.seed)
         val = np.concatenate(val_index)
@@ -257,9 +305,12 @@ class PretrainDataModule(LightningDataModule):
         self._log_stats(len(val))
 
     def _log_stats(self, n_val: int) -> None:
-        rows = [f"{'source':<24}{'tokens':>12}{'train':>12}{'val':>10}{'in mixture':>12}"]
+        # The replaced-characters column appears when a source asked for errors="replace".
+        replacing = any(source.errors == "replace" for source in self.sources)
+        rows = [f"{'source':<24}{'tokens':>12}{'train':>12}{'val':>10}{'in mixture':>12}" + (f"{'replaced chars':>16}" if replacing else "")]
         for name, st in self.stats.items():
-            rows.append(f"{name:<24}{st['tokens']:>12,}{st['train_tokens']:>12,}{st['val_tokens']:>10,}{st['mixture_tokens']:>12,}")
+            rows.append(f"{name:<24}{st['tokens']:>12,}{st['train_tokens']:>12,}{st['val_tokens']:>10,}{st['mixture_tokens']:>12,}"
+                        + (f"{st['replaced']:>16,}" if replacing else ""))
         rows.append(f"{len(self.train_set)} training blocks of {self.block_size} tokens per epoch; {n_val} validation blocks")
         rank_zero_info("\n".join(rows))
 
@@ -271,6 +322,46 @@ class PretrainDataModule(LightningDataModule):
         sampler = ResumableSampler(dataset, shuffle=shuffle, seed=self.seed, start=start, **kwargs)
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=shuffle, collate_fn=self.collate_fn,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    # -- resuming ---------------------------------------------------------------------------------
+
+    def data_order(self, data_parallel_size: int | None = None) -> dict[str, Any]:
+        """The settings that decide the order of the training batches, by option name."""
+        order = {OPTION_NAMES.get(attr, attr): getattr(self, attr) for attr in self.DATA_ORDER}
+        order["sources"] = [source_settings(source) for source in self.sources]
+        if data_parallel_size is not None:
+            order["data-parallel size"] = data_parallel_size
+        return order
+
+    def _data_parallel_size(self) -> int | None:
+        """The number of data-parallel replicas, once a trainer has set its strategy up."""
+        try:
+            return self.trainer.strategy.distributed_sampler_kwargs["num_replicas"]
+        except (AttributeError, AssertionError, KeyError, TypeError):  # no trainer, or a strategy not set up
+            return 1 if self.trainer is not None and self.trainer.world_size == 1 else None
+
+    def check_data_order(self, saved: dict[str, Any] | None, data_parallel_size: int | None = None,
+                         checkpoint: str = "the checkpoint") -> None:
+        """Raise (or, with `allow_data_change`, warn) when `saved`, a checkpoint's `data_order`, differs from now."""
+        if saved is None:
+            return
+        now = self.data_order(data_parallel_size)
+        changes = [f"{key} {saved[key]!r} -> {now[key]!r}" for key in now if key in saved and saved[key] != now[key]]
+        if not changes:
+            return
+        message = (f"resuming from {checkpoint}, whose data order differs from this run's: {'; '.join(changes)}. "
+                   "A resumed run sees the batches of an uninterrupted one only with the same data settings")
+        if not self.allow_data_change:
+            raise ValueError(f"{message}: restore them, or pass allow_data_change=True (on the command line: "
+                             "--data.allow_data_change=true) to accept the change knowingly")
+        rank_zero_warn(f"{message}; continuing as allow_data_change=True asks")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"data_order": self.data_order(self._data_parallel_size())}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        path = getattr(self.trainer, "ckpt_path", None) if self.trainer is not None else None
+        self.check_data_order(state_dict.get("data_order"), self._data_parallel_size(), checkpoint=str(path or "the checkpoint"))
 
     def train_dataloader(self) -> DataLoader:
         # Lightning restores the loop's progress before it asks for the loader: skip what this epoch saw.

@@ -8,19 +8,29 @@ in a fixed order, so that a cache key of the source and the tokenizer identifies
 
 from __future__ import annotations
 
+import codecs
+import fnmatch
 import glob
 import hashlib
 import json
 import os
 import sysconfig
+import threading
+import tokenize
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 PYTHON_STDLIB = "python-stdlib"
 # Installed packages are not the standard library; encodings/ and pydoc_data/ are generated tables
 # and a dump of the docs, which a small model learns to repeat instead of learning Python.
-STDLIB_EXCLUDED = {"site-packages", "dist-packages", "encodings", "pydoc_data"}
+# tokenizedata/ (and, in older releases, the same files directly in test/) holds the test suite's
+# deliberately malformed source: invalid UTF-8, unknown encoding declarations.
+STDLIB_EXCLUDED = {"site-packages", "dist-packages", "encodings", "pydoc_data", "tokenizedata"}
+STDLIB_EXCLUDED_FILES = ("bad_coding*.py", "badsyntax_pep3120.py")
+DEFAULT_ENCODING = "utf-8"
+DECODE_ERRORS = ("strict", "replace")
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".c", ".h", ".cpp", ".js", ".ts", ".java", ".go", ".rs", ".sh", ".toml", ".yaml", ".yml", ".json", ".html", ".tex")
 
 
@@ -34,16 +44,33 @@ class Source:
         weight: share of the mixture's training tokens (weights are normalised over sources).
         text_field: the field that holds the text in JSONL records and datasets.
         name: label for logs; defaults to the path's last component.
+        encoding: the files' text encoding (a Python codec name: "utf-8", "latin-1", "utf-16", ...).
+            With the default, a `.py` file's own PEP 263 declaration (`# -*- coding: ... -*-`) counts,
+            as it does for Python.
+        errors: "strict" (default): a byte sequence that is not valid in `encoding` is an error naming
+            the file and its byte offset; "replace": it becomes U+FFFD, and the number of replaced
+            characters is reported in the data module's setup table.
     """
 
     path: str
     weight: float = 1.0
     text_field: str = "text"
     name: str | None = None
+    encoding: str = DEFAULT_ENCODING
+    errors: Literal["strict", "replace"] = "strict"
+    # Characters replaced by the last full pass of `documents()` (errors="replace").
+    replaced: int = field(default=0, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.weight > 0:
             raise ValueError(f"source {self.path!r}: weight must be > 0, got {self.weight}")
+        if self.errors not in DECODE_ERRORS:
+            raise ValueError(f"source {self.path!r}: errors={self.errors!r}; use one of {', '.join(map(repr, DECODE_ERRORS))}")
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError as err:
+            raise ValueError(f"source {self.path!r}: unknown encoding {self.encoding!r}; give a Python codec name "
+                             "such as 'utf-8', 'latin-1' or 'utf-16'") from err
         if self.name is None:
             self.name = self.path if self.is_builtin or self.is_hub else Path(self.path.rstrip("/")).name or self.path
 
@@ -61,7 +88,8 @@ class Source:
             return []
         if self.is_builtin:
             root = Path(sysconfig.get_paths()["stdlib"])
-            found = [p for p in root.rglob("*.py") if not STDLIB_EXCLUDED & set(p.relative_to(root).parts)]
+            found = [p for p in root.rglob("*.py")
+                     if not STDLIB_EXCLUDED & set(p.relative_to(root).parts) and not any(fnmatch.fnmatch(p.name, pattern) for pattern in STDLIB_EXCLUDED_FILES)]
         elif any(ch in self.path for ch in "*?["):
             found = [Path(p) for p in glob.glob(self.path, recursive=True) if Path(p).is_file()]
         else:
@@ -78,24 +106,26 @@ class Source:
 
     def fingerprint(self) -> str:
         """A hash of what the source reads: paths, sizes and modification times (or the dataset name)."""
-        h = hashlib.sha256(f"{self.path}|{self.text_field}".encode())
+        decoding = "" if (self.encoding, self.errors) == (DEFAULT_ENCODING, "strict") else f"|{self.encoding}|{self.errors}"
+        h = hashlib.sha256(f"{self.path}|{self.text_field}{decoding}".encode())
         for f in self.files():
             st = f.stat()
             h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}".encode())
         return h.hexdigest()[:16]
 
     def documents(self) -> Iterator[str]:
-        """Yield the source's documents in a fixed order."""
+        """Yield the source's documents in a fixed order (and count replaced characters in `replaced`)."""
         if self.is_hub:
             yield from self._hub_documents()
             return
+        self.replaced = 0
         for f in self.files():
+            text, replaced = decode_file(f, self.encoding, self.errors)
+            self.replaced += replaced
             if f.suffix == ".jsonl":
-                yield from _jsonl_texts(f, self.text_field)
-            else:
-                text = f.read_text(encoding="utf-8", errors="replace")
-                if text.strip():
-                    yield text
+                yield from _jsonl_texts(f, text, self.text_field)
+            elif text.strip():
+                yield text
 
     def _hub_documents(self) -> Iterator[str]:
         import datasets
@@ -109,19 +139,58 @@ class Source:
                 yield row[self.text_field]
 
 
-def _jsonl_texts(path: Path, field: str) -> Iterator[str]:
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
-            if not isinstance(record, dict) or field not in record:
-                raise ValueError(f"{path}:{lineno}: record has no text field {field!r}")
-            if record[field]:
-                yield str(record[field])
+def _count_and_replace(err: UnicodeError) -> tuple[str, int]:
+    _replaced.count += 1
+    return "\ufffd", err.end
+
+
+# errors="replace" that counts: codecs look error handlers up by name, so the count lives beside it.
+_replaced = threading.local()
+codecs.register_error("lightning_llm.count_replace", _count_and_replace)
+
+
+def decode_file(path: Path, encoding: str = DEFAULT_ENCODING, errors: str = "strict") -> tuple[str, int]:
+    """The text of `path` and the number of replaced characters (always 0 with errors="strict").
+
+    Raises ValueError naming the file, the byte offset and the remedies when a byte sequence is not
+    valid in the encoding and `errors` is "strict"."""
+    data = path.read_bytes()
+    if encoding == DEFAULT_ENCODING and path.suffix == ".py":
+        encoding = python_source_encoding(path, data)
+    _replaced.count = 0
+    try:
+        text = data.decode(encoding, errors="strict" if errors == "strict" else "lightning_llm.count_replace")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path}: not valid {encoding} at byte offset {err.start} ({err.reason}: {data[err.start:err.end + 3]!r}). "
+            "Give the source its encoding (e.g. encoding: latin-1, utf-16), or errors: replace to replace "
+            "undecodable bytes by U+FFFD (counted in the setup table)"
+        ) from None
+    return text, _replaced.count
+
+
+def python_source_encoding(path: Path, data: bytes) -> str:
+    """A Python file's declared source encoding (PEP 263; UTF-8 without a declaration)."""
+    lines = iter(data.splitlines(keepends=True)[:2])
+    try:
+        return tokenize.detect_encoding(lambda: next(lines, b""))[0]
+    except SyntaxError as err:
+        raise ValueError(f"{path}: {err.msg}") from None
+
+
+def _jsonl_texts(path: Path, text: str, text_field: str) -> Iterator[str]:
+    # Split on newlines only: a JSON string may hold U+2028, which str.splitlines would cut at.
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
+        if not isinstance(record, dict) or text_field not in record:
+            raise ValueError(f"{path}:{lineno}: record has no text field {text_field!r}")
+        if record[text_field]:
+            yield str(record[text_field])
 
 
 def as_sources(spec: str | Source | dict | list, kind: type[Source] = Source) -> list[Source]:

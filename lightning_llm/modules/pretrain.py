@@ -10,18 +10,20 @@ from __future__ import annotations
 import math
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_llm.checkpoint import use_atomic_checkpoint_io
-from lightning_llm.models import build_model, has_weights
+from lightning_llm.data.pretrain import check_block_fits
+from lightning_llm.divergence import DivergenceGuard
+from lightning_llm.models import build_config, build_model, has_weights
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -75,6 +77,10 @@ class PretrainModule(LightningModule):
         min_lr_ratio: the cosine schedule ends at `lr * min_lr_ratio`.
         max_steps: length of the cosine schedule; `None` takes the trainer's estimated optimizer steps.
         activation_checkpointing: recompute each decoder layer's activations in the backward pass.
+        on_nonfinite: what a non-finite loss or gradient norm does (`DivergenceGuard`, which the module
+            adds to the trainer and which also logs the gradient norm): "stop" the run with an error
+            before the step is applied, or "skip" the step.
+        max_nonfinite_skips: with on_nonfinite="skip", stop after this many skipped steps in a row.
     """
 
     def __init__(
@@ -90,6 +96,8 @@ class PretrainModule(LightningModule):
         min_lr_ratio: float = 0.1,
         max_steps: int | None = None,
         activation_checkpointing: bool = False,
+        on_nonfinite: Literal["stop", "skip"] = "stop",
+        max_nonfinite_skips: int = 16,
     ) -> None:
         super().__init__()
         if not lr > 0:
@@ -97,6 +105,7 @@ class PretrainModule(LightningModule):
         if warmup_steps < 0 or not 0 <= min_lr_ratio <= 1:
             raise ValueError(f"warmup_steps must be >= 0 and min_lr_ratio in [0, 1], got {warmup_steps}, {min_lr_ratio}")
         self.save_hyperparameters()
+        self.divergence_guard = DivergenceGuard(on_nonfinite, max_nonfinite_skips)  # validates both
         self.model: PreTrainedModel | None = None
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.val_loss = MeanMetric()
@@ -147,12 +156,21 @@ class PretrainModule(LightningModule):
         overrides = {} if vocab_size is None else {"vocab_size": vocab_size}
         return build_model(hp.model, attn_implementation=hp.attn_implementation, **overrides)
 
+    def context_window(self) -> int | None:
+        """The longest sequence the model takes, known before it is built (a data module checks its
+        block against it before tokenizing); an unknown model name is an error here, as early."""
+        config = self.model.config if self.model is not None else self.model_config()
+        return getattr(config, "max_position_embeddings", None) if config is not None else None
+
+    def model_config(self) -> PretrainedConfig | None:
+        """The config of the model `configure_model` will build; subclasses return None where only building tells."""
+        return build_config(self.hparams.model)
+
     def _check_data_fits(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         block_size = getattr(datamodule, "block_size", None)
-        max_pos = getattr(self.model.config, "max_position_embeddings", None)
-        if block_size is not None and max_pos is not None and block_size > max_pos:
-            raise ValueError(f"block_size {block_size} exceeds the model's max_position_embeddings {max_pos}; use block_size <= {max_pos}")
+        if block_size is not None:
+            check_block_fits(block_size, getattr(self.model.config, "max_position_embeddings", None))
         if self.tokenizer is not None and len(self.tokenizer) > self.model.config.vocab_size:
             raise ValueError(
                 f"the tokenizer has {len(self.tokenizer)} tokens but the model's vocabulary is "
@@ -200,13 +218,8 @@ class PretrainModule(LightningModule):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads:
-            norm = torch.nn.utils.get_total_norm(grads)
-            if hasattr(norm, "full_tensor"):  # sharded (DTensor) gradients: the norm over all shards
-                norm = norm.full_tensor()
-            self.log("train/grad_norm", norm)
+    def configure_callbacks(self) -> list[Callback]:
+        return [self.divergence_guard]
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss = self.loss(batch)
@@ -234,6 +247,32 @@ class PretrainModule(LightningModule):
         max_steps = hp.max_steps or int(self.trainer.estimated_stepping_batches)
         schedule = LambdaLR(optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, max_steps, hp.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # A resumed run restores the optimizer's and the schedule's state, and with it the checkpoint's peak
+    # learning rate, betas and weight decay. This run's options win (the user may lower the rate on
+    # resume): they are noted once the optimizer is final (after the callbacks' on_fit_start, which may
+    # scale rates or swap the optimizer; before the checkpoint is loaded), put back after the load, and
+    # the schedule continues from its step on the peak rate of this run.
+
+    def on_fit_start(self) -> None:
+        self._group_options = [[{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+                               for optimizer in self.trainer.optimizers]
+
+    def on_train_start(self) -> None:
+        if self.trainer.ckpt_path is None:
+            return
+        for optimizer, options in zip(self.trainer.optimizers, self._group_options, strict=True):
+            for group, own in zip(optimizer.param_groups, options, strict=True):
+                group.update(own)
+        for config in self.trainer.lr_scheduler_configs:
+            schedule = config.scheduler
+            while not isinstance(schedule, LambdaLR) and hasattr(schedule, "scheduler"):  # wrappers (HoldOnSkippedStep)
+                schedule = schedule.scheduler
+            if isinstance(schedule, LambdaLR):  # (it set each group's initial_lr, the peak rate)
+                groups = schedule.optimizer.param_groups
+                schedule.base_lrs = [group["initial_lr"] for group in groups]
+                for group, factor in zip(groups, schedule.lr_lambdas, strict=True):
+                    group["lr"] = group["initial_lr"] * factor(schedule.last_epoch)
 
     # -- checkpoints -----------------------------------------------------------------------------
 

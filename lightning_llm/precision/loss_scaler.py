@@ -17,6 +17,15 @@ import torch
 import torch.distributed as dist
 
 
+def any_rank(flags: torch.Tensor) -> torch.Tensor:
+    """`flags` (0/1 floats) made the same on every rank of the default process group: 1 where any rank has 1.
+
+    Every rank must call it at the same point (it is a collective when a process group is running)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return flags
+
+
 class DynamicLossScaler(torch.amp.GradScaler):
     """`torch.amp.GradScaler` whose found-inf flag is all-reduced (max) over the default process group.
 
@@ -38,8 +47,7 @@ class DynamicLossScaler(torch.amp.GradScaler):
         verdict = torch.zeros((), dtype=torch.float32, device=self._scale.device)
         for flag in flags:
             verdict = torch.maximum(verdict, flag.to(verdict.device))
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(verdict, op=dist.ReduceOp.MAX)
+        verdict = any_rank(verdict)
         for flag in flags:
             flag.copy_(verdict)
         if not flags:

@@ -114,9 +114,8 @@ class MixedPrecision(Precision):
     def connect(self, model: torch.nn.Module, optimizers: list[Optimizer],
                 lr_schedulers: list[Any]) -> tuple[torch.nn.Module, list[Optimizer], list[Any]]:
         param = next(model.parameters(), None)
-        if param is not None and param.device.type != self.device:
-            raise ValueError(f"MixedPrecision(device={self.device!r}) but the model is on {param.device.type!r}: "
-                             f"pass device={param.device.type!r}")
+        if param is not None:
+            self.check_device(param.device.type)
         if self.scaler is not None:
             for optimizer in optimizers:
                 check_scalable(optimizer)
@@ -124,6 +123,12 @@ class MixedPrecision(Precision):
                 if config.interval == "step" and not isinstance(config.scheduler, HoldOnSkippedStep):
                     config.scheduler = HoldOnSkippedStep(config.scheduler, lambda: self.last_step_skipped)
         return model, optimizers, lr_schedulers
+
+    def check_device(self, device_type: str) -> None:
+        """Raise ValueError unless the model trains on the device type this plugin autocasts."""
+        if device_type != self.device:
+            raise ValueError(f"MixedPrecision(device={self.device!r}) but the model is on {device_type!r}: "
+                             f"pass device={device_type!r}")
 
     @contextmanager
     def forward_context(self) -> Generator[None, None, None]:
