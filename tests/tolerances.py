@@ -16,6 +16,8 @@ must bound the effect of ANY order, not the one seen here:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # Unit roundoff u = 2^-p, p the significand's bits including the implicit one (torch.finfo(dtype).eps / 2).
@@ -25,6 +27,21 @@ UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16
 def reordered_sum_rtol(dtype: torch.dtype, terms: int) -> float:
     """Bound on |sum in one order - sum in another| / sum|x_i| for `terms` terms of `dtype` (worst case)."""
     return 2 * max(terms - 1, 1) * UNIT_ROUNDOFF[dtype]
+
+
+def loss_atol(dtype: torch.dtype, logit_bound: float = 2.0) -> float:
+    """Cross-entropy of two runs whose logits agree to their `dtype` rounding: each logit within u |z| of
+    the exact one, so two runs' logits within 2 u |z|; cross-entropy (log-sum-exp minus the target logit)
+    moves by at most twice the largest logit change: 4 u max|z|. `logit_bound`: max|z|, below 2 for the
+    tests' near-uniform tiny models over a few steps (1.3 at initialisation)."""
+    return 4 * UNIT_ROUNDOFF[dtype] * logit_bound
+
+
+def adam_update_rtol(dtype: torch.dtype, terms: int) -> float:
+    """Bound on |w_a - w_b| / |w_b - w_0| over all weights, after Adam steps whose gradients (sums of ~`terms`
+    terms) carry `dtype` rounding noise of ~sqrt(terms) u: a fraction f = 2 sqrt(terms) u of the elements
+    lies within the noise of zero and may step the other way (2 lr apart), the rest agree closely: 2 sqrt(f)."""
+    return 2 * math.sqrt(2 * math.sqrt(terms) * UNIT_ROUNDOFF[dtype])
 
 
 def assert_adam_steps_close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], *, lr_sum: float,

@@ -534,13 +534,14 @@ class PipelineStrategy(ParallelStrategy):
         shape gets its own stages; a training run sees one or two shapes).
 
         Evaluation batches can have any size (a smaller last batch, another batch size): a forward-only
-        pass runs the same forwards under GPipe as under 1F1B, whose micro-batch minimum serves only
-        its backward, and takes the largest count that divides the batch and the schedule accepts.
+        pass runs the same forwards under GPipe as under 1F1B (whose micro-batch minimum serves only its
+        backward) and under interleaved 1F1B as under zero bubble, and takes the largest count that
+        divides the batch and the schedule accepts.
         """
-        schedule = self.schedule if train or self.schedule in MULTI_STAGE_SCHEDULES else "gpipe"
         if train:
-            n_microbatches = self.microbatches
+            schedule, n_microbatches = self.schedule, self.microbatches
         else:
+            schedule = "interleaved-1f1b" if self.schedule in MULTI_STAGE_SCHEDULES else "gpipe"
             most = math.gcd(shape[0], self.microbatches)
             n_microbatches = max(m for m in range(1, most + 1)
                                  if most % m == 0 and schedule_accepts(schedule, m, self.stages))
