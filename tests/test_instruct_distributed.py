@@ -23,6 +23,9 @@ from lightning_llm.data.instruct import InstructionDataModule
 from lightning_llm.modules.instruct import InstructionTuningModule
 from lightning_llm.strategies.zero import ZeROStrategy
 from test_instruct_module import write_records
+from tolerances import adam_update_rtol, reordered_sum_rtol
+
+TOKENS = 4 * 64  # batch_size x block_size: the most target tokens a batch holds
 
 STEPS = 3
 STRATEGIES = {"ddp": lambda: DDPStrategy(process_group_backend="gloo"),
@@ -91,12 +94,17 @@ def test_two_ranks_take_the_steps_of_one_process_on_the_whole_packed_batch(tmp_p
     for name in STRATEGIES:
         for rank in range(2):
             losses, grads = torch.load(tmp_path / f"rank{rank}.pt")[name]
-            # the logged loss is the global batch's token mean, on every rank
-            assert losses == pytest.approx(single_losses, rel=1e-5), (name, rank)
-            # each step's gradient is the whole batch's: relative error ~1e-7 (summation order) at the
-            # first step, <1e-5 after Adam steps that summation noise has nudged; a per-rank token mean
-            # instead is off by 11% at the first step and up to 41% later (measured)
+            # the logged loss is the global batch's token mean, on every rank: a mean of at most TOKENS
+            # positive token losses whose logits are dot products over 64 hidden units, summed in another
+            # order across ranks (tests/tolerances.py)
+            assert losses == pytest.approx(single_losses, rel=2 * reordered_sum_rtol(torch.float32, TOKENS)), (name, rank)
+            # each step's gradient is the whole batch's: at the first step a sum over TOKENS token terms in
+            # another order (bound reordered_sum_rtol = 3e-5 of the terms; measured ~1e-7); later steps
+            # start from weights that Adam's rounding noise nudged (adam_update_rtol(fp32) = 3e-3 of an
+            # update; measured <1e-5). A per-rank token mean instead is off by 11% at the first step and
+            # up to 41% later (measured).
             for step, (mine, oracle) in enumerate(zip(grads, single_grads, strict=True)):
                 error = torch.cat([(mine[k] - g).flatten() for k, g in oracle.items()]).norm()
                 scale = torch.cat([g.flatten() for g in oracle.values()]).norm()
-                assert error / scale < (1e-5 if step == 0 else 1e-3), (name, rank, step, (error / scale).item())
+                bound = reordered_sum_rtol(torch.float32, TOKENS) if step == 0 else adam_update_rtol(torch.float32, TOKENS)
+                assert error / scale < bound, (name, rank, step, (error / scale).item())

@@ -44,6 +44,7 @@ from lightning_llm.models import build_model
 from lightning_llm.modules.pretrain import PretrainModule
 from lightning_llm.precision import MasterWeightsPrecision
 from lightning_llm.strategies.zero import ZeROStrategy
+from tolerances import assert_adam_steps_close
 
 
 class LossRecorder(Callback):
@@ -403,10 +404,12 @@ def test_ddp_and_zero3_train_the_adapter_like_one_process_on_the_whole_batch(tmp
             assert run[0].keys() <= single.keys() and any(".lora_" in n for n in run[0])
             for name, weight in ((n, single[n]) for n in run[0]):
                 assert torch.equal(run[0][name], run[1][name]), (strategy, kind, name)
-                if ".lora_" in name:  # summation order differs; 1e-5 is a thousandth of one Adam step at lr 1e-2
-                    torch.testing.assert_close(run[0][name], weight, rtol=0, atol=1e-5)
-                else:
+                if ".lora_" not in name:
                     assert torch.equal(run[0][name], weight), (strategy, kind, name)
+            # The gradients are summed in another order (across ranks): 3 AdamW steps, warm-up lr 5e-3 then
+            # at most 1e-2 (an elementwise atol of 1e-5 failed on another x86-64 CPU: 1.37e-5, 2 of 768).
+            adapter = [n for n in run[0] if ".lora_" in n]
+            assert_adam_steps_close({n: run[0][n] for n in adapter}, {n: single[n] for n in adapter}, lr_sum=2.5e-2)
             written = load_file(tmp_path / strategy / kind / "adapter" / "adapter_model.safetensors")
             assert len(written) == sum(".lora_" in n for n in single) > 0
             for name, weight in written.items():

@@ -81,6 +81,20 @@ MULTI_STAGE_SCHEDULES = {"interleaved-1f1b", "interleaved-zero-bubble"}
 OPTIMIZER_STATE_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
+def schedule_accepts(schedule: str, microbatches: int, stages: int) -> bool:
+    """Whether torch's `schedule` runs a batch of `microbatches` micro-batches on `stages` pipeline ranks.
+
+    torch checks this only when the schedule is built, at the first step of that batch shape. 1F1B
+    needs a micro-batch per stage for its warm-up; the interleaved schedules run the micro-batches in
+    max(1, m // stages) rounds that must divide m; GPipe takes any number.
+    """
+    if schedule == "1f1b":
+        return microbatches >= stages
+    if schedule in MULTI_STAGE_SCHEDULES:
+        return microbatches % max(1, microbatches // stages) == 0
+    return True
+
+
 # -- splitting a Hugging Face decoder ------------------------------------------------------------
 
 
@@ -268,7 +282,8 @@ class PipelineStrategy(ParallelStrategy):
 
     Args:
         stages: number of pipeline ranks p; the world size must be a multiple (world = dp x p).
-        microbatches: micro-batches m per batch; the per-rank batch size must be divisible by it.
+        microbatches: micro-batches m per batch; the per-rank batch size must be divisible by it, and the
+            schedule must accept it (1F1B: m >= stages; interleaved: m splits into equal rounds of ~stages).
         schedule: "gpipe", "1f1b", "interleaved-1f1b" or "interleaved-zero-bubble".
         stages_per_rank: model chunks per rank for the interleaved schedules (default 2; 1 otherwise).
         split_points: index of the first decoder layer of stages 1..S-1 (S = stages x stages_per_rank);
@@ -302,6 +317,16 @@ class PipelineStrategy(ParallelStrategy):
         if not isinstance(stages_per_rank, int) or stages_per_rank < 1 or (not multi and stages_per_rank != 1):
             accepted = "an integer >= 1" if multi else "1 (use an interleaved schedule for more)"
             raise ValueError(f"stages_per_rank={stages_per_rank!r} with schedule={schedule!r}: accepted is {accepted}")
+        if not schedule_accepts(schedule, microbatches, stages):
+            if schedule == "1f1b":
+                fix = f"1F1B needs a micro-batch per stage: use microbatches >= {stages} or schedule='gpipe'"
+            else:
+                lower = max(m for m in range(1, microbatches) if schedule_accepts(schedule, m, stages))
+                upper = min(m for m in range(microbatches + 1, microbatches + stages + 1)
+                             if schedule_accepts(schedule, m, stages))
+                fix = (f"the interleaved schedules run the micro-batches in {microbatches // stages} equal rounds: "
+                       f"use microbatches={lower} or {upper} (any multiple of stages)")
+            raise ValueError(f"microbatches={microbatches} with schedule={schedule!r} and stages={stages}: {fix}")
         n_stages = stages * stages_per_rank
         if split_points is not None:
             split_points = list(split_points)
@@ -506,13 +531,25 @@ class PipelineStrategy(ParallelStrategy):
 
     def _get_schedule(self, train: bool, shape: tuple[int, ...], kwarg_names: tuple[str, ...]) -> Any:
         """The schedule for a batch of this shape (torch infers stage shapes at the first step, so each
-        shape gets its own stages; a training run sees one or two shapes)."""
-        n_microbatches = self.microbatches if train else math.gcd(shape[0], self.microbatches)
+        shape gets its own stages; a training run sees one or two shapes).
+
+        Evaluation batches can have any size (a smaller last batch, another batch size): a forward-only
+        pass runs the same forwards under GPipe as under 1F1B (whose micro-batch minimum serves only its
+        backward) and under interleaved 1F1B as under zero bubble, and takes the largest count that
+        divides the batch and the schedule accepts.
+        """
+        if train:
+            schedule, n_microbatches = self.schedule, self.microbatches
+        else:
+            schedule = "interleaved-1f1b" if self.schedule in MULTI_STAGE_SCHEDULES else "gpipe"
+            most = math.gcd(shape[0], self.microbatches)
+            n_microbatches = max(m for m in range(1, most + 1)
+                                 if most % m == 0 and schedule_accepts(schedule, m, self.stages))
         key = (train, shape, kwarg_names, n_microbatches)
         if key not in self._schedules:
             stages = [PipelineStage(module, stage_id, self.n_stages, self.root_device, group=self._pp_group)
                       for module, stage_id in zip(self._stage_modules, self._stage_ids)]
-            cls = SCHEDULES[self.schedule]
+            cls = SCHEDULES[schedule]
             loss_fn = self._microbatch_loss if train else None
             # scale_grads=False: `_microbatch_loss` already divides by what makes the batch loss, which
             # stays right under gradient accumulation (torch's scaling would rescale accumulated grads).
@@ -654,20 +691,32 @@ class PipelineStrategy(ParallelStrategy):
         Lightning clips in the precision plugin (after unscaling, before the step), which sees only the
         local gradients; the global norm needs the pipeline group, which only the strategy knows, so
         the plugin's norm clipping is replaced on this instance. The tied embedding's second copy is
-        left out of the norm (it equals the first).
+        left out of the norm (it equals the first), found as what the optimizer steps for it: the
+        parameter, or its fp32 master under master weights.
         """
         plugin = self.precision_plugin
         strategy = self
 
         def clip_grad_by_norm(optimizer: torch.optim.Optimizer, clip_val: float) -> None:
             params = [p for p in plugin.main_params(optimizer) if p.grad is not None]
-            counted = [p.grad for p in params if p is not strategy._tied_param]
+            tied = strategy._tied_copy_stepped_by(optimizer)
+            counted = [p.grad for p in params if p is not tied]
             norm = torch.nn.utils.get_total_norm(counted) if counted else torch.zeros((), device=strategy.root_device)
             squared = norm.float().pow(2)
             dist.all_reduce(squared, group=strategy._pp_group)
             torch.nn.utils.clip_grads_with_norm_(params, clip_val, squared.sqrt())
 
         plugin.clip_grad_by_norm = clip_grad_by_norm
+
+    def _tied_copy_stepped_by(self, optimizer: torch.optim.Optimizer) -> Tensor | None:
+        """The tensor `optimizer` steps for this rank's second copy of the tied embedding, if it holds one:
+        the parameter itself, or its fp32 master under a plugin with master weights (MasterWeightsPrecision,
+        duck-typed: strategies do not import precision plugins)."""
+        if self._tied_param is None:
+            return None
+        master_weights = getattr(self.precision_plugin, "master_weights", None)
+        masters = {id(weight): master for weight, master in (master_weights(optimizer) if master_weights else [])}
+        return masters.get(id(self._tied_param), self._tied_param)
 
     # -- evaluation through the pipeline ---------------------------------------------------------
 
