@@ -156,11 +156,24 @@ def save_tokenizer_and_token_ids(directory: Path, model: nn.Module, tokenizer: P
     tokenizer_for_export(tokenizer, model.config).save_pretrained(directory)
 
 
+def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
+    """Raise naming the tensors of `state` that hold inf or NaN (floating-point tensors; 4-bit codes are integers)."""
+    bad = {name: int((~torch.isfinite(t)).sum()) for name, t in state.items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())}
+    if bad:
+        listed = ", ".join(f"{name} ({count} of {state[name].numel()})" for name, count in list(bad.items())[:4])
+        raise ValueError(f"refusing to export {what!r}: {len(bad)} weight tensors hold inf or NaN: {listed}"
+                         f"{', ...' if len(bad) > 4 else ''}. The run diverged; export an earlier, finite checkpoint")
+
+
 def save_pretrained_atomic(
     model: nn.Module, out_dir: str | os.PathLike, tokenizer: PreTrainedTokenizerBase | None = None,
     state_dict: dict[str, torch.Tensor] | None = None, overwrite: bool = False,
 ) -> Path:
-    """Write `model` (with `state_dict` if given) and `tokenizer` as a Hugging Face directory, atomically."""
+    """Write `model` (with `state_dict` if given) and `tokenizer` as a Hugging Face directory, atomically.
+    A model with a non-finite weight is refused: the export is what a user deploys, and a NaN in it
+    shows only as garbage output later."""
+    check_finite(state_dict if state_dict is not None else model.state_dict(), str(out_dir))
     with atomic_directory(out_dir, overwrite) as tmp:
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         if tokenizer is not None:

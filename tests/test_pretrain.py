@@ -185,3 +185,19 @@ def test_an_export_is_what_plain_transformers_expects(datamodule, tmp_path, monk
     window = model.config.max_position_embeddings
     assert tok.model_max_length == window
     assert len(tok("x " * 2 * window, truncation=True)["input_ids"]) == window
+
+
+def test_a_non_finite_model_is_never_exported(datamodule, tmp_path):
+    # A checkpoint whose weights hold a NaN (a diverged run, written before the divergence guard) is refused by
+    # export, naming the tensor, and an earlier export at the same place is left as it was.
+    module = PretrainModule("tiny", warmup_steps=1)
+    trainer = make_trainer(tmp_path, 1)
+    trainer.fit(module, datamodule=datamodule)
+    trainer.save_checkpoint(tmp_path / "good.ckpt")
+    good = export_checkpoint(tmp_path / "good.ckpt", tmp_path / "hf")
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+    module.model.model.layers[0].mlp.up_proj.weight.data[0, 0] = float("nan")
+    trainer.save_checkpoint(tmp_path / "diverged.ckpt")
+    with pytest.raises(ValueError, match=r"layers\.0\.mlp\.up_proj\.weight \(1 of \d+\).*earlier, finite checkpoint"):
+        export_checkpoint(tmp_path / "diverged.ckpt", tmp_path / "hf", overwrite=True)
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == before
