@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from lightning_llm.strategies.names import register_with_lightning
+
 _EXPORTS = {
     "PRESETS": "lightning_llm.models",
     "build_config": "lightning_llm.models",
@@ -19,6 +21,7 @@ _EXPORTS = {
     "chinchilla_plan": "lightning_llm.scaling",
     "flops_per_token": "lightning_llm.scaling",
     "ThroughputCallback": "lightning_llm.callbacks.throughput",
+    "export_module": "lightning_llm.export",
     "DivergenceGuard": "lightning_llm.divergence",
     "NonFiniteError": "lightning_llm.divergence",
     "MixedPrecision": "lightning_llm.precision",
@@ -48,6 +51,8 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+register_with_lightning()  # Trainer(strategy="zero3"): the short names, in Lightning's StrategyRegistry
 
 
 def __getattr__(name: str) -> Any:
