@@ -22,6 +22,8 @@ _EXPORTS = {
     "flops_per_token": "lightning_llm.scaling",
     "ThroughputCallback": "lightning_llm.callbacks.throughput",
     "export_module": "lightning_llm.export",
+    "HFExport": "lightning_llm.callbacks.export",
+    "RunSummary": "lightning_llm.callbacks.summary",
     "DivergenceGuard": "lightning_llm.divergence",
     "NonFiniteError": "lightning_llm.divergence",
     "MixedPrecision": "lightning_llm.precision",

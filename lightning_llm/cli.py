@@ -26,14 +26,17 @@ TRACEBACK_ENV = "LIGHTNING_LLM_TRACEBACK"
 
 
 class LLMCLI(LightningCLI):
-    """LightningCLI with `--export_dir` (after `fit`, the trained model is exported for transformers),
-    a resume that honours what the user typed (`--ckpt_path`), and checks that need no data done first."""
+    """LightningCLI with `--export_dir` (after `fit`, the trained model is exported for transformers), a summary
+    at the end of every fit, a resume that honours what the user typed (`--ckpt_path`), and checks that need no
+    data done first."""
 
     resume_checkpoint: tuple[str, dict[str, Any]] | None = None
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--export_dir", type=str | None, default=None,
-                            help="after fit, write a Hugging Face export of the model here")
+                            help="after a successful fit, write a Hugging Face export of the model here (HFExport)")
+        parser.add_argument("--export_overwrite", type=bool, default=True,
+                            help="replace an existing export at --export_dir (false: stop before training if one is there)")
 
     def parse_arguments(self, parser, args) -> None:
         self._args = args  # parsed again on resume, over the checkpoint's hyper-parameters
@@ -71,14 +74,19 @@ class LLMCLI(LightningCLI):
             if check is not None:  # (the data-parallel size is compared when the trainer restores the state)
                 check(state.get("data_order"), checkpoint=path)
 
-    def after_fit(self) -> None:
-        from lightning_llm.export import export_module
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        # `--export_dir` is HFExport's dirpath (one export path for Python and the command line); every
+        # fit ends with the run summary.
+        from lightning_llm.callbacks.export import HFExport
+        from lightning_llm.callbacks.summary import RunSummary
 
-        out = self.config[self.subcommand].get("export_dir")
+        trainer = super().instantiate_trainer(**kwargs)
+        out = self._get(self.config_init, "export_dir")
         if out:
-            path = export_module(self.model, out)
-            if path is not None:
-                print(f"exported the model to {path}")
+            trainer.callbacks.append(HFExport(out, overwrite=self._get(self.config_init, "export_overwrite")))
+        if not any(isinstance(c, RunSummary) for c in trainer.callbacks):
+            trainer.callbacks.append(RunSummary())
+        return trainer
 
 
 def check_precision_device(trainer: Any) -> None:

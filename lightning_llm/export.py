@@ -190,14 +190,30 @@ def export_checkpoint(checkpoint: str | os.PathLike | dict[str, Any], out_dir: s
     return save_pretrained_atomic(model, out_dir, tokenizer_from_checkpoint(checkpoint), overwrite=overwrite)
 
 
+def check_exportable(module: Any) -> None:
+    """Raise unless `module.model` is a whole transformers model, what `export_module` writes."""
+    model = getattr(module, "model", None)
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(
+            f"cannot export {type(module).__name__}.model: it is a {type(model).__name__}, not a transformers "
+            "PreTrainedModel. A LoRA/QLoRA run writes its adapter with LoRACallback(adapter_dir=...); "
+            "`lightning-llm export --checkpoint CKPT --merge` writes the merged model")
+
+
 def export_module(module: Any, out_dir: str | os.PathLike, overwrite: bool = True) -> Path | None:
-    """Export a LightningModule's live model (all ranks call this: sharded weights are gathered to rank 0)."""
+    """Write a LightningModule's live `model` as a Hugging Face directory; returns it on rank 0, None elsewhere.
+
+    All ranks call this: sharded weights (ZeRO, FSDP) are gathered to rank 0, which writes atomically.
+    Weights that are not the whole model its config describes are refused, as are non-finite ones."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
     )
 
+    check_exportable(module)
     state = get_model_state_dict(module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if module.global_rank != 0:
         return None
+    with torch.device("meta"):  # names and shapes only: no memory
+        check_state_matches(AutoModelForCausalLM.from_config(module.model.config), state)
     return save_pretrained_atomic(module.model, out_dir, getattr(module, "tokenizer", None), state_dict=state, overwrite=overwrite)

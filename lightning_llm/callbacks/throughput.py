@@ -21,6 +21,12 @@ def compute_dtype(trainer: Trainer) -> torch.dtype:
     return torch.float32
 
 
+def global_batch_tokens(trainer: Trainer, batch: dict[str, torch.Tensor]) -> int:
+    """Tokens in this step's batch summed over the data-parallel replicas (each rank sees its own batch)."""
+    replicas = (getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}).get("num_replicas", 1)
+    return batch["input_ids"].numel() * replicas
+
+
 class ThroughputCallback(Callback):
     """Logs `perf/tokens_per_sec`, `perf/tflops` (model FLOPs, all devices) and, on known GPUs, `perf/mfu`.
 
@@ -56,8 +62,7 @@ class ThroughputCallback(Callback):
         input_ids = batch["input_ids"]
         if self._flops_per_token is None:
             self._flops_per_token = flops_per_token(pl_module.model.config, input_ids.shape[-1])
-        replicas = (getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}).get("num_replicas", 1)
-        total = (self._tokens[-1] if self._tokens else 0) + input_ids.numel() * replicas
+        total = (self._tokens[-1] if self._tokens else 0) + global_batch_tokens(trainer, batch)
         self._times.append(time.perf_counter())
         self._tokens.append(total)
         if len(self._times) < 2:
