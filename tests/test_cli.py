@@ -27,12 +27,14 @@ def tiny_config(tmp_path, corpus_dir):
     }
 
 
-def test_fit_generate_export_from_yaml(tmp_path, corpus_dir, capsys):
+def test_fit_generate_export_from_yaml(tmp_path, corpus_dir, capsys, caplog):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(tiny_config(tmp_path, corpus_dir)))
     main(["fit", "--config", str(config)])
     last = tmp_path / "ckpt" / "last.ckpt"
     assert last.exists() and (tmp_path / "hf" / "model.safetensors").exists()
+    printed = caplog.text  # the run summary names what the run wrote
+    assert f"checkpoint (last)  {last}\n" in printed and f"export             {tmp_path / 'hf'}\n" in printed
     # the export written after fit and a later `export` of the checkpoint hold the same model
     main(["export", "--checkpoint", str(last), "--out", str(tmp_path / "hf2")])
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")

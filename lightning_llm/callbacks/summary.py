@@ -64,10 +64,10 @@ class RunSummary(Callback):
         for checkpoint in trainer.checkpoint_callbacks:
             if getattr(checkpoint, "last_model_path", ""):
                 lines.append(("checkpoint (last)", checkpoint.last_model_path))
-            if getattr(checkpoint, "best_model_path", ""):
+            if getattr(checkpoint, "monitor", None) and checkpoint.best_model_path:
                 score = checkpoint.best_model_score
                 lines.append(("checkpoint (best)", checkpoint.best_model_path + (
-                    f"  ({checkpoint.monitor} {float(score):.4g})" if checkpoint.monitor and score is not None else "")))
+                    f"  ({checkpoint.monitor} {float(score):.4g})" if score is not None else "")))
         if not any(label.startswith("checkpoint") for label, _ in lines):
             lines.append(("checkpoint", "none written"))
         exports = [str(c.path) for c in trainer.callbacks if isinstance(c, HFExport) and c.path is not None]
