@@ -203,17 +203,29 @@ def check_exportable(module: Any) -> None:
 def export_module(module: Any, out_dir: str | os.PathLike, overwrite: bool = True) -> Path | None:
     """Write a LightningModule's live `model` as a Hugging Face directory; returns it on rank 0, None elsewhere.
 
-    All ranks call this: sharded weights (ZeRO, FSDP) are gathered to rank 0, which writes atomically.
-    Weights that are not the whole model its config describes are refused, as are non-finite ones."""
+    All ranks call this: sharded weights (ZeRO, FSDP) are gathered to rank 0, which writes atomically; a
+    strategy whose ranks each hold part of the model (pipeline stages) gathers it with its
+    `full_model_state_dict(model)`. Weights that are not the whole model its config describes are
+    refused, as are non-finite ones."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
     )
 
     check_exportable(module)
-    state = get_model_state_dict(module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    model = module.model
+    gather = getattr(module.trainer.strategy if module._trainer is not None else None, "full_model_state_dict", None)
+    if gather is not None:
+        state = gather(model)
+    else:
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if module.global_rank != 0:
         return None
     with torch.device("meta"):  # names and shapes only: no memory
-        check_state_matches(AutoModelForCausalLM.from_config(module.model.config), state)
-    return save_pretrained_atomic(module.model, out_dir, getattr(module, "tokenizer", None), state_dict=state, overwrite=overwrite)
+        whole = AutoModelForCausalLM.from_config(model.config)
+    check_state_matches(whole, state)
+    if gather is not None:  # the live model holds only rank 0's part: write through a whole one
+        whole.load_state_dict(state, strict=False, assign=True)
+        whole.generation_config = model.generation_config
+        model = whole
+    return save_pretrained_atomic(model, out_dir, getattr(module, "tokenizer", None), state_dict=state, overwrite=overwrite)

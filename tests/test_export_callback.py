@@ -96,34 +96,46 @@ def test_a_failed_run_or_a_non_finite_model_exports_nothing(datamodule, tmp_path
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".hf")] == []  # no temporary left either
 
 
-# -- two ranks of ZeRO-3: the sharded parameters are gathered for the export ----------------------------
+# -- two ranks: ZeRO-3 (sharded parameters) and a 2-stage pipeline (each rank holds half the layers) ------------
 
 
-def _zero3_worker(rank: int, port: int, out: str, corpus: str, tok: str) -> None:
+def _two_rank_worker(rank: int, port: int, out: str, corpus: str, tok: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
                       LOCAL_RANK=str(rank), NODE_RANK="0")
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    module = PretrainModule("tiny", warmup_steps=1)
-    data = PretrainDataModule(corpus, tokenizer=tok, block_size=BLOCK, batch_size=BATCH, cache_dir=str(Path(out) / "cache"))
-    Trainer(accelerator="cpu", devices=2, strategy="zero3", max_steps=STEPS, logger=False, enable_progress_bar=False,
-            enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0, default_root_dir=out,
-            callbacks=[HFExport()]).fit(module, datamodule=data)
     ids = torch.arange(3, 40).unsqueeze(0)
-    with torch.no_grad():
-        logits = module(ids)  # every rank takes part in the sharded forward (the root unit gathers the rest)
-    if rank == 0:
-        torch.save({"ids": ids, "logits": logits}, Path(out) / "live.pt")
+    for strategy in ("zero3", "pipeline"):
+        torch.manual_seed(0)
+        module = PretrainModule("tiny", warmup_steps=1)
+        data = PretrainDataModule(corpus, tokenizer=tok, block_size=BLOCK, batch_size=BATCH,
+                                  cache_dir=str(Path(out) / "cache"))
+        Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=STEPS, logger=False, enable_progress_bar=False,
+                enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+                default_root_dir=Path(out) / strategy, callbacks=[HFExport()]).fit(module, datamodule=data)
+        with torch.no_grad():
+            if strategy == "zero3":  # every rank takes part in the sharded forward (the root unit gathers)
+                live = {"logits": module(ids)}
+            else:  # each rank's own stages, under the single-process names
+                live = {"weights": {k: v.detach().clone() for k, v in module.model.state_dict().items()}}
+        torch.save(live, Path(out) / f"{strategy}-rank{rank}.pt")
 
 
-def test_zero3_on_two_ranks_exports_the_gathered_model(corpus_dir, tokenizer, tmp_path):
+def test_two_ranks_export_the_whole_model(corpus_dir, tokenizer, tmp_path):
     tokenizer.save_pretrained(tmp_path / "tok")
     # (the token cache is built once here, so the two ranks only read it)
     PretrainDataModule(str(corpus_dir), tokenizer=str(tmp_path / "tok"), block_size=BLOCK, batch_size=BATCH,
                        cache_dir=str(tmp_path / "cache")).prepare_data()
-    mp.spawn(_zero3_worker, args=(free_port(), str(tmp_path), str(corpus_dir), str(tmp_path / "tok")), nprocs=2, join=True)
-    live = torch.load(tmp_path / "live.pt")
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    mp.spawn(_two_rank_worker, args=(free_port(), str(tmp_path), str(corpus_dir), str(tmp_path / "tok")), nprocs=2,
+             join=True)
+    ids = torch.arange(3, 40).unsqueeze(0)
+    live = torch.load(tmp_path / "zero3-rank0.pt")["logits"]
     with torch.no_grad():
         # gathered shards are the same numbers; the sharded forward may sum in another order (see above)
-        torch.testing.assert_close(loaded(live["ids"]).logits, live["logits"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "zero3" / "hf")(ids).logits, live,
+                                   rtol=0, atol=1e-5)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "pipeline" / "hf").state_dict()
+    stages = [torch.load(tmp_path / f"pipeline-rank{r}.pt")["weights"] for r in range(2)]
+    assert set(exported) == set(stages[0]) | set(stages[1])  # both halves, nothing else
+    for weights in stages:
+        for name, value in weights.items():
+            assert torch.equal(exported[name], value), name

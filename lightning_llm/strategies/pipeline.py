@@ -750,6 +750,22 @@ class PipelineStrategy(ParallelStrategy):
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
         return self._redirected("predict_step", self.precision_plugin.predict_step_context, *args, **kwargs)
 
+    def full_model_state_dict(self, model: nn.Module) -> dict[str, Tensor] | None:
+        """The whole `model`'s state dict on global rank 0, None elsewhere (every rank calls this; for an export).
+
+        Each rank holds only its stages' weights, under the single-process names; the ranks of pipeline 0
+        send theirs to rank 0 (the other pipelines hold the same numbers). With tied embeddings the first
+        and last stages both hold the embedding, kept equal by training, so either copy will do."""
+        state: dict[str, Tensor] | None = None
+        if self.data_parallel_rank == 0:
+            local = {name: t.detach().cpu() for name, t in model.state_dict().items()}
+            parts: list[Any] | None = [None] * self.stages if self.global_rank == 0 else None
+            dist.gather_object(local, parts, dst=0, group=self._pp_group)
+            if parts is not None:
+                state = {name: t for part in parts for name, t in part.items()}
+        self.barrier()
+        return state
+
     # -- collectives -----------------------------------------------------------------------------
 
     def barrier(self, name: str | None = None) -> None:
