@@ -47,7 +47,7 @@ def model_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     return state
 
 
-def check_state_matches(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def check_state_matches(model: nn.Module, state: dict[str, torch.Tensor], what: str = "the checkpoint's weights do not fit its hf_config") -> None:
     """Raise if `state` does not hold exactly `model`'s weights with the same shapes."""
     expected = model.state_dict()
     # Tied weights may be saved under one name only.
@@ -57,7 +57,7 @@ def check_state_matches(model: nn.Module, state: dict[str, torch.Tensor]) -> Non
     wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
     if missing or unexpected or wrong:
         raise ValueError(
-            "the checkpoint's weights do not fit its hf_config: "
+            f"{what}: "
             f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}, "
             f"wrong shape {[(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in wrong[:3]]}"
         )
@@ -223,7 +223,7 @@ def export_module(module: Any, out_dir: str | os.PathLike, overwrite: bool = Tru
         return None
     with torch.device("meta"):  # names and shapes only: no memory
         whole = AutoModelForCausalLM.from_config(model.config)
-    check_state_matches(whole, state)
+    check_state_matches(whole, state, f"the weights of {type(module).__name__}.model gathered for the export do not fit its config")
     if gather is not None:  # the live model holds only rank 0's part: write through a whole one
         whole.load_state_dict(state, strict=False, assign=True)
         whole.generation_config = model.generation_config
