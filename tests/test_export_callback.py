@@ -96,6 +96,18 @@ def test_a_failed_run_or_a_non_finite_model_exports_nothing(datamodule, tmp_path
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".hf")] == []  # no temporary left either
 
 
+def test_a_model_that_is_not_a_whole_transformers_model_is_refused_before_training(datamodule, tmp_path):
+    class Adapted(PretrainModule):  # as a LoRA run leaves it: a wrapper around the model, not the model
+        def configure_model(self):
+            super().configure_model()
+            self.model = torch.nn.ModuleDict({"base_model": self.model})
+
+    trainer = make_trainer(tmp_path, [HFExport()])
+    with pytest.raises(TypeError, match="Adapted.model: it is a ModuleDict, not a transformers PreTrainedModel.*LoRACallback"):
+        trainer.fit(Adapted("tiny"), datamodule=datamodule)
+    assert trainer.global_step == 0 and not (tmp_path / "hf").exists()
+
+
 # -- two ranks: ZeRO-3 (sharded parameters) and a 2-stage pipeline (each rank holds half the layers) ------------
 
 
