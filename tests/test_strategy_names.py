@@ -50,3 +50,18 @@ def test_names_registered_whichever_is_imported_first():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "ZeROStrategy 2"
+
+
+def test_a_name_another_package_registered_is_left_to_it_with_a_warning():
+    from lightning.fabric.strategies.registry import _StrategyRegistry
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from lightning_llm.strategies.names import register_strategies
+
+    registry = _StrategyRegistry()
+    registry.register("zero3", DDPStrategy, description="someone else's")
+    with pytest.warns(UserWarning, match="'zero3' is already registered by .*DDPStrategy"):
+        register_strategies(registry)
+    assert registry["zero3"]["strategy"] is DDPStrategy and type(registry.get("zero1")) is ZeROStrategy
+    register_strategies(registry)  # again, as a second import would: its own names are replaced, no error
+    assert registry.get("zero2").stage == 2
