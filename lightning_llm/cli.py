@@ -1,113 +1,61 @@
-"""The `lightning-llm` command: LightningCLI's fit/validate/test, plus plan, generate and export.
+"""The `lightning-llm` command: LightningCLI's fit/validate/test/predict, plus plan, generate, export,
+evaluate and chat.
 
     lightning-llm fit --config examples/pretrain_tiny.yaml
     lightning-llm generate --checkpoint runs/tiny/checkpoints/last.ckpt --prompt "def "
     lightning-llm export --checkpoint runs/tiny/checkpoints/last.ckpt --out runs/tiny/hf
     lightning-llm plan --compute 5.76e23 --plot plan.png
 
-An error prints as one or two lines with the fix; LIGHTNING_LLM_TRACEBACK=1 shows the traceback.
+Each command imports what it needs when it runs: `lightning-llm --help` and `plan` import neither
+Lightning nor transformers. An error prints as one or two lines with the fix;
+LIGHTNING_LLM_TRACEBACK=1 shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import difflib
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
-
-TRAINER_COMMANDS = ("fit", "validate", "test")
-TOOL_COMMANDS = ("plan", "generate", "export")
 TRACEBACK_ENV = "LIGHTNING_LLM_TRACEBACK"
 
-
-class LLMCLI(LightningCLI):
-    """LightningCLI with `--export_dir` (after `fit`, the trained model is exported for transformers),
-    a resume that honours what the user typed (`--ckpt_path`), and checks that need no data done first."""
-
-    resume_checkpoint: tuple[str, dict[str, Any]] | None = None
-
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--export_dir", type=str | None, default=None,
-                            help="after fit, write a Hugging Face export of the model here")
-
-    def parse_arguments(self, parser, args) -> None:
-        self._args = args  # parsed again on resume, over the checkpoint's hyper-parameters
-        super().parse_arguments(parser, args)
-
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI lays the checkpoint's hyper-parameters over the whole config, dropping what the user
-        # typed. Here they become the defaults under the config files and the command line, which win.
-        from lightning_llm.checkpoint import load_checkpoint_metadata
-        from lightning_llm.resume import changes_table, check_same_architecture, plain, saved_model_config
-
-        subcommand = self.config.get("subcommand")
-        path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if not path:
-            return
-        checkpoint = load_checkpoint_metadata(path)  # (early: an unreadable checkpoint fails before any work)
-        self.resume_checkpoint = (str(path), checkpoint)
-        class_path = self.config[subcommand]["model"]["class_path"]
-        module_name, _, class_name = class_path.rpartition(".")
-        saved = saved_model_config(checkpoint, class_path, getattr(importlib.import_module(module_name), class_name))
-        if saved is None:
-            return
-        self._subcommand_parsers[subcommand].set_defaults({"model": saved})
-        super().parse_arguments(self.parser, self._args)
-        now = plain(self.config[subcommand]["model"]["init_args"])
-        check_same_architecture(str(path), checkpoint, saved["init_args"], now)
-        rank_zero_info(changes_table(str(path), saved["init_args"], now))
-
-    def before_fit(self) -> None:
-        check_precision_device(self.trainer)
-        if self.resume_checkpoint is not None:
-            path, checkpoint = self.resume_checkpoint
-            state = checkpoint.get(type(self.datamodule).__qualname__) or {}
-            check = getattr(self.datamodule, "check_data_order", None)
-            if check is not None:  # (the data-parallel size is compared when the trainer restores the state)
-                check(state.get("data_order"), checkpoint=path)
-
-    def after_fit(self) -> None:
-        from lightning_llm.export import export_module
-
-        out = self.config[self.subcommand].get("export_dir")
-        if out:
-            path = export_module(self.model, out)
-            if path is not None:
-                print(f"exported the model to {path}")
+# Every command with its line in `lightning-llm --help` (also its own --help's description).
+TRAINER_COMMANDS = {
+    "fit": "train a model from a YAML config: lightning-llm fit --config examples/pretrain_tiny.yaml",
+    "validate": "run the validation loop of a config (and its benchmark callbacks) on a checkpoint (--ckpt_path)",
+    "test": "run the test loop, for a LightningModule of your own that defines test_step",
+    "predict": "run the predict loop, for a LightningModule of your own that defines predict_step",
+}
+TOOL_COMMANDS = {
+    "plan": "Chinchilla compute-optimal model size and tokens for a FLOP budget (or the budget for a size)",
+    "generate": "continue a prompt with a checkpoint or an export",
+    "export": "write a checkpoint as a Hugging Face model directory (from_pretrained loads it)",
+}
 
 
-def check_precision_device(trainer: Any) -> None:
-    """A precision plugin that autocasts one device type (MixedPrecision) must match the trainer's device."""
-    check = getattr(trainer.precision_plugin, "check_device", None)
-    try:
-        device = trainer.strategy.root_device.type
-    except (AssertionError, AttributeError, IndexError, TypeError):  # a strategy that knows its device only once set up
-        return
-    if check is not None:
-        check(device)
+def command_parser(command: str) -> argparse.ArgumentParser:
+    """The argument parser of one of the `TOOL_COMMANDS`, described by its line there."""
+    return argparse.ArgumentParser(prog=f"lightning-llm {command}", description=TOOL_COMMANDS[command])
 
 
-def run_trainer_cli(args: list[str] | None) -> None:
-    from lightning_llm.data.pretrain import PretrainDataModule
-    from lightning_llm.modules.pretrain import PretrainModule
-
-    LLMCLI(
-        PretrainModule, PretrainDataModule,
-        subclass_mode_model=True, subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+def overview() -> str:
+    """`lightning-llm --help`: every command with one line."""
+    width = max(map(len, {**TRAINER_COMMANDS, **TOOL_COMMANDS}))
+    lines = ["usage: lightning-llm COMMAND [options]   (lightning-llm COMMAND --help for its options)", "",
+             "Lightning's commands (LightningCLI; options from a YAML config and the command line):"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in TRAINER_COMMANDS.items()]
+    lines += ["", "Tools:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in TOOL_COMMANDS.items()]
+    return "\n".join(lines)
 
 
 def plan(argv: list[str]) -> None:
     from lightning_llm.scaling import chinchilla_plan, plot_plan
 
-    parser = argparse.ArgumentParser(prog="lightning-llm plan", description="Chinchilla compute-optimal model size and tokens.")
+    parser = command_parser("plan")
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--compute", type=float, help="training budget in FLOPs, e.g. 5.76e23")
     group.add_argument("--params", type=float, help="model size in parameters, e.g. 67e9")
@@ -142,7 +90,7 @@ def inference_model(path: str) -> tuple[Any, Any]:
 def generate(argv: list[str]) -> None:
     import torch
 
-    parser = argparse.ArgumentParser(prog="lightning-llm generate", description="Continue a prompt with a trained model.")
+    parser = command_parser("generate")
     parser.add_argument("--checkpoint", required=True, help="a checkpoint file or a Hugging Face export directory")
     parser.add_argument("--prompt", default="")
     parser.add_argument("--max_new_tokens", type=int, default=128)
@@ -172,7 +120,7 @@ def export(argv: list[str]) -> None:
         load_checkpoint,
     )
 
-    parser = argparse.ArgumentParser(prog="lightning-llm export", description="Write a checkpoint as a Hugging Face model directory.")
+    parser = command_parser("export")
     parser.add_argument("--checkpoint", required=True, help="a checkpoint file or a sharded checkpoint directory")
     parser.add_argument("--out", required=True)
     parser.add_argument("--overwrite", action="store_true")
@@ -200,10 +148,22 @@ def main(argv: list[str] | None = None) -> None:
     """Run a command; an error ends it with its message (which names the bad value and the fix) and
     exit status 1, without a traceback unless `$LIGHTNING_LLM_TRACEBACK` is set to 1."""
     command_line = sys.argv[1:] if argv is None else argv
+    command = command_line[0] if command_line else None
+    if command in (None, "-h", "--help"):
+        print(overview(), file=sys.stdout if command else sys.stderr)
+        raise SystemExit(0 if command else 2)
+    if not (command in TRAINER_COMMANDS or command in TOOL_COMMANDS or command.startswith("-")):
+        close = difflib.get_close_matches(command, [*TRAINER_COMMANDS, *TOOL_COMMANDS], n=1)
+        print(f"lightning-llm: error: unknown command {command!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+              + f"\nThe commands: {', '.join([*TRAINER_COMMANDS, *TOOL_COMMANDS])} (lightning-llm --help describes each)",
+              file=sys.stderr)
+        raise SystemExit(2)
     try:
-        if command_line and command_line[0] in TOOL_COMMANDS:
-            {"plan": plan, "generate": generate, "export": export}[command_line[0]](command_line[1:])
+        if command in TOOL_COMMANDS:
+            {"plan": plan, "generate": generate, "export": export}[command](command_line[1:])
         else:
+            from lightning_llm.lightning_cli import run_trainer_cli
+
             run_trainer_cli(argv)  # None: LightningCLI reads sys.argv itself
     except Exception as err:
         if os.environ.get(TRACEBACK_ENV, "0") not in ("", "0"):
