@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ TOOL_COMMANDS = {
     "plan": "Chinchilla compute-optimal model size and tokens for a FLOP budget (or the budget for a size)",
     "generate": "continue a prompt with a checkpoint or an export",
     "export": "write a checkpoint as a Hugging Face model directory (from_pretrained loads it)",
+    "evaluate": "run lm-eval tasks on an export, a checkpoint or a hub model; write lm-eval's results JSON",
 }
 
 
@@ -73,18 +75,46 @@ def plan(argv: list[str]) -> None:
         print(f"plot written to {args.plot}")
 
 
+# A hub id: "name" or "org/name" (no file suffix); anything else that does not exist is a missing local path.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors")
+
+
 def inference_model(path: str) -> tuple[Any, Any]:
-    """The model and tokenizer `generate` uses: an export directory, a checkpoint, or a LoRA/QLoRA
-    run's adapter checkpoint rebuilt on its base."""
+    """The model and tokenizer `generate`, `evaluate` and `chat` use: an export directory, a checkpoint
+    (a file or a sharded directory), a LoRA/QLoRA run's adapter checkpoint rebuilt on its base, or a
+    hub id (online, or in the local hub cache)."""
     from lightning_llm.export import is_adapter_checkpoint, load_checkpoint, load_for_inference, tokenizer_from_checkpoint
 
-    source = Path(path) if (Path(path) / "config.json").exists() else load_checkpoint(path)
-    if isinstance(source, dict) and is_adapter_checkpoint(source):
+    local = Path(path)
+    if (local / "config.json").exists():
+        return load_for_inference(local)
+    if not local.exists() and HUB_ID.fullmatch(path) and local.suffix not in CHECKPOINT_SUFFIXES:
+        return hub_model(path)
+    source = load_checkpoint(path)
+    if is_adapter_checkpoint(source):
         # (imported only here: it imports peft and bitsandbytes)
         from lightning_llm.callbacks.lora import peft_model_from_checkpoint
 
         return peft_model_from_checkpoint(source), tokenizer_from_checkpoint(source)
     return load_for_inference(source)
+
+
+def hub_model(model_id: str) -> tuple[Any, Any]:
+    """A model and its tokenizer from the Hugging Face hub (or its local cache)."""
+    from transformers import AutoModelForCausalLM
+
+    from lightning_llm.data.tokenizer import load_tokenizer
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_id).eval(), load_tokenizer(model_id)
+    except OSError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FileNotFoundError(
+            f"{model_id!r} is neither a local export directory or checkpoint nor a hub model that can be loaded "
+            f"({reason}). Give an export directory (lightning-llm export --out DIR), a checkpoint file or sharded "
+            "checkpoint directory (write a relative one as ./NAME), or a hub id that is cached or reachable online"
+        ) from None
 
 
 def generate(argv: list[str]) -> None:
@@ -144,6 +174,74 @@ def export(argv: list[str]) -> None:
     print(f"exported to {path}")
 
 
+def positive_count(text: str) -> int:
+    """argparse type: an int >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text}")
+    return value
+
+
+def limit_value(text: str) -> int | float:
+    """argparse type of --limit: a count of documents (an int >= 1) or a fraction of them (0 < f < 1)."""
+    value = float(text)
+    if 0 < value < 1:
+        return value
+    if value >= 1 and value == int(value):
+        return int(value)
+    raise argparse.ArgumentTypeError(f"must be a count (an int >= 1) or a fraction in (0, 1), got {text}")
+
+
+def evaluate(argv: list[str]) -> None:
+    parser = command_parser("evaluate")
+    parser.add_argument("--model", required=True,
+                        help="an export directory, a checkpoint (file or sharded directory; a LoRA run's too) or a hub id")
+    parser.add_argument("--tasks", required=True,
+                        help="comma-separated lm-eval task, group or tag names, or paths of task YAMLs")
+    parser.add_argument("--include_path", action="append", default=None,
+                        help="a folder of task YAMLs in lm-eval's format, searched first (may be repeated)")
+    parser.add_argument("--num_fewshot", type=int, default=None, help="few-shot examples per prompt (default: each task's)")
+    parser.add_argument("--limit", type=limit_value, default=None,
+                        help="only the first N documents of each task (or a fraction < 1 of them)")
+    parser.add_argument("--batch_size", type=positive_count, default=16, help="requests per forward pass")
+    parser.add_argument("--output_path", default=None, help="write lm-eval's results JSON into this folder")
+    parser.add_argument("--log_samples", action="store_true", help="put every prompt and output in the results JSON")
+    parser.add_argument("--bootstrap_iters", type=int, default=100000,
+                        help="resamples for the stderr of metrics that are not means (lm-eval's default; 0: none)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if there is one)")
+    parser.add_argument("--confirm_run_unsafe_code", action="store_true",
+                        help="allow tasks that run generated code (lm-eval runs it unconfined)")
+    args = parser.parse_args(argv)
+    tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
+    if not tasks:
+        parser.error(f"--tasks names no task: {args.tasks!r}; give comma-separated names, e.g. --tasks arc_easy,hellaswag")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        parser.error(f"--num_fewshot must be >= 0, got {args.num_fewshot}")
+    from lm_eval.utils import make_table
+
+    from lightning_llm.eval.harness import evaluate_model, prepare_tasks, results_file, write_results
+
+    out = results_file(args.output_path) if args.output_path else None  # (a bad path fails before any work)
+    specs, manager = prepare_tasks(tasks, args.include_path)
+    model, tokenizer = inference_model(args.model)
+    if tokenizer is None:
+        parser.error(f"--model {args.model}: it carries no tokenizer; export it with one, or give a checkpoint of a run that had one")
+    model.to(inference_device(args.device))
+    results = evaluate_model(model, tokenizer, specs, manager, num_fewshot=args.num_fewshot, limit=args.limit,
+                             batch_size=args.batch_size, bootstrap_iters=args.bootstrap_iters,
+                             log_samples=args.log_samples, confirm_run_unsafe_code=args.confirm_run_unsafe_code)
+    print(make_table(results) + (make_table(results, "groups") if results.get("groups") else ""))
+    if out is not None:
+        print(f"results written to {write_results(results, out)}")
+
+
+def inference_device(device: str | None) -> Any:
+    """`device`, or cuda when there is one, else cpu."""
+    import torch
+
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run a command; an error ends it with its message (which names the bad value and the fix) and
     exit status 1, without a traceback unless `$LIGHTNING_LLM_TRACEBACK` is set to 1."""
@@ -160,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     try:
         if command in TOOL_COMMANDS:
-            {"plan": plan, "generate": generate, "export": export}[command](command_line[1:])
+            {"plan": plan, "generate": generate, "export": export, "evaluate": evaluate}[command](command_line[1:])
         else:
             from lightning_llm.lightning_cli import run_trainer_cli
 
