@@ -18,6 +18,7 @@ import difflib
 import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ TOOL_COMMANDS = {
     "generate": "continue a prompt with a checkpoint or an export",
     "export": "write a checkpoint as a Hugging Face model directory (from_pretrained loads it)",
     "evaluate": "run lm-eval tasks on an export, a checkpoint or a hub model; write lm-eval's results JSON",
+    "chat": "talk with a model in the terminal, with its chat template; the answer streams as it is generated",
 }
 
 
@@ -235,6 +237,51 @@ def evaluate(argv: list[str]) -> None:
         print(f"results written to {write_results(results, out)}")
 
 
+def chat(argv: list[str]) -> None:
+    parser = command_parser("chat")
+    parser.add_argument("--model", required=True,
+                        help="an export directory, a checkpoint (file or sharded directory; a LoRA run's too) or a hub id")
+    parser.add_argument("--system", default=None, help="a system message that opens the conversation")
+    parser.add_argument("--max_new_tokens", type=positive_count, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding")
+    parser.add_argument("--top_k", type=positive_count, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if there is one)")
+    args = parser.parse_args(argv)
+    if args.temperature < 0:
+        parser.error(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
+    import torch
+
+    from lightning_llm import chat as conversation
+
+    model, tokenizer = inference_model(args.model)
+    if tokenizer is None:
+        parser.error(f"--model {args.model}: it carries no tokenizer; export it with one, or give a checkpoint of a run that had one")
+    model.to(inference_device(args.device))
+    if not tokenizer.chat_template:
+        print(f"lightning-llm chat: {args.model}'s tokenizer has no chat template; the conversation is a plain transcript "
+              "(User: ... / Assistant: ...). A model tuned with lightning-llm's InstructionTuningModule has one",
+              file=sys.stderr)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("one message per line; " + "; ".join(f"{c}: {what}" for c, what in conversation.COMMANDS.items()),
+              file=sys.stderr)
+    torch.manual_seed(args.seed)
+    conversation.chat(model, tokenizer, user_turns(interactive), sys.stdout, system=args.system,
+                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
+
+
+def user_turns(interactive: bool) -> Iterator[str]:
+    """Lines of standard input; a prompt on the terminal when it is one."""
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return
+        yield line
+
+
 def inference_device(device: str | None) -> Any:
     """`device`, or cuda when there is one, else cpu."""
     import torch
@@ -258,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     try:
         if command in TOOL_COMMANDS:
-            {"plan": plan, "generate": generate, "export": export, "evaluate": evaluate}[command](command_line[1:])
+            {"plan": plan, "generate": generate, "export": export, "evaluate": evaluate, "chat": chat}[command](command_line[1:])
         else:
             from lightning_llm.lightning_cli import run_trainer_cli
 
