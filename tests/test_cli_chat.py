@@ -52,6 +52,14 @@ def test_chat_follows_the_chat_template_turn_after_turn(tmp_path, monkeypatch, c
     assert second != by_hand([{"role": "user", "content": TURNS[1]}]), "the second answer must depend on the first turn"
     assert "no chat template" not in err
 
+    # A turn that would run past the model's window is refused with the fix, and the chat goes on.
+    window = model.config.max_position_embeddings
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(TURNS) + "\n"))
+    main(["chat", "--model", str(tmp_path / "hf"), "--max_new_tokens", str(window)])
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count(f"would pass the model's window of {window}: /reset to start again") == 2
+
 
 def test_chat_without_a_template_says_so_and_uses_a_plain_transcript(tmp_path, monkeypatch, capsys):
     tokenizer = small_tokenizer()
