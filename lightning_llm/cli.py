@@ -5,6 +5,8 @@ evaluate and chat.
     lightning-llm generate --checkpoint runs/tiny/checkpoints/last.ckpt --prompt "def "
     lightning-llm export --checkpoint runs/tiny/checkpoints/last.ckpt --out runs/tiny/hf
     lightning-llm plan --compute 5.76e23 --plot plan.png
+    lightning-llm evaluate --model runs/tiny/hf --tasks arc_easy,hellaswag --limit 100 --output_path runs/tiny/eval
+    lightning-llm chat --model runs/sft_tiny/hf
 
 Each command imports what it needs when it runs: `lightning-llm --help` and `plan` import neither
 Lightning nor transformers. An error prints as one or two lines with the fix;
