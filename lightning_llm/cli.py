@@ -1,121 +1,67 @@
-"""The `lightning-llm` command: LightningCLI's fit/validate/test, plus plan, generate and export.
+"""The `lightning-llm` command: LightningCLI's fit/validate/test/predict, plus plan, generate, export,
+evaluate and chat.
 
     lightning-llm fit --config examples/pretrain_tiny.yaml
     lightning-llm generate --checkpoint runs/tiny/checkpoints/last.ckpt --prompt "def "
     lightning-llm export --checkpoint runs/tiny/checkpoints/last.ckpt --out runs/tiny/hf
     lightning-llm plan --compute 5.76e23 --plot plan.png
+    lightning-llm evaluate --model runs/tiny/hf --tasks arc_easy,hellaswag --limit 100 --output_path runs/tiny/eval
+    lightning-llm chat --model runs/sft_tiny/hf
 
-An error prints as one or two lines with the fix; LIGHTNING_LLM_TRACEBACK=1 shows the traceback.
+Each command imports what it needs when it runs: `lightning-llm --help` and `plan` import neither
+Lightning nor transformers. An error prints as one or two lines with the fix;
+LIGHTNING_LLM_TRACEBACK=1 shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import difflib
 import os
+import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
-
-TRAINER_COMMANDS = ("fit", "validate", "test")
-TOOL_COMMANDS = ("plan", "generate", "export")
 TRACEBACK_ENV = "LIGHTNING_LLM_TRACEBACK"
 
-
-class LLMCLI(LightningCLI):
-    """LightningCLI with `--export_dir` (after `fit`, the trained model is exported for transformers), a summary
-    at the end of every fit, a resume that honours what the user typed (`--ckpt_path`), and checks that need no
-    data done first."""
-
-    resume_checkpoint: tuple[str, dict[str, Any]] | None = None
-
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--export_dir", type=str | None, default=None,
-                            help="after a successful fit, write a Hugging Face export of the model here (HFExport)")
-        parser.add_argument("--export_overwrite", type=bool, default=True,
-                            help="replace an existing export at --export_dir (false: stop before training if one is there)")
-
-    def parse_arguments(self, parser, args) -> None:
-        self._args = args  # parsed again on resume, over the checkpoint's hyper-parameters
-        super().parse_arguments(parser, args)
-
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI lays the checkpoint's hyper-parameters over the whole config, dropping what the user
-        # typed. Here they become the defaults under the config files and the command line, which win.
-        from lightning_llm.checkpoint import load_checkpoint_metadata
-        from lightning_llm.resume import changes_table, check_same_architecture, plain, saved_model_config
-
-        subcommand = self.config.get("subcommand")
-        path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if not path:
-            return
-        checkpoint = load_checkpoint_metadata(path)  # (early: an unreadable checkpoint fails before any work)
-        self.resume_checkpoint = (str(path), checkpoint)
-        class_path = self.config[subcommand]["model"]["class_path"]
-        module_name, _, class_name = class_path.rpartition(".")
-        saved = saved_model_config(checkpoint, class_path, getattr(importlib.import_module(module_name), class_name))
-        if saved is None:
-            return
-        self._subcommand_parsers[subcommand].set_defaults({"model": saved})
-        super().parse_arguments(self.parser, self._args)
-        now = plain(self.config[subcommand]["model"]["init_args"])
-        check_same_architecture(str(path), checkpoint, saved["init_args"], now)
-        rank_zero_info(changes_table(str(path), saved["init_args"], now))
-
-    def before_fit(self) -> None:
-        check_precision_device(self.trainer)
-        if self.resume_checkpoint is not None:
-            path, checkpoint = self.resume_checkpoint
-            state = checkpoint.get(type(self.datamodule).__qualname__) or {}
-            check = getattr(self.datamodule, "check_data_order", None)
-            if check is not None:  # (the data-parallel size is compared when the trainer restores the state)
-                check(state.get("data_order"), checkpoint=path)
-
-    def instantiate_trainer(self, **kwargs: Any) -> Any:
-        # `--export_dir` is HFExport's dirpath (one export path for Python and the command line); every
-        # fit ends with the run summary.
-        from lightning_llm.callbacks.export import HFExport
-        from lightning_llm.callbacks.summary import RunSummary
-
-        trainer = super().instantiate_trainer(**kwargs)
-        out = self._get(self.config_init, "export_dir")
-        if out:
-            trainer.callbacks.append(HFExport(out, overwrite=self._get(self.config_init, "export_overwrite")))
-        if not any(isinstance(c, RunSummary) for c in trainer.callbacks):
-            trainer.callbacks.append(RunSummary())
-        return trainer
+# Every command with its line in `lightning-llm --help` (also its own --help's description).
+TRAINER_COMMANDS = {
+    "fit": "train a model from a YAML config: lightning-llm fit --config examples/pretrain_tiny.yaml",
+    "validate": "run the validation loop of a config (and its benchmark callbacks) on a checkpoint (--ckpt_path)",
+    "test": "run the test loop, for a LightningModule of your own that defines test_step",
+    "predict": "run the predict loop, for a LightningModule of your own that defines predict_step",
+}
+TOOL_COMMANDS = {
+    "plan": "Chinchilla compute-optimal model size and tokens for a FLOP budget (or the budget for a size)",
+    "generate": "continue a prompt with a checkpoint or an export",
+    "export": "write a checkpoint as a Hugging Face model directory (from_pretrained loads it)",
+    "evaluate": "run lm-eval tasks on an export, a checkpoint or a hub model; write lm-eval's results JSON",
+    "chat": "talk with a model in the terminal, with its chat template; the answer streams as it is generated",
+}
 
 
-def check_precision_device(trainer: Any) -> None:
-    """A precision plugin that autocasts one device type (MixedPrecision) must match the trainer's device."""
-    check = getattr(trainer.precision_plugin, "check_device", None)
-    try:
-        device = trainer.strategy.root_device.type
-    except (AssertionError, AttributeError, IndexError, TypeError):  # a strategy that knows its device only once set up
-        return
-    if check is not None:
-        check(device)
+def command_parser(command: str) -> argparse.ArgumentParser:
+    """The argument parser of one of the `TOOL_COMMANDS`, described by its line there."""
+    return argparse.ArgumentParser(prog=f"lightning-llm {command}", description=TOOL_COMMANDS[command])
 
 
-def run_trainer_cli(args: list[str] | None) -> None:
-    from lightning_llm.data.pretrain import PretrainDataModule
-    from lightning_llm.modules.pretrain import PretrainModule
-
-    LLMCLI(
-        PretrainModule, PretrainDataModule,
-        subclass_mode_model=True, subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+def overview() -> str:
+    """`lightning-llm --help`: every command with one line."""
+    width = max(map(len, {**TRAINER_COMMANDS, **TOOL_COMMANDS}))
+    lines = ["usage: lightning-llm COMMAND [options]   (lightning-llm COMMAND --help for its options)", "",
+             "Lightning's commands (LightningCLI; options from a YAML config and the command line):"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in TRAINER_COMMANDS.items()]
+    lines += ["", "Tools:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in TOOL_COMMANDS.items()]
+    return "\n".join(lines)
 
 
 def plan(argv: list[str]) -> None:
     from lightning_llm.scaling import chinchilla_plan, plot_plan
 
-    parser = argparse.ArgumentParser(prog="lightning-llm plan", description="Chinchilla compute-optimal model size and tokens.")
+    parser = command_parser("plan")
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--compute", type=float, help="training budget in FLOPs, e.g. 5.76e23")
     group.add_argument("--params", type=float, help="model size in parameters, e.g. 67e9")
@@ -133,13 +79,24 @@ def plan(argv: list[str]) -> None:
         print(f"plot written to {args.plot}")
 
 
+# A hub id: "name" or "org/name" (no file suffix); anything else that does not exist is a missing local path.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors")
+
+
 def inference_model(path: str) -> tuple[Any, Any]:
-    """The model and tokenizer `generate` uses: an export directory, a checkpoint, or a LoRA/QLoRA
-    run's adapter checkpoint rebuilt on its base."""
+    """The model and tokenizer `generate`, `evaluate` and `chat` use: an export directory, a checkpoint
+    (a file or a sharded directory), a LoRA/QLoRA run's adapter checkpoint rebuilt on its base, or a
+    hub id (online, or in the local hub cache)."""
     from lightning_llm.export import is_adapter_checkpoint, load_checkpoint, load_for_inference, tokenizer_from_checkpoint
 
-    source = Path(path) if (Path(path) / "config.json").exists() else load_checkpoint(path)
-    if isinstance(source, dict) and is_adapter_checkpoint(source):
+    local = Path(path)
+    if (local / "config.json").exists():
+        return load_for_inference(local)
+    if not local.exists() and HUB_ID.fullmatch(path) and local.suffix not in CHECKPOINT_SUFFIXES:
+        return hub_model(path)
+    source = load_checkpoint(path)
+    if is_adapter_checkpoint(source):
         # (imported only here: it imports peft and bitsandbytes)
         from lightning_llm.callbacks.lora import peft_model_from_checkpoint
 
@@ -147,10 +104,27 @@ def inference_model(path: str) -> tuple[Any, Any]:
     return load_for_inference(source)
 
 
+def hub_model(model_id: str) -> tuple[Any, Any]:
+    """A model and its tokenizer from the Hugging Face hub (or its local cache)."""
+    from transformers import AutoModelForCausalLM
+
+    from lightning_llm.data.tokenizer import load_tokenizer
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_id).eval(), load_tokenizer(model_id)
+    except OSError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FileNotFoundError(
+            f"{model_id!r} is neither a local export directory or checkpoint nor a hub model that can be loaded "
+            f"({reason}). Give an export directory (lightning-llm export --out DIR), a checkpoint file or sharded "
+            "checkpoint directory (write a relative one as ./NAME), or a hub id that is cached or reachable online"
+        ) from None
+
+
 def generate(argv: list[str]) -> None:
     import torch
 
-    parser = argparse.ArgumentParser(prog="lightning-llm generate", description="Continue a prompt with a trained model.")
+    parser = command_parser("generate")
     parser.add_argument("--checkpoint", required=True, help="a checkpoint file or a Hugging Face export directory")
     parser.add_argument("--prompt", default="")
     parser.add_argument("--max_new_tokens", type=int, default=128)
@@ -180,7 +154,7 @@ def export(argv: list[str]) -> None:
         load_checkpoint,
     )
 
-    parser = argparse.ArgumentParser(prog="lightning-llm export", description="Write a checkpoint as a Hugging Face model directory.")
+    parser = command_parser("export")
     parser.add_argument("--checkpoint", required=True, help="a checkpoint file or a sharded checkpoint directory")
     parser.add_argument("--out", required=True)
     parser.add_argument("--overwrite", action="store_true")
@@ -204,14 +178,139 @@ def export(argv: list[str]) -> None:
     print(f"exported to {path}")
 
 
+def positive_count(text: str) -> int:
+    """argparse type: an int >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text}")
+    return value
+
+
+def limit_value(text: str) -> int | float:
+    """argparse type of --limit: a count of documents (an int >= 1) or a fraction of them (0 < f < 1)."""
+    value = float(text)
+    if 0 < value < 1:
+        return value
+    if value >= 1 and value == int(value):
+        return int(value)
+    raise argparse.ArgumentTypeError(f"must be a count (an int >= 1) or a fraction in (0, 1), got {text}")
+
+
+def evaluate(argv: list[str]) -> None:
+    parser = command_parser("evaluate")
+    parser.add_argument("--model", required=True,
+                        help="an export directory, a checkpoint (file or sharded directory; a LoRA run's too) or a hub id")
+    parser.add_argument("--tasks", required=True,
+                        help="comma-separated lm-eval task, group or tag names, or paths of task YAMLs")
+    parser.add_argument("--include_path", action="append", default=None,
+                        help="a folder of task YAMLs in lm-eval's format, searched first (may be repeated)")
+    parser.add_argument("--num_fewshot", type=int, default=None, help="few-shot examples per prompt (default: each task's)")
+    parser.add_argument("--limit", type=limit_value, default=None,
+                        help="only the first N documents of each task (or a fraction < 1 of them)")
+    parser.add_argument("--batch_size", type=positive_count, default=16, help="requests per forward pass")
+    parser.add_argument("--output_path", default=None, help="write lm-eval's results JSON into this folder")
+    parser.add_argument("--log_samples", action="store_true", help="put every prompt and output in the results JSON")
+    parser.add_argument("--bootstrap_iters", type=int, default=100000,
+                        help="resamples for the stderr of metrics that are not means (lm-eval's default; 0: none)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if there is one)")
+    parser.add_argument("--confirm_run_unsafe_code", action="store_true",
+                        help="allow tasks that run generated code (lm-eval runs it unconfined)")
+    args = parser.parse_args(argv)
+    tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
+    if not tasks:
+        parser.error(f"--tasks names no task: {args.tasks!r}; give comma-separated names, e.g. --tasks arc_easy,hellaswag")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        parser.error(f"--num_fewshot must be >= 0, got {args.num_fewshot}")
+    from lm_eval.utils import make_table
+
+    from lightning_llm.eval.harness import evaluate_model, prepare_tasks, results_file, write_results
+
+    out = results_file(args.output_path) if args.output_path else None  # (a bad path fails before any work)
+    specs, manager = prepare_tasks(tasks, args.include_path)
+    model, tokenizer = inference_model(args.model)
+    if tokenizer is None:
+        parser.error(f"--model {args.model}: it carries no tokenizer; export it with one, or give a checkpoint of a run that had one")
+    model.to(inference_device(args.device))
+    results = evaluate_model(model, tokenizer, specs, manager, num_fewshot=args.num_fewshot, limit=args.limit,
+                             batch_size=args.batch_size, bootstrap_iters=args.bootstrap_iters,
+                             log_samples=args.log_samples, confirm_run_unsafe_code=args.confirm_run_unsafe_code)
+    print(make_table(results) + (make_table(results, "groups") if results.get("groups") else ""))
+    if out is not None:
+        print(f"results written to {write_results(results, out)}")
+
+
+def chat(argv: list[str]) -> None:
+    parser = command_parser("chat")
+    parser.add_argument("--model", required=True,
+                        help="an export directory, a checkpoint (file or sharded directory; a LoRA run's too) or a hub id")
+    parser.add_argument("--system", default=None, help="a system message that opens the conversation")
+    parser.add_argument("--max_new_tokens", type=positive_count, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding")
+    parser.add_argument("--top_k", type=positive_count, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if there is one)")
+    args = parser.parse_args(argv)
+    if args.temperature < 0:
+        parser.error(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
+    import torch
+
+    from lightning_llm import chat as conversation
+
+    model, tokenizer = inference_model(args.model)
+    if tokenizer is None:
+        parser.error(f"--model {args.model}: it carries no tokenizer; export it with one, or give a checkpoint of a run that had one")
+    model.to(inference_device(args.device))
+    if not tokenizer.chat_template:
+        print(f"lightning-llm chat: {args.model}'s tokenizer has no chat template; the conversation is a plain transcript "
+              "(User: ... / Assistant: ...). A model tuned with lightning-llm's InstructionTuningModule has one",
+              file=sys.stderr)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("one message per line; " + "; ".join(f"{c}: {what}" for c, what in conversation.COMMANDS.items()),
+              file=sys.stderr)
+    torch.manual_seed(args.seed)
+    conversation.chat(model, tokenizer, user_turns(interactive), sys.stdout, system=args.system,
+                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
+
+
+def user_turns(interactive: bool) -> Iterator[str]:
+    """Lines of standard input; a prompt on the terminal when it is one."""
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return
+        yield line
+
+
+def inference_device(device: str | None) -> Any:
+    """`device`, or cuda when there is one, else cpu."""
+    import torch
+
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run a command; an error ends it with its message (which names the bad value and the fix) and
     exit status 1, without a traceback unless `$LIGHTNING_LLM_TRACEBACK` is set to 1."""
     command_line = sys.argv[1:] if argv is None else argv
+    command = command_line[0] if command_line else None
+    if command in (None, "-h", "--help"):
+        print(overview(), file=sys.stdout if command else sys.stderr)
+        raise SystemExit(0 if command else 2)
+    if not (command in TRAINER_COMMANDS or command in TOOL_COMMANDS or command.startswith("-")):
+        close = difflib.get_close_matches(command, [*TRAINER_COMMANDS, *TOOL_COMMANDS], n=1)
+        print(f"lightning-llm: error: unknown command {command!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+              + f"\nThe commands: {', '.join([*TRAINER_COMMANDS, *TOOL_COMMANDS])} (lightning-llm --help describes each)",
+              file=sys.stderr)
+        raise SystemExit(2)
     try:
-        if command_line and command_line[0] in TOOL_COMMANDS:
-            {"plan": plan, "generate": generate, "export": export}[command_line[0]](command_line[1:])
+        if command in TOOL_COMMANDS:
+            {"plan": plan, "generate": generate, "export": export, "evaluate": evaluate, "chat": chat}[command](command_line[1:])
         else:
+            from lightning_llm.lightning_cli import run_trainer_cli
+
             run_trainer_cli(argv)  # None: LightningCLI reads sys.argv itself
     except Exception as err:
         if os.environ.get(TRACEBACK_ENV, "0") not in ("", "0"):

@@ -3,32 +3,36 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import PretrainedConfig
+if TYPE_CHECKING:  # (torch and transformers are imported where used: `lightning-llm plan` is arithmetic only)
+    import torch
+    from transformers import PretrainedConfig
 
 # Peak dense (no sparsity) tensor-core FLOP/s from the vendors' data sheets, by device-name substring
-# and compute dtype. Order matters: the first substring found in the device name wins.
-PEAK_FLOPS: dict[str, dict[torch.dtype, float]] = {
-    "H200": {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, torch.float32: 494.7e12},
-    "H100 PCIe": {torch.bfloat16: 756.5e12, torch.float16: 756.5e12, torch.float32: 378e12},
-    "H100": {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, torch.float32: 494.7e12},
-    "B200": {torch.bfloat16: 2250e12, torch.float16: 2250e12, torch.float32: 1100e12},
-    "A100": {torch.bfloat16: 312e12, torch.float16: 312e12, torch.float32: 156e12},  # fp32 = TF32
-    "L4": {torch.bfloat16: 121e12, torch.float16: 121e12, torch.float32: 60e12},
-    "V100": {torch.float16: 125e12, torch.float32: 15.7e12},
+# and compute dtype (torch's name). Order matters: the first substring found in the device name wins.
+PEAK_FLOPS: dict[str, dict[str, float]] = {
+    "H200": {"bfloat16": 989.4e12, "float16": 989.4e12, "float32": 494.7e12},
+    "H100 PCIe": {"bfloat16": 756.5e12, "float16": 756.5e12, "float32": 378e12},
+    "H100": {"bfloat16": 989.4e12, "float16": 989.4e12, "float32": 494.7e12},
+    "B200": {"bfloat16": 2250e12, "float16": 2250e12, "float32": 1100e12},
+    "A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12},  # fp32 = TF32
+    "L4": {"bfloat16": 121e12, "float16": 121e12, "float32": 60e12},
+    "V100": {"float16": 125e12, "float32": 15.7e12},
 }
 
 
 def peak_flops(device: torch.device | str, dtype: torch.dtype) -> float | None:
     """Peak dense FLOP/s of `device` for `dtype`, or None when unknown (CPUs: no MFU is reported)."""
+    import torch
+
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name(device)
     for key, table in PEAK_FLOPS.items():
         if key in name:
-            return table.get(dtype)
+            return table.get(str(dtype).removeprefix("torch."))
     return None
 
 

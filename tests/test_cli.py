@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -9,6 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from lightning_llm.cli import main
 from lightning_llm.export import load_checkpoint, model_from_checkpoint
+
+REPOSITORY = Path(__file__).parent.parent
 
 
 def tiny_config(tmp_path, corpus_dir):
@@ -69,3 +76,38 @@ def test_plan_prints_the_compute_optimal_model(capsys, tmp_path):
     assert "params   N = 6.700e+10" in out and (tmp_path / "plan.png").stat().st_size > 1000
     with pytest.raises(SystemExit):
         main(["plan", "--params", "-5"])
+
+
+# What a user can type, written out here rather than read from the CLI.
+EVERY_COMMAND = ("fit", "validate", "test", "predict", "plan", "generate", "export", "evaluate", "chat")
+
+
+def test_help_lists_every_command_with_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    listed = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    assert set(listed) == set(EVERY_COMMAND)
+    for command in EVERY_COMMAND:  # each one listed is one that runs: its own --help answers
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0, command
+        usage = capsys.readouterr().out.split("\n\n")[0]
+        assert usage.startswith("usage: ") and f" {command}" in usage, command
+
+
+def test_unknown_command_names_the_close_one(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["exprot", "--checkpoint", "x"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'exprot'; did you mean 'export'?" in err and "lightning-llm --help" in err
+
+
+def test_plan_imports_neither_lightning_nor_transformers(tmp_path):
+    code = ("import sys; from lightning_llm.cli import main; main(['plan', '--params', '7e9']); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'transformers', 'torch'}))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONPATH": str(REPOSITORY)})
+    *plan, imported = result.stdout.splitlines()
+    assert imported == "[]" and "params   N = 7.000e+09" in plan

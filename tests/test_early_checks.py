@@ -8,7 +8,8 @@ import yaml
 from lightning.pytorch import Trainer
 from test_cli import tiny_config
 
-from lightning_llm.cli import check_precision_device, main
+from lightning_llm.cli import main
+from lightning_llm.lightning_cli import check_precision_device
 from lightning_llm.models import PRESETS, build_config
 from lightning_llm.precision import MixedPrecision
 

@@ -46,3 +46,16 @@ def test_flops_per_token_matches_counted_flops(seq_len):
     # The counter credits the embedding's backward nothing and the LM head's input-grad matmul fully,
     # like the formula; the remaining gap is elementwise work neither counts.
     assert flops_per_token(model.config, seq_len) == pytest.approx(counted, rel=0.02)
+
+
+def test_peak_flops_by_device_name_and_dtype(monkeypatch):
+    # Data-sheet figures (dense tensor-core FLOP/s) for names as torch.cuda reports them.
+    from lightning_llm.scaling import peak_flops
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name, dtype, peak in (("NVIDIA H100 80GB HBM3", torch.bfloat16, 989.4e12), ("NVIDIA H100 PCIe", torch.float16, 756.5e12),
+                              ("NVIDIA A100-SXM4-80GB", torch.float32, 156e12), ("Tesla V100-SXM2-16GB", torch.bfloat16, None),
+                              ("NVIDIA GeForce RTX 3090", torch.bfloat16, None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert peak_flops("cuda:0", dtype) == peak, (name, dtype)
+    assert peak_flops("cpu", torch.bfloat16) is None

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -33,11 +32,11 @@ import torch.distributed as dist
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.utilities import rank_zero_info
 from lm_eval.models.utils import normalize_gen_kwargs, resolve_max_length
-from lm_eval.utils import handle_non_serializable, make_table
+from lm_eval.utils import make_table
 
-from lightning_llm.checkpoint import atomic_file
 from lightning_llm.eval import tasks as lm_tasks
 from lightning_llm.eval.code_eval import HUMANEVAL_LIMITS
+from lightning_llm.eval.harness import write_results
 from lightning_llm.eval.lm_adapter import LightningLM, within_root_forward
 
 
@@ -228,11 +227,8 @@ class LMEvalCallback(pl.Callback):
         return self.metrics
 
     def _write(self, directory: Path, step: int, results: dict[str, Any]) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
         name = "-".join(sorted(results["results"]))[:80]
-        path = directory / f"{name}-step{step}.json"
-        with atomic_file(path) as f:
-            f.write(json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False).encode())
+        write_results(results, directory / f"{name}-step{step}.json")
 
 
 class MMLUCallback(LMEvalCallback):

@@ -1,0 +1,99 @@
+"""`lightning-llm fit/validate/test/predict`: LightningCLI over the project's modules and data modules.
+
+Kept apart from `lightning_llm.cli` so that the other commands (`plan`, `--help`, ...) do not import Lightning.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
+
+class LLMCLI(LightningCLI):
+    """LightningCLI with `--export_dir` (after `fit`, the trained model is exported for transformers), a summary
+    at the end of every fit, a resume that honours what the user typed (`--ckpt_path`), and checks that need no
+    data done first."""
+
+    resume_checkpoint: tuple[str, dict[str, Any]] | None = None
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--export_dir", type=str | None, default=None,
+                            help="after a successful fit, write a Hugging Face export of the model here (HFExport)")
+        parser.add_argument("--export_overwrite", type=bool, default=True,
+                            help="replace an existing export at --export_dir (false: stop before training if one is there)")
+
+    def parse_arguments(self, parser, args) -> None:
+        self._args = args  # parsed again on resume, over the checkpoint's hyper-parameters
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI lays the checkpoint's hyper-parameters over the whole config, dropping what the user
+        # typed. Here they become the defaults under the config files and the command line, which win.
+        from lightning_llm.checkpoint import load_checkpoint_metadata
+        from lightning_llm.resume import changes_table, check_same_architecture, plain, saved_model_config
+
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not path:
+            return
+        checkpoint = load_checkpoint_metadata(path)  # (early: an unreadable checkpoint fails before any work)
+        self.resume_checkpoint = (str(path), checkpoint)
+        class_path = self.config[subcommand]["model"]["class_path"]
+        module_name, _, class_name = class_path.rpartition(".")
+        saved = saved_model_config(checkpoint, class_path, getattr(importlib.import_module(module_name), class_name))
+        if saved is None:
+            return
+        self._subcommand_parsers[subcommand].set_defaults({"model": saved})
+        super().parse_arguments(self.parser, self._args)
+        now = plain(self.config[subcommand]["model"]["init_args"])
+        check_same_architecture(str(path), checkpoint, saved["init_args"], now)
+        rank_zero_info(changes_table(str(path), saved["init_args"], now))
+
+    def before_fit(self) -> None:
+        check_precision_device(self.trainer)
+        if self.resume_checkpoint is not None:
+            path, checkpoint = self.resume_checkpoint
+            state = checkpoint.get(type(self.datamodule).__qualname__) or {}
+            check = getattr(self.datamodule, "check_data_order", None)
+            if check is not None:  # (the data-parallel size is compared when the trainer restores the state)
+                check(state.get("data_order"), checkpoint=path)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        # `--export_dir` is HFExport's dirpath (one export path for Python and the command line); every
+        # fit ends with the run summary.
+        from lightning_llm.callbacks.export import HFExport
+        from lightning_llm.callbacks.summary import RunSummary
+
+        trainer = super().instantiate_trainer(**kwargs)
+        out = self._get(self.config_init, "export_dir")
+        if out:
+            trainer.callbacks.append(HFExport(out, overwrite=self._get(self.config_init, "export_overwrite")))
+        if not any(isinstance(c, RunSummary) for c in trainer.callbacks):
+            trainer.callbacks.append(RunSummary())
+        return trainer
+
+
+def check_precision_device(trainer: Any) -> None:
+    """A precision plugin that autocasts one device type (MixedPrecision) must match the trainer's device."""
+    check = getattr(trainer.precision_plugin, "check_device", None)
+    try:
+        device = trainer.strategy.root_device.type
+    except (AssertionError, AttributeError, IndexError, TypeError):  # a strategy that knows its device only once set up
+        return
+    if check is not None:
+        check(device)
+
+
+def run_trainer_cli(args: list[str] | None) -> None:
+    from lightning_llm.data.pretrain import PretrainDataModule
+    from lightning_llm.modules.pretrain import PretrainModule
+
+    LLMCLI(
+        PretrainModule, PretrainDataModule,
+        subclass_mode_model=True, subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )

@@ -1,0 +1,113 @@
+"""`lightning-llm evaluate`: lm-eval's own HFLM on the same export is the oracle; checkpoints (a file, a
+sharded directory) give the export's results; bad values are refused before the model is loaded."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from lm_eval import simple_evaluate
+from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
+from lm_eval.utils import handle_non_serializable
+
+from eval_support import FIXTURES, one_thread, small_tokenizer, tiny_model
+from lightning_llm.checkpoint import save_sharded
+from lightning_llm.cli import main
+from lightning_llm.export import save_pretrained_atomic
+from lightning_llm.modules.pretrain import tokenizer_files
+from test_checkpoint import OneProcess
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CUSTOM_TASKS = FIXTURES / "custom_tasks"  # capped_gen: a generative task of one's own (max_gen_toks: 32)
+REPOSITORY = Path(__file__).parent.parent  # the fixture YAMLs name their data file relative to it
+ARC = FIXTURES / "ai2_arc" / "ARC-Challenge" / "test-00000-of-00001.jsonl"
+
+# A multiple-choice task of one's own over the ARC fixture: log-likelihood scoring, beside capped_gen's generation.
+ARC_TASK = f"""task: arc_local
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {ARC}
+output_type: multiple_choice
+test_split: test
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{choices.label.index(answerKey)}}}}"
+doc_to_choice: "{{{{choices.text}}}}"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+@pytest.fixture
+def model_on_disk(tmp_path, monkeypatch):
+    """A tiny model as an export, a checkpoint file and a sharded checkpoint directory; a folder with arc_local."""
+    monkeypatch.chdir(REPOSITORY)
+    tokenizer = small_tokenizer()
+    model = tiny_model(tokenizer)
+    export = save_pretrained_atomic(model, tmp_path / "hf", tokenizer)
+    # What PretrainModule.on_save_checkpoint and Lightning write.
+    checkpoint = {"hf_config": model.config.to_dict(), "tokenizer_files": tokenizer_files(tokenizer), "global_step": 1,
+                  "state_dict": {f"model.{k}": v.clone() for k, v in model.state_dict().items()}}
+    torch.save(checkpoint, tmp_path / "last.ckpt")
+    save_sharded(OneProcess(), {**checkpoint, "optimizer_states": []}, tmp_path / "sharded")
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "arc_local.yaml").write_text(ARC_TASK)
+    return tmp_path
+
+
+def run_evaluate(model: Path, out: Path, *extra: str) -> dict:
+    main(["evaluate", "--model", str(model), "--tasks", "arc_local,capped_gen", "--include_path", str(CUSTOM_TASKS),
+          "--include_path", str(out.parent / "tasks"), "--limit", "4", "--batch_size", "3", "--output_path", str(out),
+          *extra])
+    (written,) = out.glob("results_*.json")
+    return json.loads(written.read_text())
+
+
+def test_evaluate_equals_hflm_on_the_export_and_reads_checkpoints(model_on_disk, capsys):
+    ours = run_evaluate(model_on_disk / "hf", model_on_disk / "out_hf", "--num_fewshot", "1", "--log_samples")
+    assert "arc_local" in capsys.readouterr().out  # the table
+    hflm = HFLM(pretrained=str(model_on_disk / "hf"), device="cpu", batch_size=3, dtype="float32")
+    manager = TaskManager(include_defaults=False, include_path=[str(CUSTOM_TASKS), str(model_on_disk / "tasks")])
+    theirs = simple_evaluate(hflm, tasks=["arc_local", "capped_gen"], task_manager=manager, num_fewshot=1, limit=4,
+                             log_samples=True)
+    theirs = json.loads(json.dumps(theirs, default=handle_non_serializable))  # as written: tuples become lists
+    assert set(ours["results"]) == {"arc_local", "capped_gen"}
+    for task in ours["results"]:
+        # Same requests, same generated text, the same metrics: accuracies and exact matches are counts over the
+        # 4 documents (log-likelihoods agree to rounding, far from flipping a choice: tests/test_eval_lm_adapter.py).
+        assert [s["arguments"] for s in ours["samples"][task]] == [s["arguments"] for s in theirs["samples"][task]]
+        assert ours["results"][task] == theirs["results"][task], task
+    assert [s["resps"] for s in ours["samples"]["capped_gen"]] == [s["resps"] for s in theirs["samples"]["capped_gen"]]
+    assert ours["n-shot"] == theirs["n-shot"] and ours["config"]["limit"] == 4
+
+    # A checkpoint file and a sharded checkpoint directory of the same weights: the export's results.
+    for name in ("last.ckpt", "sharded"):
+        again = run_evaluate(model_on_disk / name, model_on_disk / f"out_{name}", "--num_fewshot", "1")
+        assert again["results"] == ours["results"], name
+        assert "samples" not in again
+
+
+def test_evaluate_refuses_bad_values_before_loading_the_model(model_on_disk, capsys):
+    export = str(model_on_disk / "hf")
+    cases = [
+        (["--tasks", "arc_locl", "--include_path", str(model_on_disk / "tasks")], "unknown lm-eval task 'arc_locl'; did you mean"),
+        (["--tasks", "capped_gen", "--include_path", str(model_on_disk / "nowhere")], "include_path: no such folder"),
+        (["--tasks", "capped_gen", "--include_path", str(CUSTOM_TASKS), "--output_path", str(model_on_disk / "r.json")],
+         "names a file; give a folder"),
+        (["--tasks", "capped_gen", "--limit", "0"], "--limit: must be a count"),
+        (["--tasks", " , "], "--tasks names no task"),
+        (["--tasks", "capped_gen", "--batch_size", "0"], "--batch_size: must be an int >= 1, got 0"),
+    ]
+    for options, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["evaluate", "--model", export, *options])
+        assert exit_info.value.code != 0
+        assert message in capsys.readouterr().err, options
+    # A path that is neither a checkpoint nor an export, and no hub model of that name here.
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--model", str(model_on_disk / "missing.ckpt"), "--tasks", "capped_gen",
+              "--include_path", str(CUSTOM_TASKS)])
+    assert "missing.ckpt" in capsys.readouterr().err
