@@ -8,7 +8,11 @@ import os
 import subprocess
 import sys
 
+from eval_support import FIXTURES
+from test_eval_callbacks import TinyLM, loader, trainer
+
 from lightning_llm.callbacks import BITSANDBYTES_CPU_LOGGER, FUSED_KERNEL_MESSAGE
+from lightning_llm.callbacks.benchmarks import ARCChallengeCallback
 
 
 def test_importing_the_lora_callbacks_prints_no_bitsandbytes_kernel_warning():
@@ -29,3 +33,17 @@ def test_the_filter_drops_that_message_only(caplog):
         logger.warning(FUSED_KERNEL_MESSAGE + ": %s. Please make sure you already `pip install kernels`", "no kernels")
         logger.warning("another bitsandbytes warning")
     assert [r.getMessage() for r in caplog.records] == ["another bitsandbytes warning"]
+
+
+
+def test_an_evaluation_outside_a_git_repository_prints_no_git_error(tmp_path, monkeypatch, capfd):
+    # git writes "fatal: not a git repository" to the process's stderr (fd 2), which capfd captures.
+    outside = tmp_path / "not-a-repository"
+    outside.mkdir()
+    monkeypatch.chdir(outside)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # (git must not find a repository above it)
+    callback = ARCChallengeCallback(FIXTURES / "ai2_arc", limit=2, bootstrap_iters=0, on_fit_end=False)
+    (metrics,) = trainer(tmp_path, [callback]).validate(TinyLM(), loader())
+    assert "not a git repository" not in capfd.readouterr().err
+    assert callback.results["git_hash"] is None  # nothing to record here, as lm-eval's own fallback says
+    assert 0.0 <= metrics["bench/arc_challenge/acc"] <= 1.0

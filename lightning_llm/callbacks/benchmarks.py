@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import lm_eval
 import torch.distributed as dist
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.utilities import rank_zero_info
@@ -39,6 +38,7 @@ from lightning_llm.checkpoint import atomic_file
 from lightning_llm.eval import tasks as lm_tasks
 from lightning_llm.eval.code_eval import HUMANEVAL_LIMITS
 from lightning_llm.eval.lm_adapter import LightningLM, within_root_forward
+from lightning_llm.eval.run import simple_evaluate
 
 
 class LMEvalCallback(pl.Callback):
@@ -200,7 +200,7 @@ class LMEvalCallback(pl.Callback):
                          progress=trainer.progress_bar_callback is not None)
         with _training_rng_untouched():
             # Under ZeRO-3 the LightningModule is the root sharded module: evaluate inside its forward.
-            results = within_root_forward(trainer.strategy.model, lambda: lm_eval.simple_evaluate(
+            results = within_root_forward(trainer.strategy.model, lambda: simple_evaluate(
                 lm, tasks=self.task_specs(), task_manager=self._manager,
                 num_fewshot=self.num_fewshot, limit=self.limit, bootstrap_iters=self.bootstrap_iters,
                 gen_kwargs=self.gen_kwargs, log_samples=True,
