@@ -19,6 +19,8 @@ _EXPORTS = {
     "chinchilla_plan": "lightning_llm.scaling",
     "flops_per_token": "lightning_llm.scaling",
     "ThroughputCallback": "lightning_llm.callbacks.throughput",
+    "LLMRichProgressBar": "lightning_llm.callbacks.progress",
+    "LLMTQDMProgressBar": "lightning_llm.callbacks.progress",
     "DivergenceGuard": "lightning_llm.divergence",
     "NonFiniteError": "lightning_llm.divergence",
     "MixedPrecision": "lightning_llm.precision",

@@ -62,6 +62,20 @@ class LLMCLI(LightningCLI):
         check_same_architecture(str(path), checkpoint, saved["init_args"], now)
         rank_zero_info(changes_table(str(path), saved["init_args"], now))
 
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+        from lightning_llm.callbacks.progress import default_progress_bar
+
+        # (a copy: the trainer appends its default callbacks to the config's list itself)
+        named = list(self._get(self.config_init, "trainer", default={}).get("callbacks") or [])
+        trainer = super().instantiate_trainer(**kwargs)
+        bar = trainer.progress_bar_callback
+        if type(bar) in (RichProgressBar, TQDMProgressBar) and not any(bar is callback for callback in named):
+            # Lightning's default, not a bar the config names: the same bar with totals that match its count
+            trainer.callbacks[trainer.callbacks.index(bar)] = default_progress_bar()
+        return trainer
+
     def before_fit(self) -> None:
         check_precision_device(self.trainer)
         if self.resume_checkpoint is not None:
