@@ -17,12 +17,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 TRAINER_COMMANDS = ("fit", "validate", "test")
 TOOL_COMMANDS = ("plan", "generate", "export")
 TRACEBACK_ENV = "LIGHTNING_LLM_TRACEBACK"
+# In a config, this text stands for `trainer.default_root_dir` (Lightning's default: the working directory),
+# so `--trainer.default_root_dir X` moves every output named with it: logs, checkpoints, export, adapters.
+ROOT = "${trainer.default_root_dir}"
 
 
 class LLMCLI(LightningCLI):
@@ -34,6 +38,8 @@ class LLMCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--export_dir", type=str | None, default=None,
                             help="after fit, write a Hugging Face export of the model here")
+        parser.add_argument("--export_overwrite", type=bool, default=False,
+                            help="let --export_dir replace an existing export (by default a non-empty one is refused before fit)")
 
     def parse_arguments(self, parser, args) -> None:
         self._args = args  # parsed again on resume, over the checkpoint's hyper-parameters
@@ -62,6 +68,12 @@ class LLMCLI(LightningCLI):
         check_same_architecture(str(path), checkpoint, saved["init_args"], now)
         rank_zero_info(changes_table(str(path), saved["init_args"], now))
 
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        root = config.get("trainer", {}).get("default_root_dir") or os.getcwd()  # (Lightning's default: the working directory)
+        for key, value in config.items():
+            config[key] = with_root(value, str(root))
+
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
@@ -77,7 +89,14 @@ class LLMCLI(LightningCLI):
         return trainer
 
     def before_fit(self) -> None:
+        from lightning_llm.checkpoint import is_occupied
+
         check_precision_device(self.trainer)
+        out = self.config[self.subcommand].get("export_dir")
+        if out and not self.config[self.subcommand].get("export_overwrite") and is_occupied(Path(out)):
+            # (checked before training: an export another run reads must not go unnoticed, nor a run be lost at its end)
+            raise FileExistsError(f"export_dir {out!r} exists and is not empty (another run may read it): pass "
+                                  "--export_overwrite=true to replace it after fit, or another --export_dir")
         if self.resume_checkpoint is not None:
             path, checkpoint = self.resume_checkpoint
             state = checkpoint.get(type(self.datamodule).__qualname__) or {}
@@ -90,9 +109,23 @@ class LLMCLI(LightningCLI):
 
         out = self.config[self.subcommand].get("export_dir")
         if out:
-            path = export_module(self.model, out)
+            path = export_module(self.model, out, overwrite=self.config[self.subcommand].get("export_overwrite", False))
             if path is not None:
                 print(f"exported the model to {path}")
+
+
+def with_root(value: Any, root: str) -> Any:
+    """`value` (a config value: a string, or a list or namespace of them) with each `ROOT` replaced by `root`."""
+    if isinstance(value, str):
+        return value.replace(ROOT, root)
+    if isinstance(value, list):
+        return [with_root(item, root) for item in value]
+    if isinstance(value, Namespace):
+        for key, item in value.items():
+            value[key] = with_root(item, root)
+    if isinstance(value, dict):
+        return {key: with_root(item, root) for key, item in value.items()}
+    return value
 
 
 def check_precision_device(trainer: Any) -> None:
