@@ -6,10 +6,17 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import socket
 import sys
+import warnings
+from pathlib import Path
 
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import yaml
-from lightning.pytorch import Callback
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.strategies import DDPStrategy
 
 from eval_support import FIXTURES
 from test_cli import tiny_config
@@ -18,6 +25,8 @@ from test_eval_callbacks import TinyLM, loader, trainer
 from lightning_llm.callbacks import BITSANDBYTES_CPU_LOGGER, FUSED_KERNEL_MESSAGE
 from lightning_llm.callbacks.benchmarks import ARCChallengeCallback
 from lightning_llm.cli import main
+from lightning_llm.data.pretrain import PretrainDataModule
+from lightning_llm.modules.pretrain import PretrainModule
 
 
 def test_importing_the_lora_callbacks_prints_no_bitsandbytes_kernel_warning():
@@ -79,3 +88,39 @@ def test_a_resumed_step_bounded_run_shows_a_bar_whose_total_matches_its_count(tm
     readings = BarReadings.readings
     assert [(count, total) for count, total, _ in readings] == [(5, 6), (6, 6)]
     assert {description for _, _, description in readings} == {"Epoch 0"}  # not "Epoch 0/-2"
+
+
+def _fit_two_ranks(rank, port, root, corpus_dir, tokenizer_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank), NODE_RANK="0")
+    torch.set_num_threads(1)
+    data = PretrainDataModule(corpus_dir, tokenizer=tokenizer_dir, block_size=32, batch_size=2, max_val_blocks=4,
+                              cache_dir=os.path.join(root, "cache"))
+    trainer = Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(process_group_backend="gloo"), max_steps=2,
+                      val_check_interval=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=root)
+    module = PretrainModule("tiny", warmup_steps=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, datamodule=data)
+        # a benchmark in `validate` logs its metrics through the module too
+        bench = ARCChallengeCallback(FIXTURES / "ai2_arc", limit=2, bootstrap_iters=0, on_fit_end=False)
+        Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(process_group_backend="gloo"), logger=False,
+                enable_progress_bar=False, enable_model_summary=False, default_root_dir=root, limit_val_batches=1,
+                callbacks=[bench]).validate(module, datamodule=data)
+    Path(root, f"warnings{rank}.txt").write_text("\n".join(str(w.message) for w in caught))
+    dist.destroy_process_group()
+
+
+def test_two_ranks_validating_and_benchmarking_get_no_sync_dist_warning(tmp_path, corpus_dir, tokenizer):
+    tokenizer.save_pretrained(tmp_path / "tok")
+    PretrainDataModule(str(corpus_dir), tokenizer=str(tmp_path / "tok"), block_size=32,
+                       cache_dir=str(tmp_path / "cache")).prepare_data()  # (tokenized once, before the ranks start)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(_fit_two_ranks, args=(port, str(tmp_path), str(corpus_dir), str(tmp_path / "tok")), nprocs=2,
+                       start_method="spawn")
+    for rank in range(2):
+        printed = (tmp_path / f"warnings{rank}.txt").read_text()
+        assert "sync_dist" not in printed, printed

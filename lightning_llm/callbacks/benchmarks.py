@@ -219,8 +219,10 @@ class LMEvalCallback(pl.Callback):
             dist.broadcast_object_list(shared, src=0)
             self.metrics = shared[0]
         if use_module_log:
+            # The metrics were broadcast from rank 0, so they are equal on every rank and sync_dist's mean over
+            # ranks is the value itself; without it Lightning warns that an epoch-level value may differ.
             for key, value in self.metrics.items():
-                pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=False)
+                pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True)
         else:
             for logger in trainer.loggers:
                 logger.log_metrics(self.metrics, step=trainer.global_step)
