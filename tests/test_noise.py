@@ -77,6 +77,7 @@ class BarReadings(Callback):
 def test_a_resumed_step_bounded_run_shows_a_bar_whose_total_matches_its_count(tmp_path, corpus_dir):
     config = tiny_config(tmp_path, corpus_dir)
     config["trainer"].update(enable_progress_bar=True, max_steps=4)
+    config.pop("export_dir")
     config["data"]["init_args"]["train_blocks"] = 28  # 7 batches an epoch: the resume lands mid-epoch
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     main(["fit", "--config", str(tmp_path / "run.yaml")])
