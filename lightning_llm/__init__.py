@@ -24,6 +24,8 @@ _EXPORTS = {
     "export_module": "lightning_llm.export",
     "HFExport": "lightning_llm.callbacks.export",
     "RunSummary": "lightning_llm.callbacks.summary",
+    "LLMRichProgressBar": "lightning_llm.callbacks.progress",
+    "LLMTQDMProgressBar": "lightning_llm.callbacks.progress",
     "DivergenceGuard": "lightning_llm.divergence",
     "NonFiniteError": "lightning_llm.divergence",
     "MixedPrecision": "lightning_llm.precision",

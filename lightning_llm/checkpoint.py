@@ -232,6 +232,11 @@ def remove_checkpoint(path: str | os.PathLike) -> None:
     _delete(doomed)
 
 
+def is_occupied(out: Path) -> bool:
+    """Whether writing an export to `out` would replace something: a file, or a directory with entries."""
+    return out.exists() and (not out.is_dir() or any(out.iterdir()))
+
+
 @contextmanager
 def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """A temporary directory beside `out_dir` to write an export into; it replaces `out_dir` only once
@@ -239,7 +244,7 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
     out = Path(out_dir)
     tmp = new_directory(out)  # first: it also finishes an export killed between its renames
     try:
-        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        if is_occupied(out) and not overwrite:
             raise FileExistsError(f"export directory {str(out)!r} exists and is not empty; remove it or pass overwrite=True")
         yield tmp
         commit_directory(tmp, out)

@@ -6,10 +6,16 @@ Kept apart from `lightning_llm.cli` so that the other commands (`plan`, `--help`
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
+
+# In a config, this text stands for `trainer.default_root_dir` (Lightning's default: the working directory),
+# so `--trainer.default_root_dir X` moves every output named with it: logs, checkpoints, export, adapters.
+ROOT = "${trainer.default_root_dir}"
 
 
 class LLMCLI(LightningCLI):
@@ -22,8 +28,8 @@ class LLMCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--export_dir", type=str | None, default=None,
                             help="after a successful fit, write a Hugging Face export of the model here (HFExport)")
-        parser.add_argument("--export_overwrite", type=bool, default=True,
-                            help="replace an existing export at --export_dir (false: stop before training if one is there)")
+        parser.add_argument("--export_overwrite", type=bool, default=False,
+                            help="let --export_dir replace an existing export (by default a non-empty one stops the run before training)")
 
     def parse_arguments(self, parser, args) -> None:
         self._args = args  # parsed again on resume, over the checkpoint's hyper-parameters
@@ -52,6 +58,12 @@ class LLMCLI(LightningCLI):
         check_same_architecture(str(path), checkpoint, saved["init_args"], now)
         rank_zero_info(changes_table(str(path), saved["init_args"], now))
 
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        root = config.get("trainer", {}).get("default_root_dir") or os.getcwd()  # (Lightning's default: the working directory)
+        for key, value in config.items():
+            config[key] = with_root(value, str(root))
+
     def before_fit(self) -> None:
         check_precision_device(self.trainer)
         if self.resume_checkpoint is not None:
@@ -64,16 +76,39 @@ class LLMCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         # `--export_dir` is HFExport's dirpath (one export path for Python and the command line); every
         # fit ends with the run summary.
+        from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
         from lightning_llm.callbacks.export import HFExport
+        from lightning_llm.callbacks.progress import default_progress_bar
         from lightning_llm.callbacks.summary import RunSummary
 
+        # (a copy: the trainer appends its default callbacks to the config's list itself)
+        named = list(self._get(self.config_init, "trainer", default={}).get("callbacks") or [])
         trainer = super().instantiate_trainer(**kwargs)
+        bar = trainer.progress_bar_callback
+        if type(bar) in (RichProgressBar, TQDMProgressBar) and not any(bar is callback for callback in named):
+            # Lightning's default, not a bar the config names: the same bar with totals that match its count
+            trainer.callbacks[trainer.callbacks.index(bar)] = default_progress_bar()
         out = self._get(self.config_init, "export_dir")
         if out:
             trainer.callbacks.append(HFExport(out, overwrite=self._get(self.config_init, "export_overwrite")))
         if not any(isinstance(c, RunSummary) for c in trainer.callbacks):
             trainer.callbacks.append(RunSummary())
         return trainer
+
+
+def with_root(value: Any, root: str) -> Any:
+    """`value` (a config value: a string, or a list or namespace of them) with each `ROOT` replaced by `root`."""
+    if isinstance(value, str):
+        return value.replace(ROOT, root)
+    if isinstance(value, list):
+        return [with_root(item, root) for item in value]
+    if isinstance(value, Namespace):
+        for key, item in value.items():
+            value[key] = with_root(item, root)
+    if isinstance(value, dict):
+        return {key: with_root(item, root) for key, item in value.items()}
+    return value
 
 
 def check_precision_device(trainer: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -201,3 +202,30 @@ def test_a_non_finite_model_is_never_exported(datamodule, tmp_path):
     with pytest.raises(ValueError, match=r"layers\.0\.mlp\.up_proj\.weight \(1 of \d+\).*earlier, finite checkpoint"):
         export_checkpoint(tmp_path / "diverged.ckpt", tmp_path / "hf", overwrite=True)
     assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+
+
+def test_resume_across_the_epoch_end_is_exact_and_lightning_sees_a_resumable_loader(corpus_dir, tokenizer, tmp_path):
+    """A 7-batch epoch, a checkpoint at step 4, resumed to step 10: the same losses as 10 steps straight
+    (the resumed epoch ends after its 7th batch, not early), Lightning counts the whole epoch, and it does
+    not warn that the loader is not resumable (the loader's position travels in the checkpoint)."""
+    tokenizer.save_pretrained(tmp_path / "tok")
+
+    def data():
+        return PretrainDataModule(str(corpus_dir), tokenizer=str(tmp_path / "tok"), block_size=32, batch_size=4,
+                                  train_blocks=28, cache_dir=str(tmp_path / "cache"))
+
+    torch.manual_seed(0)
+    straight = LossRecorder()
+    make_trainer(tmp_path / "a", 10, callbacks=[straight]).fit(PretrainModule("tiny", warmup_steps=2), datamodule=data())
+    torch.manual_seed(0)
+    first = LossRecorder()
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_last=True)
+    make_trainer(tmp_path / "b", 4, callbacks=[first, saver]).fit(PretrainModule("tiny", warmup_steps=2, max_steps=10), datamodule=data())
+    second = LossRecorder()
+    resumed = make_trainer(tmp_path / "c", 10, callbacks=[second])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed.fit(PretrainModule("tiny", warmup_steps=2, max_steps=10), datamodule=data(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert not [w for w in caught if "not resumable" in str(w.message)]
+    assert resumed.num_training_batches == 7
+    torch.testing.assert_close(torch.tensor(first.losses + second.losses), torch.tensor(straight.losses), rtol=1e-5, atol=1e-5)

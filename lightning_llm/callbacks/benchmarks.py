@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import lm_eval
 import torch.distributed as dist
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.utilities import rank_zero_info
@@ -38,6 +37,7 @@ from lightning_llm.eval import tasks as lm_tasks
 from lightning_llm.eval.code_eval import HUMANEVAL_LIMITS
 from lightning_llm.eval.harness import write_results
 from lightning_llm.eval.lm_adapter import LightningLM, within_root_forward
+from lightning_llm.eval.run import simple_evaluate
 
 
 class LMEvalCallback(pl.Callback):
@@ -199,7 +199,7 @@ class LMEvalCallback(pl.Callback):
                          progress=trainer.progress_bar_callback is not None)
         with _training_rng_untouched():
             # Under ZeRO-3 the LightningModule is the root sharded module: evaluate inside its forward.
-            results = within_root_forward(trainer.strategy.model, lambda: lm_eval.simple_evaluate(
+            results = within_root_forward(trainer.strategy.model, lambda: simple_evaluate(
                 lm, tasks=self.task_specs(), task_manager=self._manager,
                 num_fewshot=self.num_fewshot, limit=self.limit, bootstrap_iters=self.bootstrap_iters,
                 gen_kwargs=self.gen_kwargs, log_samples=True,
@@ -218,8 +218,10 @@ class LMEvalCallback(pl.Callback):
             dist.broadcast_object_list(shared, src=0)
             self.metrics = shared[0]
         if use_module_log:
+            # The metrics were broadcast from rank 0, so they are equal on every rank and sync_dist's mean over
+            # ranks is the value itself; without it Lightning warns that an epoch-level value may differ.
             for key, value in self.metrics.items():
-                pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=False)
+                pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True)
         else:
             for logger in trainer.loggers:
                 logger.log_metrics(self.metrics, step=trainer.global_step)

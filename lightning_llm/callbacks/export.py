@@ -14,6 +14,7 @@ from pathlib import Path
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_llm.checkpoint import is_occupied
 from lightning_llm.export import check_exportable, export_module
 
 DEFAULT_SUBDIR = "hf"  # under trainer.default_root_dir
@@ -41,9 +42,10 @@ class HFExport(Callback):
             return
         out = self.export_dir(trainer)
         # Rank 0 writes, so its view of the file system decides (broadcast: every rank stops together).
-        if trainer.strategy.broadcast(out.exists() and (not out.is_dir() or any(out.iterdir()))):
-            raise FileExistsError(f"HFExport: the export directory {str(out)!r} exists and is not empty; remove it, "
-                                  "choose another dirpath, or pass overwrite=True (command line: --export_overwrite true)")
+        if trainer.strategy.broadcast(is_occupied(out)):
+            raise FileExistsError(f"HFExport: the export directory {str(out)!r} exists and is not empty (another run "
+                                  "may read it); remove it, choose another dirpath, or pass overwrite=True "
+                                  "(command line: --export_overwrite=true)")
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         check_exportable(pl_module)  # before training, not after it

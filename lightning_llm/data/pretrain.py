@@ -137,7 +137,9 @@ class ResumableSampler(DistributedSampler):
 
     It subclasses `DistributedSampler` so that Lightning leaves it in place in distributed runs, and
     it can start `start` samples into an epoch, which is how a run resumed mid-epoch continues with
-    the batches it had not seen yet.
+    the batches it had not seen yet. Its length is the whole epoch's even so: Lightning counts a
+    resumed epoch's batches from the epoch's start, and ends the epoch when that count reaches the
+    loader's length.
     """
 
     def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0, start: int = 0) -> None:
@@ -149,8 +151,27 @@ class ResumableSampler(DistributedSampler):
         self.start = 0  # only the resumed epoch starts late
         return iter(indices)
 
-    def __len__(self) -> int:
-        return self.num_samples - self.start
+
+class ResumableLoader(DataLoader):
+    """The training loader, with the `state_dict` / `load_state_dict` pair by which Lightning checkpoints
+    a loader (and without which it warns, on every mid-epoch resume, that the loader is not resumable).
+
+    The state is how many samples of the epoch this rank has trained on. That count is the training
+    loop's (`batches_done`), not the loader's own: the loader's workers and Lightning's fetcher draw
+    batches ahead of the one being trained on. Loading the state makes the sampler start there.
+    """
+
+    def __init__(self, *args: Any, batches_done: Callable[[], int], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches_done = batches_done
+
+    def state_dict(self) -> dict[str, int]:
+        done = self.batches_done()
+        # A checkpoint at the end of the epoch resumes at the start of the next one.
+        return {"start": done * self.batch_size if done < len(self) else 0}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.sampler.start = state_dict["start"]
 
 
 def check_block_fits(block_size: int, window: int | None) -> None:
@@ -314,14 +335,21 @@ class PretrainDataModule(LightningDataModule):
         rows.append(f"{len(self.train_set)} training blocks of {self.block_size} tokens per epoch; {n_val} validation blocks")
         rank_zero_info("\n".join(rows))
 
-    def _loader(self, dataset: PackedBlocks, shuffle: bool, start: int = 0) -> DataLoader:
+    def _loader(self, dataset: PackedBlocks, shuffle: bool) -> DataLoader:
         kwargs: dict[str, Any] = {"num_replicas": 1, "rank": 0}
         if self.trainer is not None:
             kwargs.update(getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or {})
         kwargs = {k: kwargs[k] for k in ("num_replicas", "rank")}
-        sampler = ResumableSampler(dataset, shuffle=shuffle, seed=self.seed, start=start, **kwargs)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=shuffle, collate_fn=self.collate_fn,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        sampler = ResumableSampler(dataset, shuffle=shuffle, seed=self.seed, **kwargs)
+        options: dict[str, Any] = {"batch_size": self.batch_size, "sampler": sampler, "drop_last": shuffle, "collate_fn": self.collate_fn,
+                                   "num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
+        if not shuffle:
+            return DataLoader(dataset, **options)
+        return ResumableLoader(dataset, batches_done=self._batches_done, **options)
+
+    def _batches_done(self) -> int:
+        """Batches of this epoch the training loop has taken (a checkpoint is written after the batch ran)."""
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.ready if self.trainer is not None else 0
 
     # -- resuming ---------------------------------------------------------------------------------
 
@@ -364,11 +392,7 @@ class PretrainDataModule(LightningDataModule):
         self.check_data_order(state_dict.get("data_order"), self._data_parallel_size(), checkpoint=str(path or "the checkpoint"))
 
     def train_dataloader(self) -> DataLoader:
-        # Lightning restores the loop's progress before it asks for the loader: skip what this epoch saw.
-        done = 0
-        if self.trainer is not None:
-            done = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
-        return self._loader(self.train_set, shuffle=True, start=done * self.batch_size)
+        return self._loader(self.train_set, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)

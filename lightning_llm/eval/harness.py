@@ -23,6 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lightning_llm.checkpoint import atomic_file
 from lightning_llm.eval import tasks as lm_tasks
 from lightning_llm.eval.lm_adapter import LightningLM
+from lightning_llm.eval.run import simple_evaluate
 
 
 def prepare_tasks(tasks: Sequence[str], include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
@@ -63,9 +64,9 @@ def evaluate_model(
     """lm-eval's `simple_evaluate` of `model` on the tasks of `prepare_tasks`, with lm-eval's defaults
     (seeds, bootstrap resamples) unless given; returns lm-eval's results dict."""
     lm = LightningLM(model, tokenizer, batch_size=batch_size)
-    return lm_eval.simple_evaluate(lm, tasks=list(specs), task_manager=manager, num_fewshot=num_fewshot, limit=limit,
-                                   bootstrap_iters=bootstrap_iters, log_samples=log_samples,
-                                   confirm_run_unsafe_code=confirm_run_unsafe_code)
+    return simple_evaluate(lm, tasks=list(specs), task_manager=manager, num_fewshot=num_fewshot, limit=limit,
+                           bootstrap_iters=bootstrap_iters, log_samples=log_samples,
+                           confirm_run_unsafe_code=confirm_run_unsafe_code)
 
 
 def write_results(results: Mapping[str, Any], path: str | os.PathLike) -> Path:

@@ -230,8 +230,11 @@ class PretrainModule(LightningModule):
         self.val_loss.reset()
         self.val_history.append((self.global_step, value.item()))
         if not self.trainer.sanity_checking:
-            self.log("val/loss", value, prog_bar=True)
-            self.log("val/ppl", torch.exp(value.clamp(max=20)))
+            # `compute` already reduced over the ranks' tokens, so the value is equal on every rank and the
+            # mean over ranks that sync_dist takes is that value; without it Lightning warns, in every
+            # distributed run, that an epoch-level value may differ between ranks.
+            self.log("val/loss", value, prog_bar=True, sync_dist=True)
+            self.log("val/ppl", torch.exp(value.clamp(max=20)), sync_dist=True)
         rank_zero_info(f"validation loss at step {self.global_step}: {value.item():.4f}")
 
     def on_fit_end(self) -> None:
