@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from lightning_llm.checkpoint import atomic_file
 from lightning_llm.data.sources import Source, as_sources
 from lightning_llm.data.tokenizer import load_tokenizer, trained_tokenizer
 
@@ -49,16 +50,16 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 def tokenize_to_file(source: Source, tokenizer: PreTrainedTokenizerBase, path: Path, batch_docs: int = 64) -> int:
-    """Tokenize `source` into `path` (EOS after each document); write-then-rename, so no half file survives."""
+    """Tokenize `source` into `path` (EOS after each document). Both files are written atomically
+    (`checkpoint.atomic_file`), the record beside the tokens first, so a token file that exists is whole."""
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     eos = tokenizer.eos_token_id
     total = 0
     docs = source.documents()
     bar = tqdm(desc=f"tokenizing {source.name}", unit=" docs", disable=None)
     try:
-        with tmp.open("wb") as fh:
+        with atomic_file(path) as fh:
             while True:
                 batch = [d for _, d in zip(range(batch_docs), docs)]
                 if not batch:
@@ -68,12 +69,11 @@ def tokenize_to_file(source: Source, tokenizer: PreTrainedTokenizerBase, path: P
                     fh.write(arr.tobytes())
                     total += arr.size
                 bar.update(len(batch))
-        meta = {"dtype": np.dtype(dtype).name, "tokens": total, "replaced": source.replaced}
-        path.with_suffix(".json").write_text(json.dumps(meta))
-        tmp.rename(path)
+            meta = {"dtype": np.dtype(dtype).name, "tokens": total, "replaced": source.replaced}
+            with atomic_file(path.with_suffix(".json")) as meta_file:
+                meta_file.write(json.dumps(meta).encode())
     finally:
         bar.close()
-        tmp.unlink(missing_ok=True)
     return total
 
 
