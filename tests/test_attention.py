@@ -143,25 +143,25 @@ def test_module_validates_its_scale():
 @pytest.mark.skipif(BACKEND != "sdpa", reason="the interpreter's kernels are Python functions, not compilable")
 @pytest.mark.parametrize("capability", [80, 90])
 def test_kernels_build_for_ampere_and_hopper(capability):
-    # The interpreter is more lenient than Triton's compiler: without a GPU, at least compile each kernel,
-    # all the way to a cubin, for A100 (sm_80) and H100 (sm_90), for the configuration of a bf16 hd128 run.
+    # The interpreter is more lenient than Triton's compiler, and runs only the first tile configuration of
+    # each kernel: without a GPU, at least compile the kernels all the way to a cubin for a bf16 hd128 run,
+    # for A100 (sm_80) in the first configuration and for H100 (sm_90) in every one the autotuner may pick.
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from lightning_llm.attention import triton_kernels as kernels
 
-    constexprs = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64, CAUSAL=True, VARLEN=True, UPCAST=False, PRECISION="tf32")
+    constexprs = dict(HEAD_DIM=128, BLOCK_D=128, CAUSAL=True, VARLEN=True, UPCAST=False, PRECISION="tf32")
     builds = [
-        (kernels._forward_kernel, dict(BLOCK_M=128)),
-        (kernels._backward_dkdv_kernel, dict(BLOCK_M=32, ATOMIC_DQ=True)),
-        (kernels._backward_dq_kernel, dict(BLOCK_M=32)),
+        (kernels._forward_kernel, kernels._FORWARD_TILES, {}),
+        (kernels._backward_dkdv_kernel, kernels._BACKWARD_DKDV_TILES, dict(ATOMIC_DQ=True)),
+        (kernels._backward_dq_kernel, kernels._BACKWARD_DQ_TILES, {}),
     ]
-    for kernel, extra in builds:
-        values = {**constexprs, **extra}
-        float32_buffers = {"LSE", "DELTA"} | ({"DQ"} if values.get("ATOMIC_DQ") else set())
+    for kernel, table, extra in builds:
+        float32_buffers = {"LSE", "DELTA"} | ({"DQ"} if extra.get("ATOMIC_DQ") else set())
         signature = {
-            name: "constexpr" if name in values
+            name: "constexpr" if name in {**constexprs, **extra, "BLOCK_M": 0, "BLOCK_N": 0}
             else "*i32" if name.startswith("CU_SEQLENS")
             else "*fp32" if name in float32_buffers
             else "*bf16" if name.isupper()
@@ -169,9 +169,12 @@ def test_kernels_build_for_ampere_and_hopper(capability):
             else "i32"
             for name in kernel.arg_names
         }
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs=values),
-                                  target=GPUTarget("cuda", capability, 32), options=dict(num_warps=8, num_stages=2))
-        assert compiled.asm["cubin"]
+        for block_m, block_n, num_warps, num_stages in table[128] if capability == 90 else table[128][:1]:
+            values = {**constexprs, **extra, "BLOCK_M": block_m, "BLOCK_N": block_n}
+            compiled = triton.compile(ASTSource(kernel.fn, signature, constexprs=values),
+                                      target=GPUTarget("cuda", capability, 32),
+                                      options=dict(num_warps=num_warps, num_stages=num_stages))
+            assert compiled.asm["cubin"]
 
 
 @pytest.mark.skipif(BACKEND != "sdpa" or torch.cuda.is_available(),
@@ -187,3 +190,28 @@ def test_kernels_under_triton_interpreter():
     assert result.returncode == 0, report
     summary = result.stdout.strip().splitlines()[-1]
     assert "passed" in summary and "skipped" not in summary, report
+
+
+def test_under_autocast_attention_computes_in_its_dtype_as_sdpa_does():
+    # Under bf16 mixed precision a Llama hands attention float32 q and k (its rotary tables are float32) and a
+    # bf16 v; SDPA casts all three to autocast's dtype, and so must flash_attention (it refused the mix).
+    import torch.nn.functional as F
+
+    from lightning_llm.models import build_model
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 19, 32, generator=g), torch.randn(1, 2, 19, 32, generator=g)
+    v = torch.randn(1, 2, 19, 32, generator=g).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = flash_attention(q, k, v, causal=True)
+        expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    o_ref, _ = naive_attention(q.bfloat16().double(), k.bfloat16().double(), v.double(), causal=True)
+    # Both round O to bfloat16 (8 significant bits) from inputs rounded alike: within 2^-8 of |O|'s scale.
+    for got in (out, expected):
+        torch.testing.assert_close(got.double(), o_ref, atol=2**-8 * o_ref.abs().max().item(), rtol=0)
+    torch.manual_seed(0)
+    model = build_model("tiny", vocab_size=64, attn_implementation="lightning_fa2")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.arange(24).reshape(2, 12) % 64).logits
+    assert logits.dtype == torch.bfloat16 and logits.isfinite().all()

@@ -18,7 +18,6 @@ before anything imports triton (Lightning does).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -88,12 +87,70 @@ def _key_range(start_m, q_len, k_len, BLOCK_M: tl.constexpr, CAUSAL: tl.constexp
     return end_n, unmasked_end
 
 
+# -- tile configurations ---------------------------------------------------------------------------
+# Each kernel is autotuned over a short list of (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim class
+# (BLOCK_D up to 64, or 128), once per head dim, sequence-length bucket, causality, layout and dtype. The
+# first entry of each list is the starting point from the Triton tutorial's and FlashAttention-2's choices,
+# and the only one the CPU interpreter runs (it cannot time a kernel, and the tests' tails are sized to it).
+# Head dims above 64 halve the backward blocks: its programs hold two [BLOCK_N, head_dim] float32
+# accumulators. `benchmarks/gpu.sh` records which entry won where.
+_FORWARD_TILES = {
+    64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
+    128: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)],
+}
+_BACKWARD_DKDV_TILES = {
+    64: [(64, 64, 4, 2), (32, 128, 8, 2), (32, 64, 4, 3)],
+    128: [(32, 64, 8, 2), (32, 128, 8, 2), (16, 64, 4, 2)],
+}
+_BACKWARD_DQ_TILES = {
+    64: [(64, 64, 4, 2), (128, 64, 8, 2)],
+    128: [(32, 64, 8, 2), (64, 32, 4, 2)],
+}
+
+
+def _head_dim_class(block_d: int) -> int:
+    return 64 if block_d <= 64 else 128
+
+
+def _tile_configs(table: dict[int, list[tuple[int, int, int, int]]]) -> list[triton.Config]:
+    """Every entry of `table` once, as triton configs."""
+    entries = dict.fromkeys(entry for entries in table.values() for entry in entries)
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in entries]
+
+
+def _tiles_for_head_dim(table: dict[int, list[tuple[int, int, int, int]]]):
+    """An `early_config_prune` that keeps the configs of the launch's head-dim class (the first one alone
+    under the interpreter)."""
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        wanted = table[_head_dim_class({**named_args, **kwargs}["BLOCK_D"])]
+        wanted = wanted[:1] if INTERPRETED else wanted
+        by_entry = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c for c in configs}
+        return [by_entry[entry] for entry in wanted]
+
+    return prune
+
+
+def _autotune(table: dict[int, list[tuple[int, int, int, int]]], key: list[str], **options):
+    return triton.autotune(configs=_tile_configs(table), key=key,
+                           prune_configs_by={"early_config_prune": _tiles_for_head_dim(table)}, **options)
+
+
+def _seqlen_bucket(seqlen_q: int, seqlen_k: int) -> int:
+    """The tuning key's sequence length: the longer side rounded up to a power of two (at least 128), so a
+    KV cache that grows by one token, or packed batches of varying longest sequences, do not retune."""
+    return max(128, triton.next_power_of_2(max(seqlen_q, seqlen_k)))
+
+
+_TUNING_KEY = ["HEAD_DIM", "seqlen_bucket", "CAUSAL", "VARLEN"]
+
+
+@_autotune(_FORWARD_TILES, _TUNING_KEY)
 @triton.jit
 def _forward_kernel(
     Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot, stride_lb, stride_lh,
-    seqlen_q, seqlen_k, group_size, qk_scale,
+    seqlen_q, seqlen_k, group_size, qk_scale, seqlen_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -147,13 +204,15 @@ def _forward_kernel(
     tl.store(LSE + batch * stride_lb + head * stride_lh + q_start + offs_m, lse, mask=offs_m < q_len)
 
 
+# The atomic path adds into DQ: every timed run starts from zeros, and so does the run that counts.
+@_autotune(_BACKWARD_DKDV_TILES, _TUNING_KEY + ["ATOMIC_DQ"], reset_to_zero=["DQ"])
 @triton.jit
 def _backward_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_SEQLENS_Q, CU_SEQLENS_K,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
     stride_dob, stride_doh, stride_dot, stride_dqb, stride_dqh, stride_dqt,
     stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt, stride_lb, stride_lh,
-    seqlen_q, seqlen_k, group_size, sm_scale,
+    seqlen_q, seqlen_k, group_size, sm_scale, seqlen_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, ATOMIC_DQ: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -222,12 +281,13 @@ def _backward_dkdv_kernel(
              dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
+@_autotune(_BACKWARD_DQ_TILES, _TUNING_KEY)
 @triton.jit
 def _backward_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
     stride_dob, stride_doh, stride_dot, stride_dqb, stride_dqh, stride_dqt, stride_lb, stride_lh,
-    seqlen_q, seqlen_k, group_size, sm_scale,
+    seqlen_q, seqlen_k, group_size, sm_scale, seqlen_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -276,25 +336,6 @@ def _backward_dq_kernel(
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
-@dataclass(frozen=True)
-class _Tiles:
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-
-
-# Starting points from the Triton tutorial's and FlashAttention-2's choices for A100/H100; not yet tuned
-# on hardware (benchmarks/attention.py is the place to do it). Head dims above 64 halve the backward
-# blocks: its programs hold two [BLOCK_N, head_dim] float32 accumulators.
-def _forward_tiles(block_d: int) -> _Tiles:
-    return _Tiles(block_m=128, block_n=64, num_warps=4 if block_d <= 64 else 8, num_stages=3)
-
-
-def _backward_tiles(block_d: int) -> _Tiles:
-    return _Tiles(block_m=64 if block_d <= 64 else 32, block_n=64, num_warps=4 if block_d <= 64 else 8, num_stages=2)
-
-
 def _head_block(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))  # tl.dot wants every dimension >= 16
 
@@ -327,17 +368,17 @@ def attention_forward(
     o = torch.empty(batch, seqlen_q, num_heads, head_dim, dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty(batch, num_heads, seqlen_q, dtype=torch.float32, device=q.device)
     block_d = _head_block(head_dim)
-    tiles = _forward_tiles(block_d)
     num_sequences = cu_seqlens_q.numel() - 1 if varlen else batch
-    grid = (triton.cdiv(max_seqlen_q if varlen else seqlen_q, tiles.block_m), num_heads, num_sequences)
+    rows = max_seqlen_q if varlen else seqlen_q
+    # (a packed batch's longest key sequence is not passed here: its query bound stands in, for the key only)
+    bucket = _seqlen_bucket(rows, rows if varlen else seqlen_k)
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), num_heads, num_sequences)  # noqa: E731
     _forward_kernel[grid](
         q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(o, varlen),
         *_row_strides(lse, varlen),
-        seqlen_q, seqlen_k, num_heads // num_kv_heads, scale * math.log2(math.e),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-        CAUSAL=causal, VARLEN=varlen, **_dot_options(q.dtype),
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        seqlen_q, seqlen_k, num_heads // num_kv_heads, scale * math.log2(math.e), bucket,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, VARLEN=varlen, **_dot_options(q.dtype),
     )
     return o, lse
 
@@ -360,24 +401,22 @@ def attention_backward(
     # The atomic path sums dQ in float32 across programs; the deterministic one writes it once per block.
     dq = torch.empty_like(q) if deterministic else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     block_d = _head_block(head_dim)
-    tiles = _backward_tiles(block_d)
     num_sequences = cu_seqlens_q.numel() - 1 if varlen else batch
-    common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, CAUSAL=causal,
-                  VARLEN=varlen, **_dot_options(q.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    rows_q, rows_k = (max_seqlen_q, max_seqlen_k) if varlen else (seqlen_q, seqlen_k)
+    common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, VARLEN=varlen, **_dot_options(q.dtype))
     input_strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen))
-    grid = (triton.cdiv(max_seqlen_k if varlen else seqlen_k, tiles.block_n), num_kv_heads, num_sequences)
+    sizes = (seqlen_q, seqlen_k, num_heads // num_kv_heads, scale, _seqlen_bucket(rows_q, rows_k))
+    grid = lambda meta: (triton.cdiv(rows_k, meta["BLOCK_N"]), num_kv_heads, num_sequences)  # noqa: E731
     _backward_dkdv_kernel[grid](
         q, k, v, do, lse, delta, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
         *input_strides, *_strides(dq, varlen), *_strides(dk, varlen), *_strides(dv, varlen),
-        *_row_strides(lse, varlen),
-        seqlen_q, seqlen_k, num_heads // num_kv_heads, scale, ATOMIC_DQ=not deterministic, **common,
+        *_row_strides(lse, varlen), *sizes, ATOMIC_DQ=not deterministic, **common,
     )
     if not deterministic:
         return dq.to(q.dtype), dk, dv
-    grid = (triton.cdiv(max_seqlen_q if varlen else seqlen_q, tiles.block_m), num_heads, num_sequences)
+    grid = lambda meta: (triton.cdiv(rows_q, meta["BLOCK_M"]), num_heads, num_sequences)  # noqa: E731
     _backward_dq_kernel[grid](
         q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k,
-        *input_strides, *_strides(dq, varlen), *_row_strides(lse, varlen),
-        seqlen_q, seqlen_k, num_heads // num_kv_heads, scale, **common,
+        *input_strides, *_strides(dq, varlen), *_row_strides(lse, varlen), *sizes, **common,
     )
     return dq, dk, dv
