@@ -149,10 +149,16 @@ def flash_attention(
     h // (heads // kv_heads), nothing is repeated in memory). `scale` defaults to 1/sqrt(head_dim). With
     `causal`, query i sees key j when j <= i + seq_k - seq_q (the last query sees the last key; a query that
     sees no key gets 0). `deterministic` makes the backward pass reproducible bit for bit, at the cost of
-    recomputing S and dP once more for dQ. float16, bfloat16 (float32 accumulation) and float32; head dims
-    up to 128; any sequence length and strides.
+    recomputing S and dP once more for dQ. float16, bfloat16 (float32 accumulation) and float32 (under
+    autocast, q, k and v are cast to its dtype first, as SDPA does); head dims up to 128; any sequence
+    length and strides.
     """
     packed = cu_seqlens is not None
+    if torch.is_autocast_enabled(q.device.type):
+        # As SDPA does, attention computes in autocast's dtype. Under mixed precision a model hands over
+        # q and k in float32 (rotary embeddings multiply them by float32 tables) and v in the autocast dtype.
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if not packed and (cu_seqlens_k is not None or max_seqlen is not None or max_seqlen_k is not None):
         raise ValueError("cu_seqlens_k, max_seqlen and max_seqlen_k describe packed sequences: pass cu_seqlens too")
     _check(q, k, v, token_dim=0 if packed else 2)
