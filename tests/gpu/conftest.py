@@ -42,6 +42,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if not path:
         return
     # (the device and versions are in environment.json beside it, written by gpu.sh)
-    report = {"device": torch.cuda.get_device_name() if CUDA else "cpu", "dry_run": DRY_RUN, "exit_status": int(exitstatus), "tests": _outcomes}
+    report = {"device": torch.cuda.get_device_name() if CUDA else "cpu", "dry_run": DRY_RUN,
+              "exit_status": int(exitstatus), "tests": _outcomes}
     with atomic_file(path) as f:
         f.write(json.dumps(report, indent=2).encode())

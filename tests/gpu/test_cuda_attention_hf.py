@@ -1,9 +1,10 @@
 """A tiny Llama with attn_implementation="lightning_fa2" against the same weights with "sdpa", on CUDA.
 
-In float32 the kernels multiply in IEEE float32, so the models agree to rounding: test_attention_hf.py's
-tests, imported here so that they run on CUDA as well (logits and every parameter's gradient; packed
-examples, which take the kernels' variable-length path). In bfloat16 both attentions round, differently: there the Triton model's logits
-and gradients must be about as close to a float32 run of the same weights as SDPA's bfloat16 model is.
+In float32 the kernels multiply in IEEE float32, so the models agree to rounding: two of
+test_attention_hf.py's tests, imported here so that they run on CUDA as well (logits and every parameter's
+gradient; packed examples, which take the kernels' variable-length path). In bfloat16 both attentions
+round, differently: there the Triton model's logits and gradients must be about as close to a float32 run
+of the same weights as SDPA's bfloat16 model is.
 """
 
 from __future__ import annotations

@@ -4,7 +4,6 @@ learning rate untouched), the scale halved, and the skip counted and logged."""
 
 from __future__ import annotations
 
-import torch
 from _precision_helpers import MetricsRecorder, PlantOverflow, TinyLM, loader, pattern_batches
 from gpu_support import DEVICE, DRY_RUN
 from lightning.pytorch import Trainer
