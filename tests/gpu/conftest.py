@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from gpu_support import CUDA, DRY_RUN
 
 from lightning_llm.checkpoint import atomic_file
 
+HERE = Path(__file__).resolve().parent
 _outcomes: list[dict] = []
 
 
@@ -27,7 +29,10 @@ def _needs_cuda() -> None:
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    # One row per test: its call's outcome, or the setup's when setup failed or skipped it.
+    # One row per test of this folder (pytest calls this hook for every test of the session): its call's
+    # outcome, or the setup's when setup failed or skipped it.
+    if (HERE.parents[1] / report.nodeid.split("::")[0]).resolve().parent != HERE:
+        return
     if report.when == "call" or report.outcome != "passed":
         row = {"test": report.nodeid, "outcome": report.outcome, "seconds": round(report.duration, 3)}
         if report.outcome == "skipped" and isinstance(report.longrepr, tuple):
