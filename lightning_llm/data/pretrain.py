@@ -148,8 +148,13 @@ OPTION_NAMES = {"tokenizer_spec": "tokenizer", "vocab_size_wanted": "vocab_size"
 def source_settings(source: Source) -> dict[str, Any]:
     """A source's options that decide what it yields (not its display name or counters)."""
     settings = dataclasses.asdict(source)
-    for key in ("name", "replaced"):
+    # streaming yields the same rows; config and split are left out when not given, so that a checkpoint
+    # written before they existed has the same data order.
+    for key in ("name", "replaced", "streaming"):
         settings.pop(key, None)
+    for key in ("config", "split"):
+        if settings.get(key) is None:
+            settings.pop(key, None)
     return settings
 
 
