@@ -119,6 +119,14 @@ class ResumableLoader(DataLoader):
     The state is how many samples of the epoch this rank has trained on. That count is the training
     loop's (`batches_done`), not the loader's own: the loader's workers and Lightning's fetcher draw
     batches ahead of the one being trained on. Loading the state makes the sampler start there.
+
+    Why not torchdata's `StatefulDataLoader`, which Lightning checkpoints the same way: it would serve
+    (torchdata 0.11 installs without touching torch, and with it the mid-epoch and across-the-epoch-end
+    resume tests of tests/test_pretrain.py pass), but it cannot load the loader state of the checkpoints
+    written so far (`{"start": n}`; it asserts on its own private keys), so every run saved before the
+    change would stop resuming; it warns on each loader it builds under torch 2.13 (its call of the
+    deprecated `torch.set_vital`); and it would be one more dependency of the base install for the few
+    lines here.
     """
 
     def __init__(self, *args: Any, batches_done: Callable[[], int], **kwargs: Any) -> None:
