@@ -5,6 +5,7 @@ reports the speed."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 
 import pytest
@@ -71,3 +72,21 @@ def test_the_number_of_workers_is_validated(workers):
     with pytest.raises(ValueError, match=rf"tokenize_workers must be a positive integer .* got {workers!r}"):
         PretrainDataModule(tokenize_workers=workers)
 
+
+
+class DiesInWorkers:
+    """A tokenizer whose process dies as it tokenizes, as a worker killed for lack of memory does."""
+
+    eos_token_id = 0
+
+    def __len__(self) -> int:
+        return 256
+
+    def __call__(self, texts, add_special_tokens=False):
+        os._exit(9)
+
+
+def test_a_worker_that_dies_is_an_error_not_a_hang(corpus_dir, tmp_path):
+    with pytest.raises(RuntimeError, match="a tokenizing worker process died .* fewer tokenize_workers"):
+        tokenize_to_file(Source(str(corpus_dir)), DiesInWorkers(), tmp_path / "t.bin", workers=2, max_docs=1)
+    assert list(tmp_path.iterdir()) == []

@@ -15,6 +15,8 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,27 +105,29 @@ def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, int]:
 
 
 @contextmanager
-def worker_pool(tokenizer: PreTrainedTokenizerBase, dtype: np.dtype, workers: int) -> Iterator[Any]:
+def worker_pool(tokenizer: PreTrainedTokenizerBase, dtype: np.dtype, workers: int) -> Iterator[ProcessPoolExecutor]:
     """A process pool whose workers hold `tokenizer`.
 
     On Linux the workers are forked: they start at once, with the tokenizer already in memory, and
     without re-running the user's script (which `spawn` does, and which fails without a `__main__`
-    guard). Each worker tokenizes on one thread: `TOKENIZERS_PARALLELISM=false` is in the environment
-    the workers start with (and only theirs), so N workers do not each start a thread per CPU, and
-    the Rust tokenizer neither warns nor risks its thread pool in a forked child.
+    guard). Each worker tokenizes on one thread: while the pool lives (the parent only reads and
+    writes meanwhile), `TOKENIZERS_PARALLELISM=false` is in the environment the workers start with,
+    so N workers do not each start a thread per CPU, and the Rust tokenizer neither warns nor uses its
+    thread pool in a forked child. `ProcessPoolExecutor` rather than `multiprocessing.Pool`: a worker
+    that dies (killed for memory) is an error here, where `Pool` would wait for its result forever.
     """
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     previous = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(tokenizer, dtype))
     try:
-        pool = context.Pool(workers, initializer=_start_worker, initargs=(tokenizer, dtype))
+        yield pool
     finally:
+        pool.shutdown(cancel_futures=True)  # (on an error, the batches not started are dropped)
         if previous is None:
             del os.environ["TOKENIZERS_PARALLELISM"]
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = previous
-    with pool:  # (leaving the block terminates the workers, also on an error)
-        yield pool
 
 
 def encoded_batches(batches: Iterable[list[str]], tokenizer: PreTrainedTokenizerBase, dtype: np.dtype,
@@ -138,13 +142,21 @@ def encoded_batches(batches: Iterable[list[str]], tokenizer: PreTrainedTokenizer
             yield encode(tokenizer, batch, dtype)
         return
     with worker_pool(tokenizer, dtype, workers) as pool:
-        pending: deque = deque()
+        pending: deque[Future] = deque()
         for batch in batches:
-            pending.append(pool.apply_async(_encode_in_worker, (batch,)))
+            pending.append(pool.submit(_encode_in_worker, batch))
             if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
-                yield pending.popleft().get()
+                yield _result(pending.popleft())
         while pending:
-            yield pending.popleft().get()
+            yield _result(pending.popleft())
+
+
+def _result(future: Future) -> tuple[np.ndarray, int]:
+    try:
+        return future.result()
+    except BrokenProcessPool as err:
+        raise RuntimeError("a tokenizing worker process died (killed for lack of memory?); "
+                           "run again with fewer tokenize_workers") from err
 
 
 def tokenize_to_file(source: Source, tokenizer: PreTrainedTokenizerBase, path: Path, workers: int = 1,
