@@ -306,13 +306,13 @@ class PretrainDataModule(LightningDataModule):
     def _log_stats(self, n_val: int) -> None:
         # The replaced-characters column appears when a source asked for errors="replace".
         replacing = any(source.errors == "replace" for source in self.sources)
-        rows = [f"{'source':<24}{'tokens':>12}{'train':>12}{'val':>10}{'in mixture':>12}" + (f"{'replaced chars':>16}" if replacing else "")
-                + f"{'tokenization':>24}"]
+        rows = [f"{'source':<24}{'tokens':>12}{'train':>12}{'val':>10}{'in mixture':>12}{'tokenized':>24}"
+                + (f"{'replaced chars':>16}" if replacing else "")]
         for name, st in self.stats.items():
             run = self.tokenized.get(name)
             speed = f"{run.mb_per_s:.2f} MB/s, {run.workers} proc" if run is not None else "(cached)"
-            rows.append(f"{name:<24}{st['tokens']:>12,}{st['train_tokens']:>12,}{st['val_tokens']:>10,}{st['mixture_tokens']:>12,}"
-                        + (f"{st['replaced']:>16,}" if replacing else "") + f"{speed:>24}")
+            rows.append(f"{name:<24}{st['tokens']:>12,}{st['train_tokens']:>12,}{st['val_tokens']:>10,}{st['mixture_tokens']:>12,}{speed:>24}"
+                        + (f"{st['replaced']:>16,}" if replacing else ""))
         rows.append(f"{len(self.train_set)} training blocks of {self.block_size} tokens per epoch; {n_val} validation blocks")
         rank_zero_info("\n".join(rows))
 
