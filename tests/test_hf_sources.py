@@ -108,6 +108,10 @@ def test_streaming_tokenizes_to_the_same_file_and_data_order(dataset_dir, tokeni
     assert load_tokens(files[True]).tolist() == naive
     other = Source(f"hf:{dataset_dir}", text_field="content", config="de")
     assert other.fingerprint() != dm.sources[0].fingerprint()  # another config, another token file
+    before = dm.sources[0].fingerprint()
+    with (dataset_dir / "en" / "train.jsonl").open("a") as f:
+        f.write(json.dumps({"content": "one more row", "n": 40}) + "\n")
+    assert dm.sources[0].fingerprint() != before  # an edited local dataset is tokenized again, not read stale
 
 
 def test_instruction_sources_read_the_config_and_split(tmp_path):

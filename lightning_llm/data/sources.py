@@ -141,13 +141,14 @@ class Source:
         return sorted(found)
 
     def fingerprint(self) -> str:
-        """A hash of what the source reads: paths, sizes and modification times (or the dataset name)."""
+        """A hash of what the source reads: paths, sizes and modification times (or the dataset name; and
+        the files of a local dataset folder)."""
         decoding = "" if (self.encoding, self.errors) == (DEFAULT_ENCODING, "strict") else f"|{self.encoding}|{self.errors}"
         # (streaming gives the same rows; config and split enter the key only when given, so that the
         # token files of sources written before they existed stay valid)
         subset = "".join(f"|{key}={value}" for key, value in (("config", self.config), ("split", self.split)) if value is not None)
         h = hashlib.sha256(f"{self.path}|{self.text_field}{decoding}{subset}".encode())
-        for f in self.files():
+        for f in self.files() + self._local_dataset_files():
             st = f.stat()
             h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}".encode())
         return h.hexdigest()[:16]
@@ -165,6 +166,11 @@ class Source:
                 yield from _jsonl_texts(f, text, self.text_field)
             elif text.strip():
                 yield text
+
+    def _local_dataset_files(self) -> list[Path]:
+        """The files of an `hf:` source that is a local dataset folder (a hub id has none here)."""
+        folder = Path(self.path[3:].partition(":")[0]) if self.is_hub else None
+        return sorted(p for p in folder.rglob("*") if p.is_file()) if folder is not None and folder.is_dir() else []
 
     def hub_rows(self) -> Iterator[tuple[str, dict[str, Any]]]:
         """(location, row) pairs of an `hf:` source, in the dataset's order."""
