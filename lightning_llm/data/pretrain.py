@@ -1,7 +1,7 @@
 """PretrainDataModule: packed token blocks from a weighted mixture of text sources.
 
-Each source is tokenized once, with a progress bar, into a memory-mapped token file in a cache
-directory keyed by a hash of the source and the tokenizer. Documents are joined with EOS; the stream
+Each source is tokenized once, by a pool of processes and with a progress bar, into a memory-mapped
+token file (`data/tokens.py`) in a cache directory keyed by a hash of the source and the tokenizer. Documents are joined with EOS; the stream
 is cut into blocks of `block_size + 1` tokens (inputs and shifted targets), and blocks go to the
 validation split by a fixed rule. The training set draws blocks from each source in proportion to
 its weight, so the mixture is measured in tokens. The sampler is deterministic and resumable: a run
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import math
 import os
@@ -25,12 +24,11 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from lightning_llm.checkpoint import atomic_file
 from lightning_llm.data.sources import Source, as_sources
 from lightning_llm.data.tokenizer import load_tokenizer, trained_tokenizer
+from lightning_llm.data.tokens import TokenizeRun, check_workers, load_tokens, token_file_meta, tokenize_to_file
 
 log = logging.getLogger(__name__)
 
@@ -47,44 +45,6 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else f"{tokenizer.name_or_path}|{len(tokenizer)}"
     return hashlib.sha256(f"{text}|{tokenizer.eos_token}".encode()).hexdigest()[:16]
-
-
-def tokenize_to_file(source: Source, tokenizer: PreTrainedTokenizerBase, path: Path, batch_docs: int = 64) -> int:
-    """Tokenize `source` into `path` (EOS after each document). Both files are written atomically
-    (`checkpoint.atomic_file`), the record beside the tokens first, so a token file that exists is whole."""
-    dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
-    path.parent.mkdir(parents=True, exist_ok=True)
-    eos = tokenizer.eos_token_id
-    total = 0
-    docs = source.documents()
-    bar = tqdm(desc=f"tokenizing {source.name}", unit=" docs", disable=None)
-    try:
-        with atomic_file(path) as fh:
-            while True:
-                batch = [d for _, d in zip(range(batch_docs), docs)]
-                if not batch:
-                    break
-                for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
-                    arr = np.asarray(ids + [eos], dtype=dtype)
-                    fh.write(arr.tobytes())
-                    total += arr.size
-                bar.update(len(batch))
-            meta = {"dtype": np.dtype(dtype).name, "tokens": total, "replaced": source.replaced}
-            with atomic_file(path.with_suffix(".json")) as meta_file:
-                meta_file.write(json.dumps(meta).encode())
-    finally:
-        bar.close()
-    return total
-
-
-def token_file_meta(path: Path) -> dict[str, Any]:
-    """What `tokenize_to_file` recorded beside the tokens: dtype, token count, replaced characters."""
-    return json.loads(path.with_suffix(".json").read_text())
-
-
-def load_tokens(path: Path) -> np.memmap:
-    meta = token_file_meta(path)
-    return np.memmap(path, dtype=meta["dtype"], mode="r", shape=(meta["tokens"],))
 
 
 def split_blocks(n_blocks: int, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -159,6 +119,14 @@ class ResumableLoader(DataLoader):
     The state is how many samples of the epoch this rank has trained on. That count is the training
     loop's (`batches_done`), not the loader's own: the loader's workers and Lightning's fetcher draw
     batches ahead of the one being trained on. Loading the state makes the sampler start there.
+
+    Why not torchdata's `StatefulDataLoader`, which Lightning checkpoints the same way: it would serve
+    (torchdata 0.11 installs without touching torch, and with it the mid-epoch and across-the-epoch-end
+    resume tests of tests/test_pretrain.py pass), but it cannot load the loader state of the checkpoints
+    written so far (`{"start": n}`; it asserts on its own private keys), so every run saved before the
+    change would stop resuming; it warns on each loader it builds under torch 2.13 (its call of the
+    deprecated `torch.set_vital`); and it would be one more dependency of the base install for the few
+    lines here.
     """
 
     def __init__(self, *args: Any, batches_done: Callable[[], int], **kwargs: Any) -> None:
@@ -188,8 +156,13 @@ OPTION_NAMES = {"tokenizer_spec": "tokenizer", "vocab_size_wanted": "vocab_size"
 def source_settings(source: Source) -> dict[str, Any]:
     """A source's options that decide what it yields (not its display name or counters)."""
     settings = dataclasses.asdict(source)
-    for key in ("name", "replaced"):
+    # streaming yields the same rows; config and split are left out when not given, so that a checkpoint
+    # written before they existed has the same data order.
+    for key in ("name", "replaced", "streaming"):
         settings.pop(key, None)
+    for key in ("config", "split"):
+        if settings.get(key) is None:
+            settings.pop(key, None)
     return settings
 
 
@@ -211,6 +184,8 @@ class PretrainDataModule(LightningDataModule):
         cache_dir: where tokenizers and token files are cached (`$LIGHTNING_LLM_CACHE`, else
             `~/.cache/lightning-llm`).
         num_workers: DataLoader workers.
+        tokenize_workers: processes that tokenize a source not yet in the cache; `None` is one per
+            available CPU. The token file is the same for any number.
         allow_data_change: resume from a checkpoint whose data order (`DATA_ORDER`, and the number of
             data-parallel replicas) differs from this one's. By default that is an error: a resumed run
             sees the batches an uninterrupted one would have seen only when none of them changed.
@@ -238,10 +213,12 @@ class PretrainDataModule(LightningDataModule):
         seed: int = 1234,
         cache_dir: str | None = None,
         num_workers: int = 0,
+        tokenize_workers: int | None = None,
         allow_data_change: bool = False,
     ) -> None:
         super().__init__()
         self.allow_data_change = allow_data_change
+        self.tokenize_workers = check_workers(tokenize_workers)
         for name, value in (("block_size", block_size), ("batch_size", batch_size), ("vocab_size", vocab_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -256,6 +233,7 @@ class PretrainDataModule(LightningDataModule):
         self.train_set: PackedBlocks | None = None
         self.val_set: PackedBlocks | None = None
         self.stats: dict[str, dict[str, int]] = {}
+        self.tokenized: dict[str, TokenizeRun] = {}  # the sources this process tokenized (not read from the cache)
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -290,7 +268,7 @@ class PretrainDataModule(LightningDataModule):
         for source in self.sources:
             path = self.token_file(source)
             if not path.exists():
-                tokenize_to_file(source, self.tokenizer, path)
+                self.tokenized[source.name] = tokenize_to_file(source, self.tokenizer, path, self.tokenize_workers)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -328,9 +306,12 @@ class PretrainDataModule(LightningDataModule):
     def _log_stats(self, n_val: int) -> None:
         # The replaced-characters column appears when a source asked for errors="replace".
         replacing = any(source.errors == "replace" for source in self.sources)
-        rows = [f"{'source':<24}{'tokens':>12}{'train':>12}{'val':>10}{'in mixture':>12}" + (f"{'replaced chars':>16}" if replacing else "")]
+        rows = [f"{'source':<24}{'tokens':>12}{'train':>12}{'val':>10}{'in mixture':>12}{'tokenized':>24}"
+                + (f"{'replaced chars':>16}" if replacing else "")]
         for name, st in self.stats.items():
-            rows.append(f"{name:<24}{st['tokens']:>12,}{st['train_tokens']:>12,}{st['val_tokens']:>10,}{st['mixture_tokens']:>12,}"
+            run = self.tokenized.get(name)
+            speed = f"{run.mb_per_s:.2f} MB/s, {run.workers} proc" if run is not None else "(cached)"
+            rows.append(f"{name:<24}{st['tokens']:>12,}{st['train_tokens']:>12,}{st['val_tokens']:>10,}{st['mixture_tokens']:>12,}{speed:>24}"
                         + (f"{st['replaced']:>16,}" if replacing else ""))
         rows.append(f"{len(self.train_set)} training blocks of {self.block_size} tokens per epoch; {n_val} validation blocks")
         rank_zero_info("\n".join(rows))

@@ -1,7 +1,8 @@
 """Text sources: where pretraining documents come from, and how a mixture names them.
 
-A source is a file, a directory, a glob, a JSONL file with a named text field, a `datasets` name
-(online), or `python-stdlib`: the `.py` files of the running interpreter's standard library
+A source is a file, a directory, a glob, a JSONL file with a named text field, a dataset that
+`datasets.load_dataset` reads (`hf:` + a hub id or a local dataset folder; with a config, a split,
+streaming), or `python-stdlib`: the `.py` files of the running interpreter's standard library
 (without its generated tables), real code and prose that every machine has. Documents come out
 in a fixed order, so that a cache key of the source and the tokenizer identifies the token stream.
 """
@@ -20,7 +21,7 @@ import tokenize
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 PYTHON_STDLIB = "python-stdlib"
 # Installed packages are not the standard library; encodings/ and pydoc_data/ are generated tables
@@ -40,9 +41,16 @@ class Source:
 
     Args:
         path: `python-stdlib`, a file, a directory (its text files, recursively), a glob, a `.jsonl`
-            file, or `hf:<dataset name>[:<split>]` (needs a network or the local datasets cache).
+            file, or `hf:<dataset>[:<split>]`: what `datasets.load_dataset` reads, a hub id (online, or
+            in the local datasets cache) or a local dataset folder (its json/csv/parquet files, or a
+            README declaring configs).
         weight: share of the mixture's training tokens (weights are normalised over sources).
         text_field: the field that holds the text in JSONL records and datasets.
+        config: an `hf:` dataset's configuration (subset) name, e.g. "en" for `hf:allenai/c4`.
+        split: an `hf:` dataset's split, with `datasets`' slicing ("train", "train[:10%]");
+            default "train". Give it here or in the path, not both.
+        streaming: read an `hf:` dataset's rows as they download instead of downloading and
+            converting the whole dataset first (the same rows, in the same order).
         name: label for logs; defaults to the path's last component.
         encoding: the files' text encoding (a Python codec name: "utf-8", "latin-1", "utf-16", ...).
             With the default, a `.py` file's own PEP 263 declaration (`# -*- coding: ... -*-`) counts,
@@ -58,6 +66,9 @@ class Source:
     name: str | None = None
     encoding: str = DEFAULT_ENCODING
     errors: Literal["strict", "replace"] = "strict"
+    config: str | None = None
+    split: str | None = None
+    streaming: bool = False
     # Characters replaced by the last full pass of `documents()` (errors="replace").
     replaced: int = field(default=0, init=False, compare=False, repr=False)
 
@@ -71,8 +82,33 @@ class Source:
         except LookupError as err:
             raise ValueError(f"source {self.path!r}: unknown encoding {self.encoding!r}; give a Python codec name "
                              "such as 'utf-8', 'latin-1' or 'utf-16'") from err
+        self._check_hub_options()
         if self.name is None:
             self.name = self.path if self.is_builtin or self.is_hub else Path(self.path.rstrip("/")).name or self.path
+
+    def _check_hub_options(self) -> None:
+        given = {key: value for key, value in self.hub_options().items() if value not in (None, False)}
+        if not self.is_hub:
+            if given:
+                raise ValueError(f"source {self.path!r}: {', '.join(f'{k}={v!r}' for k, v in given.items())} applies to "
+                                 "hf: sources only (path: 'hf:<hub id or dataset folder>')")
+            return
+        name, _, split = self.path[3:].partition(":")
+        if not name:
+            raise ValueError(f"source {self.path!r}: no dataset after 'hf:'; write 'hf:<hub id or dataset folder>'")
+        if split and self.split is not None:
+            raise ValueError(f"source {self.path!r}: the split is given twice ({split!r} in the path, split={self.split!r}); "
+                             "give it once")
+        for key in ("config", "split"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"source {self.path!r}: {key} must be a non-empty string, got {value!r}")
+        if not isinstance(self.streaming, bool):
+            raise ValueError(f"source {self.path!r}: streaming must be true or false, got {self.streaming!r}")
+
+    def hub_options(self) -> dict[str, Any]:
+        """The options that only `hf:` sources take."""
+        return {"config": self.config, "split": self.split, "streaming": self.streaming}
 
     @property
     def is_builtin(self) -> bool:
@@ -105,10 +141,14 @@ class Source:
         return sorted(found)
 
     def fingerprint(self) -> str:
-        """A hash of what the source reads: paths, sizes and modification times (or the dataset name)."""
+        """A hash of what the source reads: paths, sizes and modification times (or the dataset name; and
+        the files of a local dataset folder)."""
         decoding = "" if (self.encoding, self.errors) == (DEFAULT_ENCODING, "strict") else f"|{self.encoding}|{self.errors}"
-        h = hashlib.sha256(f"{self.path}|{self.text_field}{decoding}".encode())
-        for f in self.files():
+        # (streaming gives the same rows; config and split enter the key only when given, so that the
+        # token files of sources written before they existed stay valid)
+        subset = "".join(f"|{key}={value}" for key, value in (("config", self.config), ("split", self.split)) if value is not None)
+        h = hashlib.sha256(f"{self.path}|{self.text_field}{decoding}{subset}".encode())
+        for f in self.files() + self._local_dataset_files():
             st = f.stat()
             h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}".encode())
         return h.hexdigest()[:16]
@@ -127,14 +167,29 @@ class Source:
             elif text.strip():
                 yield text
 
-    def _hub_documents(self) -> Iterator[str]:
+    def _local_dataset_files(self) -> list[Path]:
+        """The files of an `hf:` source that is a local dataset folder (a hub id has none here)."""
+        folder = Path(self.path[3:].partition(":")[0]) if self.is_hub else None
+        return sorted(p for p in folder.rglob("*") if p.is_file()) if folder is not None and folder.is_dir() else []
+
+    def hub_rows(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(location, row) pairs of an `hf:` source, in the dataset's order."""
         import datasets
 
         name, _, split = self.path[3:].partition(":")
-        ds = datasets.load_dataset(name, split=split or "train")
-        if self.text_field not in ds.column_names:
-            raise ValueError(f"dataset {name!r} has no field {self.text_field!r}; fields: {ds.column_names}")
-        for row in ds:
+        split = self.split or split or "train"
+        try:
+            rows = datasets.load_dataset(name, self.config, split=split, streaming=self.streaming)
+        except (ValueError, OSError) as err:  # an unknown config or split, no such dataset, no network
+            raise ValueError(f"data source {self.path!r} (config={self.config!r}, split={split!r}, streaming={self.streaming}): "
+                             f"{err}") from err
+        for i, row in enumerate(rows):
+            yield f"{name}[{split}][{i}]", row
+
+    def _hub_documents(self) -> Iterator[str]:
+        for location, row in self.hub_rows():
+            if self.text_field not in row:
+                raise ValueError(f"{location}: no text field {self.text_field!r}; fields: {sorted(row)}. Set text_field")
             if row[self.text_field]:
                 yield row[self.text_field]
 

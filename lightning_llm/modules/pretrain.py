@@ -37,7 +37,14 @@ def next_token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
 
 
 def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
-    """Learning-rate multiplier: linear warmup to 1, then cosine decay to `min_lr_ratio` at `max_steps`."""
+    """Learning-rate multiplier: linear warmup to 1, then cosine decay to `min_lr_ratio` at `max_steps`.
+
+    Why not transformers' `get_cosine_with_min_lr_schedule_with_warmup`: from the end of warmup to
+    `max_steps` it is this schedule, value for value, but its warmup starts at 0 (step s gets s/warmup,
+    so the first optimizer step is taken at learning rate 0; here it is (s+1)/warmup), and after
+    `num_training_steps` its cosine rises again where this one stays at the floor (a run may train past
+    the `max_steps` of its schedule). tests/test_schedule.py holds the two side by side.
+    """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
