@@ -221,8 +221,9 @@ def evaluate(argv: list[str]) -> None:
         parser.error(f"--tasks names no task: {args.tasks!r}; give comma-separated names, e.g. --tasks arc_easy,hellaswag")
     if args.num_fewshot is not None and args.num_fewshot < 0:
         parser.error(f"--num_fewshot must be >= 0, got {args.num_fewshot}")
-    from lm_eval.utils import make_table
+    from lightning_llm.extras import require
 
+    make_table = require("lm_eval.utils", "lightning-llm evaluate").make_table
     from lightning_llm.eval.harness import evaluate_model, prepare_tasks, results_file, write_results
 
     out = results_file(args.output_path) if args.output_path else None  # (a bad path fails before any work)
