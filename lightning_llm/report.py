@@ -189,7 +189,8 @@ def summary(run: Run, plots: Sequence[Path]) -> str:
         ("best validation loss", f"{lowest[1]:.6g} ({at(lowest[0])})" if lowest else "not logged"),
         ("last validation loss", last(VAL_LOSS, ".6g")),
         ("last tokens/s", last(TOKENS_PER_SEC, ",.0f")),
-        ("last MFU", last(MFU, ".4g") if run.points(MFU) else "not logged (MFU needs a known peak: a GPU)"),
+        ("last MFU", last(MFU, ".4g") if run.points(MFU)
+         else "not logged (ThroughputCallback logs it where the device's peak FLOP/s is known: GPUs, not CPUs)"),
     ]
     rows += [(name.removeprefix(BENCH_PREFIX), last(name, ".4g")) for name in run.benchmarks()]
     lines = ["# Run report", "", "| | |", "| --- | --- |", *(f"| {label} | {value} |" for label, value in rows), ""]

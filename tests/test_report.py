@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import re
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from PIL import Image
 from test_cli import tiny_config
 
-from lightning_llm.cli import main, overview
+from lightning_llm.cli import main
 from lightning_llm.data.pretrain import PretrainDataModule
 from lightning_llm.lightning_cli import LLMCLI
 from lightning_llm.modules.pretrain import PretrainModule
@@ -87,4 +88,26 @@ def test_report_says_what_it_could_not_find(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["report", str(tmp_path / "empty")])
     assert f"no metrics.csv under {tmp_path / 'empty'}" in capsys.readouterr().err
-    assert "  report " in overview()
+
+
+def test_report_of_a_gpu_run_with_benchmarks_reads_the_newest_metrics(tmp_path, capsys):
+    # metrics.csv as Lightning's CSV logger writes it, with the columns a GPU run with MMLUCallback adds
+    old, new = tmp_path / "lightning_logs" / "version_0", tmp_path / "lightning_logs" / "version_1"
+    header = "epoch,step,train/loss,train/tokens,train/lr,perf/tokens_per_sec,perf/mfu,val/loss,bench/mmlu/acc,bench/mmlu/acc_stderr"
+    rows = ["0,9,3.5,40960,0.001,51000,0.41,,,", "0,9,,,,,,3.25,,", "0,19,3.1,81920,0.0009,52000,0.43,,,",
+            "0,19,,,,,,3.3,0.27,0.01", "0,29,2.9,122880,0.0007,50500,0.42,,,", "0,29,,,,,,3.28,0.31,0.01"]
+    for folder, lines in ((old, rows[:2]), (new, rows)):
+        folder.mkdir(parents=True)
+        (folder / "metrics.csv").write_text("\n".join([header, *lines]) + "\n")
+    os.utime(old / "metrics.csv", (1, 1))  # the older run
+    main(["report", str(tmp_path), "--out", str(tmp_path / "out")])
+    printed = capsys.readouterr().out
+    assert f"metrics read from {new / 'metrics.csv'}" in printed and str(old / "metrics.csv") in printed
+    for name in ["mfu", "benchmarks", "loss_vs_tokens"]:
+        assert (tmp_path / "out" / f"{name}.png").read_bytes().startswith(PNG_SIGNATURE), name
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "| best validation loss | 3.25 (step 9: optimizer step 10) |" in markdown  # the lowest, not the last
+    assert "| mmlu/acc | 0.31 (step 29: optimizer step 30) |" in markdown and "acc_stderr |" not in markdown
+    assert "| last MFU | 0.42 (step 29: optimizer step 30) |" in markdown
+    assert "| tokens | 122,880 |" in markdown and "| steps | 30 (the last step logged: 29) |" in markdown
+    assert "not known (no TensorBoard events beside metrics.csv)" in markdown
