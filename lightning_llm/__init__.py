@@ -1,7 +1,8 @@
 """lightning-llm: PyTorch Lightning plugins for training large language models.
 
 The public names are imported on first use, so `import lightning_llm` stays cheap and a run that
-never evaluates does not import lm-eval.
+never evaluates does not import lm-eval; a name whose module needs an extra that is not installed
+(`lightning_llm.LightningLM` without lm-eval) raises the error that names the extra.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from lightning_llm.extras import OPTIONAL, require
 from lightning_llm.strategies.names import register_with_lightning
 
 _EXPORTS = {
@@ -62,7 +64,13 @@ register_with_lightning()  # Trainer(strategy="zero3"): the short names, in Ligh
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'lightning_llm' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    try:
+        module = importlib.import_module(_EXPORTS[name])
+    except ModuleNotFoundError as err:
+        if (err.name or "").partition(".")[0] in OPTIONAL:  # the module needs an extra that is not installed
+            require(err.name, f"lightning_llm.{name}")
+        raise
+    value = getattr(module, name)
     globals()[name] = value
     return value
 

@@ -1,5 +1,5 @@
 """The `lightning-llm` command: LightningCLI's fit/validate/test/predict, plus plan, generate, export,
-evaluate and chat.
+evaluate, chat and report.
 
     lightning-llm fit --config examples/pretrain_tiny.yaml
     lightning-llm generate --checkpoint runs/tiny/checkpoints/last.ckpt --prompt "def "
@@ -7,6 +7,7 @@ evaluate and chat.
     lightning-llm plan --compute 5.76e23 --plot plan.png
     lightning-llm evaluate --model runs/tiny/hf --tasks arc_easy,hellaswag --limit 100 --output_path runs/tiny/eval
     lightning-llm chat --model runs/sft_tiny/hf
+    lightning-llm report runs/tiny
 
 Each command imports what it needs when it runs: `lightning-llm --help` and `plan` import neither
 Lightning nor transformers. An error prints as one or two lines with the fix;
@@ -39,6 +40,7 @@ TOOL_COMMANDS = {
     "export": "write a checkpoint as a Hugging Face model directory (from_pretrained loads it)",
     "evaluate": "run lm-eval tasks on an export, a checkpoint or a hub model; write lm-eval's results JSON",
     "chat": "talk with a model in the terminal, with its chat template; the answer streams as it is generated",
+    "report": "plots (loss, learning rate, tokens/s, MFU, benchmarks) and a markdown summary of a run's metrics.csv",
 }
 
 
@@ -221,8 +223,9 @@ def evaluate(argv: list[str]) -> None:
         parser.error(f"--tasks names no task: {args.tasks!r}; give comma-separated names, e.g. --tasks arc_easy,hellaswag")
     if args.num_fewshot is not None and args.num_fewshot < 0:
         parser.error(f"--num_fewshot must be >= 0, got {args.num_fewshot}")
-    from lm_eval.utils import make_table
+    from lightning_llm.extras import require
 
+    make_table = require("lm_eval.utils", "lightning-llm evaluate").make_table
     from lightning_llm.eval.harness import evaluate_model, prepare_tasks, results_file, write_results
 
     out = results_file(args.output_path) if args.output_path else None  # (a bad path fails before any work)
@@ -273,6 +276,21 @@ def chat(argv: list[str]) -> None:
                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
 
 
+def report(argv: list[str]) -> None:
+    parser = command_parser("report")
+    parser.add_argument("run_dir", help="the run's folder (its trainer.default_root_dir), or its metrics.csv")
+    parser.add_argument("--out", default=None, help="where to write the plots and report.md (default: RUN_DIR/report)")
+    args = parser.parse_args(argv)
+    from lightning_llm.report import write_report  # (matplotlib and numpy: only for this command)
+
+    metrics, others, written = write_report(args.run_dir, args.out)
+    print(f"metrics read from {metrics}")
+    if others:
+        print(f"  (the newest of {len(others) + 1} metrics.csv under {args.run_dir}; give a file to choose another: "
+              + ", ".join(map(str, others[:3])) + (", ..." if len(others) > 3 else "") + ")")
+    print("written:\n" + "\n".join(f"  {path}" for path in written))
+
+
 def user_turns(interactive: bool) -> Iterator[str]:
     """Lines of standard input; a prompt on the terminal when it is one."""
     while True:
@@ -307,7 +325,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     try:
         if command in TOOL_COMMANDS:
-            {"plan": plan, "generate": generate, "export": export, "evaluate": evaluate, "chat": chat}[command](command_line[1:])
+            {"plan": plan, "generate": generate, "export": export, "evaluate": evaluate, "chat": chat,
+             "report": report}[command](command_line[1:])
         else:
             from lightning_llm.lightning_cli import run_trainer_cli
 

@@ -20,8 +20,8 @@ ROOT = "${trainer.default_root_dir}"
 
 class LLMCLI(LightningCLI):
     """LightningCLI with `--export_dir` (after `fit`, the trained model is exported for transformers), a summary
-    at the end of every fit, a resume that honours what the user typed (`--ckpt_path`), and checks that need no
-    data done first."""
+    at the end of every fit, TensorBoard and CSV logs unless the config names a logger, a resume that honours what
+    the user typed (`--ckpt_path`), and checks that need no data done first."""
 
     resume_checkpoint: tuple[str, dict[str, Any]] | None = None
 
@@ -83,7 +83,10 @@ class LLMCLI(LightningCLI):
         from lightning_llm.callbacks.summary import RunSummary
 
         # (a copy: the trainer appends its default callbacks to the config's list itself)
-        named = list(self._get(self.config_init, "trainer", default={}).get("callbacks") or [])
+        config = self._get(self.config_init, "trainer", default={})
+        named = list(config.get("callbacks") or [])
+        if config.get("logger") is None and "logger" not in kwargs:  # no logger in the config: both, not CSV alone
+            kwargs["logger"] = default_loggers(config.get("default_root_dir") or os.getcwd())
         trainer = super().instantiate_trainer(**kwargs)
         bar = trainer.progress_bar_callback
         if type(bar) in (RichProgressBar, TQDMProgressBar) and not any(bar is callback for callback in named):
@@ -95,6 +98,23 @@ class LLMCLI(LightningCLI):
         if not any(isinstance(c, RunSummary) for c in trainer.callbacks):
             trainer.callbacks.append(RunSummary())
         return trainer
+
+
+def default_loggers(root: str | os.PathLike) -> list[Any]:
+    """TensorBoard and CSV logs of one run, side by side in `<root>/lightning_logs/version_N`.
+
+    Lightning's own default is one logger (TensorBoard, or CSV with a warning without tensorboard); here both:
+    TensorBoard to look at, the CSV file for `lightning-llm report` and scripts. They share one version, the
+    next free N (or the SLURM job id, as Lightning's default, so a requeued job keeps its folder); each logger
+    picking its own would split a run over two folders. CSV comes first: it is `trainer.logger`, as it was
+    without tensorboard, and it creates the folder before TensorBoard writes there (created second, it would
+    warn that the folder is not empty).
+    """
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    csv = CSVLogger(root, version=SLURMEnvironment.job_id())
+    return [csv, TensorBoardLogger(root, version=csv.version)]
 
 
 def with_root(value: Any, root: str) -> Any:

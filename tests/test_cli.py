@@ -79,7 +79,7 @@ def test_plan_prints_the_compute_optimal_model(capsys, tmp_path):
 
 
 # What a user can type, written out here rather than read from the CLI.
-EVERY_COMMAND = ("fit", "validate", "test", "predict", "plan", "generate", "export", "evaluate", "chat")
+EVERY_COMMAND = ("fit", "validate", "test", "predict", "plan", "generate", "export", "evaluate", "chat", "report")
 
 
 def test_help_lists_every_command_with_one_line(capsys):

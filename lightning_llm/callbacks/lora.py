@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import bitsandbytes as bnb
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -39,21 +39,34 @@ from lightning_llm.export import (
     tokenizer_for_export,
     tokenizer_from_checkpoint,
 )
+from lightning_llm.extras import require
 from lightning_llm.models import PRESETS, build_model, has_weights
+
+if TYPE_CHECKING:
+    import bitsandbytes as bnb
 
 NF4_BLOCKSIZE = 64  # weights per absmax in QLoRA's NF4 (the paper's block size)
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-OPTIMIZERS = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW, "paged_adamw8bit": bnb.optim.PagedAdamW8bit}
+# the optimizers `LoRACallback(optimizer=...)` can swap in: name -> class in `bitsandbytes.optim`
+OPTIMIZERS = {"adamw8bit": "AdamW8bit", "paged_adamw": "PagedAdamW", "paged_adamw8bit": "PagedAdamW8bit"}
 
 
 # -- which layers ---------------------------------------------------------------------------------
 
 
+def is_4bit(obj: Any, kind: Literal["Linear4bit", "Params4bit"] = "Linear4bit") -> bool:
+    """Whether `obj` is a bitsandbytes `Linear4bit` layer (or `Params4bit` weight). Without bitsandbytes imported
+    no 4-bit object can exist, so plain LoRA asks this without importing it (bitsandbytes is the `qlora` extra)."""
+    bnb = sys.modules.get("bitsandbytes")
+    return bnb is not None and isinstance(obj, getattr(bnb.nn, kind))
+
+
 def linear_layer_names(model: nn.Module) -> list[str]:
-    """Qualified names of the linear layers LoRA can adapt: every linear but the output embedding."""
+    """Qualified names of the linear layers LoRA can adapt: every linear but the output embedding
+    (a bitsandbytes `Linear4bit` is an `nn.Linear` too)."""
     output = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
     return [name for name, m in model.named_modules()
-            if isinstance(m, (nn.Linear, bnb.nn.Linear4bit)) and m is not output and ".lora_" not in name]
+            if isinstance(m, nn.Linear) and m is not output and ".lora_" not in name]
 
 
 def check_target_modules(model: nn.Module, target_modules: str | list[str]) -> None:
@@ -84,6 +97,7 @@ def quantize_4bit(model: nn.Module, quant_type: str = "nf4", double_quant: bool 
     The output embedding stays as it is (it is tied to the input embedding in the presets, and QLoRA
     keeps it in 16/32 bits). Quantization is deterministic, so the same base quantizes to the same bits.
     """
+    bnb = require("bitsandbytes", "QLoRA's 4-bit base")
     names = linear_layer_names(model)
     if not names:
         raise ValueError(f"QLoRA quantizes linear layers, and {type(model).__name__} has none")
@@ -133,7 +147,7 @@ def quantized_bits_per_parameter(model: nn.Module) -> float:
     """Bits of storage per quantized weight: the 4-bit codes and their quantization constants."""
     bits, params = 0, 0
     for m in model.modules():
-        if isinstance(m, bnb.nn.Linear4bit):
+        if is_4bit(m):
             params += m.in_features * m.out_features
             bits += 8 * sum(t.numel() * t.element_size() for t in [m.weight.data, *quantization_constants(m)])
     if params == 0:
@@ -265,7 +279,7 @@ def merge_adapter(model: nn.Module, dtype: torch.dtype | None = None) -> PreTrai
     name = peft_model.active_adapter
     config = peft_model.peft_config[name]
     state = {k: v for k, v in peft_model.state_dict().items() if f".{name}." in k}
-    dtype = dtype or next(m.compute_dtype for m in peft_model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    dtype = dtype or next(m.compute_dtype for m in peft_model.modules() if is_4bit(m))
     base = dequantize_4bit(peft_model.unload(), dtype).to(dtype)
     merged = get_peft_model(base, config, adapter_name=name)
     merged.load_state_dict(state, strict=False)
@@ -326,6 +340,8 @@ class LoRACallback(Callback):
             raise ValueError(f"lr_multiplier must be > 0, got {lr_multiplier!r}")
         if optimizer is not None and optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be None or one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
+        if optimizer is not None:
+            require("bitsandbytes", f"{type(self).__name__}(optimizer={optimizer!r})")
         if isinstance(target_modules, (list, tuple)) and not target_modules:
             raise ValueError("target_modules is empty; give 'all-linear', layer names or a regular expression")
         if not adapter_name or "." in adapter_name:
@@ -362,7 +378,7 @@ class LoRACallback(Callback):
                            "checkpoints hold the adapter only, and resuming or merging one needs this same base")
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         # a 4-bit weight packs two parameters per byte: count the weights it stands for
-        total = sum(p.quant_state.shape.numel() if isinstance(p, bnb.nn.Params4bit) else p.numel()
+        total = sum(p.quant_state.shape.numel() if is_4bit(p, "Params4bit") else p.numel()
                     for p in model.parameters())
         rank_zero_info(f"LoRA adapter {self.adapter_name!r}: {trainable:,} trainable of {total:,} parameters")
         return model
@@ -409,7 +425,8 @@ class LoRACallback(Callback):
                              "use optimizer=None with it")
         groups = [{k: v for k, v in g.items() if k in ("params", "lr", "weight_decay", "betas", "eps", "initial_lr")}
                   for g in old.param_groups]
-        new = OPTIMIZERS[self.optimizer](groups, lr=old.defaults["lr"], betas=old.defaults.get("betas", (0.9, 0.999)))
+        optimizer_class = getattr(require("bitsandbytes", f"optimizer={self.optimizer!r}").optim, OPTIMIZERS[self.optimizer])
+        new = optimizer_class(groups, lr=old.defaults["lr"], betas=old.defaults.get("betas", (0.9, 0.999)))
         for config in trainer.lr_scheduler_configs:
             if config.scheduler.optimizer is old:
                 config.scheduler.optimizer = new
@@ -475,6 +492,7 @@ class QLoRACallback(LoRACallback):
                  adapter_dir: str | None = None, quant_type: Literal["nf4", "fp4"] = "nf4",
                  double_quant: bool = True, compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16",
                  gradient_checkpointing: bool = True) -> None:
+        require("bitsandbytes", type(self).__name__)
         super().__init__(r=r, alpha=alpha, dropout=dropout, target_modules=target_modules, adapter_name=adapter_name,
                          lr_multiplier=lr_multiplier, optimizer=optimizer, adapter_dir=adapter_dir)
         if quant_type not in ("nf4", "fp4"):

