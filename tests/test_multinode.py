@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from _precision_helpers import launch_nodes, read_losses
+from _precision_helpers import launch_nodes, private_mounts, read_losses
 from tolerances import reordered_sum_rtol
 
 from lightning_llm.checkpoint import load_checkpoint
@@ -116,3 +116,20 @@ def test_two_nodes_through_torchrun_train_as_one_process(tmp_path, corpus_dir):
     assert load_checkpoint(checkpoints / "last.ckpt")["global_step"] == STEPS
     # the cache both nodes share was tokenized once (by global rank 0), not once per node
     assert len(tokenized(tmp_path)) == 1 and Path(tokenized(tmp_path)[0]).parent.parent == cache
+
+
+@pytest.mark.skipif(not private_mounts(), reason="needs mount namespaces (unshare -rm) to give a node a disk of its own")
+def test_node_local_disks_get_their_own_token_cache_and_refuse_sharded_checkpoints(tmp_path, corpus_dir):
+    scratch = tmp_path / "scratch"  # each node's own disk at this path (node 1: an empty tmpfs)
+    run = config(corpus_dir, tmp_path / "losses", nodes=2, rows=ROWS, cache=str(scratch / "cache"),
+                 checkpoints=str(scratch / "checkpoints"))
+    done = fit_on_two_nodes(tmp_path, run, node_local=scratch)
+    # Each node tokenized into its own cache, and both trained on the same data until the first checkpoint
+    # (step 2), which every rank refused to write: node 1 cannot see the folder rank 0 made for the shards.
+    files = tokenized(tmp_path)
+    assert len(files) == 2 and len(set(files)) == 1 and Path(files[0]).parent.parent == scratch / "cache"
+    assert read_losses(tmp_path / "losses", 0)[:2] == read_losses(tmp_path / "losses", 1)[:2]
+    for node, result in enumerate(done):
+        assert result.returncode != 0, f"node {node} succeeded:\n{result.stdout[-3000:]}"
+        assert "the checkpoint folder must be on a filesystem that every node shares" in result.stdout, result.stdout[-3000:]
+    assert not (scratch / "checkpoints" / "step=2.ckpt").exists()  # no checkpoint without node 1's shards
