@@ -32,6 +32,7 @@ import os
 import re
 import secrets
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -258,16 +259,26 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
 def save_sharded(strategy: Any, checkpoint: dict[str, Any], path: _PATH) -> None:
     """Write a Lightning checkpoint as a `torch.distributed.checkpoint` directory (every rank calls this).
 
-    `strategy` is a Lightning strategy (`broadcast`, `barrier`, `is_global_zero`). Every rank writes its
-    shards of `checkpoint["state_dict"]` and `checkpoint["optimizer_states"]` into one temporary sibling
-    of `path`; after a barrier rank 0 writes `meta.pt` (the rest of the dict and the shard record) and
-    swaps the directory in.
+    `strategy` is a Lightning strategy (`broadcast`, `barrier`, `reduce_boolean_decision`, `is_global_zero`).
+    Every rank writes its shards of `checkpoint["state_dict"]` and `checkpoint["optimizer_states"]` into
+    one temporary sibling of `path`; after a barrier rank 0 writes `meta.pt` (the rest of the dict and the
+    shard record) and swaps the directory in. So every rank must see the directory rank 0 creates: on
+    several nodes, `path` must be on a filesystem they share; otherwise every rank stops at once, before
+    writing, rather than leave checkpoints that lack the other nodes' shards.
     """
     import torch.distributed.checkpoint as dcp
 
     path = Path(strategy.broadcast(str(path)))
     tmp = new_directory(path) if strategy.is_global_zero else None
     tmp = Path(strategy.broadcast(str(tmp) if tmp is not None else None))
+    if not strategy.reduce_boolean_decision(_appears(tmp), all=True):
+        if strategy.is_global_zero:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(
+            f"sharded checkpoint {str(path)!r}: every rank writes its shards into {str(tmp)!r}, which rank 0 created, "
+            f"but a rank on another node does not see it: on several nodes, the checkpoint folder must be on a "
+            "filesystem that every node shares (NFS, Lustre, GPFS, ...); set the ModelCheckpoint dirpath (or "
+            "trainer.default_root_dir) to a folder there")
     tensors = {"state_dict": checkpoint.pop("state_dict")}
     for i, state in enumerate(checkpoint.pop("optimizer_states", [])):
         tensors[f"optimizer_{i}"] = state
@@ -280,6 +291,21 @@ def save_sharded(strategy: Any, checkpoint: dict[str, Any], path: _PATH) -> None
             torch.save({**checkpoint, SHARD_RECORD: record}, f)
         commit_directory(tmp, path)
     strategy.barrier()  # no rank reads `path` before it is in place
+
+
+# How long a rank looks for a directory that another node's rank has just created: a network filesystem's
+# client may serve a cached listing of the parent folder for a few seconds.
+SHARED_DIRECTORY_WAIT_S = 5.0
+
+
+def _appears(directory: Path, wait_s: float = SHARED_DIRECTORY_WAIT_S) -> bool:
+    """Whether `directory` exists here, or appears within `wait_s` seconds."""
+    deadline = time.monotonic() + wait_s
+    while not directory.is_dir():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def _read_dcp_metadata(path: Path) -> Any:

@@ -65,6 +65,9 @@ class LLMCLI(LightningCLI):
             config[key] = with_root(value, str(root))
 
     def before_fit(self) -> None:
+        from lightning_llm.strategies.launch import check_launch_size
+
+        check_launch_size(self.trainer.strategy)  # Lightning's strategies too (it checks only launches of its own)
         check_precision_device(self.trainer)
         if self.resume_checkpoint is not None:
             path, checkpoint = self.resume_checkpoint

@@ -1,9 +1,15 @@
-"""Small LightningModules, data and a metrics-recording logger shared by the precision tests."""
+"""Shared test helpers: small LightningModules and data, a metrics-recording logger, a per-rank loss file,
+free ports, and a launcher of simulated nodes through torchrun's rendezvous."""
 
 from __future__ import annotations
 
 import copy
+import json
+import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -110,3 +116,63 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class LossFile(Callback):
+    """Every rank appends the logged `name` of each training step to `<directory>/losses-rank<global rank>.jsonl`
+    (a file per rank, so ranks on different nodes can be compared; appended, so a failed run keeps its steps)."""
+
+    def __init__(self, directory: str, name: str = "train/loss") -> None:
+        self.directory, self.name = Path(directory), name
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with open(self.directory / f"losses-rank{trainer.global_rank}.jsonl", "a") as f:
+            f.write(json.dumps([trainer.global_step, float(trainer.callback_metrics[self.name])]) + "\n")
+
+
+def read_losses(directory: Path, rank: int) -> list[tuple[int, float]]:
+    """What `LossFile` wrote for `rank`: (step after the batch, loss) of every training batch."""
+    return [tuple(line) for line in map(json.loads, (directory / f"losses-rank{rank}.jsonl").read_text().splitlines())]
+
+
+def private_mounts() -> bool:
+    """Whether this machine lets a process mount in a mount namespace of its own (`unshare -rm`), which
+    `launch_nodes(node_local=...)` needs."""
+    try:
+        return subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def launch_nodes(program: list[str], node_dirs: list[Path], env: dict[str, str] | None = None,
+                 node_local: Path | None = None, timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    """Run `program` (what torchrun runs: `["-m", module, *args]`, or `["--no-python", executable, *args]`) as a
+    job of len(node_dirs) nodes of one process each, the way a cluster launches one: a `torchrun --nnodes=N
+    --node_rank=i --rdzv_backend=c10d` per node, all meeting at one rendezvous endpoint. Node i runs in its
+    own working directory `node_dirs[i]`. `node_local`: a folder that node 0 sees as it is and every other
+    node as an empty folder of its own (a tmpfs in a private mount namespace, see `private_mounts`), as
+    node-local scratch disks mounted at one path are. Returns each node's finished process (stdout and
+    stderr together in `.stdout`)."""
+    nodes = len(node_dirs)
+    endpoint = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    procs = []
+    for rank, node_dir in enumerate(node_dirs):
+        node_dir.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", "--nproc_per_node=1",
+                   f"--node_rank={rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}",
+                   f"--rdzv_id=test-{endpoint}", "--local_addr=127.0.0.1", "--max_restarts=0", *program]
+        if node_local is not None and rank > 0:
+            node_local.mkdir(parents=True, exist_ok=True)
+            command = ["unshare", "-rm", "sh", "-c", 'mount -t tmpfs tmpfs "$0" && exec "$@"', str(node_local), *command]
+        procs.append(subprocess.Popen(command, cwd=node_dir, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    try:
+        outputs = [proc.communicate(timeout=timeout)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return [subprocess.CompletedProcess(proc.args, proc.returncode, out) for proc, out in zip(procs, outputs)]

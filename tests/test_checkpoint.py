@@ -36,6 +36,9 @@ class OneProcess:
     def barrier(self, name: str | None = None) -> None:
         pass
 
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        return decision
+
 
 def write_sharded(path, step: int, value: float) -> torch.Tensor:
     weight = torch.full((4, 3), value)

@@ -217,6 +217,10 @@ class PretrainDataModule(LightningDataModule):
         allow_data_change: bool = False,
     ) -> None:
         super().__init__()
+        # Lightning runs `prepare_data` on global rank 0 only; `setup` then has the first process of every
+        # other node tokenize what its cache lacks. A cache every node shares is tokenized once, not once
+        # per node (Lightning's default), and a node-local cache still gets its own copy.
+        self.prepare_data_per_node = False
         self.allow_data_change = allow_data_change
         self.tokenize_workers = check_workers(tokenize_workers)
         for name, value in (("block_size", block_size), ("batch_size", batch_size), ("vocab_size", vocab_size)):
@@ -274,7 +278,7 @@ class PretrainDataModule(LightningDataModule):
         if self.train_set is not None:
             return
         self.check_model_fits()
-        self.prepare_data()  # no-op when the files exist; covers a `setup` without `prepare_data`
+        self._prepare_on_every_filesystem()
         streams, train_blocks, val_index = [], [], []
         for s, source in enumerate(self.sources):
             tokens = load_tokens(self.token_file(source))
@@ -302,6 +306,26 @@ class PretrainDataModule(LightningDataModule):
         self.train_set = PackedBlocks(streams, index, self.block_size)
         self.val_set = PackedBlocks(streams, val, self.block_size)
         self._log_stats(len(val))
+
+    def _prepare_on_every_filesystem(self) -> None:
+        """`prepare_data` where this process's cache may lack the token files: by the first process of each
+        node while the others wait (a no-op where the files exist: a shared cache that global rank 0 has
+        filled, or a `setup` after `prepare_data`); by this process alone without a distributed trainer.
+        A failure on one node stops every node, not only that one (the others would wait for it forever)."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            self.prepare_data()
+            return
+        error = None
+        if trainer.local_rank == 0:
+            try:
+                self.prepare_data()
+            except Exception as err:  # reported to every rank below, then raised here
+                error = err
+        if not trainer.strategy.reduce_boolean_decision(error is None, all=True):
+            if error is not None:
+                raise error
+            raise RuntimeError("preparing the data failed on another node (its log has the error); stopping here too")
 
     def _log_stats(self, n_val: int) -> None:
         # The replaced-characters column appears when a source asked for errors="replace".

@@ -66,6 +66,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lightning_llm.checkpoint import open_sharded, remove_checkpoint, save_sharded
+from lightning_llm.strategies.launch import check_launch_size
 
 SCHEDULES: dict[str, type] = {
     "gpipe": ScheduleGPipe,
@@ -399,6 +400,7 @@ class PipelineStrategy(ParallelStrategy):
             self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
 
     def setup_environment(self) -> None:
+        check_launch_size(self)  # before the rendezvous, which a wrong size would wait in
         super().setup_environment()
         assert self.cluster_environment is not None
         self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)

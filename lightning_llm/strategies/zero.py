@@ -57,6 +57,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from lightning_llm.checkpoint import open_sharded, remove_checkpoint, save_sharded
+from lightning_llm.strategies.launch import check_launch_size
 
 STAGES = (1, 2, 3)
 
@@ -119,6 +120,7 @@ class ZeROStrategy(ModelParallelStrategy):
     # -- processes -------------------------------------------------------------------------------
 
     def setup_environment(self) -> None:
+        check_launch_size(self)  # before the rendezvous, which a wrong size would wait in
         self._setup_distributed()
         # One data-parallel dimension over all processes of all nodes.
         self._device_mesh = init_device_mesh(self.root_device.type, (self.world_size,), mesh_dim_names=("data_parallel",))
