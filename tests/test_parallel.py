@@ -73,8 +73,11 @@ def _recorder(record: dict):
 
     class Recorder(L.Callback):
         def on_train_start(self, trainer, pl_module):
+            from lightning_llm.strategies.zero import state_bytes
+
             record["init"] = full_weights(pl_module.model)
             record["sampler"] = trainer.strategy.distributed_sampler_kwargs
+            record["param_bytes"] = state_bytes(pl_module)["params"]
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             record.setdefault("losses", []).append(outputs["loss"].item())
@@ -86,12 +89,17 @@ def _recorder(record: dict):
     return Recorder()
 
 
-def _fit(world: int, rank: int, tp: int, out: Path, ckpt: str | None = None, save: bool = False, **options) -> dict:
+def _fit(world: int, rank: int, tp: int, out: Path, ckpt: str | None = None, save: bool = False, module=None,
+         **options) -> dict:
     record: dict = {}
     torch.manual_seed(10 * rank)  # ranks draw different numbers: the model must not depend on it
     strategy = ParallelStrategy(tensor_parallel=tp, **options)
     trainer = _trainer(world, strategy, [_recorder(record)], out if save else None)
-    trainer.fit(_module(), _loader(rank // tp, world // tp), ckpt_path=ckpt)
+    module = module or _module()
+    loader = _loader(rank // tp, world // tp)
+    # With checkpoints, validation on the training batches at each epoch's end (steps run vocabulary-parallel too).
+    trainer.fit(module, loader, loader if save else None, ckpt_path=ckpt)
+    record["val_history"] = module.val_history
     return record
 
 
@@ -101,7 +109,10 @@ def _worker(rank: int, world: int, port: int, out: str, job: str) -> None:
     torch.set_num_threads(1)
     out = Path(out)
     if job == "tp2":
-        results = {"sp": _fit(world, rank, 2, out / "sp", save=True), "no-sp": _fit(world, rank, 2, out, sequence_parallel=False)}
+        results = {"sp": _fit(world, rank, 2, out / "sp", save=True, module=(module := _module())),
+                   "no-sp": _fit(world, rank, 2, out, sequence_parallel=False, zero_stage=2)}
+        with torch.no_grad():  # outside the training steps the LM head's logits come whole
+            results["logits"] = module(global_batches()[0]["input_ids"])
     elif job == "resume_on_one":
         results = {"resumed": _fit(world, rank, 1, out, ckpt=str(out / "sp" / f"step={SAVE_AT}.ckpt"))}
     else:  # dp2 x tp2
@@ -153,6 +164,10 @@ def single_process_run(init: dict[str, torch.Tensor], steps: int) -> tuple[list[
 # change, doubled for the two sides. Weights: assert_adam_steps_close (the gradients carry the same noise).
 LOSS_TOL = dict(rtol=2 * reordered_sum_rtol(torch.float32, VOCAB), atol=0)
 LR_SUM = STEPS * HP["lr"]  # the warm-up and cosine steps are at most HP["lr"] each
+# A logit passes through five reordered sums in sequence (attention and MLP outputs of two layers, the
+# head), the longest over 192 terms; each moves it by reordered_sum_rtol of its terms' magnitudes, which
+# stay below 4 (twice the tiny model's largest activations and logits after a few steps).
+LOGITS_ATOL = 5 * 4 * reordered_sum_rtol(torch.float32, 192)
 
 
 @pytest.fixture(scope="module")
@@ -162,9 +177,7 @@ def runs(tmp_path_factory):
 
 
 def _assert_equals_one_process(records: list[dict]) -> None:
-    init = records[0]["init"]
-    for record in records:  # every rank trains the same model
-        assert record["init"].keys() == init.keys() and all(torch.equal(record["init"][k], v) for k, v in init.items())
+    init = records[0]["init"]  # the whole state dict, gathered on rank 0
     expected_losses, expected_weights = single_process_run(init, STEPS)
     # Each rank logs its data-parallel group's loss over an equal share of tokens: the global loss is their mean.
     losses = [sum(values) / len(values) for values in zip(*(r["losses"] for r in records))]
@@ -176,13 +189,45 @@ def _assert_equals_one_process(records: list[dict]) -> None:
     assert_adam_steps_close(final, expected_weights, lr_sum=LR_SUM)
 
 
-@pytest.mark.parametrize("layout", ["sp", "no-sp"])
+def _param_bytes(tp: int, dp: int) -> int:
+    """fp32 bytes of one rank's parameters: the split matrices 1/(tp x dp), the norms (replicated over the
+    tensor-parallel group) 1/dp; the tied embedding counted once. Exact: every dimension divides evenly."""
+    from lightning_llm.models import build_model
+
+    with torch.device("meta"):
+        model = build_model("tiny", vocab_size=VOCAB)
+    matrices = sum(p.numel() for p in model.parameters() if p.ndim == 2)
+    norms = sum(p.numel() for p in model.parameters() if p.ndim == 1)
+    return 4 * (matrices // (tp * dp) + norms // dp)
+
+
+@pytest.mark.parametrize("layout", ["sp", "no-sp"])  # no-sp also runs ZeRO stage 2
 def test_tp2_equals_one_process(runs, layout):
     records = [rank[layout] for rank in runs["tp2"]]
     _assert_equals_one_process(records)
     for record in records:  # one tensor-parallel group: one data-parallel replica, every token counted once
         assert record["sampler"] == {"num_replicas": 1, "rank": 0}
         assert record["tokens"] == STEPS * ROWS * SEQ
+        assert record["param_bytes"] == _param_bytes(tp=2, dp=1)
+
+
+def test_tp2_validation_and_whole_logits_equal_one_process(runs):
+    from lightning_llm.models import build_model
+    from lightning_llm.modules.pretrain import next_token_loss
+
+    model = build_model("tiny", vocab_size=VOCAB)
+    model.load_state_dict(runs["tp2"][0]["sp"]["final"])
+    batches = global_batches()
+    with torch.no_grad():
+        losses = [next_token_loss(model(input_ids=b["input_ids"]).logits, b["targets"]) for b in batches]
+        logits = model(input_ids=batches[0]["input_ids"]).logits
+    for rank in runs["tp2"]:
+        # Equal token counts per batch: the token-weighted mean is the mean of the batch means.
+        step, value = rank["sp"]["val_history"][-1]
+        assert step == STEPS
+        torch.testing.assert_close(torch.tensor(value), torch.stack(losses).mean(), **LOSS_TOL)
+        assert rank["logits"].shape == logits.shape and not hasattr(rank["logits"], "placements")
+        torch.testing.assert_close(rank["logits"], logits, rtol=0, atol=LOGITS_ATOL)
 
 
 def test_tp2_checkpoint_resumes_on_one_process(runs):
@@ -195,22 +240,22 @@ def test_tp2_checkpoint_resumes_on_one_process(runs):
 def test_tp2_checkpoint_consolidates_into_an_export(runs, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from lightning_llm.export import load_checkpoint, model_from_checkpoint, save_pretrained_atomic
+    from lightning_llm.export import export_checkpoint, load_checkpoint
 
-    checkpoint = load_checkpoint(runs["out"] / "sp" / "last.ckpt")
+    last = runs["out"] / "sp" / "last.ckpt"
     final = runs["tp2"][0]["sp"]["final"]
-    for name, weight in final.items():
-        assert torch.equal(checkpoint["state_dict"][f"model.{name}"], weight)
-    save_pretrained_atomic(model_from_checkpoint(checkpoint), tmp_path / "hf")
-    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").state_dict()
-    assert all(torch.equal(exported[k], v) for k, v in final.items())
+    checkpoint = load_checkpoint(last)
+    assert checkpoint["global_step"] == STEPS
+    assert all(torch.equal(checkpoint["state_dict"][f"model.{name}"], weight) for name, weight in final.items())
+    exported = AutoModelForCausalLM.from_pretrained(export_checkpoint(last, tmp_path / "hf")).state_dict()
+    assert all(torch.equal(exported[name], weight) for name, weight in final.items())
 
 
 def test_dp2_x_tp2_equals_one_process(tmp_path):
     records = [rank["dp2xtp2"] for rank in _spawn(4, tmp_path, "dp2xtp2")]
     _assert_equals_one_process(records)
     assert [r["sampler"] for r in records] == [{"num_replicas": 2, "rank": r // 2} for r in range(4)]
-    assert all(r["tokens"] == STEPS * ROWS * SEQ for r in records)
+    assert all(r["tokens"] == STEPS * ROWS * SEQ and r["param_bytes"] == _param_bytes(tp=2, dp=2) for r in records)
 
 
 # -- setup errors --------------------------------------------------------------------------------

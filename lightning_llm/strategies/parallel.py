@@ -96,6 +96,7 @@ class ParallelStrategy(ZeROStrategy):
         self.tensor_parallel = tensor_parallel
         self.sequence_parallel = sequence_parallel
         self._styles: dict[nn.Module, ParallelStyle] = {}
+        self._lm_head: nn.Module | None = None
         self._vocab_parallel_active = False
 
     # -- the mesh --------------------------------------------------------------------------------
@@ -136,7 +137,7 @@ class ParallelStrategy(ZeROStrategy):
         name, causal_lm = causal_lms[0]
         check_divisible(causal_lm.config, self.tensor_parallel)
         styles = plan_styles(causal_lm, self.sequence_parallel, prefix=f"{name}." if name else "")
-        causal_lm.lm_head.register_forward_hook(gather_logits_unless(lambda: self._vocab_parallel_active))
+        self._lm_head = causal_lm.lm_head
         if not isinstance(module, VocabParallelLoss) or module.vocab_parallel_loss is not True:
             rank_zero_info(f"{type(module).__name__} is not a VocabParallelLoss: the LM head's logits are gathered "
                            "whole on every tensor-parallel rank (see lightning_llm.protocols)")
@@ -144,6 +145,8 @@ class ParallelStrategy(ZeROStrategy):
 
     def _parallelize(self, members: list[nn.Module]) -> None:
         apply_styles(members, self._styles, self.device_mesh["tensor_parallel"])
+        if any(m is self._lm_head for m in members):  # after its style's own output hook, which makes the logits a DTensor
+            self._lm_head.register_forward_hook(gather_logits_unless(lambda: self._vocab_parallel_active))
 
     # -- steps: the module's loss runs vocabulary-parallel --------------------------------------
 
@@ -174,5 +177,5 @@ class ParallelStrategy(ZeROStrategy):
             return super().backward(closure_loss, optimizer, *args, **kwargs)
 
     def teardown(self) -> None:
-        self._styles = {}
+        self._styles, self._lm_head = {}, None
         super().teardown()
