@@ -19,7 +19,7 @@ the issues that follow it); asking for them is refused.
 from __future__ import annotations
 
 from collections.abc import Generator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -138,7 +138,7 @@ class ParallelStrategy(ZeROStrategy):
         check_divisible(causal_lm.config, self.tensor_parallel)
         styles = plan_styles(causal_lm, self.sequence_parallel, prefix=f"{name}." if name else "")
         self._lm_head = causal_lm.lm_head
-        if not isinstance(module, VocabParallelLoss) or module.vocab_parallel_loss is not True:
+        if not _takes_vocab_parallel_logits(module):
             rank_zero_info(f"{type(module).__name__} is not a VocabParallelLoss: the LM head's logits are gathered "
                            "whole on every tensor-parallel rank (see lightning_llm.protocols)")
         return styles
@@ -152,10 +152,8 @@ class ParallelStrategy(ZeROStrategy):
 
     @contextmanager
     def _vocab_parallel(self) -> Generator[None, None, None]:
-        module = self.lightning_module
-        if not self._styles or not isinstance(module, VocabParallelLoss) or module.vocab_parallel_loss is not True:
-            with nullcontext():
-                yield
+        if not self._styles or not _takes_vocab_parallel_logits(self.lightning_module):
+            yield
             return
         self._vocab_parallel_active = True
         try:
@@ -179,3 +177,7 @@ class ParallelStrategy(ZeROStrategy):
     def teardown(self) -> None:
         self._styles, self._lm_head = {}, None
         super().teardown()
+
+
+def _takes_vocab_parallel_logits(module: nn.Module) -> bool:
+    return isinstance(module, VocabParallelLoss) and module.vocab_parallel_loss is True

@@ -40,7 +40,7 @@ from torch.distributed.tensor import distribute_module
 
 # Entries of a Hugging Face plan that this module places (the others, e.g. mixture-of-experts ones, are refused).
 PLAN_STYLES = ("colwise", "rowwise", "embedding_rowwise", "colwise_gather_output")
-ISSUE = "https://github.com/lightning-llm/lightning-llm/issues/15"
+ISSUE = "issue 15 (ParallelStrategy)"
 
 
 def hf_tensor_plan(causal_lm: nn.Module) -> dict[str, str]:
