@@ -43,6 +43,7 @@ _EXPORTS = {
     "pass_at_k": "lightning_llm.eval.code_eval",
     "flash_attention": "lightning_llm.attention",
     "FlashAttention": "lightning_llm.attention",
+    "ParallelStrategy": "lightning_llm.strategies.parallel",
     "PipelineStrategy": "lightning_llm.strategies.pipeline",
     "ZeROStrategy": "lightning_llm.strategies.zero",
     "InstructionDataModule": "lightning_llm.data.instruct",

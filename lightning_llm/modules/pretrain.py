@@ -24,16 +24,17 @@ from lightning_llm.checkpoint import use_atomic_checkpoint_io
 from lightning_llm.data.pretrain import check_block_fits
 from lightning_llm.divergence import DivergenceGuard
 from lightning_llm.models import build_config, build_model, has_weights
+from lightning_llm.protocols import local_loss
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over target tokens (-100 = ignored), computed in fp32."""
-    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=-100)
+    """Mean cross-entropy over target tokens (-100 = ignored), computed in fp32 (logits may be vocabulary-parallel)."""
+    return local_loss(F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=-100))
 
 
 def next_token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy over target tokens (-100 = ignored), computed in fp32."""
-    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+    """Summed cross-entropy over target tokens (-100 = ignored), computed in fp32 (logits may be vocabulary-parallel)."""
+    return local_loss(F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=-100, reduction="sum"))
 
 
 def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
@@ -89,6 +90,9 @@ class PretrainModule(LightningModule):
             before the step is applied, or "skip" the step.
         max_nonfinite_skips: with on_nonfinite="skip", stop after this many skipped steps in a row.
     """
+
+    # Its steps use the logits only through next_token_loss(_sum): a `VocabParallelLoss` (lightning_llm.protocols).
+    vocab_parallel_loss = True
 
     def __init__(
         self,

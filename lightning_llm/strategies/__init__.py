@@ -1,1 +1,1 @@
-"""Distributed strategies: ZeRO data parallelism and pipeline parallelism."""
+"""Distributed strategies: ZeRO data parallelism, tensor and sequence parallelism on one mesh, pipeline parallelism."""

@@ -27,6 +27,8 @@ NAMES: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "zero3": ("lightning_llm.strategies.zero", "ZeROStrategy", {"stage": 3}, "ZeRO stage 3: + parameters sharded"),
     "pipeline": ("lightning_llm.strategies.pipeline", "PipelineStrategy", {},
                  "pipeline parallelism: 2 stages, 4 micro-batches, 1F1B"),
+    "parallel": ("lightning_llm.strategies.parallel", "ParallelStrategy", {},
+                 "one device mesh: data parallel (ZeRO-3) x tensor parallel; degrees as init_args"),
 }
 
 

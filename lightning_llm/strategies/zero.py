@@ -184,8 +184,16 @@ class ZeROStrategy(ModelParallelStrategy):
         for unit in [*units, module]:
             members = _members(unit, done)
             _materialize(module, members, self.root_device)
-            fully_shard(unit, mesh=self.device_mesh, reshard_after_forward=self.stage == 3, offload_policy=offload)
+            self._parallelize(members)
+            fully_shard(unit, mesh=self._data_mesh(), reshard_after_forward=self.stage == 3, offload_policy=offload)
             done.add(unit)
+
+    def _data_mesh(self) -> DeviceMesh:
+        """The mesh that ZeRO shards over: all processes here; the data-parallel dimension of a larger mesh."""
+        return self.device_mesh
+
+    def _parallelize(self, members: list[nn.Module]) -> None:
+        """Split freshly materialised modules before they are sharded; nothing here (`ParallelStrategy`: TP)."""
 
     # -- steps -----------------------------------------------------------------------------------
     # The LightningModule is the root FSDP unit (or wrapped by DDP): its steps must run inside the
@@ -215,7 +223,7 @@ class ZeROStrategy(ModelParallelStrategy):
             if not self.lightning_module.automatic_optimization:
                 raise ValueError("ZeROStrategy(stage=1) supports automatic optimization only; use stage 2 or 3")
             self._optimizer_shards = {
-                id(opt): OptimizerShards(self.lightning_module, opt, self.device_mesh) for opt in self.optimizers
+                id(opt): OptimizerShards(self.lightning_module, opt, self._data_mesh()) for opt in self.optimizers
             }
 
     def post_backward(self, closure_loss: torch.Tensor) -> None:

@@ -1,0 +1,35 @@
+"""The typed hooks between modules, callbacks and strategies.
+
+A strategy never imports a module (DESIGN: strategies work for any LightningModule), so what it may
+ask of one is written down here, where both sides import it from.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class VocabParallelLoss(Protocol):
+    """A LightningModule whose training and validation steps take vocabulary-parallel logits.
+
+    Under tensor parallelism the LM head's output is split over the vocabulary: each rank of a
+    tensor-parallel group holds its own slice of every token's logits, as a `DTensor` sharded on the
+    last dimension. A module with `vocab_parallel_loss = True` promises that, in its training and
+    validation steps, it uses the logits only through `torch.nn.functional.cross_entropy` and turns
+    each loss into a plain tensor with `local_loss`; the strategy runs those steps (and backward) under
+    torch's `loss_parallel`, so the cross-entropy is computed from the slices and the full logits
+    (batch x sequence x vocabulary) never exist on one rank. A module without the attribute gets full
+    logits, gathered from the slices (correct, at the cost of that memory and an all-gather).
+    """
+
+    vocab_parallel_loss: bool
+
+
+def local_loss(loss: torch.Tensor) -> torch.Tensor:
+    """The plain tensor of a loss: a vocabulary-parallel cross-entropy returns a `DTensor` whose value is
+    already the whole loss on every rank of the tensor-parallel group (replicated); other losses pass."""
+    to_local = getattr(loss, "to_local", None)  # duck-typed: DTensor is imported only where it exists
+    return to_local() if to_local is not None else loss

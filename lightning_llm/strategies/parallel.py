@@ -1,0 +1,183 @@
+"""ParallelStrategy: one device mesh, each parallelism a function applied to the model in turn.
+
+The processes form a mesh with named dimensions, outermost first
+
+    data_parallel x tensor_parallel          (sizes multiply to the world size)
+
+so that the ranks of one tensor-parallel group are neighbours (on GPUs: one node, where the links are
+fastest; TP communicates in every layer, data parallelism once per step). The model is built on the
+meta device and, one sharding unit (decoder layer) at a time, materialised, split by tensor and
+sequence parallelism over `tensor_parallel` (strategies/tensor.py) and sharded by ZeRO over
+`data_parallel` (strategies/zero.py, whose code this strategy runs with these two hooks): torchtitan's
+order, TP before FSDP. Ranks of one tensor-parallel group see the same batch: the distributed sampler
+and the module's data-parallel arithmetic are given the data-parallel coordinate only.
+
+Pipeline, context and expert parallelism are dimensions of the same mesh still to come (issue 15 and
+the issues that follow it); asking for them is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Sequence
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any, Literal
+
+import torch
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.distributed import _sync_ddp_if_available
+from lightning.pytorch import Trainer
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor.parallel import ParallelStyle, loss_parallel
+from torch.optim import Optimizer
+
+from lightning_llm.protocols import VocabParallelLoss
+from lightning_llm.strategies.tensor import ISSUE, apply_styles, check_divisible, gather_logits_unless, plan_styles
+from lightning_llm.strategies.zero import STAGES, ZeROStrategy, _is_hf_model
+
+MESH_DIMS = ("data_parallel", "tensor_parallel")
+
+
+class ParallelStrategy(ZeROStrategy):
+    """Data parallelism with ZeRO, tensor parallelism and sequence parallelism on one device mesh.
+
+    Args:
+        data_parallel: the data-parallel degree; "auto": the world size divided by the other degrees.
+        tensor_parallel: the tensor-parallel degree (Megatron's column/row split of attention and MLP,
+            read from the model's Hugging Face plan; LM head and cross-entropy split over the vocabulary).
+        pipeline_parallel, context_parallel, expert_parallel: 1 (the other degrees are not built yet).
+        zero_stage: ZeRO over the data-parallel dimension: 2 shards gradients and optimizer state,
+            3 also the parameters; 1 (optimizer state only) needs tensor_parallel=1.
+        sequence_parallel: with tensor_parallel > 1, shard norms and the residual stream along the sequence
+            between the tensor-parallel regions.
+        The rest as `ZeROStrategy` (cpu_offload, wrap, activation_checkpointing, empty_init, ...).
+    """
+
+    def __init__(
+        self,
+        data_parallel: int | Literal["auto"] = "auto",
+        tensor_parallel: int = 1,
+        pipeline_parallel: int = 1,
+        context_parallel: int = 1,
+        expert_parallel: int = 1,
+        zero_stage: int = 3,
+        sequence_parallel: bool = True,
+        *,
+        cpu_offload: bool = False,
+        wrap: Sequence[str] | None = None,
+        activation_checkpointing: bool = False,
+        empty_init: bool = True,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        degrees = dict(tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
+                       context_parallel=context_parallel, expert_parallel=expert_parallel)
+        if data_parallel != "auto":
+            degrees["data_parallel"] = data_parallel
+        bad = {k: v for k, v in degrees.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1}
+        if bad:
+            raise ValueError(f"parallel degrees must be integers >= 1 (data_parallel may be 'auto'), got {bad}")
+        later = {k: v for k, v in degrees.items() if k in ("pipeline_parallel", "context_parallel", "expert_parallel") and v > 1}
+        if later:
+            raise NotImplementedError(f"ParallelStrategy({', '.join(f'{k}={v}' for k, v in later.items())}): not built "
+                                      f"yet, see {ISSUE}; use PipelineStrategy for pipeline parallelism alone")
+        if zero_stage not in STAGES:
+            raise ValueError(f"zero_stage must be one of {STAGES}, got {zero_stage!r}")
+        if zero_stage == 1 and tensor_parallel > 1:
+            raise NotImplementedError(f"zero_stage=1 with tensor_parallel={tensor_parallel}: stage 1 replicates the "
+                                      "parameters through DistributedDataParallel, which does not take tensor-parallel "
+                                      "(DTensor) parameters; use zero_stage=2 (the same memory for the optimizer state "
+                                      "and gradients, less for gradients)")
+        super().__init__(zero_stage, cpu_offload=cpu_offload, wrap=wrap, activation_checkpointing=activation_checkpointing,
+                         empty_init=empty_init, process_group_backend=process_group_backend, timeout=timeout)
+        self.data_parallel = data_parallel
+        self.tensor_parallel = tensor_parallel
+        self.sequence_parallel = sequence_parallel
+        self._styles: dict[nn.Module, ParallelStyle] = {}
+        self._lm_head: nn.Module | None = None
+        self._vocab_parallel_active = False
+
+    # -- the mesh --------------------------------------------------------------------------------
+
+    def setup_environment(self) -> None:
+        self._setup_distributed()
+        data = self.world_size // self.tensor_parallel if self.data_parallel == "auto" else self.data_parallel
+        if data * self.tensor_parallel != self.world_size:
+            raise ValueError(f"data_parallel={self.data_parallel} x tensor_parallel={self.tensor_parallel} must equal the "
+                             f"world size {self.world_size} (nodes x devices); with data_parallel='auto' the world size "
+                             "must be a multiple of the other degrees")
+        self._device_mesh = init_device_mesh(self.root_device.type, (data, self.tensor_parallel), mesh_dim_names=MESH_DIMS)
+        self.lightning_module._device_mesh = self._device_mesh
+
+    def _data_mesh(self) -> DeviceMesh:
+        return self.device_mesh["data_parallel"]
+
+    def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any = "mean") -> Any:
+        """Reduce over the data-parallel ranks (by default): the ranks of a tensor-parallel group hold the same
+        batch and the same loss, so a sum over all ranks would count each batch `tensor_parallel` times."""
+        if isinstance(tensor, torch.Tensor):
+            return _sync_ddp_if_available(tensor, group if group is not None else self._data_mesh().get_group(),
+                                          reduce_op=reduce_op)
+        return tensor
+
+    # -- the model -------------------------------------------------------------------------------
+
+    def setup(self, trainer: Trainer) -> None:
+        if self.tensor_parallel > 1:
+            self._styles = self._tensor_parallel_styles(self.lightning_module)
+        super().setup(trainer)
+
+    def _tensor_parallel_styles(self, module: nn.Module) -> dict[nn.Module, ParallelStyle]:
+        causal_lms = [(name, m) for name, m in module.named_modules() if _is_hf_model(m) and hasattr(m, "lm_head")]
+        if len(causal_lms) != 1:
+            raise ValueError(f"tensor_parallel={self.tensor_parallel} needs exactly one Hugging Face causal LM in the "
+                             f"LightningModule (built in configure_model), found {[n for n, _ in causal_lms]}")
+        name, causal_lm = causal_lms[0]
+        check_divisible(causal_lm.config, self.tensor_parallel)
+        styles = plan_styles(causal_lm, self.sequence_parallel, prefix=f"{name}." if name else "")
+        self._lm_head = causal_lm.lm_head
+        if not _takes_vocab_parallel_logits(module):
+            rank_zero_info(f"{type(module).__name__} is not a VocabParallelLoss: the LM head's logits are gathered "
+                           "whole on every tensor-parallel rank (see lightning_llm.protocols)")
+        return styles
+
+    def _parallelize(self, members: list[nn.Module]) -> None:
+        apply_styles(members, self._styles, self.device_mesh["tensor_parallel"])
+        if any(m is self._lm_head for m in members):  # after its style's own output hook, which makes the logits a DTensor
+            self._lm_head.register_forward_hook(gather_logits_unless(lambda: self._vocab_parallel_active))
+
+    # -- steps: the module's loss runs vocabulary-parallel --------------------------------------
+
+    @contextmanager
+    def _vocab_parallel(self) -> Generator[None, None, None]:
+        if not self._styles or not _takes_vocab_parallel_logits(self.lightning_module):
+            yield
+            return
+        self._vocab_parallel_active = True
+        try:
+            with loss_parallel():
+                yield
+        finally:
+            self._vocab_parallel_active = False
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._vocab_parallel():
+            return super().training_step(*args, **kwargs)
+
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._vocab_parallel():
+            return super().validation_step(*args, **kwargs)
+
+    def backward(self, closure_loss: torch.Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> torch.Tensor:
+        with self._vocab_parallel():  # loss_parallel's backward must run inside it too
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+    def teardown(self) -> None:
+        self._styles, self._lm_head = {}, None
+        super().teardown()
+
+
+def _takes_vocab_parallel_logits(module: nn.Module) -> bool:
+    return isinstance(module, VocabParallelLoss) and module.vocab_parallel_loss is True
