@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.optim.lr_scheduler import LambdaLR
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 from torchmetrics import MeanMetric
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -260,11 +261,9 @@ class PretrainModule(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def _fused_step(self, groups: list[dict[str, Any]]) -> bool:
-        """Whether AdamW takes one fused kernel per step (5x faster than its loop over tensors on a CPU, llama-5m):
-        where torch has one for every parameter's device and dtype, and no loss scaler runs (a scaler unscales,
-        checks and clips the gradients before the step; a fused step would unscale inside it)."""
-        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
+        """Whether AdamW steps with torch's fused kernel (on a CPU ~5x faster than its default loop over tensors,
+        llama-5m): where torch has one for every parameter's device and dtype, and no loss scaler runs (a scaler
+        unscales, checks and clips the gradients before the step; a fused step would unscale inside it)."""
         if self._trainer is not None and getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return False
         devices = _get_fused_kernels_supported_devices()
