@@ -75,4 +75,5 @@ def test_the_gpu_examples_parse(example, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["trainer"]["accelerator"] == "gpu"
     assert printed["model"]["init_args"]["attn_implementation"] == "lightning_fa2"
+    assert printed["model"]["init_args"]["compile"] is True
     assert printed["trainer"]["plugins"][0]["init_args"]["precision"] == "bf16-mixed"

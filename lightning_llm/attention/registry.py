@@ -76,6 +76,11 @@ def _tokens(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])
 
 
+# Which sequences a call holds is read from the data (a padding mask's valid rows, position-id restarts turned
+# into cu_seqlens by nonzero, host syncs in the kernel's dispatch): traced by torch.compile it would split the
+# compiled decoder block into pieces and recompile for every batch's document boundaries. Under compile it runs
+# as one eager call between the block's compiled halves, whose shapes the block size fixes.
+@torch.compiler.disable
 def lightning_attention_forward(
     module: nn.Module,
     query: Tensor,

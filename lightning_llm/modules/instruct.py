@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from lightning_llm.compile import CompileOption
 from lightning_llm.data.instruct import Messages, chat_prompt_ids
 from lightning_llm.data.tokenizer import load_tokenizer
 from lightning_llm.export import load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
@@ -55,7 +56,7 @@ class InstructionTuningModule(PretrainModule):
     Args:
         model: an export directory, a hub id, a Lightning checkpoint file (`.ckpt`), or (for tests) a
             preset name or config, which starts from random weights.
-        vocab_size, attn_implementation, betas, min_lr_ratio, max_steps, activation_checkpointing,
+        vocab_size, attn_implementation, betas, min_lr_ratio, max_steps, activation_checkpointing, compile,
             on_nonfinite, max_nonfinite_skips: as in `PretrainModule`.
         lr, weight_decay, warmup_steps: as in `PretrainModule`, with finetuning's defaults (a lower
             peak rate, no decay, a short warmup).
@@ -78,12 +79,13 @@ class InstructionTuningModule(PretrainModule):
         min_lr_ratio: float = 0.1,
         max_steps: int | None = None,
         activation_checkpointing: bool = False,
+        compile: CompileOption = False,
         on_nonfinite: Literal["stop", "skip"] = "stop",
         max_nonfinite_skips: int = 16,
     ) -> None:
         super().__init__(model, vocab_size=vocab_size, attn_implementation=attn_implementation, lr=lr, weight_decay=weight_decay,
                          betas=betas, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, max_steps=max_steps,
-                         activation_checkpointing=activation_checkpointing, on_nonfinite=on_nonfinite,
+                         activation_checkpointing=activation_checkpointing, compile=compile, on_nonfinite=on_nonfinite,
                          max_nonfinite_skips=max_nonfinite_skips)
         if is_checkpoint(model) and not Path(model).is_file():
             raise FileNotFoundError(f"checkpoint {str(model)!r} does not exist")

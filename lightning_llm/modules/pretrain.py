@@ -17,10 +17,12 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.optim.lr_scheduler import LambdaLR
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 from torchmetrics import MeanMetric
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_llm.checkpoint import use_atomic_checkpoint_io
+from lightning_llm.compile import CompileOption, compile_blocks, compile_options
 from lightning_llm.data.pretrain import check_block_fits
 from lightning_llm.divergence import DivergenceGuard
 from lightning_llm.models import build_config, build_model, has_weights
@@ -85,6 +87,8 @@ class PretrainModule(LightningModule):
         min_lr_ratio: the cosine schedule ends at `lr * min_lr_ratio`.
         max_steps: length of the cosine schedule; `None` takes the trainer's estimated optimizer steps.
         activation_checkpointing: recompute each decoder layer's activations in the backward pass.
+        compile: `torch.compile` each decoder block's forward while training (`lightning_llm.compile`);
+            true for torch's defaults, or a dict of torch.compile options ({"mode": "max-autotune"}).
         on_nonfinite: what a non-finite loss or gradient norm does (`DivergenceGuard`, which the module
             adds to the trainer and which also logs the gradient norm): "stop" the run with an error
             before the step is applied, or "skip" the step.
@@ -107,10 +111,12 @@ class PretrainModule(LightningModule):
         min_lr_ratio: float = 0.1,
         max_steps: int | None = None,
         activation_checkpointing: bool = False,
+        compile: CompileOption = False,
         on_nonfinite: Literal["stop", "skip"] = "stop",
         max_nonfinite_skips: int = 16,
     ) -> None:
         super().__init__()
+        self._compile_options = compile_options(compile)  # validates it
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         if warmup_steps < 0 or not 0 <= min_lr_ratio <= 1:
@@ -153,6 +159,8 @@ class PretrainModule(LightningModule):
                 self.model = transform(self.model, self)
         if self.hparams.activation_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self._compile_options is not None:
+            compile_blocks(self.model, **self._compile_options)
 
     def build_hf_model(self, **load_kwargs: Any) -> PreTrainedModel:
         """The HF model named by `model`; subclasses that start from elsewhere (a checkpoint) override this.
@@ -257,10 +265,20 @@ class PretrainModule(LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        optimizer = torch.optim.AdamW(parameter_groups(self, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas))
+        groups = parameter_groups(self, hp.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), fused=self._fused_step(groups))
         max_steps = hp.max_steps or int(self.trainer.estimated_stepping_batches)
         schedule = LambdaLR(optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, max_steps, hp.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def _fused_step(self, groups: list[dict[str, Any]]) -> bool:
+        """Whether AdamW steps with torch's fused kernel (on a CPU ~5x faster than its default loop over tensors,
+        llama-5m): where torch has one for every parameter's device and dtype, and no loss scaler runs (a scaler
+        unscales, checks and clips the gradients before the step; a fused step would unscale inside it)."""
+        if self._trainer is not None and getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return False
+        devices = _get_fused_kernels_supported_devices()
+        return all(p.device.type in devices and p.is_floating_point() for group in groups for p in group["params"])
 
     # A resumed run restores the optimizer's and the schedule's state, and with it the checkpoint's peak
     # learning rate, betas and weight decay. This run's options win (the user may lower the rate on

@@ -1,0 +1,82 @@
+"""litgpt's compiled pretraining step, on batches given in a file, for benchmarks/pretrain_throughput.py.
+
+Runs in an environment where litgpt is installed (an optional extra beside the project; the project is on
+PYTHONPATH for `warmup_cosine` and `parameter_groups`, so the optimizer and schedule are the project's). What
+is litgpt's is what `litgpt pretrain` does: its `GPT` model, `initialize_weights`, `torch.compile(model)`
+on the whole model, `chunked_cross_entropy`, gradient clipping to norm 1.0 and AdamW fused only on CUDA.
+The model has llama-5m's shape (tied embeddings, as the preset; litgpt's Llama configs untie them).
+
+One training run per line "run" on stdin; each prints one JSON line: the time after every step and the loss
+of the last step. The parent process interleaves these runs with its own variants.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+from litgpt.config import Config
+from litgpt.model import GPT
+from litgpt.pretrain import initialize_weights
+from litgpt.utils import chunked_cross_entropy
+
+from lightning_llm.models import PRESETS
+from lightning_llm.modules.pretrain import parameter_groups, warmup_cosine
+
+
+def litgpt_config(preset: str, vocab_size: int, block_size: int) -> Config:
+    """litgpt's Llama block (RMSNorm, SwiGLU, rotary, no biases) with the preset's dimensions."""
+    shape = PRESETS[preset]
+    return Config(n_layer=shape["num_hidden_layers"], n_head=shape["num_attention_heads"],
+                  n_query_groups=shape["num_key_value_heads"], n_embd=shape["hidden_size"],
+                  intermediate_size=shape["intermediate_size"], vocab_size=vocab_size, padded_vocab_size=vocab_size,
+                  block_size=block_size, bias=False, mlp_class_name="LLaMAMLP", norm_class_name="RMSNorm",
+                  norm_eps=1e-5, rotary_percentage=1.0, parallel_residual=False, rope_base=10000)
+
+
+def train(args: argparse.Namespace, batches: list[dict[str, torch.Tensor]]) -> dict:
+    torch.manual_seed(0)
+    config = litgpt_config(args.model, args.vocab_size, args.block_size)
+    model = GPT(config)
+    initialize_weights(SimpleNamespace(strategy=None), model, n_layer=config.n_layer, n_embd=config.n_embd)
+    model.lm_head.weight = model.transformer.wte.weight  # tied, as the preset
+    model.train()
+    optimizer = torch.optim.AdamW(parameter_groups(model, 0.1), lr=args.lr, betas=(0.9, 0.95),
+                                  fused=torch.cuda.is_available())
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, args.warmup_steps, len(batches), 0.1))
+    compiled = torch.compile(model)
+    times, loss = [], None
+    for batch in batches:
+        logits = compiled(batch["input_ids"])
+        loss = chunked_cross_entropy(logits, batch["targets"])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        times.append(time.perf_counter())
+    parameters = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return {"times": times, "loss": loss.item(), "parameters": parameters}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", required=True, help="a torch.save'd list of {'input_ids', 'targets'} batches")
+    parser.add_argument("--model", default="llama-5m")
+    parser.add_argument("--vocab_size", type=int, required=True)
+    parser.add_argument("--block_size", type=int, required=True)
+    parser.add_argument("--lr", type=float, required=True)
+    parser.add_argument("--warmup_steps", type=int, required=True)
+    args = parser.parse_args()
+    batches = torch.load(args.batches)
+    for line in sys.stdin:
+        if line.strip() == "run":
+            print(json.dumps(train(args, batches)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
