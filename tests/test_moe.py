@@ -246,3 +246,35 @@ def test_flops_of_a_shared_expert_config():
     with FlopCounterMode(display=False) as counter:
         model(x).logits.float().sum().backward()
     assert flops_per_token(config, 16) == pytest.approx(counter.get_total_flops() / x.numel(), rel=0.02)
+
+
+# -- LoRA ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("experts", [False, True])
+def test_lora_on_tiny_moe_attention_only_or_experts_too(datamodule, tmp_path, experts):
+    from lightning_llm.callbacks.lora import LoRACallback, merge_adapter
+
+    # peft maps "all-linear" on Qwen3-MoE onto the fused 3-D expert tensors too (its ParamWrapper, which
+    # takes no dropout); attention-only adapters name the projections
+    lora = LoRACallback(r=4, dropout=0.0, adapter_dir=str(tmp_path / "adapter")) if experts else \
+        LoRACallback(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], adapter_dir=str(tmp_path / "adapter"))
+    metrics = MetricsRecorder()
+    torch.manual_seed(0)
+    module = PretrainModule("tiny-moe", lr=5e-3, warmup_steps=2)
+    trainer = Trainer(accelerator="cpu", devices=1, max_steps=8, logger=metrics, log_every_n_steps=1,
+                      callbacks=[lora],
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=datamodule)
+    losses = metrics.series("train/loss")
+    assert len(losses) == 8 and all(math.isfinite(v) for v in losses + metrics.series("train/router_aux_loss"))
+    trainable = [n for n, p in module.model.named_parameters() if p.requires_grad]
+    assert all(".lora_" in n for n in trainable)
+    assert any(".experts." in n for n in trainable) == experts  # the router is never adapted
+    # the library's merge computes what the adapted model computes
+    ids = torch.randint(0, module.model.config.vocab_size, (2, 11))
+    module.model.eval()
+    with torch.no_grad():
+        adapted = module.model(input_ids=ids).logits
+        merged = merge_adapter(module.model)(input_ids=ids).logits
+    torch.testing.assert_close(merged, adapted, rtol=0, atol=1e-5)
