@@ -14,7 +14,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss
 from _precision_helpers import MetricsRecorder
 from lightning_llm.data.pretrain import PretrainDataModule
 from lightning_llm.export import export_checkpoint
-from lightning_llm.models import build_model, count_parameters
+from lightning_llm.models import build_config, build_model, count_parameters
 from lightning_llm.modules.pretrain import PretrainModule
 from lightning_llm.modules.router import expert_token_counts, load_balancing_loss, router_z_loss
 from lightning_llm.scaling import flops_per_token, matmul_params, moe_shape
@@ -228,7 +228,9 @@ def hand_active_params(model):
 @pytest.mark.parametrize("overrides", [{}, dict(decoder_sparse_step=2, num_hidden_layers=3, hidden_size=48,
                                                 moe_intermediate_size=40, num_experts=5, num_experts_per_tok=3)])
 def test_flops_count_active_parameters(overrides):
-    model = build_model("tiny-moe", vocab_size=200, attn_implementation="eager", **overrides)
+    # eager attention and the per-expert loop: FlopCounterMode counts their matmuls (not torch._grouped_mm)
+    model = AutoModelForCausalLM.from_config(build_config("tiny-moe", vocab_size=200, **overrides),
+                                             attn_implementation="eager", experts_implementation="eager")
     assert matmul_params(model.config) == hand_active_params(model)
     # and torch's own count of a forward+backward pass agrees (dropless: each token meets exactly top_k experts)
     x = torch.randint(0, 200, (2, 16))
@@ -241,7 +243,7 @@ def test_flops_of_a_shared_expert_config():
     config = AutoConfig.for_model("qwen2_moe", hidden_size=32, intermediate_size=64, moe_intermediate_size=24,
                                   shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
                                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, vocab_size=100)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", experts_implementation="eager")
     x = torch.randint(0, 100, (2, 16))
     with FlopCounterMode(display=False) as counter:
         model(x).logits.float().sum().backward()
