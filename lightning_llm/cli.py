@@ -66,7 +66,8 @@ def plan(argv: list[str]) -> None:
     parser = command_parser("plan")
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--compute", type=float, help="training budget in FLOPs, e.g. 5.76e23")
-    group.add_argument("--params", type=float, help="model size in parameters, e.g. 67e9")
+    group.add_argument("--params", type=float, help="model size in parameters, e.g. 67e9 (a mixture of experts: the "
+                       "active parameters per token, which C = 6 N D counts; the fit itself is on dense models)")
     parser.add_argument("--plot", help="write the plan as a PNG here")
     args = parser.parse_args(argv)
     try:

@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 import lightning_llm.attention  # noqa: F401  registers attn_implementation="lightning_fa2" with transformers
 
-# Llama-style shapes (SwiGLU MLP, RMSNorm, rotary positions, tied embeddings). Parameter counts in the
-# names are for the preset's own vocabulary; a tokenizer with another vocabulary changes them.
+# Llama-style shapes (SwiGLU MLP, RMSNorm, rotary positions, tied embeddings) unless `model_type` names
+# another architecture. Parameter counts in the names are for the preset's own vocabulary; a tokenizer
+# with another vocabulary changes them.
 PRESETS: dict[str, dict[str, Any]] = {
     # For tests: a few hundred thousand parameters, GQA with 2 query heads per K/V head.
     "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
@@ -36,11 +37,28 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Llama 3.2 1B's shape with a 32k vocabulary: 1.0B parameters.
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                      num_key_value_heads=8, max_position_embeddings=4096, vocab_size=32000, rope_theta=500000.0),
+    # Mixtures of experts on Qwen3-MoE's block (a router picks top-k of num_experts SwiGLU experts per
+    # token; no shared expert; q/k RMSNorm): every layer is sparse, dropless (each expert takes every
+    # token routed to it). `intermediate_size` is the width of a dense layer, used only where
+    # `mlp_only_layers` asks for one: the active width (top-k x expert width), so it costs the same.
+    # For tests: 4 experts, top-2, a few hundred thousand parameters.
+    "tiny-moe": dict(model_type="qwen3_moe", hidden_size=64, moe_intermediate_size=96, intermediate_size=192,
+                     num_experts=4, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=512, vocab_size=4096),
+    # 8 experts, top-2: 100M parameters in all, 44M active per token (32k vocabulary).
+    "moe-100m": dict(model_type="qwen3_moe", hidden_size=512, moe_intermediate_size=768, intermediate_size=1536,
+                     num_experts=8, num_experts_per_tok=2, num_hidden_layers=8, num_attention_heads=8,
+                     num_key_value_heads=8, max_position_embeddings=2048, vocab_size=32000),
 }
 
 _PRESET_DEFAULTS = dict(tie_word_embeddings=True, rms_norm_eps=1e-5, initializer_range=0.02,
-                        attention_bias=False, mlp_bias=False, bos_token_id=None, eos_token_id=None,
-                        pad_token_id=None)
+                        attention_bias=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+# By model type: fields one architecture has and another lacks. The MoE presets renormalise the top-k
+# gate weights to sum to 1 (Mixtral's choice).
+_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": dict(mlp_bias=False),
+    "qwen3_moe": dict(norm_topk_prob=True),
+}
 
 
 def _is_local(spec: str) -> bool:
@@ -69,7 +87,9 @@ def build_config(spec: str | os.PathLike | PretrainedConfig, **overrides: Any) -
     if isinstance(spec, PretrainedConfig):
         config = spec.__class__.from_dict(spec.to_dict())
     elif str(spec) in PRESETS:
-        config = LlamaConfig(**{**_PRESET_DEFAULTS, **PRESETS[str(spec)]})
+        fields = dict(PRESETS[str(spec)])
+        model_type = fields.pop("model_type", "llama")
+        config = AutoConfig.for_model(model_type, **{**_PRESET_DEFAULTS, **_FAMILY_DEFAULTS[model_type], **fields})
     elif _is_local(str(spec)):
         path = Path(spec)
         if not path.exists():

@@ -36,23 +36,55 @@ def peak_flops(device: torch.device | str, dtype: torch.dtype) -> float | None:
     return None
 
 
+def moe_shape(config: PretrainedConfig) -> tuple[int, int, int] | None:
+    """(experts, top_k, expert width) of a mixture-of-experts config; None for a dense model.
+
+    Qwen-MoE and OLMoE call the expert count `num_experts`, Mixtral `num_local_experts`; the expert
+    width is `moe_intermediate_size` where a config has both it and a dense `intermediate_size`.
+    """
+    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+    if not experts:
+        return None
+    width = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+    return experts, config.num_experts_per_tok, width
+
+
+def is_sparse_layer(config: PretrainedConfig, layer: int) -> bool:
+    """Whether decoder layer `layer` is a mixture of experts (Qwen-MoE may interleave dense layers)."""
+    if moe_shape(config) is None:
+        return False
+    step = getattr(config, "decoder_sparse_step", None) or 1
+    return layer not in (getattr(config, "mlp_only_layers", None) or []) and (layer + 1) % step == 0
+
+
 def matmul_params(config: PretrainedConfig) -> int:
     """Parameters that take part in a matmul per token: all but the input embedding lookup.
 
     Per layer: Q and O projections (d x d each), K and V (d x d_kv each), the gated MLP (3 x d x d_ff);
-    plus the LM head (d x V), which computes whether or not it is tied to the embedding.
+    plus the LM head (d x V), which computes whether or not it is tied to the embedding. In a
+    mixture-of-experts layer a token meets the router (d x experts), its top-k experts (3 x d x
+    expert width each) and the shared expert where there is one: the active parameters, not all.
     """
     d, L = config.hidden_size, config.num_hidden_layers
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or d // heads
     attn = 2 * d * heads * head_dim + 2 * d * kv_heads * head_dim
-    mlp = 3 * d * config.intermediate_size
-    return L * (attn + mlp) + d * config.vocab_size
+    dense_mlp = 3 * d * config.intermediate_size
+    total = L * attn + d * config.vocab_size
+    shape = moe_shape(config)
+    for layer in range(L):
+        if not is_sparse_layer(config, layer):
+            total += dense_mlp
+            continue
+        experts, top_k, width = shape
+        shared = getattr(config, "shared_expert_intermediate_size", None) or 0
+        total += d * experts + top_k * 3 * d * width + (3 * d * shared + d if shared else 0)  # (+ the shared expert's gate)
+    return total
 
 
 def flops_per_token(config: PretrainedConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6N + 12 * n_layer * n_head * head_dim * seq_len.
+    """Training FLOPs per token: 6N + 12 * n_layer * n_head * head_dim * seq_len, N the active parameters.
 
     A matmul with N weights costs 2N FLOPs per token forward and 4N backward: 6N. Attention adds
     QK^T and PV, each 2 * seq_len * head_dim per head per token forward, times 3 for the backward:

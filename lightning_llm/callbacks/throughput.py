@@ -30,7 +30,8 @@ def global_batch_tokens(trainer: Trainer, batch: dict[str, torch.Tensor]) -> int
 class ThroughputCallback(Callback):
     """Logs `perf/tokens_per_sec`, `perf/tflops` (model FLOPs, all devices) and, on known GPUs, `perf/mfu`.
 
-    Model FLOPs per token come from `scaling.flops_per_token` (6N plus the attention term); MFU divides
+    Model FLOPs per token come from `scaling.flops_per_token` (6N plus the attention term, N the active
+    parameters of a mixture of experts: its router and top-k experts, not all experts); MFU divides
     the achieved FLOP/s by the peak dense FLOP/s of every device in the run. Rates are averaged over
     the last `window` batches so one slow step (a checkpoint, a validation) does not
     dominate. On CPUs no peak is known: tokens/s and TFLOP/s only.

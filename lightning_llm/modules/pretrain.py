@@ -26,6 +26,8 @@ from lightning_llm.compile import CompileOption, compile_blocks, compile_options
 from lightning_llm.data.pretrain import check_block_fits
 from lightning_llm.divergence import DivergenceGuard
 from lightning_llm.models import build_config, build_model, has_weights
+from lightning_llm.modules.router import expert_token_counts, load_balancing_loss, router_z_loss
+from lightning_llm.scaling import moe_shape
 from lightning_llm.protocols import local_loss
 
 
@@ -93,6 +95,9 @@ class PretrainModule(LightningModule):
             adds to the trainer and which also logs the gradient norm): "stop" the run with an error
             before the step is applied, or "skip" the step.
         max_nonfinite_skips: with on_nonfinite="skip", stop after this many skipped steps in a row.
+        router_aux_loss_coef: weight of the load-balancing loss of a mixture-of-experts model
+            (`modules.router.load_balancing_loss`, 1.0 when balanced); ignored by a dense model.
+        router_z_loss_coef: weight of the router z-loss (`modules.router.router_z_loss`).
     """
 
     # Its steps use the logits only through next_token_loss(_sum): a `VocabParallelLoss` (lightning_llm.protocols).
@@ -114,9 +119,14 @@ class PretrainModule(LightningModule):
         compile: CompileOption = False,
         on_nonfinite: Literal["stop", "skip"] = "stop",
         max_nonfinite_skips: int = 16,
+        router_aux_loss_coef: float = 0.01,
+        router_z_loss_coef: float = 0.001,
     ) -> None:
         super().__init__()
         self._compile_options = compile_options(compile)  # validates it
+        if not (router_aux_loss_coef >= 0 and router_z_loss_coef >= 0):
+            raise ValueError(f"router_aux_loss_coef and router_z_loss_coef must be >= 0 (0 turns a term off), "
+                             f"got {router_aux_loss_coef}, {router_z_loss_coef}")
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         if warmup_steps < 0 or not 0 <= min_lr_ratio <= 1:
@@ -199,6 +209,26 @@ class PretrainModule(LightningModule):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False).logits
 
+    def router_loss(self, router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """The mixture of experts' router terms added to the training loss; logs them and the expert loads.
+
+        Each rank balances its own tokens (data-parallel ranks average the gradients, so the mean of
+        the ranks' terms); the logged token counts per layer and expert are summed over the ranks.
+        """
+        hp = self.hparams
+        top_k = moe_shape(self.model.config)[1]
+        mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None  # 2-D: 0 = padding
+        aux, z = load_balancing_loss(router_logits, top_k, mask), router_z_loss(router_logits, mask)
+        counts = expert_token_counts(router_logits, top_k, mask).float()
+        if self._data_parallel_size() > 1:
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        self.log("train/router_aux_loss", aux.detach())
+        self.log("train/router_z_loss", z.detach())
+        for layer, row in enumerate(counts):
+            for expert, count in enumerate(row):
+                self.log(f"train/expert_tokens/layer{layer}/expert{expert}", count)
+        return hp.router_aux_loss_coef * aux + hp.router_z_loss_coef * z
+
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = self(batch["input_ids"], batch.get("position_ids"), batch.get("attention_mask"))
         return next_token_loss(logits, batch["targets"])
@@ -219,14 +249,20 @@ class PretrainModule(LightningModule):
         the whole global batch, as one process computes it. (Within gradient accumulation each
         micro-batch is still its own mean.)
         """
-        logits = self(batch["input_ids"], batch.get("position_ids"), batch.get("attention_mask"))
-        total = next_token_loss_sum(logits, batch["targets"])
+        moe = moe_shape(self.model.config) is not None
+        outputs = self.model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"),
+                             attention_mask=batch.get("attention_mask"), use_cache=False,
+                             **({"output_router_logits": True} if moe else {}))
+        total = next_token_loss_sum(outputs.logits, batch["targets"])
         totals = torch.stack([total.detach(), (batch["targets"] != -100).sum().to(total.dtype)])
         replicas = self._data_parallel_size()
         if replicas > 1:
             totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
         tokens = totals[1].clamp(min=1)
-        return total * replicas / tokens, totals[0] / tokens
+        loss = total * replicas / tokens
+        if moe:  # the router terms, on top of the token loss (which `batch_loss` alone reports)
+            loss = loss + self.router_loss(outputs.router_logits, batch.get("attention_mask"))
+        return loss, totals[0] / tokens
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, batch_loss = self.training_loss(batch)
