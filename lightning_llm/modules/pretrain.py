@@ -27,8 +27,8 @@ from lightning_llm.data.pretrain import check_block_fits
 from lightning_llm.divergence import DivergenceGuard
 from lightning_llm.models import build_config, build_model, has_weights
 from lightning_llm.modules.router import expert_token_counts, load_balancing_loss, router_z_loss
-from lightning_llm.scaling import moe_shape
 from lightning_llm.protocols import local_loss
+from lightning_llm.scaling import moe_shape
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
