@@ -21,6 +21,7 @@ from torchmetrics import MeanMetric
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_llm.checkpoint import use_atomic_checkpoint_io
+from lightning_llm.chunked_loss import final_hidden_states, linear_cross_entropy_sum, output_head
 from lightning_llm.data.pretrain import check_block_fits
 from lightning_llm.divergence import DivergenceGuard
 from lightning_llm.models import build_config, build_model, has_weights
@@ -81,6 +82,8 @@ class PretrainModule(LightningModule):
             adds to the trainer and which also logs the gradient norm): "stop" the run with an error
             before the step is applied, or "skip" the step.
         max_nonfinite_skips: with on_nonfinite="skip", stop after this many skipped steps in a row.
+        loss_chunk_size: compute the output projection and the loss this many tokens at a time, never
+            holding the full logits (`chunked_loss`); 0 or None computes the model's logits whole.
     """
 
     def __init__(
@@ -98,8 +101,11 @@ class PretrainModule(LightningModule):
         activation_checkpointing: bool = False,
         on_nonfinite: Literal["stop", "skip"] = "stop",
         max_nonfinite_skips: int = 16,
+        loss_chunk_size: int | None = 0,
     ) -> None:
         super().__init__()
+        if loss_chunk_size is not None and (isinstance(loss_chunk_size, bool) or loss_chunk_size < 0):
+            raise ValueError(f"loss_chunk_size must be a number of tokens >= 1, or 0/None for the plain loss; got {loss_chunk_size!r}")
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         if warmup_steps < 0 or not 0 <= min_lr_ratio <= 1:
@@ -140,6 +146,8 @@ class PretrainModule(LightningModule):
             transform = getattr(callback, "transform_model", None)
             if transform is not None:
                 self.model = transform(self.model, self)
+        if self.hparams.loss_chunk_size:
+            output_head(self.model)  # refuses, before training, a head the fused loss cannot compute
         if self.hparams.activation_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -177,12 +185,27 @@ class PretrainModule(LightningModule):
                 f"{self.model.config.vocab_size}: token ids would index past the embedding"
             )
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False).logits
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits; given `targets`, the summed next-token loss instead: the module's one loss.
+
+        With `loss_chunk_size` the loss comes from the final hidden states through the fused chunked
+        head, and the full logits never exist. (Inside `forward`, so that a sharding strategy's gather of
+        the outer parameters, the output projection's among them, is in effect.)
+        """
+        inputs = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False)
+        chunk_size = self.hparams.loss_chunk_size
+        if targets is None or not chunk_size:
+            logits = self.model(**inputs).logits
+            return logits if targets is None else next_token_loss_sum(logits, targets)
+        head = output_head(self.model)
+        return linear_cross_entropy_sum(final_hidden_states(self.model, **inputs), head.weight, targets, head.bias,
+                                        chunk_size=chunk_size)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = self(batch["input_ids"], batch.get("position_ids"), batch.get("attention_mask"))
-        return next_token_loss(logits, batch["targets"])
+        """Mean cross-entropy over the batch's target tokens (-100 = ignored)."""
+        total = self(batch["input_ids"], batch.get("position_ids"), batch.get("attention_mask"), batch["targets"])
+        return total / (batch["targets"] != -100).sum().clamp(min=1)
 
     # -- steps -----------------------------------------------------------------------------------
 
@@ -200,8 +223,7 @@ class PretrainModule(LightningModule):
         the whole global batch, as one process computes it. (Within gradient accumulation each
         micro-batch is still its own mean.)
         """
-        logits = self(batch["input_ids"], batch.get("position_ids"), batch.get("attention_mask"))
-        total = next_token_loss_sum(logits, batch["targets"])
+        total = self(batch["input_ids"], batch.get("position_ids"), batch.get("attention_mask"), batch["targets"])
         totals = torch.stack([total.detach(), (batch["targets"] != -100).sum().to(total.dtype)])
         replicas = self._data_parallel_size()
         if replicas > 1:
