@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from lightning_llm.chunked_loss import linear_cross_entropy_sum, output_head
 from lightning_llm.models import build_model
 from lightning_llm.modules.pretrain import PretrainModule
-from tests.tolerances import reordered_sum_rtol
+from tolerances import reordered_sum_rtol
 
 
 def plain_and_bounds(hidden, weight, bias, targets):
