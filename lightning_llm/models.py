@@ -174,15 +174,14 @@ def use_scaled_init(model: PreTrainedModel) -> PreTrainedModel:
     weights that exist already are drawn now. Models without such layers (GPT-2 scales its own) are left
     as they are. Never for pretrained weights: `build_model` calls it only on a model it initialised.
     """
-    # In the model's order (a set's order follows memory addresses): a seed gives the same weights every run.
-    residual = [module for name, module in model.named_modules()
-                if name.rsplit(".", 1)[-1] in RESIDUAL_PROJECTIONS and isinstance(module, torch.nn.Linear)]
+    residual = frozenset(module for name, module in model.named_modules()
+                         if name.rsplit(".", 1)[-1] in RESIDUAL_PROJECTIONS and isinstance(module, torch.nn.Linear))
     if not residual:
         return model
     std = residual_init_std(model.config)
     for owner in model.modules():
         if isinstance(owner, PreTrainedModel):
-            owner._init_weights = partial(_scaled_init_weights, owner._init_weights, frozenset(residual), std)
+            owner._init_weights = partial(_scaled_init_weights, owner._init_weights, residual, std)
     with torch.no_grad():
         for module in residual:
             if not module.weight.is_meta:
