@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
-import math
 import os
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -148,51 +146,7 @@ def build_model(
     # _from_config sets attn_implementation on the config it is given: build a private copy.
     config = build_config(spec, **overrides)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
-    return use_scaled_init(model)
-
-
-# The linear layers that write into the residual stream, by their name in transformers' decoders (Llama,
-# Mistral, Qwen, Gemma, Phi-3, OLMo): the attention output and the MLP's down projection.
-RESIDUAL_PROJECTIONS = ("o_proj", "down_proj")
-
-
-def residual_init_std(config: PretrainedConfig) -> float:
-    """GPT-2's (and Megatron's) std for the residual projections: `initializer_range / sqrt(2 x layers)`.
-
-    Each of the 2L projections adds its output to the residual stream; scaled so, the stream's variance
-    at initialisation stays that of one projection, however deep the model.
-    """
-    return config.initializer_range / math.sqrt(2 * config.num_hidden_layers)
-
-
-def use_scaled_init(model: PreTrainedModel) -> PreTrainedModel:
-    """Give a randomly initialised model GPT-2's scaled initialisation of the residual projections.
-
-    The other weights keep transformers' `_init_weights` (normal with `initializer_range`, norms one).
-    The rule becomes the model's own `_init_weights`, so a sharding strategy that materialises the model
-    from the meta device later (`ZeROStrategy`: the owner's `_init_weights` per module) draws the same;
-    weights that exist already are drawn now. Models without such layers (GPT-2 scales its own) are left
-    as they are. Never for pretrained weights: `build_model` calls it only on a model it initialised.
-    """
-    residual = frozenset(module for name, module in model.named_modules()
-                         if name.rsplit(".", 1)[-1] in RESIDUAL_PROJECTIONS and isinstance(module, torch.nn.Linear))
-    if not residual:
-        return model
-    std = residual_init_std(model.config)
-    for owner in model.modules():
-        if isinstance(owner, PreTrainedModel):
-            owner._init_weights = partial(_scaled_init_weights, owner._init_weights, residual, std)
-    with torch.no_grad():
-        for module in residual:
-            if not module.weight.is_meta:
-                torch.nn.init.normal_(module.weight, mean=0.0, std=std)
     return model
-
-
-def _scaled_init_weights(hf_init_weights, residual: frozenset, std: float, module: torch.nn.Module) -> None:
-    hf_init_weights(module)
-    if module in residual:
-        torch.nn.init.normal_(module.weight, mean=0.0, std=std)
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
