@@ -3,7 +3,7 @@
 It is `PretrainModule` (the same next-token loss, optimizer, schedule, logging, checkpoints and
 export) started from pretrained weights: an export directory, a hub id or a Lightning checkpoint,
 whose tokenizer comes along. The answer-only loss needs nothing here: the data module's targets are
--100 outside the answers, and `next_token_loss` averages over the answer tokens of the batch.
+-100 outside the answers, and `PretrainModule.loss` averages over the answer tokens of the batch.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class InstructionTuningModule(PretrainModule):
         model: an export directory, a hub id, a Lightning checkpoint file (`.ckpt`), or (for tests) a
             preset name or config, which starts from random weights.
         vocab_size, attn_implementation, betas, min_lr_ratio, max_steps, activation_checkpointing, compile,
-            on_nonfinite, max_nonfinite_skips: as in `PretrainModule`.
+            on_nonfinite, max_nonfinite_skips, loss_chunk_size: as in `PretrainModule`.
         lr, weight_decay, warmup_steps: as in `PretrainModule`, with finetuning's defaults (a lower
             peak rate, no decay, a short warmup).
 
@@ -82,11 +82,12 @@ class InstructionTuningModule(PretrainModule):
         compile: CompileOption = False,
         on_nonfinite: Literal["stop", "skip"] = "stop",
         max_nonfinite_skips: int = 16,
+        loss_chunk_size: int | None = 0,
     ) -> None:
         super().__init__(model, vocab_size=vocab_size, attn_implementation=attn_implementation, lr=lr, weight_decay=weight_decay,
                          betas=betas, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, max_steps=max_steps,
                          activation_checkpointing=activation_checkpointing, compile=compile, on_nonfinite=on_nonfinite,
-                         max_nonfinite_skips=max_nonfinite_skips)
+                         max_nonfinite_skips=max_nonfinite_skips, loss_chunk_size=loss_chunk_size)
         if is_checkpoint(model) and not Path(model).is_file():
             raise FileNotFoundError(f"checkpoint {str(model)!r} does not exist")
         self.tokenizer = source_tokenizer(model)

@@ -22,6 +22,7 @@ from torchmetrics import MeanMetric
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_llm.checkpoint import use_atomic_checkpoint_io
+from lightning_llm.chunked_loss import final_hidden_states, linear_cross_entropy_sum, output_head
 from lightning_llm.compile import CompileOption, compile_blocks, compile_options
 from lightning_llm.data.pretrain import check_block_fits
 from lightning_llm.divergence import DivergenceGuard
@@ -98,6 +99,10 @@ class PretrainModule(LightningModule):
         router_aux_loss_coef: weight of the load-balancing loss of a mixture-of-experts model
             (`modules.router.load_balancing_loss`, 1.0 when balanced); ignored by a dense model.
         router_z_loss_coef: weight of the router z-loss (`modules.router.router_z_loss`).
+        loss_chunk_size: compute the output projection and the loss this many tokens at a time, never
+            holding the full logits (`chunked_loss`); 0 or None computes the model's logits whole.
+            Refused, before training, where the loss is not computed here from the head (a pipeline,
+            a tensor-parallel head, a mixture-of-experts model).
     """
 
     # Its steps use the logits only through next_token_loss(_sum): a `VocabParallelLoss` (lightning_llm.protocols).
@@ -121,12 +126,15 @@ class PretrainModule(LightningModule):
         max_nonfinite_skips: int = 16,
         router_aux_loss_coef: float = 0.01,
         router_z_loss_coef: float = 0.001,
+        loss_chunk_size: int | None = 0,
     ) -> None:
         super().__init__()
         self._compile_options = compile_options(compile)  # validates it
         if not (router_aux_loss_coef >= 0 and router_z_loss_coef >= 0):
             raise ValueError(f"router_aux_loss_coef and router_z_loss_coef must be >= 0 (0 turns a term off), "
                              f"got {router_aux_loss_coef}, {router_z_loss_coef}")
+        if loss_chunk_size is not None and (isinstance(loss_chunk_size, bool) or loss_chunk_size < 0):
+            raise ValueError(f"loss_chunk_size must be a number of tokens >= 1, or 0/None for the plain loss; got {loss_chunk_size!r}")
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         if warmup_steps < 0 or not 0 <= min_lr_ratio <= 1:
@@ -167,10 +175,28 @@ class PretrainModule(LightningModule):
             transform = getattr(callback, "transform_model", None)
             if transform is not None:
                 self.model = transform(self.model, self)
+        if self.hparams.loss_chunk_size:
+            self._check_chunked_loss_applies()
         if self.hparams.activation_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self._compile_options is not None:
             compile_blocks(self.model, **self._compile_options)
+
+    def _check_chunked_loss_applies(self) -> None:
+        """Refuse `loss_chunk_size` before training where this module does not compute the loss from the
+        output head itself, rather than ignore it."""
+        chunk = self.hparams.loss_chunk_size
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        where = None
+        if moe_shape(self.model.config) is not None:
+            where = "a mixture-of-experts model (its router terms come with the whole logits)"
+        elif getattr(strategy, "n_stages", 1) > 1 or getattr(strategy, "stages", 1) > 1:
+            where = f"{type(strategy).__name__} (the last stage computes the loss from its logits)"
+        elif getattr(strategy, "tensor_parallel", 1) > 1:
+            where = f"{type(strategy).__name__}(tensor_parallel={strategy.tensor_parallel}) (the head is split over the vocabulary)"
+        if where is not None:
+            raise ValueError(f"loss_chunk_size={chunk} is not supported under {where}; set loss_chunk_size=0")
+        output_head(self.model)  # refuses a head the fused loss cannot compute (LoRA, quantised, soft-capped)
 
     def build_hf_model(self, **load_kwargs: Any) -> PreTrainedModel:
         """The HF model named by `model`; subclasses that start from elsewhere (a checkpoint) override this.
@@ -206,8 +232,22 @@ class PretrainModule(LightningModule):
                 f"{self.model.config.vocab_size}: token ids would index past the embedding"
             )
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False).logits
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits; given `targets`, the summed next-token loss instead: the module's one loss.
+
+        With `loss_chunk_size` the loss comes from the final hidden states through the fused chunked
+        head, and the full logits never exist. (Inside `forward`, so that a sharding strategy's gather of
+        the outer parameters, the output projection's among them, is in effect.)
+        """
+        inputs = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False)
+        chunk_size = self.hparams.loss_chunk_size
+        if targets is None or not chunk_size:
+            logits = self.model(**inputs).logits
+            return logits if targets is None else next_token_loss_sum(logits, targets)
+        head = output_head(self.model)
+        return linear_cross_entropy_sum(final_hidden_states(self.model, **inputs), head.weight, targets, head.bias,
+                                        chunk_size=chunk_size)
 
     def router_loss(self, router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None) -> torch.Tensor:
         """The mixture of experts' router terms added to the training loss; logs them and the expert loads.
@@ -230,8 +270,9 @@ class PretrainModule(LightningModule):
         return hp.router_aux_loss_coef * aux + hp.router_z_loss_coef * z
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = self(batch["input_ids"], batch.get("position_ids"), batch.get("attention_mask"))
-        return next_token_loss(logits, batch["targets"])
+        """Mean cross-entropy over the batch's target tokens (-100 = ignored)."""
+        total = self(batch["input_ids"], batch.get("position_ids"), batch.get("attention_mask"), batch["targets"])
+        return total / (batch["targets"] != -100).sum().clamp(min=1)
 
     # -- steps -----------------------------------------------------------------------------------
 
@@ -250,10 +291,12 @@ class PretrainModule(LightningModule):
         micro-batch is still its own mean.)
         """
         moe = moe_shape(self.model.config) is not None
-        outputs = self.model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"),
-                             attention_mask=batch.get("attention_mask"), use_cache=False,
-                             **({"output_router_logits": True} if moe else {}))
-        total = next_token_loss_sum(outputs.logits, batch["targets"])
+        if moe:  # the router logits come with the model's outputs (configure_model refuses a chunked loss here)
+            outputs = self.model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"),
+                                 attention_mask=batch.get("attention_mask"), use_cache=False, output_router_logits=True)
+            total = next_token_loss_sum(outputs.logits, batch["targets"])
+        else:
+            total = self(batch["input_ids"], batch.get("position_ids"), batch.get("attention_mask"), batch["targets"])
         totals = torch.stack([total.detach(), (batch["targets"] != -100).sum().to(total.dtype)])
         replicas = self._data_parallel_size()
         if replicas > 1:
