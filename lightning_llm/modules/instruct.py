@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from lightning_llm.attention.registry import ATTN_IMPLEMENTATION, unsupported_reason
 from lightning_llm.data.instruct import Messages, chat_prompt_ids
 from lightning_llm.data.tokenizer import load_tokenizer
 from lightning_llm.export import load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
@@ -49,14 +51,34 @@ def fit_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
     return model
 
 
+def attend_per_example(model: PreTrainedModel) -> None:
+    """Packed examples attend each within itself, at the cost of their own lengths: `lightning_fa2` finds
+    the examples from the restarting position ids and runs the varlen kernel on CUDA and one SDPA call
+    per example on the CPU. transformers' sdpa and eager attention would instead apply a block-diagonal
+    mask to the whole block, paying for every pair of tokens across examples only to mask it. A model
+    that `lightning_fa2` cannot run (attention dropout, sliding window, soft-capping) keeps its own."""
+    reason = unsupported_reason(model.config)
+    if reason is None:
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        rank_zero_info(f"packed examples attend per example: attn_implementation={ATTN_IMPLEMENTATION!r} "
+                       "(pass attn_implementation to choose another)")
+    else:
+        rank_zero_info(f"packed examples attend through a block-diagonal mask over the block "
+                       f"(attn_implementation={model.config._attn_implementation!r}): {ATTN_IMPLEMENTATION} "
+                       f"does not support {reason}")
+
+
 class InstructionTuningModule(PretrainModule):
     """Supervised finetuning (instruction tuning) of a pretrained causal LM, with the loss on answer tokens only.
 
     Args:
         model: an export directory, a hub id, a Lightning checkpoint file (`.ckpt`), or (for tests) a
             preset name or config, which starts from random weights.
-        vocab_size, attn_implementation, betas, min_lr_ratio, max_steps, activation_checkpointing,
-            on_nonfinite, max_nonfinite_skips: as in `PretrainModule`.
+        attn_implementation: as in `PretrainModule`; `None` with a data module that packs examples
+            takes "lightning_fa2" where the model allows it (see `attend_per_example`), else transformers'
+            default.
+        vocab_size, betas, min_lr_ratio, max_steps, activation_checkpointing, on_nonfinite,
+            max_nonfinite_skips: as in `PretrainModule`.
         lr, weight_decay, warmup_steps: as in `PretrainModule`, with finetuning's defaults (a lower
             peak rate, no decay, a short warmup).
 
@@ -102,9 +124,14 @@ class InstructionTuningModule(PretrainModule):
                 model.set_attn_implementation(hp.attn_implementation)
         else:
             model = super().build_hf_model(**load_kwargs)
+        if hp.attn_implementation is None and getattr(self._datamodule(), "packing", False):
+            attend_per_example(model)
         if self.tokenizer is not None:
             fit_embeddings(model, self.tokenizer)
         return model  # (put in train mode by PretrainModule.configure_model)
+
+    def _datamodule(self) -> object | None:
+        return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = super().training_step(batch, batch_idx)
