@@ -7,8 +7,13 @@ every variant, and the median of several rounds is what an idle machine reproduc
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
+from pathlib import Path
 from typing import Callable, Mapping
+
+from lightning_llm.checkpoint import atomic_file
 
 
 def interleaved(variants: Mapping[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
@@ -39,3 +44,10 @@ def summary(samples: Mapping[str, list[float]], baseline: str | None = None) -> 
             row["ratio_to_" + baseline] = row["median"] / statistics.median(samples[baseline])
         rows.append(row)
     return rows
+
+
+def write_result(path: str | os.PathLike, result: Mapping) -> None:
+    """Write a benchmark's JSON result through a temporary sibling (never a half-written file)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as f:
+        f.write((json.dumps(result, indent=2) + "\n").encode())
