@@ -56,10 +56,17 @@ def attend_per_example(model: PreTrainedModel) -> None:
     the examples from the restarting position ids and runs the varlen kernel on CUDA and one SDPA call
     per example on the CPU. transformers' sdpa and eager attention would instead apply a block-diagonal
     mask to the whole block, paying for every pair of tokens across examples only to mask it. A model
-    that `lightning_fa2` cannot run (attention dropout, sliding window, soft-capping) keeps its own."""
+    that `lightning_fa2` cannot run (attention dropout, sliding window, soft-capping, or attention that
+    does not come from transformers' AttentionInterface) keeps its own."""
     reason = unsupported_reason(model.config)
     if reason is None:
-        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        try:
+            model.set_attn_implementation(ATTN_IMPLEMENTATION)  # (only warns where the model cannot switch)
+        except ValueError as error:
+            reason = str(error)
+        if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+            reason = reason or f"{type(model).__name__}, whose attention is not set through AttentionInterface"
+    if reason is None:
         rank_zero_info(f"packed examples attend per example: attn_implementation={ATTN_IMPLEMENTATION!r} "
                        "(pass attn_implementation to choose another)")
     else:
