@@ -4,10 +4,11 @@ Same model, tokenizer, tasks and batch size; HFLM loads the exported model from 
 does without the callbacks) and is also timed at its default batch size of 1. The data are
 synthetic MMLU-style multiple-choice questions (4 choices, lm-eval's `mmlu_*` template) and
 GSM8K-style word problems (lm-eval's `gsm8k` template, greedy generation), written in the hub
-datasets' layouts to a temporary directory. Each timing is the best of `--repeats` rounds after a
-warm-up round; a timing covers the whole `simple_evaluate` call (lm-eval's own overhead included).
+datasets' layouts to a temporary directory. After an untimed warm-up round the runs take turns for
+`--rounds` rounds (benchmarks/interleave.py); each figure is the median items/s with its range, and a
+timing covers the whole `simple_evaluate` call (lm-eval's own overhead included).
 
-    python benchmarks/eval_throughput.py --model llama-5m --questions 128 --problems 16
+    python benchmarks/eval_throughput.py --model llama-5m --questions 128 --problems 16 --rounds 3
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ import random
 import sysconfig
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 from lm_eval import simple_evaluate
 from lm_eval.models.huggingface import HFLM
+
+from interleave import interleaved, summary, write_result
 
 from lightning_llm.data.tokenizer import train_tokenizer
 from lightning_llm.eval import tasks
@@ -61,6 +65,12 @@ def timed(lm, spec, args, shots) -> tuple[float, dict]:
     return time.perf_counter() - start, results["results"]
 
 
+def items_per_second(lm, spec, args, shots, units: int, scores: dict, key: tuple[str, str]) -> float:
+    """One timed evaluation; its results are kept under `key` to compare the runs' scores."""
+    seconds, scores[key] = timed(lm, spec, args, shots)
+    return units / seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama-5m")
@@ -69,7 +79,7 @@ def main() -> None:
     parser.add_argument("--problems", type=int, default=16)
     parser.add_argument("--max-gen-toks", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds after a warm-up; figures are medians")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", default="benchmarks/results/eval_throughput.json")
     args = parser.parse_args()
@@ -103,17 +113,13 @@ def main() -> None:
         }
         rows, scores = [], {}
         for workload, (spec, shots, units) in workloads.items():
-            best = dict.fromkeys(runs, float("inf"))
-            # An untimed warm-up round, then rounds that alternate the runs: a load change on a
-            # shared machine hits all of them alike; the best round of each counts.
-            for round_ in range(args.repeats + 1):
-                for name, lm in runs.items():
-                    seconds, scores[(workload, name)] = timed(lm, spec, args, shots)
-                    best[name] = min(best[name], seconds) if round_ else best[name]
-            rows += [{"workload": workload, "run": name, "seconds": s, "per_sec": units / s} for name, s in best.items()]
-        for row in rows:
-            row["ratio_to_hflm"] = row["per_sec"] / next(
-                r["per_sec"] for r in rows if r["workload"] == row["workload"] and r["run"] == "HFLM")
+            variants = {name: partial(items_per_second, lm, spec, args, shots, units, scores, (workload, name))
+                        for name, lm in runs.items()}
+            print(f"{workload}: warm-up round")
+            for measure in variants.values():
+                measure()
+            for row in summary(interleaved(variants, args.rounds), baseline="HFLM"):
+                rows.append({"workload": workload, **row})
     for workload in workloads:
         same = scores[(workload, "LightningLM")] == scores[(workload, "HFLM")]
         print(f"{workload}: LightningLM and HFLM results {'identical' if same else 'DIFFER'}")
@@ -121,13 +127,14 @@ def main() -> None:
     machine = torch.cuda.get_device_name() if device.type == "cuda" else (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads")
     print(f"\n{args.model}, vocab {len(tokenizer)}, batch {args.batch_size}, {machine}")
-    print(f"{'workload':<17}{'run':<14}{'items/s':>10}{'vs HFLM':>9}")
+    print(f"median of {args.rounds} interleaved rounds")
+    print(f"{'workload':<17}{'run':<14}{'items/s':>10}{'range':>17}{'vs HFLM':>9}")
     for row in rows:
-        print(f"{row['workload']:<17}{row['run']:<14}{row['per_sec']:>10.2f}{row['ratio_to_hflm']:>9.2f}")
+        spread = f"{row['min']:.2f}-{row['max']:.2f}"
+        print(f"{row['workload']:<17}{row['run']:<14}{row['median']:>10.2f}{spread:>17}{row['ratio_to_HFLM']:>9.2f}")
     print(f"HFLM's export + load from disk, paid once per evaluation without the callbacks: {export_and_load:.2f} s")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"config": vars(args), "machine": machine, "export_and_load_seconds": export_and_load,
-                                          "results": rows}, indent=2))
+    write_result(args.out, {"config": vars(args), "machine": machine, "export_and_load_seconds": export_and_load,
+                            "unit": "items per second", "results": rows})
     print(f"written to {args.out}")
 
 

@@ -7,8 +7,15 @@ every variant, and the median of several rounds is what an idle machine reproduc
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
-from typing import Callable, Mapping
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from lightning_llm.checkpoint import atomic_file
 
 
 def interleaved(variants: Mapping[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
@@ -39,3 +46,18 @@ def summary(samples: Mapping[str, list[float]], baseline: str | None = None) -> 
             row["ratio_to_" + baseline] = row["median"] / statistics.median(samples[baseline])
         rows.append(row)
     return rows
+
+
+def in_fresh_process(results: list[dict], metric: str, function: Callable[..., dict], *args: Any) -> float:
+    """Run `function(*args)` in a fresh spawned process, so that its peak memory is its own; append the
+    result (a picklable dict) to `results` and return its `metric`: a variant for `interleaved` via partial."""
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        results.append(pool.submit(function, *args).result())
+    return results[-1][metric]
+
+
+def write_result(path: str | os.PathLike, result: Mapping) -> None:
+    """Write a benchmark's JSON result through a temporary sibling (never a half-written file)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as f:
+        f.write((json.dumps(result, indent=2) + "\n").encode())

@@ -1,9 +1,10 @@
 """Full finetuning vs LoRA vs QLoRA on the same model and data: trainable parameters, training-state
 bytes (measured beside the textbook formula), checkpoint size, peak memory and tokens/s. Each
 configuration runs in a fresh process so that its peak memory is its own; the first `--warmup` steps
-are not timed.
+are not timed. The configurations take turns for `--rounds` rounds (benchmarks/interleave.py):
+tokens/s and peak memory are medians over rounds, tokens/s with its range.
 
-    python benchmarks/peft_memory.py --model llama-5m --steps 8
+    python benchmarks/peft_memory.py --model llama-5m --steps 8 --rounds 3
     python benchmarks/peft_memory.py --model llama-1b --configs lora qlora --steps 3 --warmup 1 --seq-len 64 --batch-size 1
 
 Training state = weights (a 4-bit layer counts its codes and quantization constants) + gradients +
@@ -17,19 +18,20 @@ The configurations that do not fit (`--formula-only`) are reported from the form
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import resource
+import statistics
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
+from functools import partial
 from pathlib import Path
 
 import bitsandbytes as bnb
 import torch
 from lightning.pytorch import Callback, Trainer
 from torch.utils.data import DataLoader
+
+from interleave import in_fresh_process, interleaved, summary, write_result
 
 from lightning_llm.callbacks.lora import LoRACallback, QLoRACallback, quantization_constants
 from lightning_llm.models import build_model, count_parameters
@@ -132,15 +134,23 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; figures are medians")
     parser.add_argument("--out", default=None, help="default: benchmarks/results/peft_memory[_<model>].json")
     args = parser.parse_args()
 
     counts = shapes(args)
+    measured = [config for config in CONFIGS if config in args.configs]
+    runs: dict[str, list[dict]] = {config: [] for config in measured}
+    samples = interleaved({config: partial(in_fresh_process, runs[config], "tokens_per_s", run, config, args)
+                           for config in measured}, args.rounds)
+    timings = {row["run"]: row for row in summary(samples)}
     rows = []
     for config in CONFIGS:
-        if config in args.configs:
-            with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-                rows.append(pool.submit(run, config, args).result())
+        if config in measured:  # bytes are the same every round; speed and peak memory are medians over rounds
+            timing = timings[config]
+            rows.append({**runs[config][0], "tokens_per_s": timing["median"], "tokens_per_s_min": timing["min"],
+                         "tokens_per_s_max": timing["max"], "tokens_per_s_rounds": timing["rounds"],
+                         "peak_mib": statistics.median(r["peak_mib"] for r in runs[config])})
         elif config in args.formula_only:
             rows.append({"config": config, "device": "-"})
     for row in rows:
@@ -150,9 +160,9 @@ def main() -> None:
     memory = "peak GPU MiB" if device == "cuda" else "peak RSS MiB over start"
     print(f"\n{args.model} ({counts['n_params'] / 1e6:.1f}M params, {counts['n_linear'] / 1e6:.1f}M in adapted linear "
           f"layers), r={args.r}, batch {args.batch_size}x{args.seq_len}, {device}, "
-          f"{platform.processor() or platform.machine()}, {args.threads} threads")
+          f"{platform.processor() or platform.machine()}, {args.threads} threads; medians of {args.rounds} interleaved rounds")
     print(f"| configuration | trainable params | training state MiB (measured) | formula MiB | full (formula) / this | "
-          f"checkpoint MiB | {memory} | tokens/s |")
+          f"checkpoint MiB | {memory} | tokens/s (range) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
         if row["device"] == "-":
@@ -160,12 +170,10 @@ def main() -> None:
             continue
         print(f"| {row['config']} | {row['trainable']:,} | {row['state_mib']:.1f} | {row['formula_mib']:.1f} | "
               f"{full / row['state_mib']:.1f}x | {row['checkpoint_mib']:.2f} | {row['peak_mib']:.0f} | "
-              f"{row['tokens_per_s']:.0f} |")
+              f"{row['tokens_per_s']:.0f} ({row['tokens_per_s_min']:.0f}-{row['tokens_per_s_max']:.0f}) |")
     suffix = "" if args.model == "llama-5m" else f"_{args.model}"
     out = Path(args.out or Path(__file__).parent / "results" / f"peft_memory{suffix}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "machine": platform.platform(), "counts": counts, "rows": rows},
-                              indent=2))
+    write_result(out, {"args": vars(args), "machine": platform.platform(), "counts": counts, "rows": rows})
     print(f"\nwritten to {out}")
 
 

@@ -1,8 +1,10 @@
 """Tokens/s, peak memory and training-state bytes per parameter of the precision plugins beside
 Lightning's built-in precisions: same model, data, optimizer (AdamW) and steps; each configuration
 runs in a fresh process so that its peak memory is its own; the first `--warmup` steps are not timed.
+The configurations take turns for `--rounds` rounds (benchmarks/interleave.py): tokens/s and peak
+memory are medians over rounds, tokens/s with its range.
 
-    python benchmarks/precision.py --model llama-5m --steps 12
+    python benchmarks/precision.py --model llama-5m --steps 12 --rounds 3
 
 Training state = model weights + gradients + optimizer-held tensors (fp32 masters, Adam moments),
 counted at the end of a step; the formula column is the textbook count for AdamW.
@@ -11,18 +13,19 @@ counted at the end of a step; the formula column is the textbook count for AdamW
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import resource
+import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.utils.data import DataLoader
+
+from interleave import in_fresh_process, interleaved, summary, write_result
 
 from lightning_llm.models import build_model, count_parameters
 from lightning_llm.precision import MasterWeightsPrecision, MixedPrecision
@@ -125,27 +128,33 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; figures are medians")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "precision.json"))
     args = parser.parse_args()
 
+    runs: dict[str, list[dict]] = {name: [] for name in args.configs}
+    samples = interleaved({name: partial(in_fresh_process, runs[name], "tokens_per_s", run, name, args)
+                           for name in args.configs}, args.rounds)
     rows = []
-    for name in args.configs:
-        with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-            rows.append(pool.submit(run, name, args).result())
-    base = rows[0]["tokens_per_s"]
+    for timing in summary(samples, baseline=args.configs[0]):
+        first = runs[timing["run"]][0]  # the byte counts and the precision that ran are the same every round
+        rows.append({**first, "tokens_per_s": timing["median"], "tokens_per_s_min": timing["min"],
+                     "tokens_per_s_max": timing["max"], "tokens_per_s_rounds": timing["rounds"],
+                     "vs_first": timing["ratio_to_" + args.configs[0]],
+                     "peak_mib": statistics.median(r["peak_mib"] for r in runs[timing["run"]])})
     memory = "peak GPU MiB" if rows[0]["device"] == "cuda" else "peak RSS MiB over start"
     print(f"\n{args.model} ({rows[0]['n_params'] / 1e6:.1f}M params), batch {args.batch_size}x{args.seq_len}, "
-          f"{rows[0]['device']}, {platform.processor() or platform.machine()}, {args.threads} threads")
-    print(f"| configuration | ran as (trainer.precision / logits) | tokens/s | vs first | {memory} | "
+          f"{rows[0]['device']}, {platform.processor() or platform.machine()}, {args.threads} threads; medians of "
+          f"{args.rounds} interleaved rounds")
+    print(f"| configuration | ran as (trainer.precision / logits) | tokens/s (range) | vs first | {memory} | "
           "state bytes/param (measured) | formula |")
     print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
     for row in rows:
-        print(f"| {row['config']} | {row['ran_as']} | {row['tokens_per_s']:.0f} | {row['tokens_per_s'] / base:.2f}x | "
-              f"{row['peak_mib']:.0f} | {row['state_bytes_per_param']:.1f} | {row['formula']} |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "machine": platform.platform(), "rows": rows}, indent=2))
-    print(f"\nwritten to {out}")
+        print(f"| {row['config']} | {row['ran_as']} | {row['tokens_per_s']:.0f} ({row['tokens_per_s_min']:.0f}-"
+              f"{row['tokens_per_s_max']:.0f}) | {row['vs_first']:.2f}x | {row['peak_mib']:.0f} | "
+              f"{row['state_bytes_per_param']:.1f} | {row['formula']} |")
+    write_result(args.out, {"args": vars(args), "machine": platform.platform(), "rows": rows})
+    print(f"\nwritten to {args.out}")
 
 
 if __name__ == "__main__":

@@ -2,10 +2,12 @@
 their peers: Lightning's DDPStrategy, `ZeroRedundancyOptimizer` under DDP (torch's own ZeRO-1) and
 Lightning's ModelParallelStrategy with `fully_shard` on every decoder layer (FSDP2, ZeRO-3 style).
 
-    OMP_NUM_THREADS=1 python benchmarks/zero.py --model llama-5m --steps 8
+    OMP_NUM_THREADS=1 python benchmarks/zero.py --model llama-5m --steps 8 --rounds 3
 
 Same model, random tokens, AdamW (fp32) and steps everywhere; each configuration runs in a fresh
-set of processes (so that peak RSS is its own); the first `--warmup` steps are not timed. Bytes are
+set of processes (so that peak RSS is its own); the first `--warmup` steps are not timed. The
+configurations take turns for `--rounds` rounds (benchmarks/interleave.py): step times are the
+median over rounds of the ranks' mean, with their range. Bytes are
 each rank's local tensors: parameters and gradients as the optimizer step sees them, optimizer
 state after the first step. Beside each, the fp32 form of the ZeRO formula (Ψ parameters, N ranks:
 4Ψ weights, 4Ψ gradients, 8Ψ Adam moments; a stage divides the ones it shards by N) and the ratio.
@@ -14,7 +16,6 @@ state after the first step. Beside each, the fp32 form of the ZeRO formula (Ψ p
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -22,6 +23,7 @@ import socket
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -30,6 +32,8 @@ import torch.multiprocessing as mp
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor
+
+from interleave import interleaved, summary, write_result
 
 from lightning_llm.models import build_config
 from lightning_llm.modules.pretrain import PretrainModule, parameter_groups
@@ -150,6 +154,12 @@ def run(name: str, args: argparse.Namespace, psi: int) -> list[dict]:
     return rows
 
 
+def step_seconds(name: str, args: argparse.Namespace, psi: int, runs: dict[str, list[list[dict]]]) -> float:
+    """One run of configuration `name` (kept in `runs`): the ranks' mean step time."""
+    runs[name].append(run(name, args, psi))
+    return statistics.mean(r["step_s"] for r in runs[name][-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama-5m")
@@ -159,6 +169,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="rows per rank")
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; step times are medians")
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "zero.json"))
     args = parser.parse_args()
@@ -167,26 +178,35 @@ def main() -> None:
 
     with torch.device("meta"):
         psi = count_parameters(build_model(args.model))
-    rows = [row for name in args.configs for row in run(name, args, psi)]
+    runs: dict[str, list[list[dict]]] = {name: [] for name in args.configs}
+    samples = interleaved({name: partial(step_seconds, name, args, psi, runs) for name in args.configs}, args.rounds)
+    baseline = "DDP (Lightning)" if "DDP (Lightning)" in samples else None
+    timings = {row["run"]: row for row in summary(samples, baseline)}
+    rows = []
+    for name in args.configs:  # bytes are the same every round; time and peak RSS are medians over rounds
+        for rank, row in enumerate(runs[name][0]):
+            timing = timings[name]
+            rows.append({**row, "step_s": timing["median"], "step_s_min": timing["min"], "step_s_max": timing["max"],
+                         "step_s_rounds": timing["rounds"], "vs_ddp": timing.get("ratio_to_" + str(baseline)),
+                         "peak_rss_mib": statistics.median(r[rank]["peak_rss_mib"] for r in runs[name])})
 
     mib = 2**20
     print(f"\n{args.model} ({psi / 1e6:.2f}M parameters), {args.ranks} gloo ranks on "
           f"{platform.processor() or platform.machine()}, {args.threads} thread(s) per rank, "
-          f"batch {args.batch}x{args.seq} per rank, fp32 AdamW; MiB per rank (formula, ratio)")
-    ddp = statistics.mean(r["step_s"] for r in rows if r["config"] == "DDP (Lightning)") if any(
-        r["config"] == "DDP (Lightning)" for r in rows) else None
-    print(f"| {'configuration':38} | rank | {'params':>20} | {'grads':>20} | {'optimizer':>20} | peak RSS | step s | vs DDP |")
-    print(f"|{'-' * 40}|------|{'-' * 22}|{'-' * 22}|{'-' * 22}|----------|--------|--------|")
+          f"batch {args.batch}x{args.seq} per rank, fp32 AdamW; MiB per rank (formula, ratio); step s: median "
+          f"of {args.rounds} interleaved rounds (range)")
+    print(f"| {'configuration':38} | rank | {'params':>20} | {'grads':>20} | {'optimizer':>20} | peak RSS | "
+          f"{'step s (range)':>22} | vs DDP |")
+    print(f"|{'-' * 40}|------|{'-' * 22}|{'-' * 22}|{'-' * 22}|----------|{'-' * 24}|--------|")
     for r in rows:
         cells = [f"{r[k] / mib:6.2f} ({r[f'{k}_formula'] / mib:5.2f}, {r[f'{k}_ratio']:.2f})" for k in BYTES_PER_PARAM]
-        vs = f"{r['step_s'] / ddp:5.2f}x" if ddp else "   -  "
+        vs = f"{r['vs_ddp']:5.2f}x" if r["vs_ddp"] is not None else "   -  "
+        step = f"{r['step_s']:.3f} ({r['step_s_min']:.3f}-{r['step_s_max']:.3f})"
         print(f"| {r['config']:38} | {r['rank']:4} | {' | '.join(f'{c:>20}' for c in cells)} | "
-              f"{r['peak_rss_mib']:6.0f}   | {r['step_s']:6.3f} | {vs} |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "parameters": psi, "machine": platform.platform(),
-                               "cpus": os.cpu_count(), "rows": rows}, indent=2))
-    print(f"wrote {out}")
+              f"{r['peak_rss_mib']:6.0f}   | {step:>22} | {vs} |")
+    write_result(args.out, {"args": vars(args), "parameters": psi, "machine": platform.platform(),
+                            "cpus": os.cpu_count(), "rows": rows})
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

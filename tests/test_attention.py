@@ -17,6 +17,7 @@ import torch
 
 from lightning_llm.attention import FlashAttention, attention_backend, flash, flash_attention
 from lightning_llm.attention.reference import naive_attention, tiled_attention_backward, tiled_attention_forward
+from tolerances import reordered_sum_rtol
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKEND = attention_backend("cpu")
@@ -81,6 +82,80 @@ def test_varlen_on_this_machines_path_equals_each_sequence_alone():
         for q_i, k_i, v_i in zip(q.split(lengths), k.split(lengths), v.split(lengths))
     ])
     torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)
+
+
+def block_diagonal_oracle(q, k, v, lengths, causal):
+    """Dense attention over the whole packed block under a block-diagonal mask: what transformers' sdpa
+    attention computes for packed examples, each query against every key of the block, keys of other
+    sequences masked. [T, H, D] in and out; K/V heads repeated by hand, not by SDPA's enable_gqa."""
+    segment = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    mask = segment[:, None] == segment[None, :]
+    if causal:
+        mask &= torch.ones(len(segment), len(segment), dtype=torch.bool).tril()
+    group = q.shape[1] // k.shape[1]
+    q4, k4, v4 = (x.transpose(0, 1).unsqueeze(0) for x in (q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)))
+    return torch.nn.functional.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask)[0].transpose(0, 1)
+
+
+# heads, kv_heads, head_dim, lengths, causal: odd lengths with GQA (K/V unexpanded), one sequence, a block
+# whose end is padding (the packer's padding is a sequence of its own: 3 tokens here), a 1-token sequence,
+# multi-query attention, and bidirectional attention.
+PACKED_CASES = [
+    (4, 2, 16, [7, 13, 1, 29], True),
+    (4, 4, 32, [37], True),
+    (6, 3, 8, [11, 17, 3], True),
+    (8, 1, 64, [1, 23, 9, 2], True),
+    (4, 2, 16, [7, 13, 21], False),
+]
+
+
+@pytest.mark.skipif(BACKEND != flash.SDPA, reason="the CPU path; the kernels are checked in test_attention_kernel.py")
+@pytest.mark.parametrize("heads,kv_heads,head_dim,lengths,causal", PACKED_CASES)
+def test_packed_cpu_path_equals_the_block_diagonal_masked_oracle(heads, kv_heads, head_dim, lengths, causal, monkeypatch):
+    g = torch.Generator().manual_seed(sum(lengths))
+    q = torch.randn(sum(lengths), heads, head_dim, generator=g, requires_grad=True)
+    k, v = (torch.randn(sum(lengths), kv_heads, head_dim, generator=g, requires_grad=True) for _ in range(2))
+    do = torch.randn(q.shape, generator=g)
+    cu_seqlens = torch.tensor([0, *lengths]).cumsum(0)
+    key_lengths = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(query, key, value, **kwargs):
+        key_lengths.append(key.shape[-2])
+        return sdpa(query, key, value, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    out = flash_attention(q, k, v, causal=causal, cu_seqlens=cu_seqlens)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    assert key_lengths == lengths  # one call per sequence over its own keys: no pair across sequences is computed
+    expected = block_diagonal_oracle(q, k, v, lengths, causal)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), do)
+    # Both are float32 softmax(QK^T)V over the same keys (masked keys add exp(-inf) = 0 exactly); only the
+    # order of the roundings differs: dot products of head_dim terms, sums over up to the longest sequence's
+    # keys, and in the backward pass three such reductions in a row (dP = dO V^T, delta = rowsum(dO O), dS K).
+    # A reordered sum of n terms moves by at most 2 (n - 1) u of the sum of the terms' magnitudes; the
+    # result's largest value stands in for that sum (the softmax weights are positive and sum to 1, so
+    # the terms of O are no larger than the values averaged, and likewise for the gradients' sums).
+    rtol = reordered_sum_rtol(torch.float32, 3 * (max(lengths) + head_dim))
+    for actual, reference in zip((out, *grads), (expected, *expected_grads)):
+        torch.testing.assert_close(actual, reference, rtol=rtol, atol=rtol * reference.abs().max().item())
+
+
+@pytest.mark.skipif(BACKEND != flash.SDPA, reason="the CPU path; the kernels are checked in test_attention_kernel.py")
+def test_packed_cpu_backward_memory_does_not_grow_with_the_number_of_sequences():
+    # The backward pass writes dQ, dK, dV once (1x the inputs), the per-sequence gradients before they are
+    # joined (1x) and SDPA's small per-sequence buffers: a few times the inputs, however many sequences.
+    # Gradients routed back through one slice per sequence would each fill a buffer the size of the whole
+    # packed input: 64 sequences, 64x.
+    lengths = [3] * 64
+    q = torch.randn(sum(lengths), 4, 16, requires_grad=True)
+    k, v = (torch.randn(sum(lengths), 2, 16, requires_grad=True) for _ in range(2))
+    out = flash_attention(q, k, v, cu_seqlens=torch.tensor([0, *lengths]).cumsum(0))
+    with torch.profiler.profile(profile_memory=True) as profile:
+        torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    allocated = sum(event.self_cpu_memory_usage for event in profile.events() if event.self_cpu_memory_usage > 0)
+    inputs = sum(x.numel() * x.element_size() for x in (q, k, v))
+    assert allocated <= 8 * inputs, f"the backward pass allocated {allocated / inputs:.1f}x its inputs"
 
 
 def test_the_path_taken_is_logged_once_and_recorded(monkeypatch, caplog):

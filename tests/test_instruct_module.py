@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,7 +24,8 @@ from lightning_llm.data.instruct import (
     use_chat_template,
 )
 from lightning_llm.models import build_model
-from lightning_llm.modules.instruct import InstructionTuningModule
+from lightning_llm.modules.instruct import InstructionTuningModule, attend_per_example
+from tolerances import loss_atol, reordered_sum_rtol
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,6 +97,59 @@ def test_packed_examples_do_not_attend_across_and_lose_what_unpacked_lose(chat_t
         # without the restarting position ids the last example would see the others: the test can fail
         leaky = module(changed, None)[0]
         assert not torch.allclose(leaky[starts[2] :], module(packed["input_ids"], None)[0, starts[2] :], atol=1e-4)
+
+
+def attached(module, packing):
+    """The module as a trainer with an instruction data module would configure it (only what it reads)."""
+    module.trainer = SimpleNamespace(callbacks=[], datamodule=SimpleNamespace(packing=packing))
+    module.configure_model()
+    return module
+
+
+def test_packed_data_attends_per_example_by_default_and_loses_what_the_block_mask_loses(chat_tokenizer, monkeypatch):
+    torch.manual_seed(0)
+    module = attached(InstructionTuningModule("tiny", vocab_size=len(chat_tokenizer)), packing=True)
+    assert module.model.config._attn_implementation == "lightning_fa2"
+    # the oracle: transformers' sdpa attention, a dense block-diagonal mask over each block; a choice is kept
+    masked = attached(InstructionTuningModule("tiny", vocab_size=len(chat_tokenizer), attn_implementation="sdpa"),
+                      packing=True)
+    assert masked.model.config._attn_implementation == "sdpa"
+    masked.model.load_state_dict(module.model.state_dict())
+    qa = [("What is 3 + 4?", "7"), ("Reverse the words: stone river", "river stone"), ("Say hi.", "hi"),
+          ("What is 12 + 30?", "42")]
+    samples = samples_of(chat_tokenizer, qa)
+    lengths = [len(ids) for ids, _ in samples]
+    block = max(lengths[0] + lengths[1], lengths[2] + lengths[3]) + 3  # each row ends in padding
+    pad = chat_tokenizer.pad_token_id
+    packed = pad_collate([PackedExamples(samples, [np.arange(2), np.arange(2, 4)], block, pad)[i] for i in range(2)], pad)
+
+    key_lengths = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(query, key, value, **kwargs):
+        key_lengths.append(key.shape[-2])
+        return sdpa(query, key, value, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    loss = module.loss(packed)
+    loss.backward()
+    assert key_lengths and max(key_lengths) <= max(lengths) < block  # no query meets a key of another example
+    expected = masked.loss(packed)
+    expected.backward()
+    # float32 twins that differ only in the order of attention's roundings (sums over one example's keys
+    # against sums over the block's, whose masked terms are exactly 0).
+    torch.testing.assert_close(loss, expected, rtol=0, atol=loss_atol(torch.float32))
+    rtol = reordered_sum_rtol(torch.float32, packed["input_ids"].numel())  # a weight's gradient sums over the tokens
+    for (name, p), p_ref in zip(module.model.named_parameters(), masked.model.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=rtol, atol=rtol * p_ref.grad.abs().max().item(), msg=name)
+
+
+def test_packed_data_keeps_the_default_attention_where_lightning_fa2_cannot_run(chat_tokenizer):
+    with_dropout = build_model("tiny", attention_dropout=0.1)  # lightning_fa2 refuses attention dropout
+    attend_per_example(with_dropout)
+    assert with_dropout.config._attn_implementation == "sdpa"
+    unpacked = attached(InstructionTuningModule("tiny", vocab_size=len(chat_tokenizer)), packing=False)
+    assert unpacked.model.config._attn_implementation == "sdpa"
 
 
 def export_tiny(tmp_path, tokenizer):

@@ -190,8 +190,29 @@ def _bounds(name: str, cu_seqlens: Tensor, total: int) -> list[int]:
     return bounds
 
 
+def _lengths(bounds: list[int]) -> list[int]:
+    return [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 def _longest(bounds: list[int]) -> int:
-    return max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    return max(_lengths(bounds))
+
+
+def _sdpa_per_sequence(q: Tensor, k: Tensor, v: Tensor, lengths_q: list[int], lengths_k: list[int], causal: bool,
+                       scale: float) -> Tensor:
+    """The CPU path for packed [tokens, heads, head_dim] inputs: one SDPA call per sequence, as the varlen
+    kernel runs one program per sequence, so attention costs the sum of the squared sequence lengths
+    rather than the square of the block that a block-diagonal mask over it pays for.
+
+    A loop rather than nested tensors: torch's jagged SDPA refuses `is_causal`. `split`, not slicing:
+    a slice's backward writes a zero-filled gradient the size of the whole packed tensor, so slicing
+    would cost sequences x tokens in the backward pass, where split's backward is one concatenation.
+    """
+    as_batch = lambda x: x.unsqueeze(0).transpose(1, 2)  # noqa: E731  [len, heads, head_dim] -> [1, heads, len, head_dim]
+    return torch.cat([
+        _sdpa(as_batch(q_i), as_batch(k_i), as_batch(v_i), causal, scale)[0].transpose(0, 1)
+        for q_i, k_i, v_i in zip(q.split(lengths_q), k.split(lengths_k), v.split(lengths_k))
+    ])
 
 
 def _packed_attention(
@@ -207,19 +228,14 @@ def _packed_attention(
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"cu_seqlens has {cu_seqlens_q.numel() - 1} sequences but cu_seqlens_k has "
                          f"{cu_seqlens_k.numel() - 1}")
-    # As [1, heads, tokens, head_dim] views the packed tokens share the dense layout and code.
-    q4, k4, v4 = (x.unsqueeze(0).transpose(1, 2) for x in (q, k, v))
     if backend == SDPA or max_seqlen_q is None or max_seqlen_k is None:
         bounds_q = _bounds("cu_seqlens", cu_seqlens_q, q.shape[0])
         bounds_k = _bounds("cu_seqlens_k", cu_seqlens_k, k.shape[0])
         if backend == SDPA:
-            outputs = [
-                _sdpa(q4[:, :, q0:q1], k4[:, :, k0:k1], v4[:, :, k0:k1], causal, scale)
-                for q0, q1, k0, k1 in zip(bounds_q[:-1], bounds_q[1:], bounds_k[:-1], bounds_k[1:])
-            ]
-            return torch.cat(outputs, dim=2)[0].transpose(0, 1)
+            return _sdpa_per_sequence(q, k, v, _lengths(bounds_q), _lengths(bounds_k), causal, scale)
         max_seqlen_q, max_seqlen_k = _longest(bounds_q), _longest(bounds_k)
-    q4, k4, v4 = _unit_stride(q4), _unit_stride(k4), _unit_stride(v4)
+    # As [1, heads, tokens, head_dim] views the packed tokens share the dense layout and code.
+    q4, k4, v4 = (_unit_stride(x.unsqueeze(0).transpose(1, 2)) for x in (q, k, v))
     o = _FlashAttentionFunction.apply(q4, k4, v4, causal, scale, deterministic, cu_seqlens_q.to(torch.int32),
                                       cu_seqlens_k.to(torch.int32), int(max_seqlen_q), int(max_seqlen_k))
     return o[0].transpose(0, 1)

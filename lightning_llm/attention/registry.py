@@ -24,7 +24,7 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PretrainedConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
@@ -144,6 +144,19 @@ def lightning_attention_forward(
         return out.reshape(batch, seqlen_q, num_heads, head_dim), None
 
     return flash_attention(query, key, value, **options).transpose(1, 2), None
+
+
+def unsupported_reason(config: PretrainedConfig) -> str | None:
+    """Why a model with `config` cannot run on `lightning_fa2` (what `lightning_attention_forward` refuses:
+    attention dropout, sliding windows, logit soft-capping), or None when it can. Conservative: a sliding
+    window the config names but does not use still counts."""
+    if getattr(config, "attention_dropout", 0.0):
+        return f"attention_dropout={config.attention_dropout}"
+    if getattr(config, "sliding_window", None) is not None:
+        return f"sliding_window={config.sliding_window}"
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        return f"attn_logit_softcapping={config.attn_logit_softcapping}"
+    return None
 
 
 def register() -> None:

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from lightning_llm.attention.registry import ATTN_IMPLEMENTATION, unsupported_reason
 from lightning_llm.compile import CompileOption
 from lightning_llm.data.instruct import Messages, chat_prompt_ids
 from lightning_llm.data.tokenizer import load_tokenizer
@@ -50,14 +52,41 @@ def fit_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
     return model
 
 
+def attend_per_example(model: PreTrainedModel) -> None:
+    """Packed examples attend each within itself, at the cost of their own lengths: `lightning_fa2` finds
+    the examples from the restarting position ids and runs the varlen kernel on CUDA and one SDPA call
+    per example on the CPU. transformers' sdpa and eager attention would instead apply a block-diagonal
+    mask to the whole block, paying for every pair of tokens across examples only to mask it. A model
+    that `lightning_fa2` cannot run (attention dropout, sliding window, soft-capping, or attention that
+    does not come from transformers' AttentionInterface) keeps its own."""
+    reason = unsupported_reason(model.config)
+    if reason is None:
+        try:
+            model.set_attn_implementation(ATTN_IMPLEMENTATION)  # (only warns where the model cannot switch)
+        except ValueError as error:
+            reason = str(error)
+        if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+            reason = reason or f"{type(model).__name__}, whose attention is not set through AttentionInterface"
+    if reason is None:
+        rank_zero_info(f"packed examples attend per example: attn_implementation={ATTN_IMPLEMENTATION!r} "
+                       "(pass attn_implementation to choose another)")
+    else:
+        rank_zero_info(f"packed examples attend through a block-diagonal mask over the block "
+                       f"(attn_implementation={model.config._attn_implementation!r}): {ATTN_IMPLEMENTATION} "
+                       f"does not support {reason}")
+
+
 class InstructionTuningModule(PretrainModule):
     """Supervised finetuning (instruction tuning) of a pretrained causal LM, with the loss on answer tokens only.
 
     Args:
         model: an export directory, a hub id, a Lightning checkpoint file (`.ckpt`), or (for tests) a
             preset name or config, which starts from random weights.
-        vocab_size, attn_implementation, betas, min_lr_ratio, max_steps, activation_checkpointing, compile,
-            on_nonfinite, max_nonfinite_skips, loss_chunk_size: as in `PretrainModule`.
+        attn_implementation: as in `PretrainModule`; `None` with a data module that packs examples
+            takes "lightning_fa2" where the model allows it (see `attend_per_example`), else transformers'
+            default.
+        vocab_size, betas, min_lr_ratio, max_steps, activation_checkpointing, compile, on_nonfinite,
+            max_nonfinite_skips, loss_chunk_size: as in `PretrainModule`.
         lr, weight_decay, warmup_steps: as in `PretrainModule`, with finetuning's defaults (a lower
             peak rate, no decay, a short warmup).
 
@@ -105,9 +134,14 @@ class InstructionTuningModule(PretrainModule):
                 model.set_attn_implementation(hp.attn_implementation)
         else:
             model = super().build_hf_model(**load_kwargs)
+        if hp.attn_implementation is None and getattr(self._datamodule(), "packing", False):
+            attend_per_example(model)
         if self.tokenizer is not None:
             fit_embeddings(model, self.tokenizer)
         return model  # (put in train mode by PretrainModule.configure_model)
+
+    def _datamodule(self) -> object | None:
+        return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = super().training_step(batch, batch_idx)
