@@ -7,15 +7,13 @@ every variant, and the median of several rounds is what an idle machine reproduc
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from lightning_llm.checkpoint import atomic_file
+from record import write_json
 
 
 def interleaved(variants: Mapping[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
@@ -57,7 +55,5 @@ def in_fresh_process(results: list[dict], metric: str, function: Callable[..., d
 
 
 def write_result(path: str | os.PathLike, result: Mapping) -> None:
-    """Write a benchmark's JSON result through a temporary sibling (never a half-written file)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as f:
-        f.write((json.dumps(result, indent=2) + "\n").encode())
+    """Write a benchmark's JSON result through a temporary sibling (never a half-written file): `record.write_json`."""
+    write_json(result, path)
