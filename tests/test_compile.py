@@ -127,3 +127,13 @@ def test_the_optimizer_step_is_not_fused_under_a_loss_scaler(init_path):
     module = Seeded(init_path)
     fit(module, TokenData(), max_steps=1, plugins=[MixedPrecision("fp16-mixed", device="cpu")])
     assert module.trainer.optimizers[0].defaults["fused"] is False
+
+
+def test_lightning_bf16_mixed_with_clipping_trains_with_the_default_optimizer(init_path):
+    # Lightning's own AMP plugin (the "bf16-mixed" string) refuses to clip the gradients of a fused optimizer
+    # even with no scaler; the module must not pick one there, and the run (clipping on in `fit`) must train.
+    from lightning.pytorch.plugins.precision import MixedPrecision as LightningAMP
+
+    module = Seeded(init_path)
+    losses = fit(module, TokenData(), max_steps=2, plugins=[LightningAMP("bf16-mixed", device="cpu")])
+    assert len(losses) == 2 and module.trainer.optimizers[0].defaults["fused"] is False

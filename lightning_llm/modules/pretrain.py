@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.plugins.precision import MixedPrecision as LightningAMP
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 from torchmetrics import MeanMetric
@@ -353,9 +354,13 @@ class PretrainModule(LightningModule):
     def _fused_step(self, groups: list[dict[str, Any]]) -> bool:
         """Whether AdamW steps with torch's fused kernel (on a CPU ~5x faster than its default loop over tensors,
         llama-5m): where torch has one for every parameter's device and dtype, and no loss scaler runs (a scaler
-        unscales, checks and clips the gradients before the step; a fused step would unscale inside it)."""
-        if self._trainer is not None and getattr(self.trainer.precision_plugin, "scaler", None) is not None:
-            return False
+        unscales, checks and clips the gradients before the step; a fused step would unscale inside it), nor
+        under Lightning's own AMP plugin ("bf16-mixed"/"16-mixed" strings), which refuses to clip the gradients
+        of any optimizer that might unscale them itself, fused ones included, even where no scaler runs."""
+        if self._trainer is not None:
+            plugin = self.trainer.precision_plugin
+            if getattr(plugin, "scaler", None) is not None or isinstance(plugin, LightningAMP):
+                return False
         devices = _get_fused_kernels_supported_devices()
         return all(p.device.type in devices and p.is_floating_point() for group in groups for p in group["params"])
 
