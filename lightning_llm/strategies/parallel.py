@@ -122,6 +122,12 @@ class ParallelStrategy(ZeROStrategy):
                                           reduce_op=reduce_op)
         return tensor
 
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        """Agree over every rank, not only the data-parallel group that `reduce` defaults to (Lightning's own
+        version sums through `reduce` and compares with the world size: under TP it would never agree)."""
+        votes = _sync_ddp_if_available(torch.tensor(int(decision), device=self.root_device), None, reduce_op="sum")
+        return bool(votes == self.world_size) if all else bool(votes)
+
     # -- the model -------------------------------------------------------------------------------
 
     def setup(self, trainer: Trainer) -> None:
