@@ -46,3 +46,16 @@ def tokenizer(corpus_dir):
     from lightning_llm.data.tokenizer import train_tokenizer
 
     return train_tokenizer(Source(str(corpus_dir)).documents(), vocab_size=512)
+
+
+@pytest.fixture(autouse=True)
+def rank_zero_restored():
+    """A trainer built in this process under a launcher's environment (SLURM_PROCID=3, RANK=1, ...) sets
+    Lightning's process-wide `rank_zero_only.rank`; left there, every later test's rank-zero logging and
+    loggers would fall silent. Put it back after each test."""
+    from lightning_utilities.core.rank_zero import rank_zero_only
+
+    rank = getattr(rank_zero_only, "rank", None)
+    yield
+    if rank is not None:
+        rank_zero_only.rank = rank
