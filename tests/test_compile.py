@@ -57,6 +57,7 @@ def compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+@pytest.mark.slow
 def test_inductor_blocks_train_as_the_eager_model_does(init_path):
     eager = fit(Seeded(init_path), TokenData(), max_steps=STEPS)
     module = Seeded(init_path, compile=True)
@@ -110,6 +111,7 @@ def _distributed(rank, tmp_path) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_compiled_blocks_compose_with_zero3_checkpointing_and_the_pipeline(init_path, tmp_path):
     reference = fit(Seeded(init_path), TokenData(packed=True), max_steps=STEPS)
     ranks = spawn(_distributed, 2, tmp_path)

@@ -9,6 +9,8 @@ import inspect
 import json
 import os
 import subprocess
+
+import pytest
 import sys
 from pathlib import Path
 
@@ -25,6 +27,7 @@ def run_script(*args: str, python: str = sys.executable, timeout: float = 1800) 
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_dry_run_passes_every_step_and_writes_its_results(tmp_path):
     out = tmp_path / "gpu"
     result = run_script("--dry-run", "--out", str(out))

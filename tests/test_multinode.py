@@ -98,6 +98,7 @@ def tokenized(tmp_path: Path) -> list[str]:
 LOSS_TOL = dict(rtol=2 * reordered_sum_rtol(torch.float32, 2 * ROWS * BLOCK), atol=0)
 
 
+@pytest.mark.slow
 def test_two_nodes_through_torchrun_train_as_one_process(tmp_path, corpus_dir):
     cache, checkpoints = tmp_path / "shared-cache", tmp_path / "checkpoints"
     two = config(corpus_dir, tmp_path / "losses", nodes=2, rows=ROWS, cache=str(cache), checkpoints=str(checkpoints))
@@ -121,6 +122,7 @@ def test_two_nodes_through_torchrun_train_as_one_process(tmp_path, corpus_dir):
     assert len(tokenized(tmp_path)) == 1 and Path(tokenized(tmp_path)[0]).parent.parent == cache
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not private_mounts(), reason="needs mount namespaces (unshare -rm) to give a node a disk of its own")
 def test_node_local_disks_get_their_own_token_cache_and_refuse_sharded_checkpoints(tmp_path, corpus_dir):
     scratch = tmp_path / "scratch"  # each node's own disk at this path (node 1: an empty tmpfs)

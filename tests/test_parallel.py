@@ -251,6 +251,7 @@ def test_tp2_checkpoint_consolidates_into_an_export(runs, tmp_path):
     assert all(torch.equal(exported[name], weight) for name, weight in final.items())
 
 
+@pytest.mark.slow
 def test_dp2_x_tp2_equals_one_process(tmp_path):
     records = [rank["dp2xtp2"] for rank in _spawn(4, tmp_path, "dp2xtp2")]
     _assert_equals_one_process(records)
