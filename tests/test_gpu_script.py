@@ -9,10 +9,10 @@ import inspect
 import json
 import os
 import subprocess
-
-import pytest
 import sys
 from pathlib import Path
+
+import pytest
 
 from lightning_llm.modules.pretrain import PretrainModule
 
