@@ -65,11 +65,7 @@ def _trainer(world: int, strategy: ParallelStrategy, callbacks: list, ckpt_dir: 
 
 
 def _recorder(record: dict):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    def full_weights(model):
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {k: v.detach().clone() for k, v in state.items()}
+    from test_zero import full_weights
 
     class Recorder(L.Callback):
         def on_train_start(self, trainer, pl_module):

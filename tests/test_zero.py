@@ -73,16 +73,19 @@ def _trainer(world: int, stage: int, max_steps: int, callbacks: list, ckpt_dir: 
                      use_distributed_sampler=False, gradient_clip_val=CLIP, callbacks=callbacks)
 
 
-def _recorder(record: dict):
+def full_weights(model) -> dict:
+    """The whole model's weights, gathered from any sharding, as CPU copies (for replicated, stage 1,
+    parameters on CPU the state dict holds the live tensors)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def _recorder(record: dict):
     from torch.distributed.tensor import DTensor
 
     from lightning_llm.strategies.zero import state_bytes
-
-    def full_weights(model):
-        # Copies: for replicated (stage 1) parameters on CPU the state dict holds the live tensors.
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {k: v.detach().clone() for k, v in state.items()}
 
     class Recorder(L.Callback):
         def on_train_start(self, trainer, pl_module):
