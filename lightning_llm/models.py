@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -166,7 +168,65 @@ def build_model(
     # _from_config sets attn_implementation on the config it is given: build a private copy.
     config = build_config(spec, **overrides)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+    return use_small_init(model)
+
+
+# The linear layers that write into the residual stream, by their name in transformers' decoders (Llama,
+# Mistral, Qwen, Gemma, Phi-3, OLMo): the attention output and the MLP's down projection.
+RESIDUAL_PROJECTIONS = ("o_proj", "down_proj")
+
+
+def small_init_stds(config: PretrainedConfig) -> tuple[float, float]:
+    """The stds of the small initialisation (Nguyen & Salazar's "small init", as GPT-NeoX and litgpt use it).
+
+    Returns `(std, residual_std)`: `sqrt(2 / (5 d))` for the embeddings and every linear layer, which keeps a
+    layer's output variance near its input's for width `d`; `1 / (sqrt(d) L)` for the projections that add to
+    the residual stream, so that the 2L additions of an L-layer model leave the stream's variance near one
+    projection's, however deep the model.
+    """
+    d, layers = config.hidden_size, config.num_hidden_layers
+    return math.sqrt(2 / (5 * d)), 1 / (math.sqrt(d) * layers)
+
+
+def use_small_init(model: PreTrainedModel) -> PreTrainedModel:
+    """Give a randomly initialised model the small initialisation (`small_init_stds`); norms stay one.
+
+    The rule becomes the `_init_weights` of every Hugging Face model inside it, so a sharding strategy that
+    materialises the model from the meta device later (`ZeROStrategy`: the owner's `_init_weights` per module)
+    draws with the same rule; weights that exist already are drawn now, in the model's module order so that a
+    seed gives the same weights every run. Never for pretrained weights: `build_model` calls it only on a
+    model it initialised. A model without two such linear layers per block is left as transformers made it:
+    GPT-2 has its own scaled rule, and a mixture of experts keeps its experts in fused tensors that this
+    rule does not reach (half a rule would mix two scales in one block).
+    """
+    residual = [module for name, module in model.named_modules()
+                if name.rsplit(".", 1)[-1] in RESIDUAL_PROJECTIONS and isinstance(module, torch.nn.Linear)]
+    if len(residual) != 2 * model.config.num_hidden_layers:
+        return model
+    rule = partial(_small_init, frozenset(residual), *small_init_stds(model.config))
+    for owner in model.modules():
+        if isinstance(owner, PreTrainedModel):
+            owner._init_weights = partial(_init_then, owner._init_weights, rule)
+    with torch.no_grad():
+        for module in model.modules():
+            if not any(p.is_meta for p in module.parameters(recurse=False)):
+                rule(module)
     return model
+
+
+def _small_init(residual: frozenset, std: float, residual_std: float, module: torch.nn.Module) -> None:
+    # torch's init, not transformers': the latter skips tensors flagged as already initialised.
+    if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+        torch.nn.init.normal_(module.weight, mean=0.0, std=residual_std if module in residual else std)
+    if isinstance(module, torch.nn.Embedding) and module.padding_idx is not None:
+        module.weight[module.padding_idx].zero_()  # as transformers does: the padding token embeds to zero
+    if isinstance(module, torch.nn.Linear) and module.bias is not None:
+        torch.nn.init.zeros_(module.bias)
+
+
+def _init_then(hf_init_weights, rule, module: torch.nn.Module) -> None:
+    hf_init_weights(module)  # norms, rotary buffers and anything the rule does not cover
+    rule(module)
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
