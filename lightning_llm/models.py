@@ -153,7 +153,8 @@ def build_model(
 
     `pretrained=None` loads weights when the spec has them and initialises randomly otherwise. Under
     `torch.device("meta")` a randomly initialised model allocates nothing: a sharding strategy
-    materialises only its shard. `attn_implementation` names an entry of transformers' attention
+    materialises only its shard; it gets the small initialisation (`use_small_init`) unless `initializer_range`
+    is among the overrides, in which case transformers' own init draws with that std. `attn_implementation` names an entry of transformers' attention
     registry ("sdpa", "eager", or the one this project registers, "lightning_fa2").
     """
     if pretrained is None:
@@ -168,6 +169,8 @@ def build_model(
     # _from_config sets attn_implementation on the config it is given: build a private copy.
     config = build_config(spec, **overrides)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+    if "initializer_range" in overrides:  # a std the user typed is theirs: transformers' init draws with it
+        return model
     return use_small_init(model)
 
 

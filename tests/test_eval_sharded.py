@@ -215,8 +215,9 @@ def test_generations_end_at_different_lengths(one_process):
     # What makes the sharded generation non-trivial: unequal lengths across documents (and ranks).
     tokenizer = small_tokenizer()
     gsm8k = one_process["samples"]["gsm8k"]
-    lengths = [len(tokenizer.encode(s["resps"][0][0])) for s in gsm8k]
-    assert len(set(lengths)) > 1 and min(lengths) < MAX_GEN_TOKS, lengths
+    responses = [s["resps"][0][0] for s in gsm8k]
+    lengths = [len(tokenizer.encode(r)) for r in responses]
+    assert len(set(lengths)) > 1 and min(lengths) < MAX_GEN_TOKS, (lengths, responses)
 
 
 def test_direct_calls_with_unequal_work_equal_one_process(ranks, one_process):

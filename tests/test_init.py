@@ -93,3 +93,15 @@ def test_a_mixture_of_experts_keeps_transformers_initialisation():
     theirs = AutoModelForCausalLM.from_config(build_config("tiny-moe"))
     for (key, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
         assert torch.equal(a, b), key
+
+
+def test_a_typed_initializer_range_is_kept():
+    # The user's std wins over the small init: transformers' own init draws with it (the oracle: the same
+    # seed through transformers directly), the same for the meta-device path of a sharding strategy.
+    torch.manual_seed(0)
+    ours = build_model("tiny", initializer_range=0.5)
+    torch.manual_seed(0)
+    theirs = AutoModelForCausalLM.from_config(build_config("tiny", initializer_range=0.5))
+    for (key, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        assert torch.equal(a, b), key
+    assert_drawn_with_std(ours.model.layers[0].mlp.down_proj.weight.detach().flatten(), 0.5, "down_proj")
