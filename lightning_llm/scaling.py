@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # (torch and transformers are imported where used: `lightning-llm plan` is arithmetic only)
@@ -132,7 +133,7 @@ def chinchilla_plan(compute: float | None = None, params: float | None = None) -
 
 
 def plot_plan(plan: Plan, path: str) -> None:
-    """Draw the compute-optimal frontier (N and D against C) with `plan` marked, as a PNG."""
+    """Draw the compute-optimal frontier (N and D against C) with `plan` marked, as a PNG at `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,5 +151,7 @@ def plot_plan(plan: Plan, path: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    from lightning_llm.report import save_png  # (torch with it: only when a plot is asked for)
+
+    save_png(fig, Path(path))  # never in place: a crash mid-write leaves the old plot
     plt.close(fig)

@@ -10,6 +10,7 @@ import pytest
 from lightning_llm.data import pretrain as pretrain_data
 from lightning_llm.data.pretrain import PretrainDataModule, mixture_index, split_blocks
 from lightning_llm.data.sources import Source
+from lightning_llm.data.tokenizer import trained_tokenizer
 
 
 def test_stdlib_source_is_the_interpreters_standard_library():
@@ -106,3 +107,30 @@ def test_bad_jsonl_line_names_file_and_line(tmp_path):
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PretrainDataModule(**kwargs)
+
+
+def test_a_tokenizer_save_killed_midway_leaves_no_half_tokenizer(tmp_path):
+    # A child trains the BPE and is killed (os._exit: no cleanup runs) after writing part of it; the name
+    # must not exist, and the next run removes the dead writer's temporary and caches a whole tokenizer.
+    import subprocess
+    import sys
+    import textwrap
+
+    child = textwrap.dedent(f"""
+        import os
+        from transformers import PreTrainedTokenizerFast
+        from lightning_llm.data.tokenizer import trained_tokenizer
+
+        def killed(self, folder, *args, **kwargs):
+            open(os.path.join(folder, "tokenizer.json"), "w").write('{{"trunc')
+            os._exit(9)
+
+        PreTrainedTokenizerFast.save_pretrained = killed
+        trained_tokenizer(["def f(x):\\n    return x\\n"] * 50, 300, "k", {str(tmp_path)!r})
+    """)
+    assert subprocess.run([sys.executable, "-c", child], timeout=300).returncode == 9
+    folder = tmp_path / "tokenizers"
+    assert [p for p in folder.iterdir() if not p.name.startswith(".")] == []  # no name holds half a tokenizer
+    tokenizer = trained_tokenizer(["def f(x):\n    return x\n"] * 50, 300, "k", tmp_path)
+    assert tokenizer.decode(tokenizer.encode("return x")) == "return x"
+    assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []  # the dead writer's temporary is gone

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -59,3 +61,24 @@ def test_peak_flops_by_device_name_and_dtype(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
         assert peak_flops("cuda:0", dtype) == peak, (name, dtype)
     assert peak_flops("cpu", torch.bfloat16) is None
+
+
+def test_a_plot_killed_mid_write_leaves_the_old_one(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from lightning_llm.scaling import chinchilla_plan, plot_plan
+
+    out = tmp_path / "plan.png"
+    plot_plan(chinchilla_plan(compute=1e21), str(out))
+    old = out.read_bytes()
+    assert old.startswith(b"\x89PNG")
+
+    def crash(self, target, *args, **kwargs):
+        (open(target, "wb") if isinstance(target, (str, Path)) else target).write(b"half a PNG")
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(Figure, "savefig", crash)
+    with pytest.raises(KeyboardInterrupt):
+        plot_plan(chinchilla_plan(compute=1e23), str(out))
+    assert out.read_bytes() == old
+    assert [p.name for p in tmp_path.iterdir()] == ["plan.png"]  # no temporary left beside it

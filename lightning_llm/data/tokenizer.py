@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from lightning_llm.checkpoint import commit_directory, new_directory
 
 EOS = "<|endoftext|>"
 
@@ -52,12 +53,12 @@ def trained_tokenizer(
     path = Path(cache_dir) / "tokenizers" / f"bpe{vocab_size}-{digest}"
     if not (path / "tokenizer.json").exists():
         tokenizer = train_tokenizer(_limited(texts, max_chars), vocab_size)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
-        tokenizer.save_pretrained(tmp)
+        tmp = new_directory(path)  # a temporary sibling; one a killed run left behind is removed here
         try:
-            tmp.rename(path)
-        except OSError:  # another process finished first: keep its copy
+            tokenizer.save_pretrained(tmp)
+            if not (path / "tokenizer.json").exists():  # else another process finished first: keep its copy
+                commit_directory(tmp, path)  # every file fsync'd, then renamed into place
+        finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return load_tokenizer(path)
 
