@@ -3,6 +3,7 @@ named adapters, and bad input."""
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from pathlib import Path
@@ -307,12 +308,20 @@ def test_an_adapter_onto_a_base_with_other_shapes_is_refused(tmp_path):
     assert isinstance(load_adapter(build_model("tiny", vocab_size=64), tmp_path / "adapter"), PeftModel)
 
 
+def assert_adapters_stepped(module: PretrainModule, recorder: LossRecorder) -> None:
+    # Every optimizer step went through: LoRA's B matrices start at zero, and all of them have moved. (Not
+    # "the loss fell": six steps from a near-uniform base move the loss less than the batches differ.)
+    assert len(recorder.losses) == 6 and all(math.isfinite(loss) for loss in recorder.losses)
+    lora_b = [p for n, p in module.named_parameters() if ".lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)
+
+
 def test_master_weights_precision_keeps_fp32_masters_of_the_adapter_only(base_dir, datamodule, tmp_path):
     recorder = LossRecorder()
     module = PretrainModule(str(base_dir), lr=1e-2, warmup_steps=1)
     trainer = make_trainer(tmp_path, 6, [recorder, LoRACallback(r=4, dropout=0.0)], plugins=[MasterWeightsPrecision()])
     trainer.fit(module, datamodule=datamodule)
-    assert sum(recorder.losses[-2:]) < sum(recorder.losses[:2])
+    assert_adapters_stepped(module, recorder)
     masters = [p for g in trainer.optimizers[0].param_groups for p in g["params"]]
     adapter = [p for n, p in module.named_parameters() if ".lora_" in n]
     assert len(masters) == len(adapter) > 0 and all(m.dtype == torch.float32 for m in masters)
@@ -328,7 +337,7 @@ def test_master_weights_precision_keeps_fp32_masters_of_the_adapter_only(base_di
     module = PretrainModule(str(base_dir), lr=1e-2, warmup_steps=1)
     trainer = make_trainer(tmp_path, 6, [recorder, QLoRACallback(r=4, dropout=0.0)], plugins=[MasterWeightsPrecision()])
     trainer.fit(module, datamodule=datamodule)
-    assert sum(recorder.losses[-2:]) < sum(recorder.losses[:2])
+    assert_adapters_stepped(module, recorder)
     masters = [p for g in trainer.optimizers[0].param_groups for p in g["params"]]
     assert len(masters) == sum(".lora_" in n for n, _ in module.named_parameters())
     assert all(m.dtype == torch.float32 for m in masters)
