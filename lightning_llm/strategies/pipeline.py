@@ -424,6 +424,14 @@ class Pipeline:
         """The last stage's second copy of a tied embedding (its LM head's weight), if this rank holds one."""
         return self._tied_embedding() if self.holds_last_stage and not self.holds_first_stage else None
 
+    def retie(self) -> None:
+        """Point the embedding that the last stage keeps (as the owner of a tied LM head's weight) at the LM
+        head's weight again, after materialising or sharding the stage gave the head a new parameter (the
+        embedding is outside the stage's module, so neither saw it)."""
+        model = causal_lm_of(self.strategy.lightning_module)
+        if model._pipeline_tied and self.holds_last_stage and not self.holds_first_stage:
+            getattr(model, getattr(model, "base_model_prefix", "model")).embed_tokens.weight = model.lm_head.weight
+
     def broadcast_tied(self) -> None:
         """The last stage copies the first stage's tied embedding (its local shard, under ZeRO: the same cut)."""
         tied = self._tied_embedding()

@@ -1,0 +1,138 @@
+"""ParallelStrategy with a pipeline dimension against single-process training, on gloo.
+
+One 4-rank job trains pipeline_parallel=2 x data_parallel=2 under ZeRO-2 (each stage's modules sharded
+over the two pipelines), one 2-rank job a pipeline of 2 alone; the tests compare the losses and final
+weights with a plain PyTorch loop on one process over the same global batches (tests/test_parallel.py's
+oracle and tolerances), started from the weights the distributed run recorded, and check that the
+module's own metrics are logged through the pipeline.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from _precision_helpers import free_port
+from lightning_llm.strategies.parallel import ParallelStrategy
+from test_parallel import CLIP, HP, LOSS_TOL, LR_SUM, ROWS, SEQ, STEPS, _loader, _module, single_process_run
+from tolerances import assert_adam_steps_close
+
+METRICS = ("train/loss", "train/ppl", "train/lr", "train/tokens")
+
+
+def _stage_weights(model) -> dict[str, torch.Tensor]:
+    """This rank's stages' weights, whole (gathered over the data-parallel shards), as CPU copies."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+def _recorder(record: dict) -> L.Callback:
+    from lightning_llm.strategies.zero import state_bytes
+
+    class Recorder(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            record["init"] = _stage_weights(pl_module.model)
+            record["sampler"] = trainer.strategy.distributed_sampler_kwargs
+            record["param_bytes"] = state_bytes(pl_module)["params"]
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            record.setdefault("losses", []).append(outputs["loss"].item())
+            record.setdefault("metrics", []).append({k: float(trainer.callback_metrics[k]) for k in METRICS
+                                                     if k in trainer.callback_metrics})
+            record.setdefault("lrs", []).append(trainer.optimizers[0].param_groups[0]["lr"])
+            record["tokens_seen"] = pl_module.tokens_seen
+
+        def on_train_end(self, trainer, pl_module):
+            record["final"] = _stage_weights(pl_module.model)
+
+    return Recorder()
+
+
+def _worker(rank: int, world: int, port: int, out: str, pp: int, zero_stage: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank), NODE_RANK="0")
+    torch.set_num_threads(1)  # 2 cores: more threads than cores stall gloo's send/recv
+    torch.manual_seed(10 * rank)  # ranks draw different numbers: the model must not depend on it
+    record: dict = {}
+    dp = world // pp
+    strategy = ParallelStrategy(pipeline_parallel=pp, zero_stage=zero_stage, microbatches=2, schedule="1f1b")
+    trainer = L.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=STEPS, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False, gradient_clip_val=CLIP, callbacks=[_recorder(record)])
+    # Mesh (pipeline, data): global rank = stage x dp + data coordinate; both stages of a pipeline get its rows.
+    trainer.fit(_module(), _loader(rank % dp, dp))
+    torch.save(record, Path(out) / f"rank{rank}.pt")
+
+
+def _spawn(world: int, out: Path, pp: int, zero_stage: int) -> list[dict]:
+    mp.spawn(_worker, args=(world, free_port(), str(out), pp, zero_stage), nprocs=world, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def _joined(records: list[dict], key: str) -> dict[str, torch.Tensor]:
+    """The whole model from the stages' weights (every rank of a stage holds them whole after the gather)."""
+    joined: dict[str, torch.Tensor] = {}
+    for record in records:
+        for name, value in record[key].items():
+            if name in joined:  # a tied embedding on the first and last stage, or another replica: equal
+                assert torch.equal(joined[name], value), name
+            joined[name] = value
+    return joined
+
+
+def _assert_equals_one_process(records: list[dict]) -> None:
+    init = _joined(records, "init")
+    expected_losses, expected_weights = single_process_run(init, STEPS)
+    for record in records:  # every rank logs the global batch's loss
+        torch.testing.assert_close(torch.tensor(record["losses"]), torch.tensor(expected_losses), **LOSS_TOL)
+    final = _joined(records, "final")
+    assert final.keys() == expected_weights.keys()
+    for name, weight in expected_weights.items():
+        assert not torch.equal(weight, init[name]), f"{name} did not train"
+    assert_adam_steps_close(final, expected_weights, lr_sum=LR_SUM)
+
+
+def _assert_module_metrics(records: list[dict], dp: int) -> None:
+    """The module's own metrics, logged on every rank through the pipeline: the step's loss, its
+    perplexity, the learning rate the step used and the tokens seen by all replicas so far."""
+    for record in records:
+        assert record["sampler"]["num_replicas"] == dp
+        assert len(record["metrics"]) == STEPS
+        for step, (metrics, loss) in enumerate(zip(record["metrics"], record["losses"])):
+            assert metrics.keys() == set(METRICS)
+            assert metrics["train/loss"] == pytest.approx(loss, rel=1e-6)
+            assert metrics["train/ppl"] == pytest.approx(math.exp(loss), rel=1e-6)
+            assert metrics["train/tokens"] == (step + 1) * ROWS * SEQ
+        assert [m["train/lr"] for m in record["metrics"][1:]] == pytest.approx(record["lrs"][:-1])
+        assert record["tokens_seen"] == STEPS * ROWS * SEQ
+
+
+def _assert_stages_sharded(records: list[dict], dp: int) -> None:
+    """Each rank holds 1/dp of its own stage's parameters (fp32; the tied embedding once), nothing of the others'."""
+    for record in records:
+        distinct = {name: w for name, w in record["final"].items()
+                    if not (name == "lm_head.weight" and "model.embed_tokens.weight" in record["final"])}
+        assert record["param_bytes"] * dp == 4 * sum(w.numel() for w in distinct.values())
+
+
+@pytest.mark.slow
+def test_pp2_x_dp2_zero2_equals_one_process(tmp_path):
+    records = _spawn(4, tmp_path, pp=2, zero_stage=2)
+    _assert_equals_one_process(records)
+    _assert_module_metrics(records, dp=2)
+    _assert_stages_sharded(records, dp=2)
+    assert "lm_head.weight" not in records[0]["final"] and "lm_head.weight" in records[2]["final"]
+
+
+def test_pp2_equals_one_process_and_logs_the_module_metrics(tmp_path):
+    records = _spawn(2, tmp_path, pp=2, zero_stage=3)
+    _assert_equals_one_process(records)
+    _assert_module_metrics(records, dp=1)
