@@ -136,3 +136,31 @@ def test_pp2_equals_one_process_and_logs_the_module_metrics(tmp_path):
     records = _spawn(2, tmp_path, pp=2, zero_stage=3)
     _assert_equals_one_process(records)
     _assert_module_metrics(records, dp=1)
+
+
+# -- setup errors --------------------------------------------------------------------------------
+
+
+def test_more_stages_than_layers_is_refused_naming_both():
+    from lightning_llm.strategies.pipeline import Pipeline
+
+    module = _module()
+    with torch.device("meta"):
+        module.configure_model()
+    with pytest.raises(ValueError, match=r"4 pipeline stages \(pipeline_parallel=4 x stages_per_rank=1\) but the model "
+                                         r"has only 2 decoder layers: use at most 2 stages"):
+        Pipeline(4, 4, "gpipe", degree="pipeline_parallel").split(module)
+
+
+def test_a_module_without_its_pipeline_loss_is_refused():
+    from lightning_llm.models import build_model
+    from lightning_llm.strategies.pipeline import Pipeline
+
+    class OwnLoss(L.LightningModule):  # a training_step of its own, no loss_sum / log_training_step
+        def __init__(self):
+            super().__init__()
+            with torch.device("meta"):
+                self.model = build_model("tiny", vocab_size=64)
+
+    with pytest.raises(TypeError, match=r"OwnLoss cannot be trained through a pipeline: it must define `loss_sum"):
+        Pipeline(2, 2, "1f1b").split(OwnLoss())

@@ -130,7 +130,7 @@ class ParallelStrategy(ZeROStrategy):
         others = self.pipeline_parallel * self.tensor_parallel
         data = self.world_size // others if self.data_parallel == "auto" else self.data_parallel
         if data * others != self.world_size:
-            raise ValueError(f"pipeline_parallel={self.pipeline_parallel} x data_parallel={self.data_parallel} x "
+            raise ValueError(f"pipeline_parallel={self.pipeline_parallel} x data_parallel={self.data_parallel!r} x "
                              f"tensor_parallel={self.tensor_parallel} must equal the world size {self.world_size} "
                              "(nodes x devices); with data_parallel='auto' the world size must be a multiple of "
                              f"the other degrees' product {others}")
