@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 
 from _precision_helpers import free_port
 from lightning_llm.strategies.parallel import ParallelStrategy
-from test_parallel import CLIP, HP, LOSS_TOL, LR_SUM, ROWS, SEQ, STEPS, _loader, _module, single_process_run
+from test_parallel import CLIP, VOCAB, LOSS_TOL, LR_SUM, ROWS, SAVE_AT, SEQ, STEPS, _loader, _module, global_batches, single_process_run
 from tolerances import assert_adam_steps_close
 
 METRICS = ("train/loss", "train/ppl", "train/lr", "train/tokens")
@@ -56,25 +56,37 @@ def _recorder(record: dict) -> L.Callback:
     return Recorder()
 
 
-def _worker(rank: int, world: int, port: int, out: str, pp: int, zero_stage: int) -> None:
+def _worker(rank: int, world: int, port: int, out: str, pp: int, zero_stage: int, save: bool = False,
+            resume: str | None = None) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank), NODE_RANK="0")
     torch.set_num_threads(1)  # 2 cores: more threads than cores stall gloo's send/recv
     torch.manual_seed(10 * rank)  # ranks draw different numbers: the model must not depend on it
     record: dict = {}
     dp = world // pp
-    strategy = ParallelStrategy(pipeline_parallel=pp, zero_stage=zero_stage, microbatches=2, schedule="1f1b")
+    pipeline = dict(microbatches=2, schedule="1f1b") if pp > 1 else {}
+    strategy = ParallelStrategy(pipeline_parallel=pp, zero_stage=zero_stage, **pipeline)
+    callbacks = [_recorder(record)]
+    if save:
+        callbacks.append(ModelCheckpoint(dirpath=out, filename="{step}", every_n_train_steps=SAVE_AT, save_top_k=-1,
+                                         save_last=True))
     trainer = L.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=STEPS, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        use_distributed_sampler=False, gradient_clip_val=CLIP, callbacks=[_recorder(record)])
+                        enable_checkpointing=save, enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False, gradient_clip_val=CLIP, callbacks=callbacks)
     # Mesh (pipeline, data): global rank = stage x dp + data coordinate; both stages of a pipeline get its rows.
-    trainer.fit(_module(), _loader(rank % dp, dp))
-    torch.save(record, Path(out) / f"rank{rank}.pt")
+    # With checkpoints, validation on the training batches at each epoch's end (through the pipeline).
+    loader = _loader(rank % dp, dp)
+    module = _module()
+    trainer.fit(module, loader, loader if save else None, ckpt_path=resume)
+    record["val_history"] = module.val_history
+    torch.save(record, Path(out) / f"{'resumed' if resume else 'run'}-rank{rank}.pt")
 
 
-def _spawn(world: int, out: Path, pp: int, zero_stage: int) -> list[dict]:
-    mp.spawn(_worker, args=(world, free_port(), str(out), pp, zero_stage), nprocs=world, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+def _spawn(world: int, out: Path, pp: int, zero_stage: int, save: bool = False, resume: str | None = None) -> list[dict]:
+    mp.spawn(_worker, args=(world, free_port(), str(out), pp, zero_stage, save, resume), nprocs=world, join=True)
+    return [torch.load(out / f"{'resumed' if resume else 'run'}-rank{r}.pt", weights_only=False) for r in range(world)]
 
 
 def _joined(records: list[dict], key: str) -> dict[str, torch.Tensor]:
@@ -132,10 +144,56 @@ def test_pp2_x_dp2_zero2_equals_one_process(tmp_path):
     assert "lm_head.weight" not in records[0]["final"] and "lm_head.weight" in records[2]["final"]
 
 
-def test_pp2_equals_one_process_and_logs_the_module_metrics(tmp_path):
-    records = _spawn(2, tmp_path, pp=2, zero_stage=3)
+@pytest.fixture(scope="module")
+def pp2(tmp_path_factory):
+    """pipeline_parallel=2 (ZeRO-3 over a data dimension of 1), checkpointing every SAVE_AT steps and validating
+    at each epoch's end; then one process resumes its step-SAVE_AT checkpoint with ParallelStrategy()."""
+    out = tmp_path_factory.mktemp("pp2")
+    records = _spawn(2, out, pp=2, zero_stage=3, save=True)
+    resumed = _spawn(1, out, pp=1, zero_stage=3, resume=str(out / f"step={SAVE_AT}.ckpt"))[0]
+    return records, resumed, out
+
+
+def test_pp2_equals_one_process_and_logs_the_module_metrics(pp2):
+    records, _, _ = pp2
     _assert_equals_one_process(records)
     _assert_module_metrics(records, dp=1)
+    _assert_stages_sharded(records, dp=1)
+
+
+def test_pp2_validation_runs_the_module_step_through_the_pipeline(pp2):
+    from lightning_llm.models import build_model
+    from lightning_llm.modules.pretrain import next_token_loss
+
+    records, _, _ = pp2
+    model = build_model("tiny", vocab_size=VOCAB)
+    model.load_state_dict(_joined(records, "final"))
+    with torch.no_grad():
+        losses = [next_token_loss(model(input_ids=b["input_ids"]).logits, b["targets"]) for b in global_batches()]
+    for record in records:
+        step, value = record["val_history"][-1]
+        assert step == STEPS
+        torch.testing.assert_close(torch.tensor(value), torch.stack(losses).mean(), **LOSS_TOL)
+
+
+def test_pp2_checkpoint_resumes_on_one_process(pp2):
+    """The stages' checkpoint holds the whole model under the single-process names, with the optimizer
+    state: one process resumes it and continues as the pipeline did."""
+    records, resumed, _ = pp2
+    torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(records[0]["losses"][SAVE_AT:]), **LOSS_TOL)
+    assert_adam_steps_close(resumed["final"], _joined(records, "final"), lr_sum=LR_SUM)
+
+
+def test_pp2_checkpoint_consolidates_into_an_export(pp2, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lightning_llm.export import export_checkpoint
+
+    records, _, out = pp2
+    final = _joined(records, "final")
+    exported = AutoModelForCausalLM.from_pretrained(export_checkpoint(out / "last.ckpt", tmp_path / "hf")).state_dict()
+    assert exported.keys() == final.keys()
+    assert all(torch.equal(exported[name], weight) for name, weight in final.items())
 
 
 # -- setup errors --------------------------------------------------------------------------------

@@ -62,7 +62,8 @@ class ParallelStrategy(ZeROStrategy):
             3 also the parameters; 1 (optimizer state only) needs tensor_parallel=1 and pipeline_parallel=1.
         sequence_parallel: with tensor_parallel > 1, shard norms and the residual stream along the sequence
             between the tensor-parallel regions.
-        microbatches, schedule, stages_per_rank, split_points: the pipeline's, as `PipelineStrategy` takes them.
+        microbatches, schedule, stages_per_rank, split_points: the pipeline's, as `PipelineStrategy` takes them
+            (defaults 4, "1f1b", 1 or 2, balanced); given with pipeline_parallel=1 they are refused.
         The rest as `ZeROStrategy` (cpu_offload, wrap, activation_checkpointing, empty_init, ...).
     """
 
@@ -76,8 +77,8 @@ class ParallelStrategy(ZeROStrategy):
         zero_stage: int = 3,
         sequence_parallel: bool = True,
         *,
-        microbatches: int = 4,
-        schedule: str = "1f1b",
+        microbatches: int | None = None,
+        schedule: str | None = None,
         stages_per_rank: int | None = None,
         split_points: list[int] | None = None,
         cpu_offload: bool = False,
@@ -110,9 +111,15 @@ class ParallelStrategy(ZeROStrategy):
                                       + ("zero_stage=1" if zero_stage == 1 else f"tensor_parallel={tensor_parallel}")
                                       + ": not built yet; a pipeline composes with data parallelism under ZeRO stage 2 "
                                       "or 3 (zero_stage=2 or 3, tensor_parallel=1)")
-        # The pipeline's own arguments are checked here too (before any process starts).
-        self._pipeline = Pipeline(pipeline_parallel, microbatches, schedule, stages_per_rank, split_points,
-                                  degree="pipeline_parallel") if pipeline_parallel > 1 else None
+        pipeline_options = dict(microbatches=microbatches, schedule=schedule, stages_per_rank=stages_per_rank,
+                                split_points=split_points)
+        given = {k: v for k, v in pipeline_options.items() if v is not None}
+        if given and pipeline_parallel == 1:
+            raise ValueError(f"{given} configure a pipeline, but pipeline_parallel=1: set pipeline_parallel > 1 or "
+                             "leave them out")
+        # The pipeline's own arguments are checked here too (before any process starts); defaults as PipelineStrategy's.
+        self._pipeline = Pipeline(pipeline_parallel, 4 if microbatches is None else microbatches, schedule or "1f1b",
+                                  stages_per_rank, split_points, degree="pipeline_parallel") if pipeline_parallel > 1 else None
         super().__init__(zero_stage, cpu_offload=cpu_offload, wrap=wrap, activation_checkpointing=activation_checkpointing,
                          empty_init=empty_init, process_group_backend=process_group_backend, timeout=timeout)
         self.data_parallel = data_parallel
