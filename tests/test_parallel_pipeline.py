@@ -57,7 +57,7 @@ def _recorder(record: dict) -> L.Callback:
 
 
 def _worker(rank: int, world: int, port: int, out: str, pp: int, zero_stage: int, save: bool = False,
-            resume: str | None = None) -> None:
+            resume: str | None = None, tp: int = 1) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
@@ -65,9 +65,9 @@ def _worker(rank: int, world: int, port: int, out: str, pp: int, zero_stage: int
     torch.set_num_threads(1)  # 2 cores: more threads than cores stall gloo's send/recv
     torch.manual_seed(10 * rank)  # ranks draw different numbers: the model must not depend on it
     record: dict = {}
-    dp = world // pp
+    dp = world // (pp * tp)
     pipeline = dict(microbatches=2, schedule="1f1b") if pp > 1 else {}
-    strategy = ParallelStrategy(pipeline_parallel=pp, zero_stage=zero_stage, **pipeline)
+    strategy = ParallelStrategy(pipeline_parallel=pp, tensor_parallel=tp, zero_stage=zero_stage, **pipeline)
     callbacks = [_recorder(record)]
     if save:
         callbacks.append(ModelCheckpoint(dirpath=out, filename="{step}", every_n_train_steps=SAVE_AT, save_top_k=-1,
@@ -75,17 +75,19 @@ def _worker(rank: int, world: int, port: int, out: str, pp: int, zero_stage: int
     trainer = L.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=STEPS, logger=False,
                         enable_checkpointing=save, enable_progress_bar=False, enable_model_summary=False,
                         use_distributed_sampler=False, gradient_clip_val=CLIP, callbacks=callbacks)
-    # Mesh (pipeline, data): global rank = stage x dp + data coordinate; both stages of a pipeline get its rows.
+    # Mesh (pipeline, data, tensor): global rank = (stage x dp + data coordinate) x tp + tensor coordinate; the
+    # stages of a pipeline and the ranks of a tensor-parallel group get the rows of their data coordinate.
     # With checkpoints, validation on the training batches at each epoch's end (through the pipeline).
-    loader = _loader(rank % dp, dp)
+    loader = _loader(rank // tp % dp, dp)
     module = _module()
     trainer.fit(module, loader, loader if save else None, ckpt_path=resume)
     record["val_history"] = module.val_history
     torch.save(record, Path(out) / f"{'resumed' if resume else 'run'}-rank{rank}.pt")
 
 
-def _spawn(world: int, out: Path, pp: int, zero_stage: int, save: bool = False, resume: str | None = None) -> list[dict]:
-    mp.spawn(_worker, args=(world, free_port(), str(out), pp, zero_stage, save, resume), nprocs=world, join=True)
+def _spawn(world: int, out: Path, pp: int, zero_stage: int, save: bool = False, resume: str | None = None,
+           tp: int = 1) -> list[dict]:
+    mp.spawn(_worker, args=(world, free_port(), str(out), pp, zero_stage, save, resume, tp), nprocs=world, join=True)
     return [torch.load(out / f"{'resumed' if resume else 'run'}-rank{r}.pt", weights_only=False) for r in range(world)]
 
 
@@ -144,6 +146,16 @@ def test_pp2_x_dp2_zero2_equals_one_process(tmp_path):
     assert "lm_head.weight" not in records[0]["final"] and "lm_head.weight" in records[2]["final"]
 
 
+@pytest.mark.slow
+def test_pp2_x_tp2_equals_one_process(tmp_path):
+    """Tensor and sequence parallelism inside each stage (ZeRO-2 over a data dimension of 1): the residual
+    stream crosses the stage boundary as its sequence shards; the tied embedding's two copies (the
+    first stage's embedding, the last stage's LM head) are split alike over the vocabulary."""
+    records = _spawn(4, tmp_path, pp=2, zero_stage=2, tp=2)
+    _assert_equals_one_process(records)
+    _assert_module_metrics(records, dp=1)
+
+
 @pytest.fixture(scope="module")
 def pp2(tmp_path_factory):
     """pipeline_parallel=2 (ZeRO-3 over a data dimension of 1), checkpointing every SAVE_AT steps and validating
@@ -154,6 +166,7 @@ def pp2(tmp_path_factory):
     return records, resumed, out
 
 
+@pytest.mark.slow  # the pp2 fixture's two jobs take ~2 minutes on 2 busy cores
 def test_pp2_equals_one_process_and_logs_the_module_metrics(pp2):
     records, _, _ = pp2
     _assert_equals_one_process(records)
@@ -161,6 +174,7 @@ def test_pp2_equals_one_process_and_logs_the_module_metrics(pp2):
     _assert_stages_sharded(records, dp=1)
 
 
+@pytest.mark.slow  # the pp2 fixture's two jobs take ~2 minutes on 2 busy cores
 def test_pp2_validation_runs_the_module_step_through_the_pipeline(pp2):
     from lightning_llm.models import build_model
     from lightning_llm.modules.pretrain import next_token_loss
@@ -176,6 +190,7 @@ def test_pp2_validation_runs_the_module_step_through_the_pipeline(pp2):
         torch.testing.assert_close(torch.tensor(value), torch.stack(losses).mean(), **LOSS_TOL)
 
 
+@pytest.mark.slow  # the pp2 fixture's two jobs take ~2 minutes on 2 busy cores
 def test_pp2_checkpoint_resumes_on_one_process(pp2):
     """The stages' checkpoint holds the whole model under the single-process names, with the optimizer
     state: one process resumes it and continues as the pipeline did."""
@@ -184,6 +199,7 @@ def test_pp2_checkpoint_resumes_on_one_process(pp2):
     assert_adam_steps_close(resumed["final"], _joined(records, "final"), lr_sum=LR_SUM)
 
 
+@pytest.mark.slow  # the pp2 fixture's two jobs take ~2 minutes on 2 busy cores
 def test_pp2_checkpoint_consolidates_into_an_export(pp2, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -18,8 +18,7 @@ the distributed sampler and the module's data-parallel arithmetic are given the 
 coordinate only.
 
 Context and expert parallelism are dimensions of the same mesh still to come (the issues that follow
-issue 15); asking for them is refused, as are the pairings not yet tested (pipeline with tensor
-parallelism, pipeline with ZeRO-1).
+issue 15); asking for them is refused, as is a pipeline with ZeRO-1.
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import Shard
 from torch.distributed.tensor.parallel import ParallelStyle, loss_parallel
 from torch.optim import Optimizer
 
@@ -106,11 +106,9 @@ class ParallelStrategy(ZeROStrategy):
                                       "parameters through DistributedDataParallel, which does not take tensor-parallel "
                                       "(DTensor) parameters; use zero_stage=2 (the same memory for the optimizer state "
                                       "and gradients, less for gradients)")
-        if pipeline_parallel > 1 and (zero_stage == 1 or tensor_parallel > 1):
-            raise NotImplementedError(f"pipeline_parallel={pipeline_parallel} with "
-                                      + ("zero_stage=1" if zero_stage == 1 else f"tensor_parallel={tensor_parallel}")
-                                      + ": not built yet; a pipeline composes with data parallelism under ZeRO stage 2 "
-                                      "or 3 (zero_stage=2 or 3, tensor_parallel=1)")
+        if pipeline_parallel > 1 and zero_stage == 1:
+            raise NotImplementedError(f"pipeline_parallel={pipeline_parallel} with zero_stage=1: not built yet; a "
+                                      "pipeline composes with data parallelism under ZeRO stage 2 or 3")
         pipeline_options = dict(microbatches=microbatches, schedule=schedule, stages_per_rank=stages_per_rank,
                                 split_points=split_points)
         given = {k: v for k, v in pipeline_options.items() if v is not None}
@@ -148,8 +146,10 @@ class ParallelStrategy(ZeROStrategy):
         if self._pipeline is not None:
             # One pipeline per (data, tensor) coordinate: its ranks, in stage order, are a column of the mesh.
             pipelines = mesh.mesh.permute(1, 2, 0).reshape(-1, self.pipeline_parallel)
+            # Under sequence parallelism the residual stream between stages is sharded along the sequence.
+            residual = (mesh["tensor_parallel"], (Shard(1),)) if self.tensor_parallel > 1 and self.sequence_parallel else None
             self._pipeline.connect(self, mesh["pipeline_parallel"].get_local_rank(), mesh["pipeline_parallel"].get_group(),
-                                   self._data_mesh().get_group(), tied_groups(pipelines))
+                                   self._data_mesh().get_group(), tied_groups(pipelines), residual)
 
     def _data_mesh(self) -> DeviceMesh:
         return self.device_mesh["data_parallel"]
@@ -171,10 +171,10 @@ class ParallelStrategy(ZeROStrategy):
     # -- the model -------------------------------------------------------------------------------
 
     def setup(self, trainer: Trainer) -> None:
-        if self._pipeline is not None:  # first: only this rank's stages are ever materialised
-            self._pipeline.split(self.lightning_module)
-        if self.tensor_parallel > 1:
+        if self.tensor_parallel > 1:  # (read from the whole model's plan, before the pipeline prunes it)
             self._styles = self._tensor_parallel_styles(self.lightning_module)
+        if self._pipeline is not None:  # then the stages: only this rank's are ever materialised
+            self._pipeline.split(self.lightning_module)
         super().setup(trainer)
         if self._pipeline is not None:
             self._pipeline.make_clipping_global()

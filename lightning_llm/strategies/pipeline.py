@@ -194,10 +194,16 @@ class DecoderStage(nn.Module):
     Its forward is the decoder's forward restricted to those layers: the first stage embeds the
     tokens, every stage builds the causal mask and rotary embeddings from the (micro-batch's)
     position ids, the last stage applies the final norm and the LM head and returns logits.
+
+    `residual_layout` (mesh, placements): the layout of a residual stream kept as a `DTensor` (sequence
+    parallelism), which torch's stages cannot send: it leaves a stage as its local shard and is
+    rebuilt from it on arrival.
     """
 
-    def __init__(self, parts: DecoderParts, layer_ids: list[int], is_first: bool, is_last: bool) -> None:
+    def __init__(self, parts: DecoderParts, layer_ids: list[int], is_first: bool, is_last: bool,
+                 residual_layout: tuple[Any, tuple[Any, ...]] | None = None) -> None:
         super().__init__()
+        self.residual_layout = residual_layout
         self.config = parts.causal_lm.config
         self.layer_ids = layer_ids
         self.embed_tokens = parts.embed_tokens if is_first else None
@@ -208,7 +214,12 @@ class DecoderStage(nn.Module):
         self.lm_head = parts.lm_head if is_last else None
 
     def forward(self, x: Tensor, position_ids: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
-        hidden = self.embed_tokens(x) if self.embed_tokens is not None else x
+        if self.embed_tokens is not None:
+            hidden = self.embed_tokens(x)
+        elif self.residual_layout is not None:
+            hidden = DTensor.from_local(x, *self.residual_layout, run_check=False)
+        else:
+            hidden = x
         if position_ids is None:
             position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
         mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
@@ -218,8 +229,8 @@ class DecoderStage(nn.Module):
             hidden = layer(hidden, attention_mask=mask, position_ids=position_ids,
                            position_embeddings=position_embeddings, use_cache=False)
         if self.lm_head is not None:
-            hidden = self.lm_head(self.norm(hidden))
-        return hidden
+            return self.lm_head(self.norm(hidden))
+        return hidden.to_local() if isinstance(hidden, DTensor) else hidden
 
 
 def check_split(parts: DecoderParts, layer_ids: list[list[int]]) -> None:
@@ -332,6 +343,7 @@ class Pipeline:
         self.group: dist.ProcessGroup | None = None
         self.data_group: dist.ProcessGroup | None = None
         self.tied_group: dist.ProcessGroup | None = None
+        self.residual_layout: tuple[Any, tuple[Any, ...]] | None = None
         self.stage_ids: list[int] = []
         self.stage_modules: list[nn.Module] = []
         self._schedules: dict[tuple, Any] = {}
@@ -340,11 +352,12 @@ class Pipeline:
         self._microbatch_losses: list[Tensor] = []
 
     def connect(self, strategy: Any, rank: int, group: dist.ProcessGroup, data_group: dist.ProcessGroup | None,
-                tied_group: dist.ProcessGroup | None) -> None:
+                tied_group: dist.ProcessGroup | None, residual_layout: tuple[Any, tuple[Any, ...]] | None = None) -> None:
         """Place this rank: `rank` in the pipeline `group`; `data_group`: the ranks holding the same stages in
         the other pipelines (their losses and target counts are averaged); `tied_group`: this pipeline's first
-        and last stage ranks (the two copies of a tied embedding)."""
+        and last stage ranks (the two copies of a tied embedding); `residual_layout`: see `DecoderStage`."""
         self.strategy, self.rank, self.group, self.data_group, self.tied_group = strategy, rank, group, data_group, tied_group
+        self.residual_layout = residual_layout
 
     @property
     def n_stages(self) -> int:
@@ -409,7 +422,8 @@ class Pipeline:
         self.stage_modules = []
         for stage_id, layer_ids in zip(self.stage_ids, model._pipeline_layer_ids):
             holder.layers = {i: decoder.layers[str(i)] for i in layer_ids}
-            self.stage_modules.append(DecoderStage(holder, layer_ids, stage_id == 0, stage_id == self.n_stages - 1))
+            self.stage_modules.append(DecoderStage(holder, layer_ids, stage_id == 0, stage_id == self.n_stages - 1,
+                                                   self.residual_layout))
         self._schedules = {}
 
     def _tied_embedding(self) -> nn.Parameter | None:
