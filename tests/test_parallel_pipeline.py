@@ -82,6 +82,10 @@ def _worker(rank: int, world: int, port: int, out: str, pp: int, zero_stage: int
     module = _module()
     trainer.fit(module, loader, loader if save else None, ckpt_path=resume)
     record["val_history"] = module.val_history
+    if save:  # the live model, gathered from the stages and their shards, as the end-of-run export writes it
+        from lightning_llm.export import export_module
+
+        export_module(module, Path(out) / "live-hf")
     torch.save(record, Path(out) / f"{'resumed' if resume else 'run'}-rank{rank}.pt")
 
 
@@ -200,16 +204,17 @@ def test_pp2_checkpoint_resumes_on_one_process(pp2):
 
 
 @pytest.mark.slow  # the pp2 fixture's two jobs take ~2 minutes on 2 busy cores
-def test_pp2_checkpoint_consolidates_into_an_export(pp2, tmp_path):
+def test_pp2_checkpoint_and_live_model_export_equal_the_trained_weights(pp2, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from lightning_llm.export import export_checkpoint
 
     records, _, out = pp2
     final = _joined(records, "final")
-    exported = AutoModelForCausalLM.from_pretrained(export_checkpoint(out / "last.ckpt", tmp_path / "hf")).state_dict()
-    assert exported.keys() == final.keys()
-    assert all(torch.equal(exported[name], weight) for name, weight in final.items())
+    for exported_dir in (export_checkpoint(out / "last.ckpt", tmp_path / "hf"), out / "live-hf"):
+        exported = AutoModelForCausalLM.from_pretrained(exported_dir).state_dict()
+        assert exported.keys() == final.keys()
+        assert all(torch.equal(exported[name], weight) for name, weight in final.items())
 
 
 # -- setup errors --------------------------------------------------------------------------------

@@ -262,6 +262,19 @@ class ParallelStrategy(ZeROStrategy):
         with self._vocab_parallel():  # loss_parallel's backward must run inside it too
             return super().backward(closure_loss, optimizer, *args, **kwargs)
 
+    def full_model_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        """The whole `model`'s state dict on global rank 0, None elsewhere (every rank calls this; for an export):
+        the shards gathered over the data and tensor ranks and, under a pipeline, the stages joined on rank 0."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        if self._pipeline is None:
+            state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return state if self.global_rank == 0 else None
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        coordinates = self.device_mesh["data_parallel"].get_local_rank(), self.device_mesh["tensor_parallel"].get_local_rank()
+        local = {name: t.detach().cpu() for name, t in state.items()} if coordinates == (0, 0) else None
+        return self._pipeline.join_stages(local)
+
     def teardown(self) -> None:
         self._styles, self._lm_head = {}, None
         if self._pipeline is not None:

@@ -651,6 +651,19 @@ class Pipeline:
         finally:
             del model.forward
 
+    def join_stages(self, local: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
+        """The stages' weights joined on global rank 0, None elsewhere (every rank calls this). `local`: this
+        rank's stages' whole weights on the ranks of the pipeline holding global rank 0 (the others hold the
+        same numbers: other replicas, other tensor-parallel ranks), None on every other rank."""
+        state: dict[str, Tensor] | None = None
+        if local is not None:
+            parts: list[Any] | None = [None] * self.size if dist.get_rank() == 0 else None
+            dist.gather_object(local, parts, dst=0, group=self.group)
+            if parts is not None:
+                state = {name: t for part in parts for name, t in part.items()}
+        dist.barrier()
+        return state
+
     def teardown(self) -> None:
         self._schedules, self._pending_grads = {}, {}
 
@@ -727,6 +740,26 @@ class PipelineStrategy(ParallelStrategy):
     @property
     def pipeline_parallel(self) -> int:
         return self.stages
+
+    @property
+    def microbatches(self) -> int:
+        return self.pipeline.microbatches
+
+    @property
+    def schedule(self) -> str:
+        return self.pipeline.schedule
+
+    @property
+    def stages_per_rank(self) -> int:
+        return self.pipeline.stages_per_rank
+
+    @property
+    def split_points(self) -> list[int] | None:
+        return self.pipeline.split_points
+
+    @property
+    def n_stages(self) -> int:
+        return self.pipeline.n_stages
 
     @property
     def data_parallel_size(self) -> int:
@@ -841,15 +874,8 @@ class PipelineStrategy(ParallelStrategy):
         Each rank holds only its stages' weights, under the single-process names; the ranks of pipeline 0
         send theirs to rank 0 (the other pipelines hold the same numbers). With tied embeddings the first
         and last stages both hold the embedding, kept equal by training, so either copy will do."""
-        state: dict[str, Tensor] | None = None
-        if self.data_parallel_rank == 0:
-            local = {name: t.detach().cpu() for name, t in model.state_dict().items()}
-            parts: list[Any] | None = [None] * self.stages if self.global_rank == 0 else None
-            dist.gather_object(local, parts, dst=0, group=self.pipeline.group)
-            if parts is not None:
-                state = {name: t for part in parts for name, t in part.items()}
-        self.barrier()
-        return state
+        local = {name: t.detach().cpu() for name, t in model.state_dict().items()}
+        return self.pipeline.join_stages(local if self.data_parallel_rank == 0 else None)
 
 
     # -- collectives -----------------------------------------------------------------------------
