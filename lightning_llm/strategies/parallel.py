@@ -48,7 +48,11 @@ MESH_DIMS = ("pipeline_parallel", "data_parallel", "tensor_parallel")
 
 
 class ParallelStrategy(ZeROStrategy):
-    """Data parallelism with ZeRO, tensor parallelism and sequence parallelism on one device mesh.
+    """Pipeline parallelism, data parallelism with ZeRO, tensor and sequence parallelism on one device mesh.
+
+    Layouts that train as one process does (tests/test_parallel.py, tests/test_parallel_pipeline.py): tp2 (with
+    and without SP), dp2 x tp2, pp2, pp2 x dp2, pp2 x tp2. Under a pipeline the module must be a
+    `lightning_llm.protocols.PipelinedTraining` (its loss on the last stage, its metrics logged on every rank).
 
     Args:
         data_parallel: the data-parallel degree; "auto": the world size divided by the other degrees.
@@ -228,7 +232,9 @@ class ParallelStrategy(ZeROStrategy):
             self._vocab_parallel_active = False
 
     # Under the pipeline the schedule runs each training step (the module's loss on the last stage), and the
-    # evaluation steps run the module's own with the causal LM's forward redirected through the stages.
+    # evaluation steps run the module's own with the causal LM's forward redirected through the stages. With
+    # tensor parallelism there, the last stage's logits are gathered whole (the LM head's hook): the loss runs
+    # inside torch's schedule, outside `loss_parallel`.
 
     def on_train_start(self) -> None:
         if self._pipeline is not None:
