@@ -6,6 +6,7 @@ ask of one is written down here, where both sides import it from.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -33,3 +34,26 @@ def local_loss(loss: torch.Tensor) -> torch.Tensor:
     already the whole loss on every rank of the tensor-parallel group (replicated); other losses pass."""
     to_local = getattr(loss, "to_local", None)  # duck-typed: DTensor is imported only where it exists
     return to_local() if to_local is not None else loss
+
+
+@runtime_checkable
+class PipelinedTraining(Protocol):
+    """A LightningModule whose training step a pipeline can run for it.
+
+    Under pipeline parallelism no rank holds the whole model, so the module's `training_step` cannot run:
+    the strategy streams the batch through the stages as micro-batches, and the last stage computes the
+    loss of each micro-batch from its logits. The module keeps the one definition of that loss, and of
+    what is logged about a step, through two methods:
+
+    - `loss_sum(logits, targets)`: the summed loss of one micro-batch over its targets (-100 ignored),
+      the same function the module's own `training_step` uses. The strategy divides by the global
+      batch's number of targets that are not -100, so the gradients are those of the token-mean loss
+      over the whole batch, as one process computes it.
+    - `log_training_step(batch, loss)`: log the step's metrics and count what it saw, called on every
+      rank after the schedule ran; `batch` is this rank's batch, `loss` the global batch's token-mean
+      loss (equal on every rank).
+    """
+
+    def loss_sum(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
+
+    def log_training_step(self, batch: Mapping[str, torch.Tensor], loss: torch.Tensor) -> None: ...

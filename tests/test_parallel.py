@@ -261,7 +261,10 @@ def test_dp2_x_tp2_equals_one_process(tmp_path):
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(tensor_parallel=0), ValueError, r"tensor_parallel': 0"),
     (dict(data_parallel="two"), ValueError, r"data_parallel': 'two'"),
-    (dict(pipeline_parallel=2), NotImplementedError, r"pipeline_parallel=2.*issue 15"),
+    (dict(pipeline_parallel=2, zero_stage=1), NotImplementedError, r"pipeline_parallel=2 with zero_stage=1"),
+    (dict(microbatches=2), ValueError, r"\{'microbatches': 2\} configure a pipeline, but pipeline_parallel=1"),
+    (dict(pipeline_parallel=2, microbatches=1), ValueError,
+     r"microbatches=1 with schedule='1f1b' and pipeline_parallel=2: .* use microbatches >= 2"),
     (dict(context_parallel=2), NotImplementedError, r"context_parallel=2"),
     (dict(expert_parallel=2), NotImplementedError, r"expert_parallel=2"),
     (dict(zero_stage=4), ValueError, r"zero_stage must be one of \(1, 2, 3\), got 4"),
@@ -272,12 +275,17 @@ def test_bad_degrees_name_the_value(kwargs, error, match):
         ParallelStrategy(**kwargs)
 
 
-def test_degrees_must_multiply_to_the_world_size():
-    strategy = ParallelStrategy(data_parallel=2, tensor_parallel=2)
+@pytest.mark.parametrize("degrees, match", [
+    (dict(data_parallel=2, tensor_parallel=2), r"pipeline_parallel=1 x data_parallel=2 x tensor_parallel=2 must equal the world size 2"),
+    (dict(pipeline_parallel=2, tensor_parallel=1), r"pipeline_parallel=2 x data_parallel='auto' x tensor_parallel=1 must equal the world size 3.*multiple of the other degrees' product 2"),
+])
+def test_degrees_must_multiply_to_the_world_size(degrees, match):
+    world = 3 if degrees.get("pipeline_parallel") else 2
+    strategy = ParallelStrategy(**degrees)
     strategy._setup_distributed = lambda: None
     strategy.set_world_ranks = lambda: None
-    strategy.cluster_environment = type("Env", (), {"world_size": lambda self: 2})()
-    with pytest.raises(ValueError, match=r"data_parallel=2 x tensor_parallel=2 must equal the world size 2"):
+    strategy.cluster_environment = type("Env", (), {"world_size": lambda self: world})()
+    with pytest.raises(ValueError, match=match):
         strategy.setup_environment()
 
 

@@ -126,6 +126,22 @@ class StepRecorder(pl.Callback):
         optimizer.register_step_post_hook(record)
 
 
+class ModuleMetrics(pl.Callback):
+    """The module's own training metrics after each step, and the learning rate that step used."""
+
+    NAMES = ("train/loss", "train/ppl", "train/lr", "train/tokens")
+
+    def __init__(self) -> None:
+        self.metrics: list[dict[str, float]] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.lr = trainer.optimizers[0].param_groups[0]["lr"]
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k in self.NAMES}
+        self.metrics.append({**logged, "lr_used": self.lr, "loss_returned": float(outputs["loss"])})
+
+
 class LossRecorder(pl.Callback):
     def __init__(self) -> None:
         self.losses: list[float] = []
@@ -246,7 +262,9 @@ def pipeline_scenarios(rank: int, tmp: Path) -> dict:
 
     pl.seed_everything(0)
     module = TinyLM(init2)
-    out["gpipe_losses"] = fit(module, TokenData(val=True), pipe("gpipe"), devices=2)
+    metrics = ModuleMetrics()
+    out["gpipe_losses"] = fit(module, TokenData(val=True), pipe("gpipe"), devices=2, callbacks=[metrics])
+    out["gpipe_metrics"], out["gpipe_tokens_seen"] = metrics.metrics, module.tokens_seen
     out["gpipe_val"] = module.val_history
     out["gpipe_weights"] = local_weights(module)
 
@@ -386,6 +404,23 @@ def test_two_stages_match_one_process(two_stage_run, schedule):
     # Each stage holds its own layers only; the tied embedding sits on both ends.
     assert "lm_head.weight" not in ranks[0][f"{schedule}_weights"]
     assert "model.embed_tokens.weight" in ranks[1][f"{schedule}_weights"]
+
+
+def test_the_module_logs_its_metrics_through_the_pipeline(two_stage_run):
+    """The last stage computes the module's own loss; every rank logs the module's metrics of each step: the
+    batch loss, its perplexity, the learning rate the step used and the tokens seen (every stage sees the
+    whole batch of BATCH x SEQ tokens; one pipeline, one data-parallel replica)."""
+    import math
+
+    ranks, _, _ = two_stage_run
+    for out in ranks:
+        assert len(out["gpipe_metrics"]) == 10 and out["gpipe_tokens_seen"] == 10 * BATCH * SEQ
+        for step, logged in enumerate(out["gpipe_metrics"]):
+            assert logged.keys() == {*ModuleMetrics.NAMES, "lr_used", "loss_returned"}
+            assert logged["train/loss"] == pytest.approx(logged["loss_returned"], rel=1e-6)
+            assert logged["train/ppl"] == pytest.approx(math.exp(logged["train/loss"]), rel=1e-6)
+            assert logged["train/lr"] == pytest.approx(logged["lr_used"], rel=1e-6)  # (logged as fp32)
+            assert logged["train/tokens"] == (step + 1) * BATCH * SEQ
 
 
 def test_fp16_overflow_on_one_stage_skips_the_step_on_both(two_stage_run):

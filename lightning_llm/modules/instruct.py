@@ -9,6 +9,7 @@ whose tokenizer comes along. The answer-only loss needs nothing here: the data m
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -143,11 +144,10 @@ class InstructionTuningModule(PretrainModule):
     def _datamodule(self) -> object | None:
         return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = super().training_step(batch, batch_idx)
+    def log_training_step(self, batch: Mapping[str, torch.Tensor], loss: torch.Tensor) -> None:
+        super().log_training_step(batch, loss)
         if "num_tokens" in batch:
             self.log("train/packing_efficiency", batch["num_tokens"].sum() / batch["input_ids"].numel())
-        return loss
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -191,7 +192,7 @@ class PretrainModule(LightningModule):
         where = None
         if moe_shape(self.model.config) is not None:
             where = "a mixture-of-experts model (its router terms come with the whole logits)"
-        elif getattr(strategy, "n_stages", 1) > 1 or getattr(strategy, "stages", 1) > 1:
+        elif getattr(strategy, "pipeline_parallel", 1) > 1:
             where = f"{type(strategy).__name__} (the last stage computes the loss from its logits)"
         elif getattr(strategy, "tensor_parallel", 1) > 1:
             where = f"{type(strategy).__name__}(tensor_parallel={strategy.tensor_parallel}) (the head is split over the vocabulary)"
@@ -245,10 +246,15 @@ class PretrainModule(LightningModule):
         chunk_size = self.hparams.loss_chunk_size
         if targets is None or not chunk_size:
             logits = self.model(**inputs).logits
-            return logits if targets is None else next_token_loss_sum(logits, targets)
+            return logits if targets is None else self.loss_sum(logits, targets)
         head = output_head(self.model)
         return linear_cross_entropy_sum(final_hidden_states(self.model, **inputs), head.weight, targets, head.bias,
                                         chunk_size=chunk_size)
+
+    def loss_sum(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The module's loss, summed over the target tokens: what every layout trains on (a pipeline's last
+        stage calls it per micro-batch, see `lightning_llm.protocols.PipelinedTraining`)."""
+        return next_token_loss_sum(logits, targets)
 
     def router_loss(self, router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None) -> torch.Tensor:
         """The mixture of experts' router terms added to the training loss; logs them and the expert loads.
@@ -295,7 +301,7 @@ class PretrainModule(LightningModule):
         if moe:  # the router logits come with the model's outputs (configure_model refuses a chunked loss here)
             outputs = self.model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"),
                                  attention_mask=batch.get("attention_mask"), use_cache=False, output_router_logits=True)
-            total = next_token_loss_sum(outputs.logits, batch["targets"])
+            total = self.loss_sum(outputs.logits, batch["targets"])
         else:
             total = self(batch["input_ids"], batch.get("position_ids"), batch.get("attention_mask"), batch["targets"])
         totals = torch.stack([total.detach(), (batch["targets"] != -100).sum().to(total.dtype)])
@@ -310,12 +316,17 @@ class PretrainModule(LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, batch_loss = self.training_loss(batch)
+        self.log_training_step(batch, batch_loss)
+        return loss
+
+    def log_training_step(self, batch: Mapping[str, torch.Tensor], loss: torch.Tensor) -> None:
+        """Count the step's tokens and log its metrics; `loss`: the global batch's token-mean loss. (Called by
+        `training_step`, and by a pipeline strategy that ran the step: `lightning_llm.protocols.PipelinedTraining`.)"""
         self.tokens_seen += batch["input_ids"].numel() * self._data_parallel_size()
-        self.log("train/loss", batch_loss, prog_bar=True)
-        self.log("train/ppl", torch.exp(batch_loss.clamp(max=20)))
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/ppl", torch.exp(loss.clamp(max=20)))
         self.log("train/tokens", float(self.tokens_seen))
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
-        return loss
 
     def configure_callbacks(self) -> list[Callback]:
         return [self.divergence_guard]

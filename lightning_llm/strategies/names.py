@@ -28,7 +28,7 @@ NAMES: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "pipeline": ("lightning_llm.strategies.pipeline", "PipelineStrategy", {},
                  "pipeline parallelism: 2 stages, 4 micro-batches, 1F1B"),
     "parallel": ("lightning_llm.strategies.parallel", "ParallelStrategy", {},
-                 "one device mesh: data parallel (ZeRO-3) x tensor parallel; degrees as init_args"),
+                 "one device mesh: pipeline x data parallel (ZeRO-3) x tensor parallel; degrees as init_args"),
 }
 
 

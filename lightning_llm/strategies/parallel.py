@@ -1,19 +1,24 @@
 """ParallelStrategy: one device mesh, each parallelism a function applied to the model in turn.
 
-The processes form a mesh with named dimensions, outermost first
+The processes form a mesh with named dimensions, outermost first (torchtitan's order)
 
-    data_parallel x tensor_parallel          (sizes multiply to the world size)
+    pipeline_parallel x data_parallel x tensor_parallel          (sizes multiply to the world size)
 
 so that the ranks of one tensor-parallel group are neighbours (on GPUs: one node, where the links are
-fastest; TP communicates in every layer, data parallelism once per step). The model is built on the
-meta device and, one sharding unit (decoder layer) at a time, materialised, split by tensor and
-sequence parallelism over `tensor_parallel` (strategies/tensor.py) and sharded by ZeRO over
-`data_parallel` (strategies/zero.py, whose code this strategy runs with these two hooks): torchtitan's
-order, TP before FSDP. Ranks of one tensor-parallel group see the same batch: the distributed sampler
-and the module's data-parallel arithmetic are given the data-parallel coordinate only.
+fastest; TP communicates in every layer, data parallelism once per step, the pipeline sends one
+activation per micro-batch point to point, the least, so its stages may sit on different nodes).
+The model is built on the meta device; with `pipeline_parallel` > 1 it is first cut into stages and
+pruned to this rank's (strategies/pipeline.py); then, one sharding unit (decoder layer) at a time, it
+is materialised, split by tensor and sequence parallelism over `tensor_parallel` (strategies/tensor.py)
+and sharded by ZeRO over `data_parallel` (strategies/zero.py, whose code this strategy runs with these
+hooks): torchtitan's order, pipeline split, then TP, then FSDP, each stage's module its own root unit,
+so that torch's schedules run ZeRO's gathers and reduce-scatters (one per step, after the last
+micro-batch's backward). Ranks of one tensor-parallel group and of one pipeline see the same batch:
+the distributed sampler and the module's data-parallel arithmetic are given the data-parallel
+coordinate only.
 
-Pipeline, context and expert parallelism are dimensions of the same mesh still to come (issue 15 and
-the issues that follow it); asking for them is refused.
+Context and expert parallelism are dimensions of the same mesh still to come (the issues that follow
+issue 15); asking for them is refused, as is a pipeline with ZeRO-1.
 """
 
 from __future__ import annotations
@@ -30,28 +35,39 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import Shard
 from torch.distributed.tensor.parallel import ParallelStyle, loss_parallel
 from torch.optim import Optimizer
 
 from lightning_llm.protocols import VocabParallelLoss
+from lightning_llm.strategies.pipeline import Pipeline, tied_groups
 from lightning_llm.strategies.tensor import ISSUE, apply_styles, check_divisible, gather_logits_unless, plan_styles
 from lightning_llm.strategies.zero import STAGES, ZeROStrategy, _is_hf_model
 
-MESH_DIMS = ("data_parallel", "tensor_parallel")
+MESH_DIMS = ("pipeline_parallel", "data_parallel", "tensor_parallel")
 
 
 class ParallelStrategy(ZeROStrategy):
-    """Data parallelism with ZeRO, tensor parallelism and sequence parallelism on one device mesh.
+    """Pipeline parallelism, data parallelism with ZeRO, tensor and sequence parallelism on one device mesh.
+
+    Layouts that train as one process does (tests/test_parallel.py, tests/test_parallel_pipeline.py): tp2 (with
+    and without SP), dp2 x tp2, pp2, pp2 x dp2, pp2 x tp2. Under a pipeline the module must be a
+    `lightning_llm.protocols.PipelinedTraining` (its loss on the last stage, its metrics logged on every rank).
 
     Args:
         data_parallel: the data-parallel degree; "auto": the world size divided by the other degrees.
         tensor_parallel: the tensor-parallel degree (Megatron's column/row split of attention and MLP,
             read from the model's Hugging Face plan; LM head and cross-entropy split over the vocabulary).
-        pipeline_parallel, context_parallel, expert_parallel: 1 (the other degrees are not built yet).
+        pipeline_parallel: pipeline stages (ranks) p: the decoder layers are cut into p contiguous stages
+            (embedding on the first, final norm and LM head on the last) and each batch streams through
+            them as micro-batches (see `PipelineStrategy` for what the module must provide).
+        context_parallel, expert_parallel: 1 (the other degrees are not built yet).
         zero_stage: ZeRO over the data-parallel dimension: 2 shards gradients and optimizer state,
-            3 also the parameters; 1 (optimizer state only) needs tensor_parallel=1.
+            3 also the parameters; 1 (optimizer state only) needs tensor_parallel=1 and pipeline_parallel=1.
         sequence_parallel: with tensor_parallel > 1, shard norms and the residual stream along the sequence
             between the tensor-parallel regions.
+        microbatches, schedule, stages_per_rank, split_points: the pipeline's, as `PipelineStrategy` takes them
+            (defaults 4, "1f1b", 1 or 2, balanced); given with pipeline_parallel=1 they are refused.
         The rest as `ZeROStrategy` (cpu_offload, wrap, activation_checkpointing, empty_init, ...).
     """
 
@@ -65,6 +81,10 @@ class ParallelStrategy(ZeROStrategy):
         zero_stage: int = 3,
         sequence_parallel: bool = True,
         *,
+        microbatches: int | None = None,
+        schedule: str | None = None,
+        stages_per_rank: int | None = None,
+        split_points: list[int] | None = None,
         cpu_offload: bool = False,
         wrap: Sequence[str] | None = None,
         activation_checkpointing: bool = False,
@@ -79,10 +99,10 @@ class ParallelStrategy(ZeROStrategy):
         bad = {k: v for k, v in degrees.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1}
         if bad:
             raise ValueError(f"parallel degrees must be integers >= 1 (data_parallel may be 'auto'), got {bad}")
-        later = {k: v for k, v in degrees.items() if k in ("pipeline_parallel", "context_parallel", "expert_parallel") and v > 1}
+        later = {k: v for k, v in degrees.items() if k in ("context_parallel", "expert_parallel") and v > 1}
         if later:
             raise NotImplementedError(f"ParallelStrategy({', '.join(f'{k}={v}' for k, v in later.items())}): not built "
-                                      f"yet, see {ISSUE}; use PipelineStrategy for pipeline parallelism alone")
+                                      f"yet, see {ISSUE}")
         if zero_stage not in STAGES:
             raise ValueError(f"zero_stage must be one of {STAGES}, got {zero_stage!r}")
         if zero_stage == 1 and tensor_parallel > 1:
@@ -90,10 +110,23 @@ class ParallelStrategy(ZeROStrategy):
                                       "parameters through DistributedDataParallel, which does not take tensor-parallel "
                                       "(DTensor) parameters; use zero_stage=2 (the same memory for the optimizer state "
                                       "and gradients, less for gradients)")
+        if pipeline_parallel > 1 and zero_stage == 1:
+            raise NotImplementedError(f"pipeline_parallel={pipeline_parallel} with zero_stage=1: not built yet; a "
+                                      "pipeline composes with data parallelism under ZeRO stage 2 or 3")
+        pipeline_options = dict(microbatches=microbatches, schedule=schedule, stages_per_rank=stages_per_rank,
+                                split_points=split_points)
+        given = {k: v for k, v in pipeline_options.items() if v is not None}
+        if given and pipeline_parallel == 1:
+            raise ValueError(f"{given} configure a pipeline, but pipeline_parallel=1: set pipeline_parallel > 1 or "
+                             "leave them out")
+        # The pipeline's own arguments are checked here too (before any process starts); defaults as PipelineStrategy's.
+        self._pipeline = Pipeline(pipeline_parallel, 4 if microbatches is None else microbatches, schedule or "1f1b",
+                                  stages_per_rank, split_points, degree="pipeline_parallel") if pipeline_parallel > 1 else None
         super().__init__(zero_stage, cpu_offload=cpu_offload, wrap=wrap, activation_checkpointing=activation_checkpointing,
                          empty_init=empty_init, process_group_backend=process_group_backend, timeout=timeout)
         self.data_parallel = data_parallel
         self.tensor_parallel = tensor_parallel
+        self.pipeline_parallel = pipeline_parallel
         self.sequence_parallel = sequence_parallel
         self._styles: dict[nn.Module, ParallelStyle] = {}
         self._lm_head: nn.Module | None = None
@@ -103,13 +136,24 @@ class ParallelStrategy(ZeROStrategy):
 
     def setup_environment(self) -> None:
         self._setup_distributed()
-        data = self.world_size // self.tensor_parallel if self.data_parallel == "auto" else self.data_parallel
-        if data * self.tensor_parallel != self.world_size:
-            raise ValueError(f"data_parallel={self.data_parallel} x tensor_parallel={self.tensor_parallel} must equal the "
-                             f"world size {self.world_size} (nodes x devices); with data_parallel='auto' the world size "
-                             "must be a multiple of the other degrees")
-        self._device_mesh = init_device_mesh(self.root_device.type, (data, self.tensor_parallel), mesh_dim_names=MESH_DIMS)
-        self.lightning_module._device_mesh = self._device_mesh
+        others = self.pipeline_parallel * self.tensor_parallel
+        data = self.world_size // others if self.data_parallel == "auto" else self.data_parallel
+        if data * others != self.world_size:
+            raise ValueError(f"pipeline_parallel={self.pipeline_parallel} x data_parallel={self.data_parallel!r} x "
+                             f"tensor_parallel={self.tensor_parallel} must equal the world size {self.world_size} "
+                             "(nodes x devices); with data_parallel='auto' the world size must be a multiple of "
+                             f"the other degrees' product {others}")
+        mesh = init_device_mesh(self.root_device.type, (self.pipeline_parallel, data, self.tensor_parallel),
+                                mesh_dim_names=MESH_DIMS)
+        self._device_mesh = mesh
+        self.lightning_module._device_mesh = mesh
+        if self._pipeline is not None:
+            # One pipeline per (data, tensor) coordinate: its ranks, in stage order, are a column of the mesh.
+            pipelines = mesh.mesh.permute(1, 2, 0).reshape(-1, self.pipeline_parallel)
+            # Under sequence parallelism the residual stream between stages is sharded along the sequence.
+            residual = (mesh["tensor_parallel"], (Shard(1),)) if self.tensor_parallel > 1 and self.sequence_parallel else None
+            self._pipeline.connect(self, mesh["pipeline_parallel"].get_local_rank(), mesh["pipeline_parallel"].get_group(),
+                                   self._data_mesh().get_group(), tied_groups(pipelines), residual)
 
     def _data_mesh(self) -> DeviceMesh:
         return self.device_mesh["data_parallel"]
@@ -131,9 +175,28 @@ class ParallelStrategy(ZeROStrategy):
     # -- the model -------------------------------------------------------------------------------
 
     def setup(self, trainer: Trainer) -> None:
-        if self.tensor_parallel > 1:
+        if self.tensor_parallel > 1:  # (read from the whole model's plan, before the pipeline prunes it)
             self._styles = self._tensor_parallel_styles(self.lightning_module)
+        if self._pipeline is not None:  # then the stages: only this rank's are ever materialised
+            self._pipeline.split(self.lightning_module)
         super().setup(trainer)
+        if self._pipeline is not None:
+            self._pipeline.make_clipping_global()
+
+    def _sharding_roots(self, module: nn.Module) -> list[nn.Module]:
+        # Under the pipeline the schedule calls the stages, not the LightningModule: each stage is a root
+        # unit, which torch's PipelineStage recognises (it defers ZeRO's reduce-scatter to the last micro-batch).
+        return self._pipeline.stage_modules if self._pipeline is not None else super()._sharding_roots(module)
+
+    def _shard(self, module: nn.Module, units: list[nn.Module]) -> None:
+        super()._shard(module, units)
+        if self._pipeline is not None:
+            self._pipeline.retie()
+            outside = [name for name, p in module.named_parameters() if p.is_meta]
+            if outside:
+                raise ValueError(f"pipeline_parallel={self.pipeline_parallel}: {type(module).__name__} has parameters "
+                                 f"outside the causal LM's stages, which no stage would train: {outside}")
+            self._pipeline.broadcast_tied()
 
     def _tensor_parallel_styles(self, module: nn.Module) -> dict[nn.Module, ParallelStyle]:
         causal_lms = [(name, m) for name, m in module.named_modules() if _is_hf_model(m) and hasattr(m, "lm_head")]
@@ -168,20 +231,60 @@ class ParallelStrategy(ZeROStrategy):
         finally:
             self._vocab_parallel_active = False
 
+    # Under the pipeline the schedule runs each training step (the module's loss on the last stage), and the
+    # evaluation steps run the module's own with the causal LM's forward redirected through the stages. With
+    # tensor parallelism there, the last stage's logits are gathered whole (the LM head's hook): the loss runs
+    # inside torch's schedule, outside `loss_parallel`.
+
+    def on_train_start(self) -> None:
+        if self._pipeline is not None:
+            self._pipeline.check_loader(self.lightning_module.trainer.train_dataloader)
+
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self._pipeline is not None:
+            return self._pipeline.training_step(args[0] if args else kwargs["batch"])
         with self._vocab_parallel():
             return super().training_step(*args, **kwargs)
 
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self._pipeline is not None:
+            return self._pipeline.evaluation_step("validation_step", self.precision_plugin.val_step_context(), *args, **kwargs)
         with self._vocab_parallel():
             return super().validation_step(*args, **kwargs)
 
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self._pipeline is not None:
+            return self._pipeline.evaluation_step("test_step", self.precision_plugin.test_step_context(), *args, **kwargs)
+        return super().test_step(*args, **kwargs)
+
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self._pipeline is not None:
+            return self._pipeline.evaluation_step("predict_step", self.precision_plugin.predict_step_context(), *args, **kwargs)
+        return super().predict_step(*args, **kwargs)
+
     def backward(self, closure_loss: torch.Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._pipeline is not None:  # the schedule ran it; ZeRO reduced the gradients over the data dimension
+            return self._pipeline.backward(closure_loss)
         with self._vocab_parallel():  # loss_parallel's backward must run inside it too
             return super().backward(closure_loss, optimizer, *args, **kwargs)
 
+    def full_model_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        """The whole `model`'s state dict on global rank 0, None elsewhere (every rank calls this; for an export):
+        the shards gathered over the data and tensor ranks and, under a pipeline, the stages joined on rank 0."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        if self._pipeline is None:
+            state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return state if self.global_rank == 0 else None
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        coordinates = self.device_mesh["data_parallel"].get_local_rank(), self.device_mesh["tensor_parallel"].get_local_rank()
+        local = {name: t.detach().cpu() for name, t in state.items()} if coordinates == (0, 0) else None
+        return self._pipeline.join_stages(local)
+
     def teardown(self) -> None:
         self._styles, self._lm_head = {}, None
+        if self._pipeline is not None:
+            self._pipeline.teardown()
         super().teardown()
 
 

@@ -1,16 +1,20 @@
-"""PipelineStrategy: pipeline parallelism for Lightning on `torch.distributed.pipelining`.
+"""Pipeline parallelism for Lightning on `torch.distributed.pipelining`: `Pipeline` (one rank's part of a
+pipeline, shared by `PipelineStrategy` and `ParallelStrategy(pipeline_parallel=...)`) and `PipelineStrategy`.
 
 The decoder layers of a Hugging Face causal LM are split into stages on different ranks (embedding
 on the first, final norm and LM head on the last), and each batch is streamed through them as
 micro-batches by one of torch's schedules (GPipe, 1F1B, interleaved 1F1B, interleaved zero bubble).
 When there are more ranks than stages, the ranks form a 2-D mesh (data parallel x pipeline parallel)
-and gradients are averaged over the data-parallel group.
+and gradients are averaged over the data-parallel group (`ParallelStrategy` shards each stage with
+ZeRO over that group instead).
 
 How it fits Lightning's loop: in automatic optimization the loop calls `training_step`, zeroes the
 gradients, calls `backward`, then the precision plugin's `optimizer_step` (unscale, clip, step).
 A pipeline schedule cannot be cut into a forward and a backward half (1F1B interleaves them per
 micro-batch), so `training_step` runs the whole schedule in place of the module's `training_step`
-and returns the loss; the gradients it produced are held aside while the loop zeroes, and handed
+and returns the loss; the last stage computes each micro-batch's loss with the module's own `loss_sum`,
+and the module logs the step through its `log_training_step` (lightning_llm.protocols.PipelinedTraining),
+so its metrics are those of any other layout. The gradients it produced are held aside while the loop zeroes, and handed
 over (after the tied-embedding and data-parallel all-reduces) in `backward`, which runs the usual
 hooks but no second backward pass. Everything after that is Lightning's own path, so the precision
 plugin's overflow check and step work unchanged; gradient clipping is made global across stages.
@@ -28,7 +32,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -38,7 +42,6 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.nn.functional as F
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.distributed import (
     _distributed_is_initialized,
@@ -56,6 +59,7 @@ from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.pipelining import PipelineStage
+from torch.distributed.tensor import DTensor
 from torch.distributed.pipelining.schedules import (
     Schedule1F1B,
     ScheduleGPipe,
@@ -66,6 +70,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lightning_llm.checkpoint import open_sharded, remove_checkpoint, save_sharded
+from lightning_llm.protocols import PipelinedTraining
 from lightning_llm.strategies.launch import check_launch_size
 
 SCHEDULES: dict[str, type] = {
@@ -189,10 +194,16 @@ class DecoderStage(nn.Module):
     Its forward is the decoder's forward restricted to those layers: the first stage embeds the
     tokens, every stage builds the causal mask and rotary embeddings from the (micro-batch's)
     position ids, the last stage applies the final norm and the LM head and returns logits.
+
+    `residual_layout` (mesh, placements): the layout of a residual stream kept as a `DTensor` (sequence
+    parallelism), which torch's stages cannot send: it leaves a stage as its local shard and is
+    rebuilt from it on arrival.
     """
 
-    def __init__(self, parts: DecoderParts, layer_ids: list[int], is_first: bool, is_last: bool) -> None:
+    def __init__(self, parts: DecoderParts, layer_ids: list[int], is_first: bool, is_last: bool,
+                 residual_layout: tuple[Any, tuple[Any, ...]] | None = None) -> None:
         super().__init__()
+        self.residual_layout = residual_layout
         self.config = parts.causal_lm.config
         self.layer_ids = layer_ids
         self.embed_tokens = parts.embed_tokens if is_first else None
@@ -203,7 +214,12 @@ class DecoderStage(nn.Module):
         self.lm_head = parts.lm_head if is_last else None
 
     def forward(self, x: Tensor, position_ids: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
-        hidden = self.embed_tokens(x) if self.embed_tokens is not None else x
+        if self.embed_tokens is not None:
+            hidden = self.embed_tokens(x)
+        elif self.residual_layout is not None:
+            hidden = DTensor.from_local(x, *self.residual_layout, run_check=False)
+        else:
+            hidden = x
         if position_ids is None:
             position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
         mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
@@ -213,8 +229,8 @@ class DecoderStage(nn.Module):
             hidden = layer(hidden, attention_mask=mask, position_ids=position_ids,
                            position_embeddings=position_embeddings, use_cache=False)
         if self.lm_head is not None:
-            hidden = self.lm_head(self.norm(hidden))
-        return hidden
+            return self.lm_head(self.norm(hidden))
+        return hidden.to_local() if isinstance(hidden, DTensor) else hidden
 
 
 def check_split(parts: DecoderParts, layer_ids: list[list[int]]) -> None:
@@ -260,9 +276,406 @@ def prune_to_stages(parts: DecoderParts, keep_layers: list[int], keep_first: boo
         causal_lm.lm_head = None
 
 
-def token_cross_entropy_sum(logits: Tensor, targets: Tensor) -> Tensor:
-    """Summed next-token cross-entropy over targets that are not -100, in fp32."""
-    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+# -- one rank's pipeline -------------------------------------------------------------------------
+
+
+def causal_lm_of(module: nn.Module) -> nn.Module:
+    """The LightningModule's Hugging Face causal LM: `pipeline_model()` if defined, else `.model`."""
+    hook = getattr(module, "pipeline_model", None)
+    model = hook() if callable(hook) else getattr(module, "model", None)
+    if not isinstance(model, nn.Module) or not any(m is model for m in module.modules()):
+        raise ValueError(
+            f"pipeline parallelism needs the causal LM as a submodule of {type(module).__name__}: set it as "
+            "`self.model` (in __init__ or configure_model) or return it from a method `pipeline_model()`"
+        )
+    return model
+
+
+class Pipeline:
+    """This rank's part of a pipeline: its stages of the causal LM, torch's schedules that stream the
+    micro-batches through them, the module's loss on the last stage, and evaluation through the stages.
+
+    The strategies that run a pipeline (`PipelineStrategy`; `ParallelStrategy` with pipeline_parallel > 1,
+    which shards each stage with ZeRO) own the processes, the data-parallel reduction and the
+    checkpoints; this object owns what happens within one pipeline, so both run the same code.
+
+    Args:
+        size: pipeline ranks p (named `degree` in error messages).
+        microbatches, schedule, stages_per_rank, split_points: as `PipelineStrategy` documents them.
+        degree: the name of `size` among the strategy's arguments ("stages", "pipeline_parallel").
+    """
+
+    def __init__(self, size: int, microbatches: int, schedule: str, stages_per_rank: int | None = None,
+                 split_points: list[int] | None = None, degree: str = "stages") -> None:
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule={schedule!r} is not known; use one of {', '.join(map(repr, SCHEDULES))}")
+        if not isinstance(size, int) or size < 2:
+            raise ValueError(f"{degree}={size!r}: a pipeline needs an integer number of stages >= 2")
+        if not isinstance(microbatches, int) or microbatches < 1:
+            raise ValueError(f"microbatches={microbatches!r}: must be an integer >= 1")
+        multi = schedule in MULTI_STAGE_SCHEDULES
+        stages_per_rank = (2 if multi else 1) if stages_per_rank is None else stages_per_rank
+        if not isinstance(stages_per_rank, int) or stages_per_rank < 1 or (not multi and stages_per_rank != 1):
+            accepted = "an integer >= 1" if multi else "1 (use an interleaved schedule for more)"
+            raise ValueError(f"stages_per_rank={stages_per_rank!r} with schedule={schedule!r}: accepted is {accepted}")
+        if not schedule_accepts(schedule, microbatches, size):
+            if schedule == "1f1b":
+                fix = f"1F1B needs a micro-batch per stage: use microbatches >= {size} or schedule='gpipe'"
+            else:
+                lower = max(m for m in range(1, microbatches) if schedule_accepts(schedule, m, size))
+                upper = min(m for m in range(microbatches + 1, microbatches + size + 1)
+                             if schedule_accepts(schedule, m, size))
+                fix = (f"the interleaved schedules run the micro-batches in {microbatches // size} equal rounds: "
+                       f"use microbatches={lower} or {upper} (any multiple of stages)")
+            raise ValueError(f"microbatches={microbatches} with schedule={schedule!r} and {degree}={size}: {fix}")
+        n_stages = size * stages_per_rank
+        if split_points is not None:
+            split_points = list(split_points)
+            if len(split_points) != n_stages - 1 or split_points != sorted(set(split_points)) or split_points[0] < 1:
+                raise ValueError(
+                    f"split_points={split_points!r}: need {n_stages - 1} strictly increasing layer indices >= 1 "
+                    f"(the first layer of stages 1..{n_stages - 1})"
+                )
+        self.size, self.microbatches, self.schedule = size, microbatches, schedule
+        self.stages_per_rank, self.split_points, self.degree = stages_per_rank, split_points, degree
+        self.strategy: Any = None
+        self.rank = 0
+        self.group: dist.ProcessGroup | None = None
+        self.data_group: dist.ProcessGroup | None = None
+        self.tied_group: dist.ProcessGroup | None = None
+        self.residual_layout: tuple[Any, tuple[Any, ...]] | None = None
+        self.stage_ids: list[int] = []
+        self.stage_modules: list[nn.Module] = []
+        self._schedules: dict[tuple, Any] = {}
+        self._pending_grads: dict[nn.Parameter, Tensor] = {}
+        self._loss_normalizer: Tensor | None = None
+        self._microbatch_losses: list[Tensor] = []
+
+    def connect(self, strategy: Any, rank: int, group: dist.ProcessGroup, data_group: dist.ProcessGroup | None,
+                tied_group: dist.ProcessGroup | None, residual_layout: tuple[Any, tuple[Any, ...]] | None = None) -> None:
+        """Place this rank: `rank` in the pipeline `group`; `data_group`: the ranks holding the same stages in
+        the other pipelines (their losses and target counts are averaged); `tied_group`: this pipeline's first
+        and last stage ranks (the two copies of a tied embedding); `residual_layout`: see `DecoderStage`."""
+        self.strategy, self.rank, self.group, self.data_group, self.tied_group = strategy, rank, group, data_group, tied_group
+        self.residual_layout = residual_layout
+
+    @property
+    def n_stages(self) -> int:
+        return self.size * self.stages_per_rank
+
+    @property
+    def holds_first_stage(self) -> bool:
+        return 0 in self.stage_ids
+
+    @property
+    def holds_last_stage(self) -> bool:
+        return self.n_stages - 1 in self.stage_ids
+
+    @property
+    def data_parallel_size(self) -> int:
+        return dist.get_world_size(self.data_group) if self.data_group is not None else 1
+
+    def _last_stage_rank(self) -> int:
+        """Global rank of this pipeline's last stage (stage S-1 sits on pipeline rank p-1)."""
+        return dist.get_global_rank(self.group, self.size - 1)
+
+    # -- splitting -------------------------------------------------------------------------------
+
+    def split(self, module: nn.Module) -> nn.Module:
+        """Prune the LightningModule's causal LM, in place, to this rank's stages (meta tensors are fine);
+        build the stage modules over what stays. Returns the causal LM."""
+        if not isinstance(module, PipelinedTraining):
+            raise TypeError(
+                f"{type(module).__name__} cannot be trained through a pipeline: it must define `loss_sum(logits, "
+                "targets)` and `log_training_step(batch, loss)` (lightning_llm.protocols.PipelinedTraining; "
+                "PretrainModule and InstructionTuningModule do)"
+            )
+        model = causal_lm_of(module)
+        if getattr(model, "_pipeline_stage_ids", None) is None:  # not split by an earlier fit/validate of this module
+            parts = decoder_parts(model)
+            n_layers, n_stages = len(parts.layers), self.n_stages
+            if n_stages > n_layers:
+                raise ValueError(
+                    f"{n_stages} pipeline stages ({self.degree}={self.size} x stages_per_rank={self.stages_per_rank}) "
+                    f"but the model has only {n_layers} decoder layers: use at most {n_layers} stages"
+                )
+            if self.split_points is not None and self.split_points[-1] >= n_layers:
+                raise ValueError(f"split_points={self.split_points!r}: the model has {n_layers} layers (indices < {n_layers})")
+            costs = [sum(p.numel() for p in layer.parameters()) for layer in parts.layers]
+            points = self.split_points or balanced_split(costs, n_stages, sum(p.numel() for p in parts.lm_head.parameters()))
+            layer_ids = stage_layer_ids(n_layers, points)
+            if parts.embed_tokens.weight.device.type != "meta":
+                check_split(parts, layer_ids)
+            stage_ids = list(range(self.rank, n_stages, self.size))
+            prune_to_stages(parts, [i for s in stage_ids for i in layer_ids[s]], 0 in stage_ids, n_stages - 1 in stage_ids)
+            model._pipeline_stage_ids = stage_ids
+            model._pipeline_layer_ids = [layer_ids[s] for s in stage_ids]
+            model._pipeline_tied = parts.tied
+        self.build_stages(model)
+        return model
+
+    def build_stages(self, model: nn.Module) -> None:
+        """The stage modules over the (pruned) causal LM's submodules, as they are now."""
+        decoder = getattr(model, getattr(model, "base_model_prefix", "model"))
+        self.stage_ids = model._pipeline_stage_ids
+        holder = DecoderParts(model, decoder, decoder.embed_tokens, [], decoder.norm, decoder.rotary_emb, model.lm_head)
+        self.stage_modules = []
+        for stage_id, layer_ids in zip(self.stage_ids, model._pipeline_layer_ids):
+            holder.layers = {i: decoder.layers[str(i)] for i in layer_ids}
+            self.stage_modules.append(DecoderStage(holder, layer_ids, stage_id == 0, stage_id == self.n_stages - 1,
+                                                   self.residual_layout))
+        self._schedules = {}
+
+    def _tied_embedding(self) -> nn.Parameter | None:
+        """This rank's copy of a tied embedding (first or last stage), else None."""
+        model = causal_lm_of(self.strategy.lightning_module)
+        if not model._pipeline_tied or not (self.holds_first_stage or self.holds_last_stage):
+            return None
+        return getattr(model, getattr(model, "base_model_prefix", "model")).embed_tokens.weight
+
+    @property
+    def tied_param(self) -> nn.Parameter | None:
+        """The last stage's second copy of a tied embedding (its LM head's weight), if this rank holds one."""
+        return self._tied_embedding() if self.holds_last_stage and not self.holds_first_stage else None
+
+    def retie(self) -> None:
+        """Point the embedding that the last stage keeps (as the owner of a tied LM head's weight) at the LM
+        head's weight again, after materialising or sharding the stage gave the head a new parameter (the
+        embedding is outside the stage's module, so neither saw it)."""
+        model = causal_lm_of(self.strategy.lightning_module)
+        if model._pipeline_tied and self.holds_last_stage and not self.holds_first_stage:
+            getattr(model, getattr(model, "base_model_prefix", "model")).embed_tokens.weight = model.lm_head.weight
+
+    def broadcast_tied(self) -> None:
+        """The last stage copies the first stage's tied embedding (its local shard, under ZeRO: the same cut)."""
+        tied = self._tied_embedding()
+        if tied is not None and self.tied_group is not None:
+            with torch.no_grad():
+                dist.broadcast(_local(tied), src=dist.get_global_rank(self.group, 0), group=self.tied_group)
+
+    # -- training --------------------------------------------------------------------------------
+
+    def schedule_for(self, train: bool, shape: tuple[int, ...], kwarg_names: tuple[str, ...]) -> Any:
+        """The schedule for a batch of this shape (torch infers stage shapes at the first step, so each
+        shape gets its own stages; a training run sees one or two shapes).
+
+        Evaluation batches can have any size (a smaller last batch, another batch size): a forward-only
+        pass runs the same forwards under GPipe as under 1F1B (whose micro-batch minimum serves only its
+        backward) and under interleaved 1F1B as under zero bubble, and takes the largest count that
+        divides the batch and the schedule accepts.
+        """
+        if train:
+            schedule, n_microbatches = self.schedule, self.microbatches
+        else:
+            schedule = "interleaved-1f1b" if self.schedule in MULTI_STAGE_SCHEDULES else "gpipe"
+            most = math.gcd(shape[0], self.microbatches)
+            n_microbatches = max(m for m in range(1, most + 1)
+                                 if most % m == 0 and schedule_accepts(schedule, m, self.size))
+        key = (train, shape, kwarg_names, n_microbatches)
+        if key not in self._schedules:
+            device = self.strategy.root_device
+            stages = [PipelineStage(module, stage_id, self.n_stages, device, group=self.group)
+                      for module, stage_id in zip(self.stage_modules, self.stage_ids)]
+            cls = SCHEDULES[schedule]
+            loss_fn = self._microbatch_loss if train else None
+            # scale_grads=False: `_microbatch_loss` already divides by what makes the batch loss, which
+            # stays right under gradient accumulation (torch's scaling would rescale accumulated grads).
+            if self.schedule in MULTI_STAGE_SCHEDULES:
+                self._schedules[key] = cls(stages, n_microbatches, loss_fn=loss_fn, scale_grads=False)
+            else:
+                self._schedules[key] = cls(stages[0], n_microbatches, loss_fn=loss_fn, scale_grads=False)
+        return self._schedules[key]
+
+    def _microbatch_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """The loss the schedule backpropagates for one micro-batch: its share of the batch loss, from the
+        module's own `loss_sum`."""
+        module = self.strategy.lightning_module
+        loss = module.loss_sum(logits, targets) / self._loss_normalizer
+        self._microbatch_losses.append(loss.detach())
+        # Lightning divides the returned loss by the accumulation steps before backward; do the same here.
+        loss = loss / module.trainer.accumulate_grad_batches
+        scaler = getattr(self.strategy.precision_plugin, "scaler", None)  # fp16 loss scaling (torch's GradScaler API)
+        if scaler is not None and scaler.is_enabled():
+            loss = scaler.scale(loss)
+        return loss
+
+    @staticmethod
+    def unpack(batch: Any) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
+        if not isinstance(batch, Mapping) or "input_ids" not in batch:
+            raise ValueError(
+                "a pipeline expects batches as dicts with 'input_ids' [B, T], 'targets' [B, T] and optional "
+                f"'position_ids' / 'attention_mask'; got {type(batch).__name__}"
+                + (f" with keys {sorted(batch)}" if isinstance(batch, Mapping) else "")
+            )
+        kwargs = {k: batch[k] for k in ("position_ids", "attention_mask") if batch.get(k) is not None}
+        return batch["input_ids"], batch.get("targets"), kwargs
+
+    def check_divisible(self, batch_size: int) -> None:
+        if batch_size % self.microbatches:
+            raise ValueError(
+                f"a batch of {batch_size} samples per pipeline cannot be split into microbatches={self.microbatches}: "
+                f"use a batch size that is a multiple of {self.microbatches} (and drop_last=True if the dataset "
+                "leaves a smaller last batch)"
+            )
+
+    def check_loader(self, loader: Any) -> None:
+        """Setup-time check of the micro-batch split, before any step runs (the step checks again)."""
+        batch_size = getattr(loader, "batch_size", None)
+        if isinstance(batch_size, int):
+            self.check_divisible(batch_size)
+            sampler_len = len(loader.sampler) if hasattr(loader.sampler, "__len__") else None
+            if not loader.drop_last and sampler_len is not None and sampler_len % batch_size:
+                self.check_divisible(sampler_len % batch_size)
+
+    def training_step(self, batch: Any) -> Tensor:
+        """Run the schedule over the batch in place of the module's training_step; the module logs the step.
+        Returns the global batch's loss (on every rank); the gradients are held aside for `backward`."""
+        module = self.strategy.lightning_module
+        input_ids, targets, kwargs = self.unpack(batch)
+        if targets is None:
+            raise ValueError("the training batch has no 'targets' for the pipeline's last stage's loss")
+        self.check_divisible(input_ids.shape[0])
+        schedule = self.schedule_for(True, tuple(input_ids.shape), tuple(sorted(kwargs)))
+        # Replicas (dp > 1) can hold different numbers of target tokens: each divides its summed loss by
+        # the mean count over replicas, so the averaged gradients are the global batch's token mean.
+        count = (targets != -100).sum().to(torch.float32)
+        if self.data_parallel_size > 1:
+            dist.all_reduce(count, group=self.data_group)
+            count /= self.data_parallel_size
+        self._loss_normalizer = count.clamp(min=1)
+        self._microbatch_losses = []
+        params = [p for p in module.parameters() if p.requires_grad]
+        held = {p: p.grad for p in params}
+        for p in params:
+            p.grad = None
+        with self.strategy.precision_plugin.train_step_context():
+            schedule.step(*((input_ids,) if self.holds_first_stage else ()),
+                          target=targets if self.holds_last_stage else None, **kwargs)
+        self._pending_grads = {}
+        for p, grad in held.items():
+            if p.grad is not None:
+                self._pending_grads[p] = p.grad
+            p.grad = grad
+        # On its first step torch calls the loss once more, on placeholder tensors, to infer gradient shapes
+        # (before the real micro-batches): the batch loss is the sum of the last m calls.
+        shares = self._microbatch_losses[-schedule._n_microbatches:]
+        # (fp32 on every stage: a precision plugin may have made the default dtype 16-bit)
+        device = self.strategy.root_device
+        loss = torch.stack(shares).sum() if shares else torch.zeros((), dtype=torch.float32, device=device)
+        dist.broadcast(loss, src=self._last_stage_rank(), group=self.group)
+        if self.data_parallel_size > 1:  # the global batch's loss, on every rank
+            dist.all_reduce(loss, group=self.data_group)
+            loss /= self.data_parallel_size
+        module.log_training_step(batch, loss)
+        return loss
+
+    def backward(self, closure_loss: Tensor, average_over: dist.ProcessGroup | None = None) -> Tensor:
+        """Lightning's backward for a step the schedule already ran: the loop zeroed the gradients since, so
+        this step's gradients, held aside, are handed over here, the tied embedding's two copies summed and,
+        where no sharding reduced them, averaged over the `average_over` group (the other pipelines)."""
+        strategy, module = self.strategy, self.strategy.lightning_module
+        closure_loss = strategy.precision_plugin.pre_backward(closure_loss, module)
+        grads, self._pending_grads = self._pending_grads, {}
+        tied = self._tied_embedding()
+        if tied is not None and self.tied_group is not None:
+            dist.all_reduce(_local(grads.setdefault(tied, torch.zeros_like(tied))), group=self.tied_group)
+        if average_over is not None and dist.get_world_size(average_over) > 1:
+            params = [p for p in module.parameters() if p.requires_grad]
+            for p in params:  # every replica must send the same tensors, used or not
+                grads.setdefault(p, torch.zeros_like(p))
+            _all_reduce_coalesced([grads[p] for p in params], average_over)
+            for p in params:
+                grads[p].div_(dist.get_world_size(average_over))
+        for p, grad in grads.items():
+            p.grad = grad if p.grad is None else p.grad.add_(grad)
+        return strategy.precision_plugin.post_backward(closure_loss, module)
+
+    def make_clipping_global(self) -> None:
+        """Clip by the norm of the whole model's gradient, not of this stage's.
+
+        Lightning clips in the precision plugin (after unscaling, before the step), which sees only the
+        local gradients; the global norm needs the pipeline group, which only the strategy knows, so
+        the plugin's norm clipping is replaced on this instance. The tied embedding's second copy is
+        left out of the norm (it equals the first), found as what the optimizer steps for it: the
+        parameter, or its fp32 master under master weights. Under ZeRO the gradients are shards
+        (`DTensor`), whose norm torch takes over the data-parallel ranks.
+        """
+        plugin = self.strategy.precision_plugin
+        pipeline = self
+
+        def clip_grad_by_norm(optimizer: torch.optim.Optimizer, clip_val: float) -> None:
+            params = [p for p in plugin.main_params(optimizer) if p.grad is not None]
+            tied = pipeline.tied_copy_stepped_by(optimizer)
+            counted = [p.grad for p in params if p is not tied]
+            norm = torch.nn.utils.get_total_norm(counted) if counted else torch.zeros((), device=pipeline.strategy.root_device)
+            squared = _full(norm).float().pow(2)
+            dist.all_reduce(squared, group=pipeline.group)
+            torch.nn.utils.clip_grads_with_norm_(params, clip_val, squared.sqrt())
+
+        plugin.clip_grad_by_norm = clip_grad_by_norm
+
+    def tied_copy_stepped_by(self, optimizer: torch.optim.Optimizer) -> Tensor | None:
+        """The tensor `optimizer` steps for this rank's second copy of the tied embedding, if it holds one:
+        the parameter itself, or its fp32 master under a plugin with master weights (MasterWeightsPrecision,
+        duck-typed: strategies do not import precision plugins)."""
+        tied = self.tied_param
+        if tied is None:
+            return None
+        master_weights = getattr(self.strategy.precision_plugin, "master_weights", None)
+        masters = {id(weight): master for weight, master in (master_weights(optimizer) if master_weights else [])}
+        return masters.get(id(tied), tied)
+
+    # -- evaluation through the pipeline ---------------------------------------------------------
+
+    def _pipelined_forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                           position_ids: Tensor | None = None, **_: Any) -> CausalLMOutputWithPast:
+        """Forward-only pass through the pipeline; every rank of the pipeline gets the logits."""
+        kwargs = {k: v for k, v in (("position_ids", position_ids), ("attention_mask", attention_mask)) if v is not None}
+        schedule = self.schedule_for(False, tuple(input_ids.shape), tuple(sorted(kwargs)))
+        with torch.no_grad():
+            out = schedule.step(*((input_ids,) if self.holds_first_stage else ()), **kwargs)
+        device = self.strategy.root_device
+        vocab = causal_lm_of(self.strategy.lightning_module).config.vocab_size
+        logits = out.float() if self.holds_last_stage else torch.empty((*input_ids.shape, vocab), device=device)
+        dist.broadcast(logits, src=self._last_stage_rank(), group=self.group)
+        return CausalLMOutputWithPast(logits=logits)
+
+    def evaluation_step(self, step: str, context: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run the module's `step` (validation_step, ...) with the causal LM's forward redirected through the
+        pipeline (the same redirection Lightning uses for wrapped models)."""
+        model = causal_lm_of(self.strategy.lightning_module)
+        model.forward = self._pipelined_forward
+        try:
+            with context:
+                return getattr(self.strategy.lightning_module, step)(*args, **kwargs)
+        finally:
+            del model.forward
+
+    def join_stages(self, local: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
+        """The stages' weights joined on global rank 0, None elsewhere (every rank calls this). `local`: this
+        rank's stages' whole weights on the ranks of the pipeline holding global rank 0 (the others hold the
+        same numbers: other replicas, other tensor-parallel ranks), None on every other rank."""
+        state: dict[str, Tensor] | None = None
+        if local is not None:
+            parts: list[Any] | None = [None] * self.size if dist.get_rank() == 0 else None
+            dist.gather_object(local, parts, dst=0, group=self.group)
+            if parts is not None:
+                state = {name: t for part in parts for name, t in part.items()}
+        dist.barrier()
+        return state
+
+    def teardown(self) -> None:
+        self._schedules, self._pending_grads = {}, {}
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local tensor of a `DTensor` (a ZeRO shard), or `t`."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _full(t: Tensor) -> Tensor:
+    """The whole value of a `DTensor` (a norm reduced over its mesh), or `t`."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 # -- the strategy --------------------------------------------------------------------------------
@@ -273,13 +686,14 @@ class PipelineStrategy(ParallelStrategy):
 
     The LightningModule holds the causal LM as `self.model` (created in `__init__` or
     `configure_model`), or returns it from a method `pipeline_model()`; it must be a submodule of the
-    LightningModule. Batches are dicts with `input_ids` [B, T], `targets` [B, T] (next tokens,
-    already shifted, -100 ignored) and optional `position_ids` / `attention_mask` [B, T].
+    LightningModule, and the module a `lightning_llm.protocols.PipelinedTraining` (its `loss_sum` is the
+    loss the last stage computes, its `log_training_step` logs the step). Batches are dicts with
+    `input_ids` [B, T], `targets` [B, T] (next tokens, already shifted, -100 ignored) and optional
+    `position_ids` / `attention_mask` [B, T]. The training loss is the module's summed loss over the
+    batch's target tokens divided by their number, exactly as one process computes it over the whole batch.
 
-    The training loss is the token-mean cross-entropy of `targets`, exactly as one process computes
-    it over the whole batch; a module can replace it by defining
-    `pipeline_loss(logits, targets) -> Tensor` (a micro-batch's mean loss; the batch loss is the mean
-    over micro-batches). The loss is logged as `loss_name` on every rank.
+    This is the one-dimension form of `ParallelStrategy(pipeline_parallel=...)` (same `Pipeline`, same
+    checkpoints), with whole replicas of each stage across pipelines instead of ZeRO shards.
 
     Args:
         stages: number of pipeline ranks p; the world size must be a multiple (world = dp x p).
@@ -289,7 +703,6 @@ class PipelineStrategy(ParallelStrategy):
         stages_per_rank: model chunks per rank for the interleaved schedules (default 2; 1 otherwise).
         split_points: index of the first decoder layer of stages 1..S-1 (S = stages x stages_per_rank);
             default: contiguous stages balanced by parameter count (the LM head counts for the last).
-        loss_name: name under which the training loss is logged (None: not logged).
         process_group_backend: torch.distributed backend; default nccl on GPUs, gloo on CPUs.
         timeout: timeout of collective operations.
     """
@@ -302,59 +715,16 @@ class PipelineStrategy(ParallelStrategy):
         *,
         stages_per_rank: int | None = None,
         split_points: list[int] | None = None,
-        loss_name: str | None = "train/loss",
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
     ) -> None:
         super().__init__()
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule={schedule!r} is not known; use one of {', '.join(map(repr, SCHEDULES))}")
-        if not isinstance(stages, int) or stages < 2:
-            raise ValueError(f"stages={stages!r}: a pipeline needs an integer number of stages >= 2")
-        if not isinstance(microbatches, int) or microbatches < 1:
-            raise ValueError(f"microbatches={microbatches!r}: must be an integer >= 1")
-        multi = schedule in MULTI_STAGE_SCHEDULES
-        stages_per_rank = (2 if multi else 1) if stages_per_rank is None else stages_per_rank
-        if not isinstance(stages_per_rank, int) or stages_per_rank < 1 or (not multi and stages_per_rank != 1):
-            accepted = "an integer >= 1" if multi else "1 (use an interleaved schedule for more)"
-            raise ValueError(f"stages_per_rank={stages_per_rank!r} with schedule={schedule!r}: accepted is {accepted}")
-        if not schedule_accepts(schedule, microbatches, stages):
-            if schedule == "1f1b":
-                fix = f"1F1B needs a micro-batch per stage: use microbatches >= {stages} or schedule='gpipe'"
-            else:
-                lower = max(m for m in range(1, microbatches) if schedule_accepts(schedule, m, stages))
-                upper = min(m for m in range(microbatches + 1, microbatches + stages + 1)
-                             if schedule_accepts(schedule, m, stages))
-                fix = (f"the interleaved schedules run the micro-batches in {microbatches // stages} equal rounds: "
-                       f"use microbatches={lower} or {upper} (any multiple of stages)")
-            raise ValueError(f"microbatches={microbatches} with schedule={schedule!r} and stages={stages}: {fix}")
-        n_stages = stages * stages_per_rank
-        if split_points is not None:
-            split_points = list(split_points)
-            if len(split_points) != n_stages - 1 or split_points != sorted(set(split_points)) or split_points[0] < 1:
-                raise ValueError(
-                    f"split_points={split_points!r}: need {n_stages - 1} strictly increasing layer indices >= 1 "
-                    f"(the first layer of stages 1..{n_stages - 1})"
-                )
+        self.pipeline = Pipeline(stages, microbatches, schedule, stages_per_rank, split_points)
         self.stages = stages
-        self.microbatches = microbatches
-        self.schedule = schedule
-        self.stages_per_rank = stages_per_rank
-        self.split_points = split_points
-        self.loss_name = loss_name
         self._process_group_backend = process_group_backend
         self._timeout = timeout
         self.num_nodes = 1
         self._dp_group: dist.ProcessGroup | None = None
-        self._pp_group: dist.ProcessGroup | None = None
-        self._tied_group: dist.ProcessGroup | None = None
-        self._stage_modules: list[DecoderStage] = []
-        self._stage_ids: list[int] = []
-        self._schedules: dict[tuple, Any] = {}
-        self._pending_grads: dict[nn.Parameter, Tensor] = {}
-        self._tied_param: nn.Parameter | None = None
-        self._loss_normalizer: Tensor | None = None
-        self._microbatch_losses: list[Tensor] = []
 
     # -- processes and mesh ------------------------------------------------------------------------
 
@@ -368,6 +738,30 @@ class PipelineStrategy(ParallelStrategy):
         return len(self.parallel_devices) if self.parallel_devices is not None else 0
 
     @property
+    def pipeline_parallel(self) -> int:
+        return self.stages
+
+    @property
+    def microbatches(self) -> int:
+        return self.pipeline.microbatches
+
+    @property
+    def schedule(self) -> str:
+        return self.pipeline.schedule
+
+    @property
+    def stages_per_rank(self) -> int:
+        return self.pipeline.stages_per_rank
+
+    @property
+    def split_points(self) -> list[int] | None:
+        return self.pipeline.split_points
+
+    @property
+    def n_stages(self) -> int:
+        return self.pipeline.n_stages
+
+    @property
     def data_parallel_size(self) -> int:
         return self.world_size // self.stages
 
@@ -378,10 +772,6 @@ class PipelineStrategy(ParallelStrategy):
     @property
     def pipeline_rank(self) -> int:
         return self.global_rank % self.stages
-
-    @property
-    def n_stages(self) -> int:
-        return self.stages * self.stages_per_rank
 
     @property
     def is_distributed(self) -> bool:
@@ -417,14 +807,9 @@ class PipelineStrategy(ParallelStrategy):
         # Rank = dp_rank * stages + pp_rank: the stages of one pipeline are neighbouring ranks (one node).
         mesh = init_device_mesh(self.root_device.type, (self.data_parallel_size, self.stages),
                                 mesh_dim_names=("dp", "pp"))
-        self._dp_group, self._pp_group = mesh.get_group("dp"), mesh.get_group("pp")
-        # First and last stage of each pipeline, for the tied embedding (new_group is collective: all ranks
-        # create every group, in the same order).
-        for dp_rank in range(self.data_parallel_size):
-            ranks = [dp_rank * self.stages, dp_rank * self.stages + self.stages - 1]
-            group = dist.new_group(ranks)
-            if dp_rank == self.data_parallel_rank:
-                self._tied_group = group
+        self._dp_group = mesh.get_group("dp")
+        tied = tied_groups(mesh.mesh.reshape(-1, self.stages))
+        self.pipeline.connect(self, self.pipeline_rank, mesh.get_group("pp"), self._dp_group, tied)
 
     # -- model ----------------------------------------------------------------------------------
 
@@ -434,25 +819,13 @@ class PipelineStrategy(ParallelStrategy):
         with self.precision_plugin.tensor_init_context():
             yield
 
-    def causal_lm(self) -> nn.Module:
-        """The LightningModule's Hugging Face causal LM: `pipeline_model()` if defined, else `.model`."""
-        module = self.lightning_module
-        hook = getattr(module, "pipeline_model", None)
-        model = hook() if callable(hook) else getattr(module, "model", None)
-        if not isinstance(model, nn.Module) or not any(m is model for m in module.modules()):
-            raise ValueError(
-                f"PipelineStrategy needs the causal LM as a submodule of {type(module).__name__}: set it as "
-                "`self.model` (in __init__ or configure_model) or return it from a method `pipeline_model()`"
-            )
-        return model
-
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.accelerator is not None
         self.accelerator.setup(trainer)
-        self._split_model()
+        self.pipeline.split(self.lightning_module)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
-        self._build_stage_modules()
+        self.pipeline.build_stages(causal_lm_of(self.lightning_module))  # over the converted, moved modules
         self._broadcast_parameters()
         if trainer.state.fn == TrainerFn.FITTING:
             self._reset_optimizers_and_schedulers()
@@ -460,297 +833,40 @@ class PipelineStrategy(ParallelStrategy):
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
-        self._make_clipping_global()
-
-    def _split_model(self) -> None:
-        model = self.causal_lm()
-        if getattr(model, "_pipeline_stage_ids", None) is not None:
-            return  # already split by an earlier fit/validate of this module
-        parts = decoder_parts(model)
-        n_layers, n_stages = len(parts.layers), self.n_stages
-        if n_stages > n_layers:
-            raise ValueError(
-                f"{n_stages} pipeline stages (stages={self.stages} x stages_per_rank={self.stages_per_rank}) but the "
-                f"model has only {n_layers} decoder layers: use at most {n_layers} stages"
-            )
-        if self.split_points is not None and self.split_points[-1] >= n_layers:
-            raise ValueError(f"split_points={self.split_points!r}: the model has {n_layers} layers (indices < {n_layers})")
-        costs = [sum(p.numel() for p in layer.parameters()) for layer in parts.layers]
-        points = self.split_points or balanced_split(costs, n_stages, sum(p.numel() for p in parts.lm_head.parameters()))
-        layer_ids = stage_layer_ids(n_layers, points)
-        if parts.embed_tokens.weight.device.type != "meta":
-            check_split(parts, layer_ids)
-        stage_ids = list(range(self.pipeline_rank, n_stages, self.stages))
-        prune_to_stages(parts, [i for s in stage_ids for i in layer_ids[s]], 0 in stage_ids, n_stages - 1 in stage_ids)
-        model._pipeline_stage_ids = stage_ids
-        model._pipeline_layer_ids = [layer_ids[s] for s in stage_ids]
-        model._pipeline_tied = parts.tied
-
-    def _build_stage_modules(self) -> None:
-        model = self.causal_lm()
-        decoder = getattr(model, getattr(model, "base_model_prefix", "model"))
-        self._stage_ids = model._pipeline_stage_ids
-        holder = DecoderParts(model, decoder, decoder.embed_tokens, [], decoder.norm, decoder.rotary_emb, model.lm_head)
-        self._stage_modules = []
-        for stage_id, layer_ids in zip(self._stage_ids, model._pipeline_layer_ids):
-            holder.layers = {i: decoder.layers[str(i)] for i in layer_ids}
-            self._stage_modules.append(DecoderStage(holder, layer_ids, stage_id == 0, stage_id == self.n_stages - 1))
-        self._schedules = {}
-        self._tied_param = None
-        if model._pipeline_tied and self.holds_last_stage and not self.holds_first_stage:
-            self._tied_param = model.lm_head.weight
-
-    @property
-    def holds_first_stage(self) -> bool:
-        return 0 in self._stage_ids
-
-    @property
-    def holds_last_stage(self) -> bool:
-        return self.n_stages - 1 in self._stage_ids
-
-    def _last_stage_rank(self) -> int:
-        """Global rank of this pipeline's last stage (stage S-1 sits on pipeline rank p-1)."""
-        return self.data_parallel_rank * self.stages + self.stages - 1
+        self.pipeline.make_clipping_global()
 
     def _broadcast_parameters(self) -> None:
         """Make replicas equal: pipelines copy pipeline 0; the last stage copies the first's tied embedding."""
-        params = list(self.lightning_module.parameters())
         if self.data_parallel_size > 1:
             src = self.pipeline_rank  # the same stage in pipeline 0
-            for p in params:
+            for p in self.lightning_module.parameters():
                 dist.broadcast(p.data, src=src, group=self._dp_group)
-        if self.stages > 1 and self._tied_group is not None and self.causal_lm()._pipeline_tied:
-            if self.holds_first_stage or self.holds_last_stage:
-                model = self.causal_lm()
-                embedding = getattr(model, getattr(model, "base_model_prefix", "model")).embed_tokens.weight
-                dist.broadcast(embedding.data, src=self.data_parallel_rank * self.stages, group=self._tied_group)
+        self.pipeline.broadcast_tied()
 
     def model_to_device(self) -> None:
         assert self.model is not None
         self.model.to(self.root_device)
 
-    # -- schedules -------------------------------------------------------------------------------
-
-    def _get_schedule(self, train: bool, shape: tuple[int, ...], kwarg_names: tuple[str, ...]) -> Any:
-        """The schedule for a batch of this shape (torch infers stage shapes at the first step, so each
-        shape gets its own stages; a training run sees one or two shapes).
-
-        Evaluation batches can have any size (a smaller last batch, another batch size): a forward-only
-        pass runs the same forwards under GPipe as under 1F1B (whose micro-batch minimum serves only its
-        backward) and under interleaved 1F1B as under zero bubble, and takes the largest count that
-        divides the batch and the schedule accepts.
-        """
-        if train:
-            schedule, n_microbatches = self.schedule, self.microbatches
-        else:
-            schedule = "interleaved-1f1b" if self.schedule in MULTI_STAGE_SCHEDULES else "gpipe"
-            most = math.gcd(shape[0], self.microbatches)
-            n_microbatches = max(m for m in range(1, most + 1)
-                                 if most % m == 0 and schedule_accepts(schedule, m, self.stages))
-        key = (train, shape, kwarg_names, n_microbatches)
-        if key not in self._schedules:
-            stages = [PipelineStage(module, stage_id, self.n_stages, self.root_device, group=self._pp_group)
-                      for module, stage_id in zip(self._stage_modules, self._stage_ids)]
-            cls = SCHEDULES[schedule]
-            loss_fn = self._microbatch_loss if train else None
-            # scale_grads=False: `_microbatch_loss` already divides by what makes the batch loss, which
-            # stays right under gradient accumulation (torch's scaling would rescale accumulated grads).
-            if self.schedule in MULTI_STAGE_SCHEDULES:
-                self._schedules[key] = cls(stages, n_microbatches, loss_fn=loss_fn, scale_grads=False)
-            else:
-                self._schedules[key] = cls(stages[0], n_microbatches, loss_fn=loss_fn, scale_grads=False)
-        return self._schedules[key]
-
-    def _microbatch_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
-        """The loss the schedule backpropagates for one micro-batch: its share of the batch loss."""
-        hook = getattr(self.lightning_module, "pipeline_loss", None)
-        if callable(hook):
-            loss = hook(logits, targets) / self.microbatches
-        else:
-            loss = token_cross_entropy_sum(logits, targets) / self._loss_normalizer
-        self._microbatch_losses.append(loss.detach())
-        # Lightning divides the returned loss by the accumulation steps before backward; do the same here.
-        loss = loss / self.lightning_module.trainer.accumulate_grad_batches
-        scaler = getattr(self.precision_plugin, "scaler", None)  # fp16 loss scaling (torch's GradScaler API)
-        if scaler is not None and scaler.is_enabled():
-            loss = scaler.scale(loss)
-        return loss
-
-    def _unpack(self, batch: Any) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
-        if not isinstance(batch, Mapping) or "input_ids" not in batch:
-            raise ValueError(
-                "PipelineStrategy expects batches as dicts with 'input_ids' [B, T], 'targets' [B, T] and optional "
-                f"'position_ids' / 'attention_mask'; got {type(batch).__name__}"
-                + (f" with keys {sorted(batch)}" if isinstance(batch, Mapping) else "")
-            )
-        kwargs = {k: batch[k] for k in ("position_ids", "attention_mask") if batch.get(k) is not None}
-        return batch["input_ids"], batch.get("targets"), kwargs
-
-    def _check_divisible(self, batch_size: int) -> None:
-        if batch_size % self.microbatches:
-            raise ValueError(
-                f"a batch of {batch_size} samples per pipeline cannot be split into microbatches={self.microbatches}: "
-                f"use a batch size that is a multiple of {self.microbatches} (and drop_last=True if the dataset "
-                "leaves a smaller last batch)"
-            )
+    # -- steps -----------------------------------------------------------------------------------
 
     def on_train_start(self) -> None:
-        # Setup-time check of the micro-batch split, before any step runs (the step checks again).
-        loader = self.lightning_module.trainer.train_dataloader
-        batch_size = getattr(loader, "batch_size", None)
-        if isinstance(batch_size, int):
-            self._check_divisible(batch_size)
-            sampler_len = len(loader.sampler) if hasattr(loader.sampler, "__len__") else None
-            if not loader.drop_last and sampler_len is not None and sampler_len % batch_size:
-                self._check_divisible(sampler_len % batch_size)
-
-    def _run_train_schedule(self, batch: Any) -> Tensor:
-        input_ids, targets, kwargs = self._unpack(batch)
-        if targets is None:
-            raise ValueError("PipelineStrategy: the training batch has no 'targets' for the last stage's loss")
-        self._check_divisible(input_ids.shape[0])
-        schedule = self._get_schedule(True, tuple(input_ids.shape), tuple(sorted(kwargs)))
-        # Replicas (dp > 1) can hold different numbers of target tokens: each divides its summed loss by
-        # the mean count over replicas, so the averaged gradients are the global batch's token mean.
-        count = (targets != -100).sum().to(torch.float32)
-        if self.data_parallel_size > 1:
-            dist.all_reduce(count, group=self._dp_group)
-            count /= self.data_parallel_size
-        self._loss_normalizer = count.clamp(min=1)
-        self._microbatch_losses = []
-        held = self._hold_gradients()
-        schedule.step(*((input_ids,) if self.holds_first_stage else ()),
-                      target=targets if self.holds_last_stage else None, **kwargs)
-        self._pending_grads = self._release_gradients(held)
-        # On its first step torch calls the loss once more, on placeholder tensors, to infer gradient shapes
-        # (before the real micro-batches): the batch loss is the sum of the last m calls.
-        shares = self._microbatch_losses[-schedule._n_microbatches:]
-        # (fp32 on every stage: a precision plugin may have made the default dtype 16-bit)
-        loss = torch.stack(shares).sum() if shares else torch.zeros((), dtype=torch.float32, device=self.root_device)
-        dist.broadcast(loss, src=self._last_stage_rank(), group=self._pp_group)
-        if self.data_parallel_size > 1:  # the global batch's loss, on every rank
-            dist.all_reduce(loss, group=self._dp_group)
-            loss /= self.data_parallel_size
-        return loss
+        self.pipeline.check_loader(self.lightning_module.trainer.train_dataloader)
 
     def training_step(self, *args: Any, **kwargs: Any) -> Tensor:
         # Runs the schedule in place of the module's training_step: see the module docstring.
-        batch = args[0] if args else kwargs["batch"]
-        with self.precision_plugin.train_step_context():
-            loss = self._run_train_schedule(batch)
-        if self.loss_name:
-            self.lightning_module.log(self.loss_name, loss, prog_bar=True)
-        return loss
-
-    # -- gradients -------------------------------------------------------------------------------
-
-    def _params(self) -> list[nn.Parameter]:
-        return [p for p in self.lightning_module.parameters() if p.requires_grad]
-
-    def _hold_gradients(self) -> dict[nn.Parameter, Tensor | None]:
-        held = {}
-        for p in self._params():
-            held[p], p.grad = p.grad, None
-        return held
-
-    def _release_gradients(self, held: dict[nn.Parameter, Tensor | None]) -> dict[nn.Parameter, Tensor]:
-        fresh = {}
-        for p, grad in held.items():
-            if p.grad is not None:
-                fresh[p] = p.grad
-            p.grad = grad
-        return fresh
+        return self.pipeline.training_step(args[0] if args else kwargs["batch"])
 
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
-        # The schedule already ran forward and backward in training_step; the loop zeroed the gradients
-        # since, so this step's gradients were held aside and are handed over here, reduced across ranks.
-        module = self.lightning_module
-        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
-        fresh, self._pending_grads = self._pending_grads, {}
-        self._reduce_gradients(fresh)
-        for p, grad in fresh.items():
-            p.grad = grad if p.grad is None else p.grad.add_(grad)
-        return self.precision_plugin.post_backward(closure_loss, module)
-
-    def _reduce_gradients(self, grads: dict[nn.Parameter, Tensor]) -> None:
-        """Sum the tied embedding's two copies (first and last stage), then average over pipelines."""
-        if self._tied_group is not None and self.causal_lm()._pipeline_tied and (self.holds_first_stage or self.holds_last_stage):
-            model = self.causal_lm()
-            tied = getattr(model, getattr(model, "base_model_prefix", "model")).embed_tokens.weight
-            grad = grads.setdefault(tied, torch.zeros_like(tied))
-            dist.all_reduce(grad, group=self._tied_group)
-        if self.data_parallel_size > 1:
-            params = self._params()
-            for p in params:  # every replica must send the same tensors, used or not
-                grads.setdefault(p, torch.zeros_like(p))
-            _all_reduce_coalesced([grads[p] for p in params], self._dp_group)
-            for p in params:
-                grads[p].div_(self.data_parallel_size)
-
-    def _make_clipping_global(self) -> None:
-        """Clip by the norm of the whole model's gradient, not of this stage's.
-
-        Lightning clips in the precision plugin (after unscaling, before the step), which sees only the
-        local gradients; the global norm needs the pipeline group, which only the strategy knows, so
-        the plugin's norm clipping is replaced on this instance. The tied embedding's second copy is
-        left out of the norm (it equals the first), found as what the optimizer steps for it: the
-        parameter, or its fp32 master under master weights.
-        """
-        plugin = self.precision_plugin
-        strategy = self
-
-        def clip_grad_by_norm(optimizer: torch.optim.Optimizer, clip_val: float) -> None:
-            params = [p for p in plugin.main_params(optimizer) if p.grad is not None]
-            tied = strategy._tied_copy_stepped_by(optimizer)
-            counted = [p.grad for p in params if p is not tied]
-            norm = torch.nn.utils.get_total_norm(counted) if counted else torch.zeros((), device=strategy.root_device)
-            squared = norm.float().pow(2)
-            dist.all_reduce(squared, group=strategy._pp_group)
-            torch.nn.utils.clip_grads_with_norm_(params, clip_val, squared.sqrt())
-
-        plugin.clip_grad_by_norm = clip_grad_by_norm
-
-    def _tied_copy_stepped_by(self, optimizer: torch.optim.Optimizer) -> Tensor | None:
-        """The tensor `optimizer` steps for this rank's second copy of the tied embedding, if it holds one:
-        the parameter itself, or its fp32 master under a plugin with master weights (MasterWeightsPrecision,
-        duck-typed: strategies do not import precision plugins)."""
-        if self._tied_param is None:
-            return None
-        master_weights = getattr(self.precision_plugin, "master_weights", None)
-        masters = {id(weight): master for weight, master in (master_weights(optimizer) if master_weights else [])}
-        return masters.get(id(self._tied_param), self._tied_param)
-
-    # -- evaluation through the pipeline ---------------------------------------------------------
-
-    def _pipelined_forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                           position_ids: Tensor | None = None, **_: Any) -> CausalLMOutputWithPast:
-        """Forward-only pass through the pipeline; every rank of the pipeline gets the logits."""
-        kwargs = {k: v for k, v in (("position_ids", position_ids), ("attention_mask", attention_mask)) if v is not None}
-        schedule = self._get_schedule(False, tuple(input_ids.shape), tuple(sorted(kwargs)))
-        with torch.no_grad():
-            out = schedule.step(*((input_ids,) if self.holds_first_stage else ()), **kwargs)
-        vocab = self.causal_lm().config.vocab_size
-        logits = out.float() if self.holds_last_stage else torch.empty((*input_ids.shape, vocab), device=self.root_device)
-        dist.broadcast(logits, src=self._last_stage_rank(), group=self._pp_group)
-        return CausalLMOutputWithPast(logits=logits)
-
-    def _redirected(self, step: str, context: Callable[[], Any], *args: Any, **kwargs: Any) -> Any:
-        model = self.causal_lm()
-        model.forward = self._pipelined_forward
-        try:
-            with context():
-                return getattr(self.lightning_module, step)(*args, **kwargs)
-        finally:
-            del model.forward
+        return self.pipeline.backward(closure_loss, average_over=self._dp_group)
 
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
-        return self._redirected("validation_step", self.precision_plugin.val_step_context, *args, **kwargs)
+        return self.pipeline.evaluation_step("validation_step", self.precision_plugin.val_step_context(), *args, **kwargs)
 
     def test_step(self, *args: Any, **kwargs: Any) -> Any:
-        return self._redirected("test_step", self.precision_plugin.test_step_context, *args, **kwargs)
+        return self.pipeline.evaluation_step("test_step", self.precision_plugin.test_step_context(), *args, **kwargs)
 
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
-        return self._redirected("predict_step", self.precision_plugin.predict_step_context, *args, **kwargs)
+        return self.pipeline.evaluation_step("predict_step", self.precision_plugin.predict_step_context(), *args, **kwargs)
 
     def full_model_state_dict(self, model: nn.Module) -> dict[str, Tensor] | None:
         """The whole `model`'s state dict on global rank 0, None elsewhere (every rank calls this; for an export).
@@ -758,15 +874,9 @@ class PipelineStrategy(ParallelStrategy):
         Each rank holds only its stages' weights, under the single-process names; the ranks of pipeline 0
         send theirs to rank 0 (the other pipelines hold the same numbers). With tied embeddings the first
         and last stages both hold the embedding, kept equal by training, so either copy will do."""
-        state: dict[str, Tensor] | None = None
-        if self.data_parallel_rank == 0:
-            local = {name: t.detach().cpu() for name, t in model.state_dict().items()}
-            parts: list[Any] | None = [None] * self.stages if self.global_rank == 0 else None
-            dist.gather_object(local, parts, dst=0, group=self._pp_group)
-            if parts is not None:
-                state = {name: t for part in parts for name, t in part.items()}
-        self.barrier()
-        return state
+        local = {name: t.detach().cpu() for name, t in model.state_dict().items()}
+        return self.pipeline.join_stages(local if self.data_parallel_rank == 0 else None)
+
 
     # -- collectives -----------------------------------------------------------------------------
 
@@ -832,8 +942,20 @@ class PipelineStrategy(ParallelStrategy):
         pass  # loaded in load_checkpoint
 
     def teardown(self) -> None:
-        self._schedules = {}
+        self.pipeline.teardown()
         super().teardown()
+
+
+def tied_groups(pipelines: Tensor) -> dist.ProcessGroup | None:
+    """This rank's group of the first and last stage of its pipeline, from the global ranks of every pipeline
+    (one row each, stage order); None on the other ranks. Every rank creates every group (new_group is
+    collective), in the same order."""
+    mine = None
+    for row in pipelines.tolist():
+        group = dist.new_group([row[0], row[-1]])
+        if dist.get_rank() in (row[0], row[-1]):
+            mine = group
+    return mine
 
 
 def _all_reduce_coalesced(tensors: list[Tensor], group: dist.ProcessGroup) -> None:

@@ -175,18 +175,23 @@ class ZeROStrategy(ModelParallelStrategy):
                 checkpoint(unit)
 
     def _shard(self, module: nn.Module, units: list[nn.Module]) -> None:
-        """Materialise and `fully_shard` each unit in turn, the LightningModule last (it holds the rest)."""
+        """Materialise and `fully_shard` each unit in turn, the roots (the LightningModule: it holds the rest) last."""
         from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
         self._checkpoint_activations(units)
         offload = CPUOffloadPolicy(pin_memory=self.root_device.type == "cuda") if self.cpu_offload else OffloadPolicy()
         done: set[nn.Module] = set()
-        for unit in [*units, module]:
+        for unit in [*units, *self._sharding_roots(module)]:
             members = _members(unit, done)
             _materialize(module, members, self.root_device)
             self._parallelize(members)
             fully_shard(unit, mesh=self._data_mesh(), reshard_after_forward=self.stage == 3, offload_policy=offload)
             done.add(unit)
+
+    def _sharding_roots(self, module: nn.Module) -> list[nn.Module]:
+        """The outermost sharding units, whose forward the steps call: the LightningModule (under
+        `ParallelStrategy`'s pipeline: this rank's stages, which the schedule calls)."""
+        return [module]
 
     def _data_mesh(self) -> DeviceMesh:
         """The mesh that ZeRO shards over: all processes here; the data-parallel dimension of a larger mesh."""
