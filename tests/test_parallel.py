@@ -47,10 +47,17 @@ def _loader(data_rank: int, data_parallel: int):
 # -- what runs in the spawned processes ----------------------------------------------------------
 
 
-def _module():
+def _module(model: object = "tiny"):
     from lightning_llm.modules.pretrain import PretrainModule
 
-    return PretrainModule("tiny", vocab_size=VOCAB, **HP)
+    return PretrainModule(model, vocab_size=VOCAB, **HP)
+
+
+def _one_kv_head():
+    """The tiny preset with one kv-head for its 4 query heads: at tp2 both ranks hold it (replicated)."""
+    from lightning_llm.models import build_config
+
+    return build_config("tiny", num_key_value_heads=1)
 
 
 def _trainer(world: int, strategy: ParallelStrategy, callbacks: list, ckpt_dir: Path | None = None):
@@ -106,7 +113,8 @@ def _worker(rank: int, world: int, port: int, out: str, job: str) -> None:
     out = Path(out)
     if job == "tp2":
         results = {"sp": _fit(world, rank, 2, out / "sp", save=True, module=(module := _module())),
-                   "no-sp": _fit(world, rank, 2, out, sequence_parallel=False, zero_stage=2)}
+                   "no-sp": _fit(world, rank, 2, out, sequence_parallel=False, zero_stage=2),
+                   "kv1": _fit(world, rank, 2, out, module=_module(_one_kv_head()))}
         with torch.no_grad():  # outside the training steps the LM head's logits come whole
             results["logits"] = module(global_batches()[0]["input_ids"])
     elif job == "resume_on_one":
@@ -127,14 +135,15 @@ def _spawn(world: int, out: Path, job: str) -> list[dict]:
 # -- the single-process oracle ---------------------------------------------------------------------
 
 
-def single_process_run(init: dict[str, torch.Tensor], steps: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+def single_process_run(init: dict[str, torch.Tensor], steps: int,
+                       model_spec: object = "tiny") -> tuple[list[float], dict[str, torch.Tensor]]:
     """The same recipe in a plain PyTorch loop on one process over the whole global batches."""
     from torch.optim.lr_scheduler import LambdaLR
 
     from lightning_llm.models import build_model
     from lightning_llm.modules.pretrain import next_token_loss, parameter_groups, warmup_cosine
 
-    model = build_model("tiny", vocab_size=VOCAB)
+    model = build_model(model_spec, vocab_size=VOCAB)
     model.load_state_dict(init)
     optimizer = torch.optim.AdamW(parameter_groups(model, HP["weight_decay"]), lr=HP["lr"], betas=HP["betas"])
     schedule = LambdaLR(optimizer, lambda s: warmup_cosine(s, HP["warmup_steps"], STEPS, HP["min_lr_ratio"]))
@@ -175,11 +184,12 @@ def runs(tmp_path_factory):
     return {"tp2": _spawn(2, out, "tp2"), "one": _spawn(1, out, "resume_on_one")[0], "out": out}
 
 
-def _assert_equals_one_process(records: list[dict], oracle: tuple | None = None, first_step: int = 0) -> None:
+def _assert_equals_one_process(records: list[dict], oracle: tuple | None = None, first_step: int = 0,
+                               model_spec: object = "tiny") -> None:
     """The records' losses from `first_step` on and final weights equal the one-process run's (`oracle`:
     that run, if already computed from the same initial weights)."""
     init = records[0].get("init") if oracle is None else None  # the whole state dict, gathered on rank 0
-    expected_losses, expected_weights = oracle or single_process_run(init, STEPS)
+    expected_losses, expected_weights = oracle or single_process_run(init, STEPS, model_spec)
     # Each rank logs its data-parallel group's loss over an equal share of tokens: the global loss is their mean.
     losses = [sum(values) / len(values) for values in zip(*(r["losses"] for r in records))]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected_losses[first_step:]), **LOSS_TOL)
@@ -211,6 +221,14 @@ def test_tp2_equals_one_process(runs, layout):
         assert record["sampler"] == {"num_replicas": 1, "rank": 0}
         assert record["tokens"] == STEPS * ROWS * SEQ
         assert record["param_bytes"] == _param_bytes(tp=2, dp=1)
+
+
+def test_tp2_replicates_a_kv_head_that_the_degree_does_not_split(runs):
+    """One kv-head for 4 query heads at tp2: each rank computes the kv-head its query heads use, and the
+    replicated k/v weights' gradients are summed over the ranks (else they would miss half their terms)."""
+    records = [rank["kv1"] for rank in runs["tp2"]]
+    _assert_equals_one_process(records, model_spec=_one_kv_head())
+    assert records[0]["final"]["model.layers.0.self_attn.k_proj.weight"].shape == (16, 64)  # whole: one head
 
 
 def test_tp2_validation_and_whole_logits_equal_one_process(runs):
@@ -306,16 +324,18 @@ def test_degrees_must_multiply_to_the_world_size():
         strategy.setup_environment()
 
 
-@pytest.mark.parametrize("field, value", [("num_attention_heads", 5), ("num_key_value_heads", 1),
-                                           ("intermediate_size", 191), ("vocab_size", 511)])
-def test_sizes_not_divisible_by_the_degree_are_refused(field, value):
+@pytest.mark.parametrize("field, value, degree", [
+    ("num_attention_heads", 5, 2), ("num_key_value_heads", 3, 2), ("num_key_value_heads", 3, 4),
+    ("intermediate_size", 191, 2), ("vocab_size", 511, 2)])
+def test_sizes_not_divisible_by_the_degree_are_refused(field, value, degree):
     from lightning_llm.models import build_config
 
-    config = build_config("tiny")
+    config = build_config("tiny", num_attention_heads=12, num_key_value_heads=4, head_dim=16)
     setattr(config, field, value)
-    with pytest.raises(ValueError, match=rf"tensor_parallel=2 does not divide {{'{field}': {value}}}"):
-        check_divisible(config, 2)
-    check_divisible(build_config("tiny"), 2)
+    with pytest.raises(ValueError, match=rf"tensor_parallel={degree} does not divide {{'{field}': {value}}}"):
+        check_divisible(config, degree)
+    for kv_heads, degree in [(4, 2), (4, 4), (2, 4), (1, 4)]:  # kv-heads split, or replicated (a divisor of the degree)
+        check_divisible(build_config("tiny", num_attention_heads=12, num_key_value_heads=kv_heads, head_dim=16), degree)
 
 
 def test_plan_comes_from_the_hugging_face_plan():
@@ -339,6 +359,11 @@ def test_plan_comes_from_the_hugging_face_plan():
     assert len(styles) == 3 + 11 * model.config.num_hidden_layers
     without_sp = {type(s) for s in plan_styles(model, False).values()}
     assert without_sp == {ColwiseParallel, RowwiseParallel, Replicated}
+    # tp4 over the tiny model's 2 kv-heads: k and v replicated (one head per pair of ranks), q still split.
+    attention = model.model.layers[0].self_attn
+    at_tp4 = plan_styles(model, True, degree=4)
+    assert [type(at_tp4[m]).__name__ for m in (attention.q_proj, attention.k_proj, attention.v_proj)] == [
+        "ColwiseParallel", "KeyValueHead", "KeyValueHead"]
 
 
 def test_parallel_is_a_strategy_name():

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -64,30 +64,39 @@ def hf_tensor_plan(causal_lm: nn.Module) -> dict[str, str]:
 
 
 def check_divisible(config: Any, degree: int) -> None:
-    """Refuse a model whose heads, kv-heads, intermediate size or vocabulary the degree does not divide."""
+    """Refuse a model whose heads, kv-heads, intermediate size or vocabulary the degree does not divide.
+
+    Fewer kv-heads than the degree is accepted when the degree is a multiple of them (grouped-query
+    attention): each kv-head is then replicated on the ranks whose query heads use it."""
+    heads = getattr(config, "num_attention_heads", None)
     sizes = {
-        "num_attention_heads": getattr(config, "num_attention_heads", None),
-        "num_key_value_heads": getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", None),
+        "num_attention_heads": heads,
+        "num_key_value_heads": getattr(config, "num_key_value_heads", None) or heads,
         "intermediate_size": getattr(config, "intermediate_size", None),
         "vocab_size": getattr(config, "vocab_size", None),
     }
-    bad = {name: size for name, size in sizes.items() if size is not None and size % degree}
+    bad = {name: size for name, size in sizes.items() if size is not None and size % degree
+           and not (name == "num_key_value_heads" and degree % size == 0)}
     if bad:
-        divisors = sorted({d for size in sizes.values() if size for d in range(1, size + 1) if all(
-            s % d == 0 for s in sizes.values() if s)})
+        divisors = sorted({d for d in range(1, max(s for s in sizes.values() if s) + 1) if all(
+            s % d == 0 or (name == "num_key_value_heads" and d % s == 0) for name, s in sizes.items() if s)})
         raise ValueError(f"tensor_parallel={degree} does not divide {bad} (each rank holds 1/{degree} of the heads, "
-                         f"kv-heads, intermediate columns and vocabulary rows); degrees that divide all of "
-                         f"{sizes}: {divisors}")
+                         f"intermediate columns and vocabulary rows, and 1/{degree} of the kv-heads or, where the degree "
+                         f"is a multiple of the kv-heads, one kv-head replicated on the ranks that use it); degrees "
+                         f"that fit all of {sizes}: {divisors}")
 
 
 def _pattern(name: str) -> str:
     return re.sub(r"(?<=\.)\d+(?=\.|$)", "*", name)
 
 
-def plan_styles(causal_lm: nn.Module, sequence_parallel: bool, prefix: str = "") -> dict[nn.Module, ParallelStyle]:
+def plan_styles(causal_lm: nn.Module, sequence_parallel: bool, prefix: str = "",
+                degree: int = 1) -> dict[nn.Module, ParallelStyle]:
     """Every module of `causal_lm` that gets a parallel style, with its style (resolved on the meta model,
-    applied unit by unit once each is materialised). `prefix`: the causal LM's name in the LightningModule."""
+    applied unit by unit once each is materialised). `prefix`: the causal LM's name in the LightningModule;
+    `degree`: the tensor-parallel degree (a degree above the kv-heads replicates them, see `KeyValueHead`)."""
     plan = hf_tensor_plan(causal_lm)
+    kv_heads = getattr(causal_lm.config, "num_key_value_heads", None)
     residual = Shard(1) if sequence_parallel else Replicate()
     styles: dict[nn.Module, ParallelStyle] = {}
     regions: set[nn.Module] = set()
@@ -108,8 +117,11 @@ def plan_styles(causal_lm: nn.Module, sequence_parallel: bool, prefix: str = "")
         if style == "colwise_gather_output":  # the LM head: logits stay split over the vocabulary
             styles[module] = ColwiseParallel(input_layouts=residual, output_layouts=Shard(-1), use_local_output=False)
         elif style == "colwise":
+            parent = modules[name.rpartition(".")[0]]
             styles[module] = ColwiseParallel()
-            regions.add(modules[name.rpartition(".")[0]])
+            if kv_heads and kv_heads % degree and module.out_features == kv_heads * getattr(parent, "head_dim", 0):
+                styles[module] = KeyValueHead(parent, kv_heads)
+            regions.add(parent)
         else:
             styles[module] = RowwiseParallel(output_layouts=residual, use_local_output=not sequence_parallel)
     for region in regions if sequence_parallel else ():
@@ -141,6 +153,37 @@ class GatherSequence(ParallelStyle):
 
         module.register_forward_pre_hook(gather, with_kwargs=True)
         return module
+
+
+class KeyValueHead(ParallelStyle):
+    """A key or value projection of grouped-query attention whose kv-heads are fewer than the tensor-parallel
+    degree T (T a multiple of them, K): rank r's query heads all use kv-head r // (T / K), so each rank
+    computes the whole projection (weight replicated over the group) and keeps that head's columns.
+
+    The gradients that come back cover only the kept head, so they are partial sums over the group: the
+    output is handed out with `Partial` gradient placements, which makes the weight's gradient a partial
+    sum that the gradient reduction completes (FSDP2 redistributes it to the weight's `Replicate`) and the
+    input's an all-reduced one (`from_local`'s backward), as the column-split projections beside it get.
+    The attention module is told its new query-heads-per-kv-head (`num_key_value_groups`, read by
+    transformers' attention functions to repeat the kv-heads). The simplest correct layout: it costs the
+    whole K x head_dim projection on every rank (small beside the T-split query and MLP projections)."""
+
+    def __init__(self, attention: nn.Module, kv_heads: int) -> None:
+        super().__init__()
+        self.attention, self.kv_heads = attention, kv_heads
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        degree, rank = device_mesh.size(), device_mesh.get_local_rank()
+        head, width = rank // (degree // self.kv_heads), module.out_features // self.kv_heads
+        self.attention.num_key_value_groups = self.attention.config.num_attention_heads // degree
+
+        def replicate(m: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
+            return (DTensor.from_local(inputs[0], mesh, [Replicate()], run_check=False), *inputs[1:])
+
+        def keep_head(m: nn.Module, out: DTensor, mesh: DeviceMesh) -> torch.Tensor:
+            return out.to_local(grad_placements=[Partial()]).narrow(-1, head * width, width)
+
+        return distribute_module(module, device_mesh, input_fn=replicate, output_fn=keep_head)
 
 
 class Replicated(ParallelStyle):
