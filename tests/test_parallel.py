@@ -342,23 +342,23 @@ def test_plan_comes_from_the_hugging_face_plan():
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
     from lightning_llm.models import build_model
-    from lightning_llm.strategies.tensor import Replicated
+    from lightning_llm.strategies.tensor import RegionInput, Replicated
 
     with torch.device("meta"):
         model = build_model("tiny", vocab_size=VOCAB)
     styles = {name: type(plan_styles(model, True)[m]).__name__ for name, m in model.named_modules()
               if m in plan_styles(model, True)}
     layer = {k.split("layers.0.")[1]: v for k, v in styles.items() if "layers.0." in k}
-    assert layer == {"self_attn": "GatherSequence", "self_attn.q_proj": "ColwiseParallel",
+    assert layer == {"self_attn": "RegionInput", "self_attn.q_proj": "ColwiseParallel",
                      "self_attn.k_proj": "ColwiseParallel", "self_attn.v_proj": "ColwiseParallel",
-                     "self_attn.o_proj": "RowwiseParallel", "mlp": "GatherSequence", "mlp.gate_proj": "ColwiseParallel",
+                     "self_attn.o_proj": "RowwiseParallel", "mlp": "RegionInput", "mlp.gate_proj": "ColwiseParallel",
                      "mlp.up_proj": "ColwiseParallel", "mlp.down_proj": "RowwiseParallel",
                      "input_layernorm": "SequenceParallel", "post_attention_layernorm": "SequenceParallel"}
     assert {k: v for k, v in styles.items() if "layers." not in k} == {
         "model.embed_tokens": "RowwiseParallel", "model.norm": "SequenceParallel", "lm_head": "ColwiseParallel"}
     assert len(styles) == 3 + 11 * model.config.num_hidden_layers
     without_sp = {type(s) for s in plan_styles(model, False).values()}
-    assert without_sp == {ColwiseParallel, RowwiseParallel, Replicated}
+    assert without_sp == {ColwiseParallel, RowwiseParallel, RegionInput, Replicated}
     # tp4 over the tiny model's 2 kv-heads: k and v replicated (one head per pair of ranks), q still split.
     attention = model.model.layers[0].self_attn
     at_tp4 = plan_styles(model, True, degree=4)

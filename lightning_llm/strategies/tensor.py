@@ -6,6 +6,8 @@ own slice of the intermediate activations with no communication, and the project
 (o; down) are split by input row, so each rank holds a partial sum of the output that one collective
 completes. Which linear is which comes from the model's own Hugging Face tensor-parallel plan
 (`_tp_plan`, built from `config.base_model_tp_plan`), so any HF decoder that declares one splits.
+Grouped-query attention with fewer kv-heads than ranks (the degree a multiple of them) replicates each
+kv-head on the ranks whose query heads use it (`KeyValueHead`).
 
 Sequence parallelism (Korthikanti et al., 2022) shards the rest of the layer along the sequence: the
 norms and the residual stream between regions hold 1/T of the tokens. A region then starts with an
@@ -124,8 +126,8 @@ def plan_styles(causal_lm: nn.Module, sequence_parallel: bool, prefix: str = "",
             regions.add(parent)
         else:
             styles[module] = RowwiseParallel(output_layouts=residual, use_local_output=not sequence_parallel)
-    for region in regions if sequence_parallel else ():
-        styles[region] = GatherSequence()
+    for region in regions:
+        styles[region] = RegionInput(sequence_parallel)
     # The norms on the residual stream: the decoder layers' other children, and the final norm.
     layers = {parent for parent in modules.values() if any(c in regions for c in parent.children())}
     base = getattr(causal_lm, getattr(causal_lm, "base_model_prefix", "model"), None)
@@ -139,19 +141,36 @@ def plan_styles(causal_lm: nn.Module, sequence_parallel: bool, prefix: str = "",
     return styles
 
 
-class GatherSequence(ParallelStyle):
-    """The entry of a tensor-parallel region under sequence parallelism: the residual stream's sequence
-    shards (a `DTensor`, `Shard(1)`) are all-gathered into the whole sequence, handed to the region as a
-    plain tensor. Hand-written rather than torch's `PrepareModuleInput`, which needs the input either
-    positional or keyword: transformers calls attention with `hidden_states=` and the MLP positionally."""
+class RegionInput(ParallelStyle):
+    """The entry of a tensor-parallel region (attention, MLP): its input becomes one replicated `DTensor`
+    that every column-split projection of the region takes as it is. Backward then adds the projections'
+    partial input gradients locally and completes the sum with one collective per region, Megatron's
+    "f": an all-reduce, or under sequence parallelism the reduce-scatter that undoes the region's
+    all-gather of the sequence shards. (torch's ColwiseParallel given a plain tensor wraps it itself,
+    once per projection: q, k, v, gate and up would each all-reduce their input gradient, 5 collectives
+    per layer in backward where 2 complete the same sums; see benchmarks/parallel.py.)
+    Hand-written rather than torch's `PrepareModuleInput`, which needs the input either positional or
+    keyword: transformers calls attention with `hidden_states=` and the MLP positionally."""
+
+    def __init__(self, sequence_parallel: bool) -> None:
+        super().__init__()
+        self.sequence_parallel = sequence_parallel
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        def gather(m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            if args:
-                return (_whole_sequence(args[0]), *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": _whole_sequence(kwargs["hidden_states"])}
+        def enter(x: torch.Tensor) -> DTensor:
+            if not self.sequence_parallel:
+                return DTensor.from_local(x, device_mesh, [Replicate()], run_check=False)
+            if not isinstance(x, DTensor):
+                raise TypeError(f"sequence parallelism: a tensor-parallel region got a {type(x).__name__}, expected "
+                                "the sequence-sharded residual stream (a DTensor)")
+            return x.redistribute(placements=[Replicate()])
 
-        module.register_forward_pre_hook(gather, with_kwargs=True)
+        def hook(m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            if args:
+                return (enter(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": enter(kwargs["hidden_states"])}
+
+        module.register_forward_pre_hook(hook, with_kwargs=True)
         return module
 
 
@@ -177,8 +196,11 @@ class KeyValueHead(ParallelStyle):
         head, width = rank // (degree // self.kv_heads), module.out_features // self.kv_heads
         self.attention.num_key_value_groups = self.attention.config.num_attention_heads // degree
 
-        def replicate(m: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
-            return (DTensor.from_local(inputs[0], mesh, [Replicate()], run_check=False), *inputs[1:])
+        def replicate(m: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:  # `RegionInput` made it a DTensor
+            if not isinstance(inputs[0], DTensor):
+                raise TypeError(f"{type(m).__name__} of replicated kv-heads got a {type(inputs[0]).__name__}, "
+                                "expected the tensor-parallel region's replicated DTensor input")
+            return inputs
 
         def keep_head(m: nn.Module, out: DTensor, mesh: DeviceMesh) -> torch.Tensor:
             return out.to_local(grad_placements=[Partial()]).narrow(-1, head * width, width)
@@ -198,13 +220,6 @@ class Replicated(ParallelStyle):
                          if isinstance(x, torch.Tensor) and not isinstance(x, DTensor) else x for x in inputs)
 
         return distribute_module(module, device_mesh, input_fn=replicate, output_fn=lambda m, out, mesh: out.to_local())
-
-
-def _whole_sequence(x: torch.Tensor) -> torch.Tensor:
-    if not isinstance(x, DTensor):
-        raise TypeError(f"sequence parallelism: a tensor-parallel region got a {type(x).__name__}, expected the "
-                        "sequence-sharded residual stream (a DTensor)")
-    return x.redistribute(placements=[Replicate()]).to_local()
 
 
 def apply_styles(members: list[nn.Module], styles: dict[nn.Module, ParallelStyle], mesh: DeviceMesh) -> None:
