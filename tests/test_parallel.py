@@ -366,6 +366,17 @@ def test_plan_comes_from_the_hugging_face_plan():
         "ColwiseParallel", "KeyValueHead", "KeyValueHead"]
 
 
+def test_lora_adapters_under_tensor_parallelism_are_refused_by_name():
+    from peft import LoraConfig, get_peft_model
+
+    from lightning_llm.models import build_model
+
+    model = get_peft_model(build_model("tiny", vocab_size=VOCAB), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(NotImplementedError, match=r"self_attn\.q_proj is a Linear adapter layer \(LoRA/QLoRA\).*"
+                                                  r"issue 15.*tensor_parallel=1"):
+        plan_styles(model.base_model.model, True, degree=2)
+
+
 def test_parallel_is_a_strategy_name():
     from lightning.pytorch.strategies import StrategyRegistry
 

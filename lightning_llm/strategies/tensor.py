@@ -113,9 +113,13 @@ def plan_styles(causal_lm: nn.Module, sequence_parallel: bool, prefix: str = "",
             styles[module] = RowwiseParallel(input_layouts=Replicate(), output_layouts=residual,
                                               use_local_output=not sequence_parallel)
             continue
+        if hasattr(module, "base_layer"):  # a peft tuner layer (LoRA, QLoRA) wrapping the planned linear
+            raise NotImplementedError(f"{prefix}{name} is a {type(module).__name__} adapter layer (LoRA/QLoRA): adapters "
+                                      f"are not placed under tensor parallelism yet ({ISSUE}); train them with "
+                                      "tensor_parallel=1 (ZeRO shards the frozen base over every rank)")
         if not isinstance(module, nn.Linear):
-            raise NotImplementedError(f"{prefix}{name}: plan style {style!r} on a {type(module).__name__} (an adapter "
-                                      "or quantised layer?); tensor parallelism splits nn.Linear only")
+            raise NotImplementedError(f"{prefix}{name}: plan style {style!r} on a {type(module).__name__} (a quantised "
+                                      "layer?); tensor parallelism splits nn.Linear only")
         if style == "colwise_gather_output":  # the LM head: logits stay split over the vocabulary
             styles[module] = ColwiseParallel(input_layouts=residual, output_layouts=Shard(-1), use_local_output=False)
         elif style == "colwise":
