@@ -154,9 +154,10 @@ RECIPES = {"slurm": ("examples/slurm/pretrain.sbatch", "srun", SLURM_TASK, "SLUR
            "torchrun": ("examples/multinode/torchrun.sh", "torchrun", TORCHRUN_PROCESS, "TorchElasticEnvironment")}
 
 
-def launcher_arguments(recipe: str, tmp_path: Path) -> list[str]:
+def launcher_arguments(recipe: str, tmp_path: Path, *extra: str) -> list[str]:
     """The arguments the recipe passes to its launcher (srun or torchrun), run by bash in the repository with a
-    stand-in launcher that records them, for an allocation of 2 nodes of 2 devices."""
+    stand-in launcher that records them, for an allocation of 2 nodes of 2 devices; `extra`: the recipe's own
+    arguments (options for lightning-llm fit)."""
     script, launcher, _, _ = RECIPES[recipe]
     stubs = tmp_path / "bin"
     stubs.mkdir()
@@ -165,7 +166,7 @@ def launcher_arguments(recipe: str, tmp_path: Path) -> list[str]:
     env = {"PATH": f"{stubs}:/usr/bin:/bin", "RECORDED": str(tmp_path / "args"), "RUN_DIR": str(tmp_path / "run"),
            "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "2", "NNODES": "2", "GPUS_PER_NODE": "2",
            "MASTER_ADDR": "10.0.0.1"}
-    subprocess.run(["bash", script], cwd=REPOSITORY, env=env, check=True)
+    subprocess.run(["bash", script, *extra], cwd=REPOSITORY, env=env, check=True)
     return (tmp_path / "args").read_text().split("\0")[:-1]
 
 
@@ -190,6 +191,17 @@ def test_the_recipes_command_line_parses_and_takes_its_size_from_the_allocation(
     assert (printed["trainer"]["num_nodes"], str(printed["trainer"]["devices"])) == (2, "2")
     assert printed["trainer"]["strategy"] == "zero2"
     assert printed["trainer"]["default_root_dir"] == str(tmp_path / "run")
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_a_recipe_passes_its_arguments_on_to_fit_so_a_parallel_layout_replaces_zero2(recipe, tmp_path, capsys):
+    parallel = ["--trainer.strategy=lightning_llm.ParallelStrategy", "--trainer.strategy.tensor_parallel=2"]
+    arguments = launcher_arguments(recipe, tmp_path, *parallel)
+    with pytest.raises(SystemExit):
+        main(["fit", *fit_arguments(arguments), "--print_config"])
+    strategy = yaml.safe_load(capsys.readouterr().out)["trainer"]["strategy"]
+    assert strategy["class_path"] == "lightning_llm.ParallelStrategy"  # (mesh: data_parallel "auto" x 2 per node)
+    assert (strategy["init_args"]["tensor_parallel"], strategy["init_args"]["data_parallel"]) == (2, "auto")
 
 
 @pytest.mark.parametrize("recipe", list(RECIPES))

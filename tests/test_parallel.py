@@ -47,10 +47,17 @@ def _loader(data_rank: int, data_parallel: int):
 # -- what runs in the spawned processes ----------------------------------------------------------
 
 
-def _module():
+def _module(model: object = "tiny"):
     from lightning_llm.modules.pretrain import PretrainModule
 
-    return PretrainModule("tiny", vocab_size=VOCAB, **HP)
+    return PretrainModule(model, vocab_size=VOCAB, **HP)
+
+
+def _one_kv_head():
+    """The tiny preset with one kv-head for its 4 query heads: at tp2 both ranks hold it (replicated)."""
+    from lightning_llm.models import build_config
+
+    return build_config("tiny", num_key_value_heads=1)
 
 
 def _trainer(world: int, strategy: ParallelStrategy, callbacks: list, ckpt_dir: Path | None = None):
@@ -106,13 +113,17 @@ def _worker(rank: int, world: int, port: int, out: str, job: str) -> None:
     out = Path(out)
     if job == "tp2":
         results = {"sp": _fit(world, rank, 2, out / "sp", save=True, module=(module := _module())),
-                   "no-sp": _fit(world, rank, 2, out, sequence_parallel=False, zero_stage=2)}
+                   "no-sp": _fit(world, rank, 2, out, sequence_parallel=False, zero_stage=2),
+                   "kv1": _fit(world, rank, 2, out, module=_module(_one_kv_head()))}
         with torch.no_grad():  # outside the training steps the LM head's logits come whole
             results["logits"] = module(global_batches()[0]["input_ids"])
     elif job == "resume_on_one":
         results = {"resumed": _fit(world, rank, 1, out, ckpt=str(out / "sp" / f"step={SAVE_AT}.ckpt"))}
-    else:  # dp2 x tp2
-        results = {"dp2xtp2": _fit(world, rank, 2, out)}
+    elif job == "dp2xtp2":  # then, in the same processes, its checkpoint resumed at dp4 (tp1)
+        results = {"dp2xtp2": _fit(world, rank, 2, out / "dp2xtp2", save=True),
+                   "resumed": _fit(world, rank, 1, out, ckpt=str(out / "dp2xtp2" / f"step={SAVE_AT}.ckpt"))}
+    else:  # "resume_dp2xtp2_at_tp<n>": that checkpoint resumed on world // n data-parallel ranks x tp n
+        results = {"resumed": _fit(world, rank, int(job[-1]), out, ckpt=str(out / "dp2xtp2" / f"step={SAVE_AT}.ckpt"))}
     torch.save(results, out / f"{job}-rank{rank}.pt")
 
 
@@ -124,14 +135,15 @@ def _spawn(world: int, out: Path, job: str) -> list[dict]:
 # -- the single-process oracle ---------------------------------------------------------------------
 
 
-def single_process_run(init: dict[str, torch.Tensor], steps: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+def single_process_run(init: dict[str, torch.Tensor], steps: int,
+                       model_spec: object = "tiny") -> tuple[list[float], dict[str, torch.Tensor]]:
     """The same recipe in a plain PyTorch loop on one process over the whole global batches."""
     from torch.optim.lr_scheduler import LambdaLR
 
     from lightning_llm.models import build_model
     from lightning_llm.modules.pretrain import next_token_loss, parameter_groups, warmup_cosine
 
-    model = build_model("tiny", vocab_size=VOCAB)
+    model = build_model(model_spec, vocab_size=VOCAB)
     model.load_state_dict(init)
     optimizer = torch.optim.AdamW(parameter_groups(model, HP["weight_decay"]), lr=HP["lr"], betas=HP["betas"])
     schedule = LambdaLR(optimizer, lambda s: warmup_cosine(s, HP["warmup_steps"], STEPS, HP["min_lr_ratio"]))
@@ -172,16 +184,20 @@ def runs(tmp_path_factory):
     return {"tp2": _spawn(2, out, "tp2"), "one": _spawn(1, out, "resume_on_one")[0], "out": out}
 
 
-def _assert_equals_one_process(records: list[dict]) -> None:
-    init = records[0]["init"]  # the whole state dict, gathered on rank 0
-    expected_losses, expected_weights = single_process_run(init, STEPS)
+def _assert_equals_one_process(records: list[dict], oracle: tuple | None = None, first_step: int = 0,
+                               model_spec: object = "tiny") -> None:
+    """The records' losses from `first_step` on and final weights equal the one-process run's (`oracle`:
+    that run, if already computed from the same initial weights)."""
+    init = records[0].get("init") if oracle is None else None  # the whole state dict, gathered on rank 0
+    expected_losses, expected_weights = oracle or single_process_run(init, STEPS, model_spec)
     # Each rank logs its data-parallel group's loss over an equal share of tokens: the global loss is their mean.
     losses = [sum(values) / len(values) for values in zip(*(r["losses"] for r in records))]
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected_losses), **LOSS_TOL)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected_losses[first_step:]), **LOSS_TOL)
     final = records[0]["final"]
     assert final.keys() == expected_weights.keys()
-    for name, weight in expected_weights.items():
-        assert not torch.equal(weight, init[name]), f"{name} did not train"
+    if init is not None:
+        for name, weight in expected_weights.items():
+            assert not torch.equal(weight, init[name]), f"{name} did not train"
     assert_adam_steps_close(final, expected_weights, lr_sum=LR_SUM)
 
 
@@ -205,6 +221,14 @@ def test_tp2_equals_one_process(runs, layout):
         assert record["sampler"] == {"num_replicas": 1, "rank": 0}
         assert record["tokens"] == STEPS * ROWS * SEQ
         assert record["param_bytes"] == _param_bytes(tp=2, dp=1)
+
+
+def test_tp2_replicates_a_kv_head_that_the_degree_does_not_split(runs):
+    """One kv-head for 4 query heads at tp2: each rank computes the kv-head its query heads use, and the
+    replicated k/v weights' gradients are summed over the ranks (else they would miss half their terms)."""
+    records = [rank["kv1"] for rank in runs["tp2"]]
+    _assert_equals_one_process(records, model_spec=_one_kv_head())
+    assert records[0]["final"]["model.layers.0.self_attn.k_proj.weight"].shape == (16, 64)  # whole: one head
 
 
 def test_tp2_validation_and_whole_logits_equal_one_process(runs):
@@ -248,11 +272,30 @@ def test_tp2_checkpoint_consolidates_into_an_export(runs, tmp_path):
 
 
 @pytest.mark.slow
-def test_dp2_x_tp2_equals_one_process(tmp_path):
-    records = [rank["dp2xtp2"] for rank in _spawn(4, tmp_path, "dp2xtp2")]
-    _assert_equals_one_process(records)
+def test_dp2_x_tp2_equals_one_process_and_resumes_on_every_layout(tmp_path):
+    """dp2 x tp2 (ZeRO-3) trains as one process does; its half-way checkpoint resumes at dp4 (tp1), at tp2
+    (dp1) and on one process, each continuing as the one-process run does; its last one exports whole."""
+    from transformers import AutoModelForCausalLM
+
+    from lightning_llm.export import export_checkpoint
+
+    runs = _spawn(4, tmp_path, "dp2xtp2")
+    records = [rank["dp2xtp2"] for rank in runs]
+    oracle = single_process_run(records[0]["init"], STEPS)
+    _assert_equals_one_process(records, oracle)
     assert [r["sampler"] for r in records] == [{"num_replicas": 2, "rank": r // 2} for r in range(4)]
     assert all(r["tokens"] == STEPS * ROWS * SEQ and r["param_bytes"] == _param_bytes(tp=2, dp=2) for r in records)
+    resumed = {"dp4": [rank["resumed"] for rank in runs],
+               "tp2": [rank["resumed"] for rank in _spawn(2, tmp_path, "resume_dp2xtp2_at_tp2")],
+               "one": [rank["resumed"] for rank in _spawn(1, tmp_path, "resume_dp2xtp2_at_tp1")]}
+    for layout, records_after in resumed.items():
+        assert len(records_after[0]["losses"]) == STEPS - SAVE_AT, layout
+        _assert_equals_one_process(records_after, oracle, first_step=SAVE_AT)
+        assert all(r["tokens"] == STEPS * ROWS * SEQ for r in records_after), layout  # tokens_seen resumed too
+    exported = AutoModelForCausalLM.from_pretrained(export_checkpoint(tmp_path / "dp2xtp2" / "last.ckpt", tmp_path / "hf"))
+    final = records[0]["final"]
+    assert all(torch.equal(exported.state_dict()[name], weight) for name, weight in final.items())
+    assert_adam_steps_close(exported.state_dict(), oracle[1], lr_sum=LR_SUM)
 
 
 # -- setup errors --------------------------------------------------------------------------------
@@ -289,39 +332,57 @@ def test_degrees_must_multiply_to_the_world_size(degrees, match):
         strategy.setup_environment()
 
 
-@pytest.mark.parametrize("field, value", [("num_attention_heads", 5), ("num_key_value_heads", 1),
-                                           ("intermediate_size", 191), ("vocab_size", 511)])
-def test_sizes_not_divisible_by_the_degree_are_refused(field, value):
+@pytest.mark.parametrize("field, value, degree", [
+    ("num_attention_heads", 5, 2), ("num_key_value_heads", 3, 2), ("num_key_value_heads", 3, 4),
+    ("intermediate_size", 191, 2), ("vocab_size", 511, 2)])
+def test_sizes_not_divisible_by_the_degree_are_refused(field, value, degree):
     from lightning_llm.models import build_config
 
-    config = build_config("tiny")
+    config = build_config("tiny", num_attention_heads=12, num_key_value_heads=4, head_dim=16)
     setattr(config, field, value)
-    with pytest.raises(ValueError, match=rf"tensor_parallel=2 does not divide {{'{field}': {value}}}"):
-        check_divisible(config, 2)
-    check_divisible(build_config("tiny"), 2)
+    with pytest.raises(ValueError, match=rf"tensor_parallel={degree} does not divide {{'{field}': {value}}}"):
+        check_divisible(config, degree)
+    for kv_heads, degree in [(4, 2), (4, 4), (2, 4), (1, 4)]:  # kv-heads split, or replicated (a divisor of the degree)
+        check_divisible(build_config("tiny", num_attention_heads=12, num_key_value_heads=kv_heads, head_dim=16), degree)
 
 
 def test_plan_comes_from_the_hugging_face_plan():
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
     from lightning_llm.models import build_model
-    from lightning_llm.strategies.tensor import Replicated
+    from lightning_llm.strategies.tensor import RegionInput, Replicated
 
     with torch.device("meta"):
         model = build_model("tiny", vocab_size=VOCAB)
     styles = {name: type(plan_styles(model, True)[m]).__name__ for name, m in model.named_modules()
               if m in plan_styles(model, True)}
     layer = {k.split("layers.0.")[1]: v for k, v in styles.items() if "layers.0." in k}
-    assert layer == {"self_attn": "GatherSequence", "self_attn.q_proj": "ColwiseParallel",
+    assert layer == {"self_attn": "RegionInput", "self_attn.q_proj": "ColwiseParallel",
                      "self_attn.k_proj": "ColwiseParallel", "self_attn.v_proj": "ColwiseParallel",
-                     "self_attn.o_proj": "RowwiseParallel", "mlp": "GatherSequence", "mlp.gate_proj": "ColwiseParallel",
+                     "self_attn.o_proj": "RowwiseParallel", "mlp": "RegionInput", "mlp.gate_proj": "ColwiseParallel",
                      "mlp.up_proj": "ColwiseParallel", "mlp.down_proj": "RowwiseParallel",
                      "input_layernorm": "SequenceParallel", "post_attention_layernorm": "SequenceParallel"}
     assert {k: v for k, v in styles.items() if "layers." not in k} == {
         "model.embed_tokens": "RowwiseParallel", "model.norm": "SequenceParallel", "lm_head": "ColwiseParallel"}
     assert len(styles) == 3 + 11 * model.config.num_hidden_layers
     without_sp = {type(s) for s in plan_styles(model, False).values()}
-    assert without_sp == {ColwiseParallel, RowwiseParallel, Replicated}
+    assert without_sp == {ColwiseParallel, RowwiseParallel, RegionInput, Replicated}
+    # tp4 over the tiny model's 2 kv-heads: k and v replicated (one head per pair of ranks), q still split.
+    attention = model.model.layers[0].self_attn
+    at_tp4 = plan_styles(model, True, degree=4)
+    assert [type(at_tp4[m]).__name__ for m in (attention.q_proj, attention.k_proj, attention.v_proj)] == [
+        "ColwiseParallel", "KeyValueHead", "KeyValueHead"]
+
+
+def test_lora_adapters_under_tensor_parallelism_are_refused_by_name():
+    from peft import LoraConfig, get_peft_model
+
+    from lightning_llm.models import build_model
+
+    model = get_peft_model(build_model("tiny", vocab_size=VOCAB), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(NotImplementedError, match=r"self_attn\.q_proj is a Linear adapter layer \(LoRA/QLoRA\).*"
+                                                  r"issue 15.*tensor_parallel=1"):
+        plan_styles(model.base_model.model, True, degree=2)
 
 
 def test_parallel_is_a_strategy_name():

@@ -6,6 +6,9 @@
 #
 #   on every node:  NNODES=2 MASTER_ADDR=10.0.0.1 bash examples/multinode/torchrun.sh
 #   extra options go to lightning-llm fit:  ... bash examples/multinode/torchrun.sh --trainer.max_steps=1000
+#   tensor parallelism inside each node, ZeRO-3 across the nodes (mesh: data_parallel = NNODES x tensor_parallel
+#   = GPUS_PER_NODE):  ... bash examples/multinode/torchrun.sh --trainer.strategy=lightning_llm.ParallelStrategy \
+#                          --trainer.strategy.tensor_parallel=8
 #
 # RUN_DIR (checkpoints, logs, export) and the token cache must be on a filesystem every node shares:
 # every rank writes its shards of a checkpoint into one folder.

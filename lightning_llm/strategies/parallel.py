@@ -205,7 +205,8 @@ class ParallelStrategy(ZeROStrategy):
                              f"LightningModule (built in configure_model), found {[n for n, _ in causal_lms]}")
         name, causal_lm = causal_lms[0]
         check_divisible(causal_lm.config, self.tensor_parallel)
-        styles = plan_styles(causal_lm, self.sequence_parallel, prefix=f"{name}." if name else "")
+        styles = plan_styles(causal_lm, self.sequence_parallel, prefix=f"{name}." if name else "",
+                             degree=self.tensor_parallel)
         self._lm_head = causal_lm.lm_head
         if not _takes_vocab_parallel_logits(module):
             rank_zero_info(f"{type(module).__name__} is not a VocabParallelLoss: the LM head's logits are gathered "

@@ -6,6 +6,8 @@ own slice of the intermediate activations with no communication, and the project
 (o; down) are split by input row, so each rank holds a partial sum of the output that one collective
 completes. Which linear is which comes from the model's own Hugging Face tensor-parallel plan
 (`_tp_plan`, built from `config.base_model_tp_plan`), so any HF decoder that declares one splits.
+Grouped-query attention with fewer kv-heads than ranks (the degree a multiple of them) replicates each
+kv-head on the ranks whose query heads use it (`KeyValueHead`).
 
 Sequence parallelism (Korthikanti et al., 2022) shards the rest of the layer along the sequence: the
 norms and the residual stream between regions hold 1/T of the tokens. A region then starts with an
@@ -28,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -64,30 +66,39 @@ def hf_tensor_plan(causal_lm: nn.Module) -> dict[str, str]:
 
 
 def check_divisible(config: Any, degree: int) -> None:
-    """Refuse a model whose heads, kv-heads, intermediate size or vocabulary the degree does not divide."""
+    """Refuse a model whose heads, kv-heads, intermediate size or vocabulary the degree does not divide.
+
+    Fewer kv-heads than the degree is accepted when the degree is a multiple of them (grouped-query
+    attention): each kv-head is then replicated on the ranks whose query heads use it."""
+    heads = getattr(config, "num_attention_heads", None)
     sizes = {
-        "num_attention_heads": getattr(config, "num_attention_heads", None),
-        "num_key_value_heads": getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", None),
+        "num_attention_heads": heads,
+        "num_key_value_heads": getattr(config, "num_key_value_heads", None) or heads,
         "intermediate_size": getattr(config, "intermediate_size", None),
         "vocab_size": getattr(config, "vocab_size", None),
     }
-    bad = {name: size for name, size in sizes.items() if size is not None and size % degree}
+    bad = {name: size for name, size in sizes.items() if size is not None and size % degree
+           and not (name == "num_key_value_heads" and degree % size == 0)}
     if bad:
-        divisors = sorted({d for size in sizes.values() if size for d in range(1, size + 1) if all(
-            s % d == 0 for s in sizes.values() if s)})
+        divisors = sorted({d for d in range(1, max(s for s in sizes.values() if s) + 1) if all(
+            s % d == 0 or (name == "num_key_value_heads" and d % s == 0) for name, s in sizes.items() if s)})
         raise ValueError(f"tensor_parallel={degree} does not divide {bad} (each rank holds 1/{degree} of the heads, "
-                         f"kv-heads, intermediate columns and vocabulary rows); degrees that divide all of "
-                         f"{sizes}: {divisors}")
+                         f"intermediate columns and vocabulary rows, and 1/{degree} of the kv-heads or, where the degree "
+                         f"is a multiple of the kv-heads, one kv-head replicated on the ranks that use it); degrees "
+                         f"that fit all of {sizes}: {divisors}")
 
 
 def _pattern(name: str) -> str:
     return re.sub(r"(?<=\.)\d+(?=\.|$)", "*", name)
 
 
-def plan_styles(causal_lm: nn.Module, sequence_parallel: bool, prefix: str = "") -> dict[nn.Module, ParallelStyle]:
+def plan_styles(causal_lm: nn.Module, sequence_parallel: bool, prefix: str = "",
+                degree: int = 1) -> dict[nn.Module, ParallelStyle]:
     """Every module of `causal_lm` that gets a parallel style, with its style (resolved on the meta model,
-    applied unit by unit once each is materialised). `prefix`: the causal LM's name in the LightningModule."""
+    applied unit by unit once each is materialised). `prefix`: the causal LM's name in the LightningModule;
+    `degree`: the tensor-parallel degree (a degree above the kv-heads replicates them, see `KeyValueHead`)."""
     plan = hf_tensor_plan(causal_lm)
+    kv_heads = getattr(causal_lm.config, "num_key_value_heads", None)
     residual = Shard(1) if sequence_parallel else Replicate()
     styles: dict[nn.Module, ParallelStyle] = {}
     regions: set[nn.Module] = set()
@@ -102,18 +113,25 @@ def plan_styles(causal_lm: nn.Module, sequence_parallel: bool, prefix: str = "")
             styles[module] = RowwiseParallel(input_layouts=Replicate(), output_layouts=residual,
                                               use_local_output=not sequence_parallel)
             continue
+        if hasattr(module, "base_layer"):  # a peft tuner layer (LoRA, QLoRA) wrapping the planned linear
+            raise NotImplementedError(f"{prefix}{name} is a {type(module).__name__} adapter layer (LoRA/QLoRA): adapters "
+                                      f"are not placed under tensor parallelism yet ({ISSUE}); train them with "
+                                      "tensor_parallel=1 (ZeRO shards the frozen base over every rank)")
         if not isinstance(module, nn.Linear):
-            raise NotImplementedError(f"{prefix}{name}: plan style {style!r} on a {type(module).__name__} (an adapter "
-                                      "or quantised layer?); tensor parallelism splits nn.Linear only")
+            raise NotImplementedError(f"{prefix}{name}: plan style {style!r} on a {type(module).__name__} (a quantised "
+                                      "layer?); tensor parallelism splits nn.Linear only")
         if style == "colwise_gather_output":  # the LM head: logits stay split over the vocabulary
             styles[module] = ColwiseParallel(input_layouts=residual, output_layouts=Shard(-1), use_local_output=False)
         elif style == "colwise":
+            parent = modules[name.rpartition(".")[0]]
             styles[module] = ColwiseParallel()
-            regions.add(modules[name.rpartition(".")[0]])
+            if kv_heads and kv_heads % degree and module.out_features == kv_heads * getattr(parent, "head_dim", 0):
+                styles[module] = KeyValueHead(parent, kv_heads)
+            regions.add(parent)
         else:
             styles[module] = RowwiseParallel(output_layouts=residual, use_local_output=not sequence_parallel)
-    for region in regions if sequence_parallel else ():
-        styles[region] = GatherSequence()
+    for region in regions:
+        styles[region] = RegionInput(sequence_parallel)
     # The norms on the residual stream: the decoder layers' other children, and the final norm.
     layers = {parent for parent in modules.values() if any(c in regions for c in parent.children())}
     base = getattr(causal_lm, getattr(causal_lm, "base_model_prefix", "model"), None)
@@ -127,20 +145,71 @@ def plan_styles(causal_lm: nn.Module, sequence_parallel: bool, prefix: str = "")
     return styles
 
 
-class GatherSequence(ParallelStyle):
-    """The entry of a tensor-parallel region under sequence parallelism: the residual stream's sequence
-    shards (a `DTensor`, `Shard(1)`) are all-gathered into the whole sequence, handed to the region as a
-    plain tensor. Hand-written rather than torch's `PrepareModuleInput`, which needs the input either
-    positional or keyword: transformers calls attention with `hidden_states=` and the MLP positionally."""
+class RegionInput(ParallelStyle):
+    """The entry of a tensor-parallel region (attention, MLP): its input becomes one replicated `DTensor`
+    that every column-split projection of the region takes as it is. Backward then adds the projections'
+    partial input gradients locally and completes the sum with one collective per region, Megatron's
+    "f": an all-reduce, or under sequence parallelism the reduce-scatter that undoes the region's
+    all-gather of the sequence shards. (torch's ColwiseParallel given a plain tensor wraps it itself,
+    once per projection: q, k, v, gate and up would each all-reduce their input gradient, 5 collectives
+    per layer in backward where 2 complete the same sums; see benchmarks/parallel.py.)
+    Hand-written rather than torch's `PrepareModuleInput`, which needs the input either positional or
+    keyword: transformers calls attention with `hidden_states=` and the MLP positionally."""
+
+    def __init__(self, sequence_parallel: bool) -> None:
+        super().__init__()
+        self.sequence_parallel = sequence_parallel
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        def gather(m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            if args:
-                return (_whole_sequence(args[0]), *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": _whole_sequence(kwargs["hidden_states"])}
+        def enter(x: torch.Tensor) -> DTensor:
+            if not self.sequence_parallel:
+                return DTensor.from_local(x, device_mesh, [Replicate()], run_check=False)
+            if not isinstance(x, DTensor):
+                raise TypeError(f"sequence parallelism: a tensor-parallel region got a {type(x).__name__}, expected "
+                                "the sequence-sharded residual stream (a DTensor)")
+            return x.redistribute(placements=[Replicate()])
 
-        module.register_forward_pre_hook(gather, with_kwargs=True)
+        def hook(m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            if args:
+                return (enter(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": enter(kwargs["hidden_states"])}
+
+        module.register_forward_pre_hook(hook, with_kwargs=True)
         return module
+
+
+class KeyValueHead(ParallelStyle):
+    """A key or value projection of grouped-query attention whose kv-heads are fewer than the tensor-parallel
+    degree T (T a multiple of them, K): rank r's query heads all use kv-head r // (T / K), so each rank
+    computes the whole projection (weight replicated over the group) and keeps that head's columns.
+
+    The gradients that come back cover only the kept head, so they are partial sums over the group: the
+    output is handed out with `Partial` gradient placements, which makes the weight's gradient a partial
+    sum that the gradient reduction completes (FSDP2 redistributes it to the weight's `Replicate`) and the
+    input's an all-reduced one (`from_local`'s backward), as the column-split projections beside it get.
+    The attention module is told its new query-heads-per-kv-head (`num_key_value_groups`, read by
+    transformers' attention functions to repeat the kv-heads). The simplest correct layout: it costs the
+    whole K x head_dim projection on every rank (small beside the T-split query and MLP projections)."""
+
+    def __init__(self, attention: nn.Module, kv_heads: int) -> None:
+        super().__init__()
+        self.attention, self.kv_heads = attention, kv_heads
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        degree, rank = device_mesh.size(), device_mesh.get_local_rank()
+        head, width = rank // (degree // self.kv_heads), module.out_features // self.kv_heads
+        self.attention.num_key_value_groups = self.attention.config.num_attention_heads // degree
+
+        def replicate(m: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:  # `RegionInput` made it a DTensor
+            if not isinstance(inputs[0], DTensor):
+                raise TypeError(f"{type(m).__name__} of replicated kv-heads got a {type(inputs[0]).__name__}, "
+                                "expected the tensor-parallel region's replicated DTensor input")
+            return inputs
+
+        def keep_head(m: nn.Module, out: DTensor, mesh: DeviceMesh) -> torch.Tensor:
+            return out.to_local(grad_placements=[Partial()]).narrow(-1, head * width, width)
+
+        return distribute_module(module, device_mesh, input_fn=replicate, output_fn=keep_head)
 
 
 class Replicated(ParallelStyle):
@@ -155,13 +224,6 @@ class Replicated(ParallelStyle):
                          if isinstance(x, torch.Tensor) and not isinstance(x, DTensor) else x for x in inputs)
 
         return distribute_module(module, device_mesh, input_fn=replicate, output_fn=lambda m, out, mesh: out.to_local())
-
-
-def _whole_sequence(x: torch.Tensor) -> torch.Tensor:
-    if not isinstance(x, DTensor):
-        raise TypeError(f"sequence parallelism: a tensor-parallel region got a {type(x).__name__}, expected the "
-                        "sequence-sharded residual stream (a DTensor)")
-    return x.redistribute(placements=[Replicate()]).to_local()
 
 
 def apply_styles(members: list[nn.Module], styles: dict[nn.Module, ParallelStyle], mesh: DeviceMesh) -> None:
