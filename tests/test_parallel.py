@@ -263,7 +263,8 @@ def test_dp2_x_tp2_equals_one_process(tmp_path):
     (dict(data_parallel="two"), ValueError, r"data_parallel': 'two'"),
     (dict(pipeline_parallel=2), NotImplementedError, r"pipeline_parallel=2.*issue 15"),
     (dict(context_parallel=2), NotImplementedError, r"context_parallel=2"),
-    (dict(expert_parallel=2), NotImplementedError, r"expert_parallel=2"),
+    (dict(expert_parallel=2, tensor_parallel=2), NotImplementedError, r"expert_parallel=2 with tensor_parallel=2"),
+    (dict(expert_parallel=2, zero_stage=1), NotImplementedError, r"expert_parallel=2 with .*zero_stage=1"),
     (dict(zero_stage=4), ValueError, r"zero_stage must be one of \(1, 2, 3\), got 4"),
     (dict(zero_stage=1, tensor_parallel=2), NotImplementedError, r"zero_stage=1 with tensor_parallel=2"),
 ])

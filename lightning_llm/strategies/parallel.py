@@ -12,8 +12,10 @@ sequence parallelism over `tensor_parallel` (strategies/tensor.py) and sharded b
 order, TP before FSDP. Ranks of one tensor-parallel group see the same batch: the distributed sampler
 and the module's data-parallel arithmetic are given the data-parallel coordinate only.
 
-Pipeline, context and expert parallelism are dimensions of the same mesh still to come (issue 15 and
-the issues that follow it); asking for them is refused.
+Expert parallelism borrows the data-parallel ranks (expert_parallel = data_parallel: each rank holds
+1/N of the experts and its own batch; tokens reach the experts by all-to-all): strategies/expert.py.
+Pipeline and context parallelism are dimensions of the same mesh still to come (issue 15 and the issues
+that follow it); asking for them is refused.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from torch.distributed.tensor.parallel import ParallelStyle, loss_parallel
 from torch.optim import Optimizer
 
 from lightning_llm.protocols import VocabParallelLoss
+from lightning_llm.strategies.expert import plan_experts, shard_experts
 from lightning_llm.strategies.tensor import ISSUE, apply_styles, check_divisible, gather_logits_unless, plan_styles
 from lightning_llm.strategies.zero import STAGES, ZeROStrategy, _is_hf_model
 
@@ -47,7 +50,9 @@ class ParallelStrategy(ZeROStrategy):
         data_parallel: the data-parallel degree; "auto": the world size divided by the other degrees.
         tensor_parallel: the tensor-parallel degree (Megatron's column/row split of attention and MLP,
             read from the model's Hugging Face plan; LM head and cross-entropy split over the vocabulary).
-        pipeline_parallel, context_parallel, expert_parallel: 1 (the other degrees are not built yet).
+        expert_parallel: the experts of each mixture-of-experts layer split over this many ranks, which are
+            the data-parallel ranks (so it must equal data_parallel; see strategies/expert.py).
+        pipeline_parallel, context_parallel: 1 (not built yet).
         zero_stage: ZeRO over the data-parallel dimension: 2 shards gradients and optimizer state,
             3 also the parameters; 1 (optimizer state only) needs tensor_parallel=1.
         sequence_parallel: with tensor_parallel > 1, shard norms and the residual stream along the sequence
@@ -79,7 +84,7 @@ class ParallelStrategy(ZeROStrategy):
         bad = {k: v for k, v in degrees.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1}
         if bad:
             raise ValueError(f"parallel degrees must be integers >= 1 (data_parallel may be 'auto'), got {bad}")
-        later = {k: v for k, v in degrees.items() if k in ("pipeline_parallel", "context_parallel", "expert_parallel") and v > 1}
+        later = {k: v for k, v in degrees.items() if k in ("pipeline_parallel", "context_parallel") and v > 1}
         if later:
             raise NotImplementedError(f"ParallelStrategy({', '.join(f'{k}={v}' for k, v in later.items())}): not built "
                                       f"yet, see {ISSUE}; use PipelineStrategy for pipeline parallelism alone")
@@ -90,12 +95,19 @@ class ParallelStrategy(ZeROStrategy):
                                       "parameters through DistributedDataParallel, which does not take tensor-parallel "
                                       "(DTensor) parameters; use zero_stage=2 (the same memory for the optimizer state "
                                       "and gradients, less for gradients)")
+        if expert_parallel > 1 and (tensor_parallel > 1 or zero_stage == 1):
+            raise NotImplementedError(f"expert_parallel={expert_parallel} with tensor_parallel={tensor_parallel}, "
+                                      f"zero_stage={zero_stage}: expert parallelism runs with tensor_parallel=1 and "
+                                      "zero_stage 2 or 3 (stage 1's DistributedDataParallel would average the "
+                                      "different experts of different ranks)")
         super().__init__(zero_stage, cpu_offload=cpu_offload, wrap=wrap, activation_checkpointing=activation_checkpointing,
                          empty_init=empty_init, process_group_backend=process_group_backend, timeout=timeout)
         self.data_parallel = data_parallel
         self.tensor_parallel = tensor_parallel
+        self.expert_parallel = expert_parallel
         self.sequence_parallel = sequence_parallel
         self._styles: dict[nn.Module, ParallelStyle] = {}
+        self._experts: dict[nn.Module, list[str]] = {}
         self._lm_head: nn.Module | None = None
         self._vocab_parallel_active = False
 
@@ -108,6 +120,10 @@ class ParallelStrategy(ZeROStrategy):
             raise ValueError(f"data_parallel={self.data_parallel} x tensor_parallel={self.tensor_parallel} must equal the "
                              f"world size {self.world_size} (nodes x devices); with data_parallel='auto' the world size "
                              "must be a multiple of the other degrees")
+        if self.expert_parallel > 1 and self.expert_parallel != data:
+            raise ValueError(f"expert_parallel={self.expert_parallel} must equal the data-parallel degree {data}: the "
+                             "expert-parallel ranks are the data-parallel ones (each holds its own batch and "
+                             f"1/{data} of the experts)")
         self._device_mesh = init_device_mesh(self.root_device.type, (data, self.tensor_parallel), mesh_dim_names=MESH_DIMS)
         self.lightning_module._device_mesh = self._device_mesh
 
@@ -133,14 +149,20 @@ class ParallelStrategy(ZeROStrategy):
     def setup(self, trainer: Trainer) -> None:
         if self.tensor_parallel > 1:
             self._styles = self._tensor_parallel_styles(self.lightning_module)
+        if self.expert_parallel > 1:
+            self._experts = plan_experts(self._causal_lm(f"expert_parallel={self.expert_parallel}")[1], self.expert_parallel)
         super().setup(trainer)
 
-    def _tensor_parallel_styles(self, module: nn.Module) -> dict[nn.Module, ParallelStyle]:
+    def _causal_lm(self, what: str) -> tuple[str, nn.Module]:
+        module = self.lightning_module
         causal_lms = [(name, m) for name, m in module.named_modules() if _is_hf_model(m) and hasattr(m, "lm_head")]
         if len(causal_lms) != 1:
-            raise ValueError(f"tensor_parallel={self.tensor_parallel} needs exactly one Hugging Face causal LM in the "
-                             f"LightningModule (built in configure_model), found {[n for n, _ in causal_lms]}")
-        name, causal_lm = causal_lms[0]
+            raise ValueError(f"{what} needs exactly one Hugging Face causal LM in the LightningModule (built in "
+                             f"configure_model), found {[n for n, _ in causal_lms]}")
+        return causal_lms[0]
+
+    def _tensor_parallel_styles(self, module: nn.Module) -> dict[nn.Module, ParallelStyle]:
+        name, causal_lm = self._causal_lm(f"tensor_parallel={self.tensor_parallel}")
         check_divisible(causal_lm.config, self.tensor_parallel)
         styles = plan_styles(causal_lm, self.sequence_parallel, prefix=f"{name}." if name else "")
         self._lm_head = causal_lm.lm_head
@@ -151,6 +173,7 @@ class ParallelStrategy(ZeROStrategy):
 
     def _parallelize(self, members: list[nn.Module]) -> None:
         apply_styles(members, self._styles, self.device_mesh["tensor_parallel"])
+        shard_experts(members, self._experts, self._data_mesh())
         if any(m is self._lm_head for m in members):  # after its style's own output hook, which makes the logits a DTensor
             self._lm_head.register_forward_hook(gather_logits_unless(lambda: self._vocab_parallel_active))
 
@@ -181,7 +204,7 @@ class ParallelStrategy(ZeROStrategy):
             return super().backward(closure_loss, optimizer, *args, **kwargs)
 
     def teardown(self) -> None:
-        self._styles, self._lm_head = {}, None
+        self._styles, self._lm_head, self._experts = {}, None, {}
         super().teardown()
 
 
