@@ -114,9 +114,10 @@ class ExpertDispatch:
         """The experts' own forward on `rows`, each row for one (local) expert with weight 1."""
         with self._local_weights():
             if rows.shape[0] == 0:
-                # Keep an empty batch connected to the weights, so every rank's experts get a (zero) gradient
-                # and the collectives of clipping and the optimizer step see the same tensors on every rank.
-                dummy = rows.new_zeros(1, rows.shape[-1])
+                # Keep an empty batch connected to the weights and to the rows (a zero row summed from them), so
+                # every rank's experts get a (zero) gradient and the reverse all-to-all runs in backward on every
+                # rank: the collectives of backward, clipping and the optimizer step must match across ranks.
+                dummy = rows.sum(dim=0, keepdim=True)
                 out = self.expert_forward(dummy, expert_ids.new_zeros(1, 1), rows.new_ones(1, 1))
                 return out[:0]
             return self.expert_forward(rows, expert_ids.unsqueeze(-1), rows.new_ones(rows.shape[0], 1))

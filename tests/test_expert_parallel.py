@@ -102,6 +102,8 @@ def _worker(rank: int, world: int, port: int, out: str, job: str) -> None:
     out = Path(out)
     record = _fit(world, rank, out, ckpt=str(out / f"step={SAVE_AT}.ckpt") if job == "resume" else None)
     torch.save(record, out / f"{job}-rank{rank}.pt")
+    if job == "train":
+        _dispatch_grads(rank, world, out)
 
 
 def _spawn(world: int, out: Path, job: str) -> list[dict]:
@@ -158,7 +160,7 @@ LR_SUM = STEPS * HP["lr"]  # the warm-up and cosine steps are at most HP["lr"] e
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("expert_parallel")
-    return {"ep2": _spawn(2, out, "train"), "one": _spawn(1, out, "resume")[0]}
+    return {"ep2": _spawn(2, out, "train"), "one": _spawn(1, out, "resume")[0], "out": out}
 
 
 def test_ep2_equals_one_process(runs):
@@ -275,3 +277,57 @@ def test_expert_parallel_must_equal_the_data_parallel_degree():
     strategy.cluster_environment = type("Env", (), {"world_size": lambda self: 4})()
     with pytest.raises(ValueError, match=r"expert_parallel=2 must equal the data-parallel degree 4"):
         strategy.setup_environment()
+
+
+# -- the dispatch alone, on another shape: gradients, and a rank whose experts get no token ---------------
+
+SHAPE = dict(vocab_size=96, num_experts=6, num_experts_per_tok=3, hidden_size=40, moe_intermediate_size=24,
+             num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
+
+
+def _route_to_rank_zero(model) -> None:
+    """Layer 1 sends every route to experts 0-2 (rank 0's at ep2): rank 1's experts get no rows."""
+    model.model.layers[1].mlp.gate.register_forward_hook(lambda m, args, out: (out[0], out[1], out[2] % 3))
+
+
+def _dispatch_grads(rank: int, world: int, out: Path) -> None:
+    """Run in the processes of the ep2 job after training (their process group still up)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lightning_llm.models import build_model
+    from lightning_llm.strategies.expert import plan_experts, shard_experts
+
+    torch.manual_seed(0)  # the same model on both ranks (the experts are then rank 0's: the same again)
+    model = build_model("tiny-moe", **SHAPE)
+    _route_to_rank_zero(model)
+    shard_experts(list(model.modules()), plan_experts(model, world), init_device_mesh("cpu", (world,)))
+    tokens = torch.randint(0, 96, (4, 13), generator=torch.Generator().manual_seed(1)).chunk(world)[rank]
+    logits = model(input_ids=tokens[:, :-1]).logits
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+    loss.backward()
+    received = [d.tokens_per_expert for d in dispatches(model)]
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if ".experts." in n}
+    torch.save({"loss": loss.item(), "grads": grads, "received": received}, out / f"grads-rank{rank}.pt")
+
+
+def test_dispatch_gradients_equal_one_process_on_another_shape(runs):
+    from lightning_llm.models import build_model
+
+    ranks = [torch.load(runs["out"] / f"grads-rank{r}.pt") for r in range(2)]
+    torch.manual_seed(0)
+    model = build_model("tiny-moe", **SHAPE)
+    _route_to_rank_zero(model)
+    tokens = torch.randint(0, 96, (4, 13), generator=torch.Generator().manual_seed(1))
+    halves_loss = [torch.nn.functional.cross_entropy(model(input_ids=h[:, :-1]).logits.flatten(0, 1), h[:, 1:].flatten())
+                   for h in tokens.chunk(2)]
+    (sum(halves_loss) / 2).backward()  # the mean of the ranks' losses, as data parallelism averages
+    assert sum(r["received"][1][3:].sum() for r in ranks) == 0  # layer 1: nothing for rank 1's experts
+    for r, expected in zip(ranks, halves_loss, strict=True):
+        assert r["loss"] == pytest.approx(expected.item(), rel=2 * reordered_sum_rtol(torch.float32, 96))
+    for name, p in model.named_parameters():
+        if ".experts." in name:
+            # an expert's gradient sums over the 48 tokens x 3 routes of the global batch, in another order
+            # on each rank; the rest of each element's arithmetic is the same
+            bound = reordered_sum_rtol(torch.float32, 48 * 3) * p.grad.abs().max().item() + 1e-12
+            torch.testing.assert_close(ranks[0]["grads"][name], p.grad, rtol=0, atol=bound)
+            assert torch.equal(ranks[0]["grads"][name], ranks[1]["grads"][name])
