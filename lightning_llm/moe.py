@@ -38,7 +38,7 @@ class ExpertDispatch:
 
     Attributes measured at each forward (for logs and benchmarks): `dropped_fraction` (pairs dropped
     by the capacity / all pairs), `sent_rows` (pairs sent to another rank), `tokens_per_expert`
-    (pairs each global expert received, after drops).
+    (pairs of this rank's tokens routed to each global expert, after drops).
     """
 
     def __init__(self, experts: nn.Module, capacity_factor: float | None = None) -> None:
