@@ -205,6 +205,18 @@ def test_ep2_checkpoint_resumes_on_one_process(runs):
     assert_adam_steps_close(runs["one"]["final"], runs["ep2"][0]["final"], lr_sum=LR_SUM)
 
 
+def test_ep2_checkpoint_exports_the_whole_experts(runs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lightning_llm.export import export_checkpoint
+
+    final = runs["ep2"][0]["final"]
+    exported = AutoModelForCausalLM.from_pretrained(export_checkpoint(runs["out"] / f"step={STEPS}.ckpt", tmp_path / "hf"))
+    state = exported.state_dict()
+    assert state["model.layers.0.mlp.experts.gate_up_proj"].shape[0] == 4  # all experts, joined from both ranks
+    assert all(torch.equal(state[name], weight) for name, weight in final.items())
+
+
 # -- capacity factor ----------------------------------------------------------------------------------
 
 
