@@ -309,7 +309,9 @@ def test_dp2_x_tp2_equals_one_process_and_resumes_on_every_layout(tmp_path):
     (dict(pipeline_parallel=2, microbatches=1), ValueError,
      r"microbatches=1 with schedule='1f1b' and pipeline_parallel=2: .* use microbatches >= 2"),
     (dict(context_parallel=2), NotImplementedError, r"context_parallel=2"),
-    (dict(expert_parallel=2), NotImplementedError, r"expert_parallel=2"),
+    (dict(expert_parallel=2, tensor_parallel=2), NotImplementedError, r"expert_parallel=2 with tensor_parallel=2"),
+    (dict(expert_parallel=2, zero_stage=1), NotImplementedError, r"expert_parallel=2 with .*zero_stage=1"),
+    (dict(expert_parallel=2, pipeline_parallel=2), NotImplementedError, r"expert_parallel=2 with pipeline_parallel=2"),
     (dict(zero_stage=4), ValueError, r"zero_stage must be one of \(1, 2, 3\), got 4"),
     (dict(zero_stage=1, tensor_parallel=2), NotImplementedError, r"zero_stage=1 with tensor_parallel=2"),
 ])

@@ -29,6 +29,7 @@ from lightning_llm.compile import CompileOption, compile_blocks, compile_options
 from lightning_llm.data.pretrain import check_block_fits
 from lightning_llm.divergence import DivergenceGuard
 from lightning_llm.models import build_config, build_model, has_weights
+from lightning_llm.moe import check_capacity_factor, dispatches, use_capacity
 from lightning_llm.modules.router import expert_token_counts, load_balancing_loss, router_z_loss
 from lightning_llm.protocols import local_loss
 from lightning_llm.scaling import moe_shape
@@ -101,6 +102,9 @@ class PretrainModule(LightningModule):
         router_aux_loss_coef: weight of the load-balancing loss of a mixture-of-experts model
             (`modules.router.load_balancing_loss`, 1.0 when balanced); ignored by a dense model.
         router_z_loss_coef: weight of the router z-loss (`modules.router.router_z_loss`).
+        capacity_factor: a mixture of experts' expert capacity, as a multiple of its even share of a
+            rank's (token, expert) pairs; the pairs past it are dropped (`lightning_llm.moe`) and the
+            dropped fraction is logged. None: dropless, every pair computed.
         loss_chunk_size: compute the output projection and the loss this many tokens at a time, never
             holding the full logits (`chunked_loss`); 0 or None computes the model's logits whole.
             Refused, before training, where the loss is not computed here from the head (a pipeline,
@@ -128,6 +132,7 @@ class PretrainModule(LightningModule):
         max_nonfinite_skips: int = 16,
         router_aux_loss_coef: float = 0.01,
         router_z_loss_coef: float = 0.001,
+        capacity_factor: float | None = None,
         loss_chunk_size: int | None = 0,
     ) -> None:
         super().__init__()
@@ -135,6 +140,7 @@ class PretrainModule(LightningModule):
         if not (router_aux_loss_coef >= 0 and router_z_loss_coef >= 0):
             raise ValueError(f"router_aux_loss_coef and router_z_loss_coef must be >= 0 (0 turns a term off), "
                              f"got {router_aux_loss_coef}, {router_z_loss_coef}")
+        check_capacity_factor(capacity_factor)
         if loss_chunk_size is not None and (isinstance(loss_chunk_size, bool) or loss_chunk_size < 0):
             raise ValueError(f"loss_chunk_size must be a number of tokens >= 1, or 0/None for the plain loss; got {loss_chunk_size!r}")
         if not lr > 0:
@@ -171,6 +177,11 @@ class PretrainModule(LightningModule):
         # `from_pretrained` returns a model in eval mode; training starts from train mode (dropout).
         self.model = self.build_hf_model(**load_kwargs).train()
         self._check_data_fits()
+        if self.hparams.capacity_factor is not None:
+            if moe_shape(self.model.config) is None:
+                raise ValueError(f"capacity_factor={self.hparams.capacity_factor} applies to a mixture-of-experts "
+                                 f"model; {self.hparams.model!r} is dense: leave capacity_factor=None")
+            use_capacity(self.model, self.hparams.capacity_factor)
         # Callbacks that change the model (LoRA, QLoRA) do it here: after it is built, before a
         # strategy shards it and before the optimizer sees its parameters.
         for callback in self.trainer.callbacks if self._trainer is not None else []:
@@ -271,6 +282,9 @@ class PretrainModule(LightningModule):
             counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
         self.log("train/router_aux_loss", aux.detach())
         self.log("train/router_z_loss", z.detach())
+        if hp.capacity_factor is not None:
+            dropped = torch.stack([d.dropped_fraction for d in dispatches(self.model)]).mean().to(counts.device)
+            self.log("train/dropped_fraction", self.trainer.strategy.reduce(dropped) if self._data_parallel_size() > 1 else dropped)
         for layer, row in enumerate(counts):
             for expert, count in enumerate(row):
                 self.log(f"train/expert_tokens/layer{layer}/expert{expert}", count)

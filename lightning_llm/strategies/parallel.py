@@ -17,8 +17,10 @@ micro-batch's backward). Ranks of one tensor-parallel group and of one pipeline 
 the distributed sampler and the module's data-parallel arithmetic are given the data-parallel
 coordinate only.
 
-Context and expert parallelism are dimensions of the same mesh still to come (the issues that follow
-issue 15); asking for them is refused, as is a pipeline with ZeRO-1.
+Expert parallelism borrows the data-parallel ranks (expert_parallel = data_parallel: each rank holds
+1/N of the experts and its own batch; tokens reach the experts by all-to-all): strategies/expert.py.
+Context parallelism is a dimension of the same mesh still to come; asking for it is refused, as are a
+pipeline with ZeRO-1 and expert parallelism with a pipeline or tensor parallelism.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from torch.optim import Optimizer
 
 from lightning_llm.protocols import VocabParallelLoss
 from lightning_llm.strategies.pipeline import Pipeline, tied_groups
+from lightning_llm.strategies.expert import plan_experts, shard_experts
 from lightning_llm.strategies.tensor import ISSUE, apply_styles, check_divisible, gather_logits_unless, plan_styles
 from lightning_llm.strategies.zero import STAGES, ZeROStrategy, _is_hf_model
 
@@ -61,7 +64,9 @@ class ParallelStrategy(ZeROStrategy):
         pipeline_parallel: pipeline stages (ranks) p: the decoder layers are cut into p contiguous stages
             (embedding on the first, final norm and LM head on the last) and each batch streams through
             them as micro-batches (see `PipelineStrategy` for what the module must provide).
-        context_parallel, expert_parallel: 1 (the other degrees are not built yet).
+        expert_parallel: the experts of each mixture-of-experts layer split over this many ranks, which are
+            the data-parallel ranks (so it must equal data_parallel; see strategies/expert.py).
+        context_parallel: 1 (not built yet).
         zero_stage: ZeRO over the data-parallel dimension: 2 shards gradients and optimizer state,
             3 also the parameters; 1 (optimizer state only) needs tensor_parallel=1 and pipeline_parallel=1.
         sequence_parallel: with tensor_parallel > 1, shard norms and the residual stream along the sequence
@@ -99,7 +104,7 @@ class ParallelStrategy(ZeROStrategy):
         bad = {k: v for k, v in degrees.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1}
         if bad:
             raise ValueError(f"parallel degrees must be integers >= 1 (data_parallel may be 'auto'), got {bad}")
-        later = {k: v for k, v in degrees.items() if k in ("context_parallel", "expert_parallel") and v > 1}
+        later = {k: v for k, v in degrees.items() if k == "context_parallel" and v > 1}
         if later:
             raise NotImplementedError(f"ParallelStrategy({', '.join(f'{k}={v}' for k, v in later.items())}): not built "
                                       f"yet, see {ISSUE}")
@@ -122,13 +127,23 @@ class ParallelStrategy(ZeROStrategy):
         # The pipeline's own arguments are checked here too (before any process starts); defaults as PipelineStrategy's.
         self._pipeline = Pipeline(pipeline_parallel, 4 if microbatches is None else microbatches, schedule or "1f1b",
                                   stages_per_rank, split_points, degree="pipeline_parallel") if pipeline_parallel > 1 else None
+        if expert_parallel > 1 and (tensor_parallel > 1 or zero_stage == 1):
+            raise NotImplementedError(f"expert_parallel={expert_parallel} with tensor_parallel={tensor_parallel}, "
+                                      f"zero_stage={zero_stage}: expert parallelism runs with tensor_parallel=1 and "
+                                      "zero_stage 2 or 3 (stage 1's DistributedDataParallel would average the "
+                                      "different experts of different ranks)")
+        if expert_parallel > 1 and pipeline_parallel > 1:
+            raise NotImplementedError(f"expert_parallel={expert_parallel} with pipeline_parallel={pipeline_parallel}: "
+                                      "not built yet; expert parallelism runs with pipeline_parallel=1")
         super().__init__(zero_stage, cpu_offload=cpu_offload, wrap=wrap, activation_checkpointing=activation_checkpointing,
                          empty_init=empty_init, process_group_backend=process_group_backend, timeout=timeout)
         self.data_parallel = data_parallel
         self.tensor_parallel = tensor_parallel
         self.pipeline_parallel = pipeline_parallel
+        self.expert_parallel = expert_parallel
         self.sequence_parallel = sequence_parallel
         self._styles: dict[nn.Module, ParallelStyle] = {}
+        self._experts: dict[nn.Module, list[str]] = {}
         self._lm_head: nn.Module | None = None
         self._vocab_parallel_active = False
 
@@ -143,6 +158,10 @@ class ParallelStrategy(ZeROStrategy):
                              f"tensor_parallel={self.tensor_parallel} must equal the world size {self.world_size} "
                              "(nodes x devices); with data_parallel='auto' the world size must be a multiple of "
                              f"the other degrees' product {others}")
+        if self.expert_parallel > 1 and self.expert_parallel != data:
+            raise ValueError(f"expert_parallel={self.expert_parallel} must equal the data-parallel degree {data}: the "
+                             "expert-parallel ranks are the data-parallel ones (each holds its own batch and "
+                             f"1/{data} of the experts)")
         mesh = init_device_mesh(self.root_device.type, (self.pipeline_parallel, data, self.tensor_parallel),
                                 mesh_dim_names=MESH_DIMS)
         self._device_mesh = mesh
@@ -179,6 +198,8 @@ class ParallelStrategy(ZeROStrategy):
             self._styles = self._tensor_parallel_styles(self.lightning_module)
         if self._pipeline is not None:  # then the stages: only this rank's are ever materialised
             self._pipeline.split(self.lightning_module)
+        if self.expert_parallel > 1:
+            self._experts = plan_experts(self._causal_lm(f"expert_parallel={self.expert_parallel}")[1], self.expert_parallel)
         super().setup(trainer)
         if self._pipeline is not None:
             self._pipeline.make_clipping_global()
@@ -198,12 +219,16 @@ class ParallelStrategy(ZeROStrategy):
                                  f"outside the causal LM's stages, which no stage would train: {outside}")
             self._pipeline.broadcast_tied()
 
-    def _tensor_parallel_styles(self, module: nn.Module) -> dict[nn.Module, ParallelStyle]:
+    def _causal_lm(self, what: str) -> tuple[str, nn.Module]:
+        module = self.lightning_module
         causal_lms = [(name, m) for name, m in module.named_modules() if _is_hf_model(m) and hasattr(m, "lm_head")]
         if len(causal_lms) != 1:
-            raise ValueError(f"tensor_parallel={self.tensor_parallel} needs exactly one Hugging Face causal LM in the "
-                             f"LightningModule (built in configure_model), found {[n for n, _ in causal_lms]}")
-        name, causal_lm = causal_lms[0]
+            raise ValueError(f"{what} needs exactly one Hugging Face causal LM in the LightningModule (built in "
+                             f"configure_model), found {[n for n, _ in causal_lms]}")
+        return causal_lms[0]
+
+    def _tensor_parallel_styles(self, module: nn.Module) -> dict[nn.Module, ParallelStyle]:
+        name, causal_lm = self._causal_lm(f"tensor_parallel={self.tensor_parallel}")
         check_divisible(causal_lm.config, self.tensor_parallel)
         styles = plan_styles(causal_lm, self.sequence_parallel, prefix=f"{name}." if name else "",
                              degree=self.tensor_parallel)
@@ -215,6 +240,7 @@ class ParallelStrategy(ZeROStrategy):
 
     def _parallelize(self, members: list[nn.Module]) -> None:
         apply_styles(members, self._styles, self.device_mesh["tensor_parallel"])
+        shard_experts(members, self._experts, self._data_mesh())
         if any(m is self._lm_head for m in members):  # after its style's own output hook, which makes the logits a DTensor
             self._lm_head.register_forward_hook(gather_logits_unless(lambda: self._vocab_parallel_active))
 
@@ -283,7 +309,7 @@ class ParallelStrategy(ZeROStrategy):
         return self._pipeline.join_stages(local)
 
     def teardown(self) -> None:
-        self._styles, self._lm_head = {}, None
+        self._styles, self._lm_head, self._experts = {}, None, {}
         if self._pipeline is not None:
             self._pipeline.teardown()
         super().teardown()

@@ -185,7 +185,8 @@ class ZeROStrategy(ModelParallelStrategy):
             members = _members(unit, done)
             _materialize(module, members, self.root_device)
             self._parallelize(members)
-            fully_shard(unit, mesh=self._data_mesh(), reshard_after_forward=self.stage == 3, offload_policy=offload)
+            fully_shard(unit, mesh=self._data_mesh(), reshard_after_forward=self.stage == 3, offload_policy=offload,
+                        ignored_params=_split_over(members, self._data_mesh()) or None)
             done.add(unit)
 
     def _sharding_roots(self, module: nn.Module) -> list[nn.Module]:
@@ -433,6 +434,12 @@ def _unwrap(optimizer: Optimizer) -> Optimizer:
 def _is_hf_model(module: nn.Module) -> bool:
     # Duck-typed so that strategies/ does not import transformers: a PreTrainedModel has both.
     return hasattr(module, "_no_split_modules") and callable(getattr(module, "_init_weights", None))
+
+
+def _split_over(members: list[nn.Module], mesh: DeviceMesh) -> set[nn.Parameter]:
+    """Parameters of `members` that another parallelism has already split over `mesh` (expert parallelism's
+    experts, `DTensor`s on the data-parallel mesh): ZeRO leaves them as they are."""
+    return {p for m in members for p in m.parameters(recurse=False) if isinstance(p, DTensor) and p.device_mesh == mesh}
 
 
 def _members(unit: nn.Module, done: set[nn.Module]) -> list[nn.Module]:
