@@ -97,6 +97,12 @@ def test_backward_with_an_external_lse_adds_up_over_blocks_of_keys():
     close_to(grads[0][0] + grads[1][0], dq_ref, 48, "dQ summed over the blocks")
     close_to(torch.cat([grads[0][1], grads[1][1]], dim=2), dk_ref, 24 * 2, "dK")
     close_to(torch.cat([grads[0][2], grads[1][2]], dim=2), dv_ref, 24 * 2, "dV")
+    # A block of queries too, whose O and lse are slices of the whole's (strided views, as ring attention's
+    # second query chunk): its rows of dQ.
+    rows = slice(10, None)
+    dq_rows, _, _ = flash_attention_backward(do32[:, :, rows], q32[:, :, rows], k32, v32, o[:, :, rows],
+                                             lse[:, :, rows], causal=False)
+    close_to(dq_rows, dq_ref[:, :, rows], 48, "dQ of a block of queries")
 
 
 def test_packed_return_lse_and_backward_equal_each_sequence_alone():
