@@ -2,7 +2,7 @@
 
 The processes form a mesh with named dimensions, outermost first
 
-    data_parallel x tensor_parallel          (sizes multiply to the world size)
+    data_parallel x context_parallel x tensor_parallel          (sizes multiply to the world size)
 
 so that the ranks of one tensor-parallel group are neighbours (on GPUs: one node, where the links are
 fastest; TP communicates in every layer, data parallelism once per step). The model is built on the
@@ -12,8 +12,9 @@ sequence parallelism over `tensor_parallel` (strategies/tensor.py) and sharded b
 order, TP before FSDP. Ranks of one tensor-parallel group see the same batch: the distributed sampler
 and the module's data-parallel arithmetic are given the data-parallel coordinate only.
 
-Pipeline, context and expert parallelism are dimensions of the same mesh still to come (issue 15 and
-the issues that follow it); asking for them is refused.
+Context parallelism (strategies/context.py) splits every sequence over its dimension; ZeRO then shards
+and averages over data x context parallelism. Pipeline and expert parallelism are dimensions of the same
+mesh still to come (issue 15 and the issues that follow it); asking for them is refused.
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ from torch.distributed.tensor.parallel import ParallelStyle, loss_parallel
 from torch.optim import Optimizer
 
 from lightning_llm.protocols import VocabParallelLoss
+from lightning_llm.strategies.context import sequence_split, shard_batch, use_ring_attention
 from lightning_llm.strategies.tensor import ISSUE, apply_styles, check_divisible, gather_logits_unless, plan_styles
 from lightning_llm.strategies.zero import STAGES, ZeROStrategy, _is_hf_model
 
-MESH_DIMS = ("data_parallel", "tensor_parallel")
+MESH_DIMS = ("data_parallel", "context_parallel", "tensor_parallel")
 
 
 class ParallelStrategy(ZeROStrategy):
@@ -47,7 +49,10 @@ class ParallelStrategy(ZeROStrategy):
         data_parallel: the data-parallel degree; "auto": the world size divided by the other degrees.
         tensor_parallel: the tensor-parallel degree (Megatron's column/row split of attention and MLP,
             read from the model's Hugging Face plan; LM head and cross-entropy split over the vocabulary).
-        pipeline_parallel, context_parallel, expert_parallel: 1 (the other degrees are not built yet).
+        context_parallel: split every sequence over this many ranks (ring attention, load-balanced causal
+            chunks; sequence lengths must be multiples of 2 x context_parallel, batches unpadded with one
+            document per row).
+        pipeline_parallel, expert_parallel: 1 (the other degrees are not built yet).
         zero_stage: ZeRO over the data-parallel dimension: 2 shards gradients and optimizer state,
             3 also the parameters; 1 (optimizer state only) needs tensor_parallel=1.
         sequence_parallel: with tensor_parallel > 1, shard norms and the residual stream along the sequence
@@ -79,7 +84,7 @@ class ParallelStrategy(ZeROStrategy):
         bad = {k: v for k, v in degrees.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1}
         if bad:
             raise ValueError(f"parallel degrees must be integers >= 1 (data_parallel may be 'auto'), got {bad}")
-        later = {k: v for k, v in degrees.items() if k in ("pipeline_parallel", "context_parallel", "expert_parallel") and v > 1}
+        later = {k: v for k, v in degrees.items() if k in ("pipeline_parallel", "expert_parallel") and v > 1}
         if later:
             raise NotImplementedError(f"ParallelStrategy({', '.join(f'{k}={v}' for k, v in later.items())}): not built "
                                       f"yet, see {ISSUE}; use PipelineStrategy for pipeline parallelism alone")
@@ -94,6 +99,7 @@ class ParallelStrategy(ZeROStrategy):
                          empty_init=empty_init, process_group_backend=process_group_backend, timeout=timeout)
         self.data_parallel = data_parallel
         self.tensor_parallel = tensor_parallel
+        self.context_parallel = context_parallel
         self.sequence_parallel = sequence_parallel
         self._styles: dict[nn.Module, ParallelStyle] = {}
         self._lm_head: nn.Module | None = None
@@ -103,20 +109,31 @@ class ParallelStrategy(ZeROStrategy):
 
     def setup_environment(self) -> None:
         self._setup_distributed()
-        data = self.world_size // self.tensor_parallel if self.data_parallel == "auto" else self.data_parallel
-        if data * self.tensor_parallel != self.world_size:
-            raise ValueError(f"data_parallel={self.data_parallel} x tensor_parallel={self.tensor_parallel} must equal the "
-                             f"world size {self.world_size} (nodes x devices); with data_parallel='auto' the world size "
-                             "must be a multiple of the other degrees")
-        self._device_mesh = init_device_mesh(self.root_device.type, (data, self.tensor_parallel), mesh_dim_names=MESH_DIMS)
+        inner = self.context_parallel * self.tensor_parallel
+        data = self.world_size // inner if self.data_parallel == "auto" else self.data_parallel
+        if data * inner != self.world_size:
+            raise ValueError(f"data_parallel={self.data_parallel} x context_parallel={self.context_parallel} x "
+                             f"tensor_parallel={self.tensor_parallel} must equal the world size {self.world_size} (nodes "
+                             "x devices); with data_parallel='auto' the world size must be a multiple of the other degrees")
+        self._device_mesh = init_device_mesh(self.root_device.type, (data, self.context_parallel, self.tensor_parallel),
+                                             mesh_dim_names=MESH_DIMS)
         self.lightning_module._device_mesh = self._device_mesh
 
     def _data_mesh(self) -> DeviceMesh:
+        if self.context_parallel > 1:  # the ranks of a sequence share its loss and gradients like data-parallel ones
+            return self.device_mesh["data_parallel", "context_parallel"]._flatten("data_context_parallel")
         return self.device_mesh["data_parallel"]
 
+    @property
+    def gradient_replicas(self) -> int:
+        """The ranks that average their gradients, each with an equal share of the tokens (see protocols.py):
+        data x context parallelism; a context-parallel rank's loss is its share of its sequences' token sum."""
+        return self._data_mesh().size()
+
     def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any = "mean") -> Any:
-        """Reduce over the data-parallel ranks (by default): the ranks of a tensor-parallel group hold the same
-        batch and the same loss, so a sum over all ranks would count each batch `tensor_parallel` times."""
+        """Reduce over the data-parallel ranks (by default; with context parallelism, data x context): the ranks
+        of a tensor-parallel group hold the same batch and the same loss, so a sum over all ranks would count
+        each batch `tensor_parallel` times."""
         if isinstance(tensor, torch.Tensor):
             return _sync_ddp_if_available(tensor, group if group is not None else self._data_mesh().get_group(),
                                           reduce_op=reduce_op)
@@ -131,6 +148,8 @@ class ParallelStrategy(ZeROStrategy):
     # -- the model -------------------------------------------------------------------------------
 
     def setup(self, trainer: Trainer) -> None:
+        if self.context_parallel > 1:
+            use_ring_attention([m for m in self.lightning_module.modules() if _is_hf_model(m)])
         if self.tensor_parallel > 1:
             self._styles = self._tensor_parallel_styles(self.lightning_module)
         super().setup(trainer)
@@ -168,12 +187,22 @@ class ParallelStrategy(ZeROStrategy):
         finally:
             self._vocab_parallel_active = False
 
+    @contextmanager
+    def _sequence_split(self, args: tuple) -> Generator[tuple, None, None]:
+        """The step's batch (its first argument) cut to this rank's share of every sequence, ring attention on."""
+        if self.context_parallel == 1:
+            yield args
+            return
+        group = self.device_mesh["context_parallel"].get_group()
+        with sequence_split(group):
+            yield (shard_batch(args[0], group), *args[1:])
+
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        with self._vocab_parallel():
+        with self._vocab_parallel(), self._sequence_split(args) as args:
             return super().training_step(*args, **kwargs)
 
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
-        with self._vocab_parallel():
+        with self._vocab_parallel(), self._sequence_split(args) as args:
             return super().validation_step(*args, **kwargs)
 
     def backward(self, closure_loss: torch.Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> torch.Tensor:
