@@ -77,8 +77,9 @@ def test_return_lse_and_backward_from_it_match_naive(batch, heads, kv_heads, seq
     q32, k32, v32 = (x.requires_grad_() for x in (q32, k32, v32))
     o, _ = flash_attention(q32, k32, v32, causal=causal, return_lse=True)
     autograd_grads = torch.autograd.grad(o, (q32, k32, v32), do32)
-    for name, grad, grad_ref, terms in zip(("dQ", "dK", "dV"), autograd_grads, grads_ref, (seq_k, seq_q * group, seq_q * group)):
-        close_to(grad, grad_ref, terms, f"{name} (autograd)")
+    terms = (seq_k, seq_q * group, seq_q * group)
+    for name, grad, grad_ref, n in zip(("dQ", "dK", "dV"), autograd_grads, grads_ref, terms):
+        close_to(grad, grad_ref, n, f"{name} (autograd)")
 
 
 def test_backward_with_an_external_lse_adds_up_over_blocks_of_keys():

@@ -16,41 +16,53 @@ import torch
 import torch.multiprocessing as mp
 
 from _precision_helpers import free_port
-from lightning_llm.strategies.context import shard_batch
+from lightning_llm.strategies.context import check_block_size, shard_batch
 from lightning_llm.strategies.parallel import ParallelStrategy
-from test_parallel import LOSS_TOL, LR_SUM, ROWS, SEQ, STEPS, _module, _recorder, _trainer, global_batches, single_process_run
+from test_parallel import (
+    LOSS_TOL,
+    LR_SUM,
+    ROWS,
+    SEQ,
+    STEPS,
+    _loader,
+    _module,
+    _recorder,
+    _trainer,
+    single_process_run,
+)
 from tolerances import assert_adam_steps_close
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def _worker(rank: int, world: int, port: int, out: str, cp: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank), NODE_RANK="0")
     torch.set_num_threads(1)
     record: dict = {}
     torch.manual_seed(10 * rank)  # ranks draw different numbers: the model must not depend on it
-    trainer = _trainer(world, ParallelStrategy(context_parallel=world), [_recorder(record)])
-    # Every rank of a context-parallel group reads the whole batch; the strategy cuts its share.
-    trainer.fit(_module(), torch.utils.data.DataLoader(global_batches(), batch_size=None))
+    trainer = _trainer(world, ParallelStrategy(context_parallel=cp), [_recorder(record)])
+    # The mesh is data x context: every rank of a context-parallel group reads its data coordinate's rows
+    # whole, and the strategy cuts its share of the sequences.
+    trainer.fit(_module(), _loader(rank // cp, world // cp))
     record["train_loss"] = float(trainer.callback_metrics["train/loss"])
     torch.save(record, Path(out) / f"cp-rank{rank}.pt")
 
 
-def test_cp2_training_equals_one_process(tmp_path):
-    world = 2
-    mp.spawn(_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
+@pytest.mark.parametrize("world,cp", [(2, 2), pytest.param(4, 2, marks=pytest.mark.slow, id="dp2xcp2")])
+def test_cp2_training_equals_one_process(tmp_path, world, cp):
+    mp.spawn(_worker, args=(world, free_port(), str(tmp_path), cp), nprocs=world, join=True)
     records = [torch.load(tmp_path / f"cp-rank{r}.pt", weights_only=False) for r in range(world)]
     init = records[0]["init"]
     expected_losses, expected_weights = single_process_run(init, STEPS)
-    # Each rank returns its tokens' loss sum times the 2 ranks that average gradients, over all tokens: the
-    # ranks' mean is the global token mean.
+    # Each rank returns its tokens' loss sum times the ranks that average gradients (all of them), over all
+    # tokens: the ranks' mean is the global token mean.
     losses = [sum(values) / world for values in zip(*(r["losses"] for r in records))]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected_losses), **LOSS_TOL)
     # The logged loss is the global one on every rank.
     for record in records:
         torch.testing.assert_close(record["train_loss"], expected_losses[-1], **LOSS_TOL)
-    # Both ranks read the whole batch (one sampler coordinate) and count every token once.
-    for record in records:
-        assert record["sampler"] == {"num_replicas": 1, "rank": 0}
+    # The ranks of a context-parallel group share a sampler coordinate; together they count every token once.
+    for rank, record in enumerate(records):
+        assert record["sampler"] == {"num_replicas": world // cp, "rank": rank // cp}
         assert record["tokens"] == STEPS * ROWS * SEQ
     final = records[0]["final"]
     for name, weight in expected_weights.items():
@@ -73,6 +85,16 @@ def test_batches_context_parallelism_cannot_split_are_refused(batch, error, matc
     monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
     with pytest.raises(error, match=match):
         shard_batch(batch, None)
+
+
+def test_a_block_size_that_does_not_cut_into_chunks_is_refused_at_setup():
+    class Data:
+        block_size = 100
+
+    with pytest.raises(ValueError, match="sequence length 100 is not a multiple of 8"):
+        check_block_size(Data(), 4)
+    check_block_size(Data(), 2)
+    check_block_size(object(), 4)  # a data module without a block size: the steps check each batch
 
 
 def test_shard_batch_gives_each_token_its_position_and_target(monkeypatch):

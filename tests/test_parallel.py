@@ -262,7 +262,7 @@ def test_dp2_x_tp2_equals_one_process(tmp_path):
     (dict(tensor_parallel=0), ValueError, r"tensor_parallel': 0"),
     (dict(data_parallel="two"), ValueError, r"data_parallel': 'two'"),
     (dict(pipeline_parallel=2), NotImplementedError, r"pipeline_parallel=2.*issue 15"),
-    (dict(context_parallel=2), NotImplementedError, r"context_parallel=2"),
+    (dict(context_parallel=0), ValueError, r"context_parallel': 0"),
     (dict(expert_parallel=2), NotImplementedError, r"expert_parallel=2"),
     (dict(zero_stage=4), ValueError, r"zero_stage must be one of \(1, 2, 3\), got 4"),
     (dict(zero_stage=1, tensor_parallel=2), NotImplementedError, r"zero_stage=1 with tensor_parallel=2"),
@@ -277,7 +277,7 @@ def test_degrees_must_multiply_to_the_world_size():
     strategy._setup_distributed = lambda: None
     strategy.set_world_ranks = lambda: None
     strategy.cluster_environment = type("Env", (), {"world_size": lambda self: 2})()
-    with pytest.raises(ValueError, match=r"data_parallel=2 x tensor_parallel=2 must equal the world size 2"):
+    with pytest.raises(ValueError, match=r"data_parallel=2 x context_parallel=1 x tensor_parallel=2 must equal the world size 2"):
         strategy.setup_environment()
 
 

@@ -35,11 +35,13 @@ def load_balanced_indices(seq_len: int, world_size: int, rank: int, device: torc
 
 
 def check_sequence_length(seq_len: int, world_size: int) -> None:
-    if seq_len % (2 * world_size):
+    """Raise unless a `seq_len` sequence cuts into 2 x `world_size` equal chunks."""
+    chunks = 2 * world_size
+    if seq_len % chunks:
         raise ValueError(f"context parallelism over {world_size} ranks cuts a sequence into 2 x {world_size} = "
-                         f"{2 * world_size} equal chunks, but the sequence length {seq_len} is not a multiple of "
-                         f"{2 * world_size}: pad or cut sequences to a multiple of it (e.g. "
-                         f"{seq_len // (2 * world_size) * 2 * world_size} or {-(-seq_len // (2 * world_size)) * 2 * world_size})")
+                         f"{chunks} equal chunks, but the sequence length {seq_len} is not a multiple of {chunks}: "
+                         f"pad or cut sequences to a multiple of it (e.g. {seq_len // chunks * chunks} or "
+                         f"{-(-seq_len // chunks) * chunks})")
 
 
 def shard_sequence(x: Tensor, dim: int, group: dist.ProcessGroup | None = None) -> Tensor:

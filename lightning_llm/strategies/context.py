@@ -74,6 +74,14 @@ def use_ring_attention(models: list[nn.Module]) -> None:
         model.set_attn_implementation(RING_IMPLEMENTATION)
 
 
+def check_block_size(datamodule: object, world_size: int) -> None:
+    """At setup, before any step: a data module's `block_size` (tokens per training sequence), where it has one,
+    must cut into 2 x `world_size` equal chunks."""
+    block_size = getattr(datamodule, "block_size", None)
+    if block_size is not None:
+        check_sequence_length(block_size, world_size)
+
+
 def shard_batch(batch: Any, group: dist.ProcessGroup) -> Any:
     """This rank's load-balanced share of every [batch, seq] tensor of a dict batch, position ids added.
 

@@ -35,7 +35,7 @@ from torch.distributed.tensor.parallel import ParallelStyle, loss_parallel
 from torch.optim import Optimizer
 
 from lightning_llm.protocols import VocabParallelLoss
-from lightning_llm.strategies.context import sequence_split, shard_batch, use_ring_attention
+from lightning_llm.strategies.context import check_block_size, sequence_split, shard_batch, use_ring_attention
 from lightning_llm.strategies.tensor import ISSUE, apply_styles, check_divisible, gather_logits_unless, plan_styles
 from lightning_llm.strategies.zero import STAGES, ZeROStrategy, _is_hf_model
 
@@ -149,6 +149,7 @@ class ParallelStrategy(ZeROStrategy):
 
     def setup(self, trainer: Trainer) -> None:
         if self.context_parallel > 1:
+            check_block_size(getattr(trainer, "datamodule", None), self.context_parallel)
             use_ring_attention([m for m in self.lightning_module.modules() if _is_hf_model(m)])
         if self.tensor_parallel > 1:
             self._styles = self._tensor_parallel_styles(self.lightning_module)
