@@ -95,12 +95,29 @@ def _check_case(rank: int, world: int, batch, heads, kv_heads, chunk, head_dim, 
     assert torch.equal(unshard_sequence(shard_sequence(q, dim=2), dim=2), q)
 
 
+def _check_autocast(world: int) -> None:
+    # Under bf16 autocast a Llama hands attention float32 q and k (rotary tables are float32) and a bf16 v: the
+    # ring casts all three first, as SDPA does, and then computes exactly what it computes on bf16 inputs.
+    g = torch.Generator().manual_seed(world)
+    q, k = torch.randn(1, 4, 8 * world, 16, generator=g), torch.randn(1, 2, 8 * world, 16, generator=g)
+    v = torch.randn(1, 2, 8 * world, 16, generator=g).bfloat16()
+    leaves = [shard_sequence(x, dim=2).requires_grad_() for x in (q, k, v)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        o = ring_attention(*leaves, causal=True)
+    expected = ring_attention(*(x.detach().bfloat16() for x in leaves), causal=True)
+    assert o.dtype == torch.bfloat16 and torch.equal(o, expected)
+    grads = torch.autograd.grad(o, leaves, torch.ones_like(o))
+    assert [g.dtype for g in grads] == [torch.float32, torch.float32, torch.bfloat16]
+    assert all(g.isfinite().all() and g.abs().sum() > 0 for g in grads)
+
+
 def _worker(rank: int, world: int, port: int, cases: list) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         for case in cases:
             _check_case(rank, world, *case)
+        _check_autocast(world)
         odd = torch.zeros(1, 2, 2 * world + 1, 16)
         with pytest.raises(ValueError, match=f"odd length {2 * world + 1}"):
             ring_attention(odd, odd, odd, causal=True)

@@ -241,11 +241,7 @@ def flash_attention(
     pass through it is refused); `flash_attention_backward` takes it, or a merged one, back. On the CPU this
     form runs torch's CPU FlashAttention op, which returns the log-sum-exp, instead of SDPA.
     """
-    if torch.is_autocast_enabled(q.device.type):
-        # As SDPA does, attention computes in autocast's dtype. Under mixed precision a model hands over
-        # q and k in float32 (rotary embeddings multiply them by float32 tables) and v in the autocast dtype.
-        dtype = torch.get_autocast_dtype(q.device.type)
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    q, k, v = autocast_inputs(q, k, v)
     backend, scale, packing = _prepare(q, k, v, scale, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
     if backend == SDPA and not return_lse:
         if packing is None:
@@ -257,6 +253,15 @@ def flash_attention(
     if packing is not None:
         o, lse = o[0].transpose(0, 1), lse[0]
     return (o, lse) if return_lse else o
+
+
+def autocast_inputs(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v in autocast's dtype where autocast is on, as SDPA computes: under mixed precision a model hands
+    over q and k in float32 (rotary embeddings multiply them by float32 tables) and v in the autocast dtype."""
+    if not torch.is_autocast_enabled(q.device.type):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(q.device.type)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
 def flash_attention_backward(

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_llm.attention.flash import flash_attention, flash_attention_backward
+from lightning_llm.attention.flash import autocast_inputs, flash_attention, flash_attention_backward
 
 
 def load_balanced_indices(seq_len: int, world_size: int, rank: int, device: torch.device | str = "cpu") -> Tensor:
@@ -176,6 +176,7 @@ def ring_attention(
     shapes.
     """
     world_size = dist.get_world_size(group)
+    q, k, v = autocast_inputs(q, k, v)  # the whole ring, backward included, in the dtype of its forward
     seq = q.shape[2]
     if q.dim() != 4 or k.dim() != 4 or k.shape[2] != seq:
         raise ValueError(f"ring_attention takes [batch, heads, seq, head_dim] shares with as many queries as keys, "
