@@ -33,13 +33,14 @@ from test_parallel import (
 from tolerances import assert_adam_steps_close
 
 
-def _worker(rank: int, world: int, port: int, out: str, cp: int) -> None:
+def _worker(rank: int, world: int, port: int, out: str, cp: int, checkpointing: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank), NODE_RANK="0")
     torch.set_num_threads(1)
     record: dict = {}
     torch.manual_seed(10 * rank)  # ranks draw different numbers: the model must not depend on it
-    trainer = _trainer(world, ParallelStrategy(context_parallel=cp), [_recorder(record)])
+    strategy = ParallelStrategy(context_parallel=cp, activation_checkpointing=checkpointing)
+    trainer = _trainer(world, strategy, [_recorder(record)])
     # The mesh is data x context: every rank of a context-parallel group reads its data coordinate's rows
     # whole, and the strategy cuts its share of the sequences.
     trainer.fit(_module(), _loader(rank // cp, world // cp))
@@ -47,9 +48,11 @@ def _worker(rank: int, world: int, port: int, out: str, cp: int) -> None:
     torch.save(record, Path(out) / f"cp-rank{rank}.pt")
 
 
-@pytest.mark.parametrize("world,cp", [(2, 2), pytest.param(4, 2, marks=pytest.mark.slow, id="dp2xcp2")])
-def test_cp2_training_equals_one_process(tmp_path, world, cp):
-    mp.spawn(_worker, args=(world, free_port(), str(tmp_path), cp), nprocs=world, join=True)
+# cp2 with activation checkpointing: the decoder layers' forward runs again in backward, with ring attention too
+@pytest.mark.parametrize("world,cp,checkpointing", [
+    pytest.param(2, 2, True, id="cp2-checkpointed"), pytest.param(4, 2, False, marks=pytest.mark.slow, id="dp2xcp2")])
+def test_cp2_training_equals_one_process(tmp_path, world, cp, checkpointing):
+    mp.spawn(_worker, args=(world, free_port(), str(tmp_path), cp, checkpointing), nprocs=world, join=True)
     records = [torch.load(tmp_path / f"cp-rank{r}.pt", weights_only=False) for r in range(world)]
     init = records[0]["init"]
     expected_losses, expected_weights = single_process_run(init, STEPS)

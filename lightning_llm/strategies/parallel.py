@@ -188,26 +188,34 @@ class ParallelStrategy(ZeROStrategy):
         finally:
             self._vocab_parallel_active = False
 
+    # -- steps: each rank holds its share of every sequence, attention runs as a ring ------------
+
     @contextmanager
-    def _sequence_split(self, args: tuple) -> Generator[tuple, None, None]:
-        """The step's batch (its first argument) cut to this rank's share of every sequence, ring attention on."""
+    def _ring_attention(self) -> Generator[None, None, None]:
+        """Ring attention over the context-parallel group: in the steps, and in backward, where activation
+        checkpointing runs the forward again."""
         if self.context_parallel == 1:
-            yield args
+            yield
             return
-        group = self.device_mesh["context_parallel"].get_group()
-        with sequence_split(group):
-            yield (shard_batch(args[0], group), *args[1:])
+        with sequence_split(self.device_mesh["context_parallel"].get_group()):
+            yield
+
+    def _sequence_shares(self, args: tuple) -> tuple:
+        """The step's arguments with its batch (the first) cut to this rank's share of every sequence."""
+        if self.context_parallel == 1:
+            return args
+        return (shard_batch(args[0], self.device_mesh["context_parallel"].get_group()), *args[1:])
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        with self._vocab_parallel(), self._sequence_split(args) as args:
-            return super().training_step(*args, **kwargs)
+        with self._vocab_parallel(), self._ring_attention():
+            return super().training_step(*self._sequence_shares(args), **kwargs)
 
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
-        with self._vocab_parallel(), self._sequence_split(args) as args:
-            return super().validation_step(*args, **kwargs)
+        with self._vocab_parallel(), self._ring_attention():
+            return super().validation_step(*self._sequence_shares(args), **kwargs)
 
     def backward(self, closure_loss: torch.Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> torch.Tensor:
-        with self._vocab_parallel():  # loss_parallel's backward must run inside it too
+        with self._vocab_parallel(), self._ring_attention():  # loss_parallel's backward must run inside it too
             return super().backward(closure_loss, optimizer, *args, **kwargs)
 
     def teardown(self) -> None:
