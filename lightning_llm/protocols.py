@@ -29,6 +29,17 @@ class VocabParallelLoss(Protocol):
     vocab_parallel_loss: bool
 
 
+def gradient_replicas(strategy: object) -> int:
+    """How many ranks average their gradients each step, each holding an equal share of the global batch's
+    tokens: a strategy's own `gradient_replicas` where it has one (context parallelism: the data-parallel
+    replicas times the ranks that split each sequence, whose sampler coordinate is the same), else its
+    distributed sampler's `num_replicas` (1 without one). A module scales its token sums by it."""
+    replicas = getattr(strategy, "gradient_replicas", None)
+    if replicas is None:
+        replicas = (getattr(strategy, "distributed_sampler_kwargs", None) or {}).get("num_replicas", 1)
+    return replicas
+
+
 def local_loss(loss: torch.Tensor) -> torch.Tensor:
     """The plain tensor of a loss: a vocabulary-parallel cross-entropy returns a `DTensor` whose value is
     already the whole loss on every rank of the tensor-parallel group (replicated); other losses pass."""

@@ -257,7 +257,7 @@ def test_kernels_build_for_ampere_and_hopper(capability):
 def test_kernels_under_triton_interpreter():
     # TRITON_INTERPRET=1 only takes effect if set before triton is imported, and Lightning imports triton:
     # the kernel tests and the model parity tests run in a fresh interpreter with the variable set.
-    files = ["tests/test_attention_kernel.py", "tests/test_attention_hf.py"]
+    files = ["tests/test_attention_kernel.py", "tests/test_attention_hf.py", "tests/test_attention_lse.py"]
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", *files],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)

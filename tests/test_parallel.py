@@ -308,7 +308,9 @@ def test_dp2_x_tp2_equals_one_process_and_resumes_on_every_layout(tmp_path):
     (dict(microbatches=2), ValueError, r"\{'microbatches': 2\} configure a pipeline, but pipeline_parallel=1"),
     (dict(pipeline_parallel=2, microbatches=1), ValueError,
      r"microbatches=1 with schedule='1f1b' and pipeline_parallel=2: .* use microbatches >= 2"),
-    (dict(context_parallel=2), NotImplementedError, r"context_parallel=2"),
+    (dict(context_parallel=0), ValueError, r"context_parallel': 0"),
+    (dict(context_parallel=2, pipeline_parallel=2), NotImplementedError, r"context_parallel=2 with pipeline_parallel=2"),
+    (dict(context_parallel=2, expert_parallel=2), NotImplementedError, r"context_parallel=2 with .*expert_parallel=2"),
     (dict(expert_parallel=2, tensor_parallel=2), NotImplementedError, r"expert_parallel=2 with tensor_parallel=2"),
     (dict(expert_parallel=2, zero_stage=1), NotImplementedError, r"expert_parallel=2 with .*zero_stage=1"),
     (dict(expert_parallel=2, pipeline_parallel=2), NotImplementedError, r"expert_parallel=2 with pipeline_parallel=2"),
@@ -321,8 +323,8 @@ def test_bad_degrees_name_the_value(kwargs, error, match):
 
 
 @pytest.mark.parametrize("degrees, match", [
-    (dict(data_parallel=2, tensor_parallel=2), r"pipeline_parallel=1 x data_parallel=2 x tensor_parallel=2 must equal the world size 2"),
-    (dict(pipeline_parallel=2, tensor_parallel=1), r"pipeline_parallel=2 x data_parallel='auto' x tensor_parallel=1 must equal the world size 3.*multiple of the other degrees' product 2"),
+    (dict(data_parallel=2, tensor_parallel=2), r"pipeline_parallel=1 x data_parallel=2 x context_parallel=1 x tensor_parallel=2 must equal the world size 2"),
+    (dict(pipeline_parallel=2, tensor_parallel=1), r"pipeline_parallel=2 x data_parallel='auto' x context_parallel=1 x tensor_parallel=1 must equal the world size 3.*multiple of the other degrees' product 2"),
 ])
 def test_degrees_must_multiply_to_the_world_size(degrees, match):
     world = 3 if degrees.get("pipeline_parallel") else 2

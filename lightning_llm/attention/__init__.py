@@ -3,7 +3,7 @@
 Importing this package registers `attn_implementation="lightning_fa2"` with transformers.
 """
 
-from lightning_llm.attention.flash import FlashAttention, attention_backend, flash_attention
+from lightning_llm.attention.flash import FlashAttention, attention_backend, flash_attention, flash_attention_backward
 from lightning_llm.attention.registry import ATTN_IMPLEMENTATION, lightning_attention_forward, register
 
 register()
@@ -13,5 +13,6 @@ __all__ = [
     "FlashAttention",
     "attention_backend",
     "flash_attention",
+    "flash_attention_backward",
     "lightning_attention_forward",
 ]

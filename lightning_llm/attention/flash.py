@@ -5,6 +5,10 @@ They check their inputs, then dispatch: on CUDA to the Triton kernels (`triton_k
 the same result; and anywhere to the Triton kernels under Triton's interpreter when TRITON_INTERPRET=1
 (how CI tests the kernels without a GPU). `attention_backend(device)` says which path runs, the first use
 of each path is logged, and `FlashAttention.backend` records the path of its last call.
+
+`flash_attention(..., return_lse=True)` also returns the log-sum-exp of the scores (on the CPU through torch's
+CPU FlashAttention op, which returns it; SDPA does not), and `flash_attention_backward` runs the backward pass
+from an output and log-sum-exp the caller holds: the two pieces ring attention (`ring.py`) is built from.
 """
 
 from __future__ import annotations
@@ -95,25 +99,36 @@ def _unit_stride(x: Tensor) -> Tensor:
 
 
 class _FlashAttentionFunction(torch.autograd.Function):
-    """The Triton forward and backward kernels as one differentiable op, on [B, H, T, D] views."""
+    """`attention_forward` and `attention_backward` as one differentiable op returning (O, log-sum-exp): the
+    Triton kernels on [B, H, T, D] views (packed batches: batch 1 plus cu_seqlens), or torch's CPU
+    FlashAttention op. No gradient flows through the log-sum-exp: one that arrives is refused."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, deterministic, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
-        kernels = _triton_kernels()
-        o, lse = kernels.attention_forward(q, k, v, causal=causal, scale=scale, cu_seqlens_q=cu_seqlens_q,
-                                           cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q)
-        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k)
-        ctx.options = dict(causal=causal, scale=scale, deterministic=deterministic, max_seqlen_q=max_seqlen_q,
-                           max_seqlen_k=max_seqlen_k)
-        return o
+    def forward(ctx, q, k, v, causal, scale, deterministic, backend, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                max_seqlen_k):
+        ctx.set_materialize_grads(False)
+        packing = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                       max_seqlen_k=max_seqlen_k)
+        o, lse = _forward(q, k, v, causal=causal, scale=scale, backend=backend, **packing)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.options = dict(causal=causal, scale=scale, deterministic=deterministic, backend=backend, **packing)
+        return o, lse
 
     @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-        dq, dk, dv = _triton_kernels().attention_backward(
-            do, q, k, v, o, lse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, **ctx.options
-        )
-        return dq, dk, dv, None, None, None, None, None, None, None
+    def backward(ctx, do, dlse):
+        if dlse is not None:
+            raise NotImplementedError("flash_attention's log-sum-exp (return_lse=True) carries no gradient: use it "
+                                      "detached (ring attention merges blocks with it inside its own backward)")
+        if do is None:
+            return (None,) * 11
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(do, q, k, v, o, lse, **ctx.options)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+def _bottom_right_mask(seqlen_q: int, seqlen_k: int, device: torch.device) -> Tensor:
+    """Which keys each query sees under the kernels' causal alignment (the last query sees the last key)."""
+    return torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device).tril(seqlen_k - seqlen_q)
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tensor:
@@ -122,16 +137,84 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tensor
     mask = None
     if causal and seqlen_q != seqlen_k:
         # SDPA's is_causal aligns the first query with the first key; the kernels align the last ones.
-        mask = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=q.device).tril(seqlen_k - seqlen_q)
+        mask = _bottom_right_mask(seqlen_q, seqlen_k, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale,
                                           enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _cpu_mask(q: Tensor, k: Tensor, causal: bool) -> tuple[bool, Tensor | None]:
+    """(is_causal, additive mask) for torch's CPU FlashAttention op: its is_causal aligns the first query with the
+    first key, so unequal lengths get the kernels' bottom-right alignment as a mask."""
+    seqlen_q, seqlen_k = q.shape[2], k.shape[2]
+    if not causal or seqlen_q == seqlen_k:
+        return causal, None
+    hidden = ~_bottom_right_mask(seqlen_q, seqlen_k, q.device)
+    return False, torch.zeros(seqlen_q, seqlen_k, dtype=q.dtype, device=q.device).masked_fill(hidden, -math.inf)
+
+
+def _cpu_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """torch's CPU FlashAttention op (what SDPA runs on the CPU; it indexes shared K/V heads, no repeat), which
+    also returns the log-sum-exp, on [B, H, T, D] inputs."""
+    is_causal, mask = _cpu_mask(q, k, causal)
+    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, attn_mask=mask,
+                                                                         scale=scale)
+    if causal and q.shape[2] > k.shape[2]:
+        # The op gives a query that sees no key lse 0; the kernels' convention is +inf (so P = exp(S - lse) = 0).
+        lse[:, :, :q.shape[2] - k.shape[2]] = math.inf
+    return o, lse
+
+
+def _cpu_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool,
+                  scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    is_causal, mask = _cpu_mask(q, k, causal)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        do, q, k, v, o, lse.contiguous(), 0.0, is_causal, attn_mask=mask, scale=scale)
+
+
+def _per_sequence(x: Tensor, lengths: list[int]) -> list[Tensor]:
+    """A packed [1, H, T, D] (or [1, H, T]) view split into its sequences, each a batch of one."""
+    return list(x.split(lengths, dim=2))
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float, backend: str,
+             cu_seqlens_q: Tensor | None = None, cu_seqlens_k: Tensor | None = None, max_seqlen_q: int | None = None,
+             max_seqlen_k: int | None = None) -> tuple[Tensor, Tensor]:
+    """O and the float32 log-sum-exp of [B, H, T, D] inputs on `backend`, without autograd."""
+    if backend != SDPA:
+        return _triton_kernels().attention_forward(q, k, v, causal=causal, scale=scale, cu_seqlens_q=cu_seqlens_q,
+                                                   cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q)
+    if cu_seqlens_q is None:
+        return _cpu_forward(q, k, v, causal, scale)
+    lengths_q, lengths_k = _lengths(cu_seqlens_q.tolist()), _lengths(cu_seqlens_k.tolist())
+    outs = [_cpu_forward(q_i, k_i, v_i, causal, scale) for q_i, k_i, v_i in
+            zip(_per_sequence(q, lengths_q), _per_sequence(k, lengths_k), _per_sequence(v, lengths_k))]
+    return torch.cat([o for o, _ in outs], dim=2), torch.cat([lse for _, lse in outs], dim=2)
+
+
+def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, *, causal: bool, scale: float,
+              deterministic: bool, backend: str, cu_seqlens_q: Tensor | None = None,
+              cu_seqlens_k: Tensor | None = None, max_seqlen_q: int | None = None,
+              max_seqlen_k: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """dQ, dK, dV of [B, H, T, D] inputs on `backend`, from O and a log-sum-exp (its own or a merged one)."""
+    if backend != SDPA:
+        return _triton_kernels().attention_backward(
+            do, q, k, v, o, lse, causal=causal, scale=scale, deterministic=deterministic, cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+    if cu_seqlens_q is None:
+        return _cpu_backward(do, q, k, v, o, lse, causal, scale)
+    lengths_q, lengths_k = _lengths(cu_seqlens_q.tolist()), _lengths(cu_seqlens_k.tolist())
+    grads = [_cpu_backward(*parts, causal, scale) for parts in zip(
+        *(_per_sequence(x, lengths_q) for x in (do, q)), *(_per_sequence(x, lengths_k) for x in (k, v)),
+        *(_per_sequence(x, lengths_q) for x in (o, lse)))]
+    return tuple(torch.cat(parts, dim=2) for parts in zip(*grads))
 
 
 def flash_attention(
     q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None,
     cu_seqlens: Tensor | None = None, max_seqlen: int | None = None,
     cu_seqlens_k: Tensor | None = None, max_seqlen_k: int | None = None, deterministic: bool = False,
-) -> Tensor:
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Exact attention softmax(Q K^T * scale) V without the N x N matrix in memory (FlashAttention-2).
 
     Dense: q is [batch, heads, seq_q, head_dim]; k and v are [batch, kv_heads, seq_k, head_dim]; returns
@@ -152,26 +235,84 @@ def flash_attention(
     recomputing S and dP once more for dQ. float16, bfloat16 (float32 accumulation) and float32 (under
     autocast, q, k and v are cast to its dtype first, as SDPA does); head dims up to 128; any sequence
     length and strides.
+
+    `return_lse`: also return the float32 log-sum-exp of each query's scaled scores, [batch, heads, seq_q]
+    dense or [heads, total_q] packed (+inf for a query that sees no key). It carries no gradient (a backward
+    pass through it is refused); `flash_attention_backward` takes it, or a merged one, back. On the CPU this
+    form runs torch's CPU FlashAttention op, which returns the log-sum-exp, instead of SDPA.
     """
+    q, k, v = autocast_inputs(q, k, v)
+    backend, scale, packing = _prepare(q, k, v, scale, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
+    if backend == SDPA and not return_lse:
+        if packing is None:
+            return _sdpa(q, k, v, causal, scale)
+        return _sdpa_per_sequence(q, k, v, _lengths(packing["cu_seqlens_q"].tolist()),
+                                  _lengths(packing["cu_seqlens_k"].tolist()), causal, scale)
+    o, lse = _FlashAttentionFunction.apply(*_as_batch(q, k, v, packed=packing is not None), causal, scale,
+                                           deterministic, backend, *(packing or _DENSE).values())
+    if packing is not None:
+        o, lse = o[0].transpose(0, 1), lse[0]
+    return (o, lse) if return_lse else o
+
+
+def autocast_inputs(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v in autocast's dtype where autocast is on, as SDPA computes: under mixed precision a model hands
+    over q and k in float32 (rotary embeddings multiply them by float32 tables) and v in the autocast dtype."""
+    if not torch.is_autocast_enabled(q.device.type):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(q.device.type)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def flash_attention_backward(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, *, causal: bool = True,
+    scale: float | None = None, cu_seqlens: Tensor | None = None, max_seqlen: int | None = None,
+    cu_seqlens_k: Tensor | None = None, max_seqlen_k: int | None = None, deterministic: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """dQ, dK, dV of `flash_attention(q, k, v, ...)` for the output gradient `do`, from an output `o` and its
+    log-sum-exp `lse` given by the caller, in the layouts `flash_attention(..., return_lse=True)` returns.
+
+    The softmax is recomputed as P = exp(S - lse) and delta = rowsum(dO * O): given the O and lse of attention
+    over MORE keys than `k` holds (ring attention merges blocks of keys), this is the share of the gradient that
+    flows through these keys, so the blocks' shares add up to the whole gradient. No autograd; dK and dV come
+    with K's and V's heads (grouped-query heads summed, K/V never repeated).
+    """
+    backend, scale, packing = _prepare(q, k, v, scale, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
+    expected_lse = (q.shape[1], q.shape[0]) if packing is not None else q.shape[:3]
+    if do.shape != q.shape or o.shape != q.shape or tuple(lse.shape) != tuple(expected_lse):
+        raise ValueError(f"do and o must have q's shape {tuple(q.shape)} and lse {tuple(expected_lse)}, got do "
+                         f"{tuple(do.shape)}, o {tuple(o.shape)}, lse {tuple(lse.shape)}")
+    packed = packing is not None
+    q4, k4, v4, do4, o4 = _as_batch(q, k, v, do, o, packed=packed)
+    dq, dk, dv = _backward(do4, q4, k4, v4, o4, lse.unsqueeze(0) if packed else lse, causal=causal, scale=scale,
+                           deterministic=deterministic, backend=backend, **(packing or _DENSE))
+    if packed:
+        dq, dk, dv = (x[0].transpose(0, 1) for x in (dq, dk, dv))
+    return dq, dk, dv
+
+
+_DENSE = dict(cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None)
+
+
+def _as_batch(*xs: Tensor, packed: bool) -> list[Tensor]:
+    """[B, H, T, D] views with a unit last stride; packed [T, H, D] tokens as [1, H, T, D] views (the packed
+    tokens share the dense layout and code)."""
+    return [_unit_stride(x.unsqueeze(0).transpose(1, 2) if packed else x) for x in xs]
+
+
+def _prepare(q: Tensor, k: Tensor, v: Tensor, scale: float | None, cu_seqlens: Tensor | None,
+             max_seqlen: int | None, cu_seqlens_k: Tensor | None,
+             max_seqlen_k: int | None) -> tuple[str, float, dict[str, object] | None]:
+    """Check the inputs; return the backend, the scale and (packed) the sequence boundaries the kernels take."""
     packed = cu_seqlens is not None
-    if torch.is_autocast_enabled(q.device.type):
-        # As SDPA does, attention computes in autocast's dtype. Under mixed precision a model hands over
-        # q and k in float32 (rotary embeddings multiply them by float32 tables) and v in the autocast dtype.
-        dtype = torch.get_autocast_dtype(q.device.type)
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if not packed and (cu_seqlens_k is not None or max_seqlen is not None or max_seqlen_k is not None):
         raise ValueError("cu_seqlens_k, max_seqlen and max_seqlen_k describe packed sequences: pass cu_seqlens too")
     _check(q, k, v, token_dim=0 if packed else 2)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     backend = attention_backend(q.device)
     _announce(backend, q.device)
-    if packed:
-        return _packed_attention(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, causal=causal,
-                                 scale=scale, deterministic=deterministic, backend=backend)
-    if backend == SDPA:
-        return _sdpa(q, k, v, causal, scale)
-    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
-    return _FlashAttentionFunction.apply(q, k, v, causal, scale, deterministic, None, None, None, None)
+    packing = _packing(q, k, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, backend) if packed else None
+    return backend, scale, packing
 
 
 def _check_cu_seqlens(name: str, cu_seqlens: Tensor, device: torch.device) -> None:
@@ -215,11 +356,11 @@ def _sdpa_per_sequence(q: Tensor, k: Tensor, v: Tensor, lengths_q: list[int], le
     ])
 
 
-def _packed_attention(
-    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor | None, max_seqlen_q: int | None,
-    max_seqlen_k: int | None, *, causal: bool, scale: float, deterministic: bool, backend: str,
-) -> Tensor:
-    """The packed form of `flash_attention`, on [tokens, heads, head_dim] inputs already checked."""
+def _packing(
+    q: Tensor, k: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor | None, max_seqlen_q: int | None,
+    max_seqlen_k: int | None, backend: str,
+) -> dict[str, object]:
+    """The checked sequence boundaries of a packed call, as the kernels take them."""
     if cu_seqlens_k is None:
         cu_seqlens_k = cu_seqlens_q
         max_seqlen_k = max_seqlen_q if max_seqlen_k is None else max_seqlen_k
@@ -231,14 +372,9 @@ def _packed_attention(
     if backend == SDPA or max_seqlen_q is None or max_seqlen_k is None:
         bounds_q = _bounds("cu_seqlens", cu_seqlens_q, q.shape[0])
         bounds_k = _bounds("cu_seqlens_k", cu_seqlens_k, k.shape[0])
-        if backend == SDPA:
-            return _sdpa_per_sequence(q, k, v, _lengths(bounds_q), _lengths(bounds_k), causal, scale)
         max_seqlen_q, max_seqlen_k = _longest(bounds_q), _longest(bounds_k)
-    # As [1, heads, tokens, head_dim] views the packed tokens share the dense layout and code.
-    q4, k4, v4 = (_unit_stride(x.unsqueeze(0).transpose(1, 2)) for x in (q, k, v))
-    o = _FlashAttentionFunction.apply(q4, k4, v4, causal, scale, deterministic, cu_seqlens_q.to(torch.int32),
-                                      cu_seqlens_k.to(torch.int32), int(max_seqlen_q), int(max_seqlen_k))
-    return o[0].transpose(0, 1)
+    return dict(cu_seqlens_q=cu_seqlens_q.to(torch.int32), cu_seqlens_k=cu_seqlens_k.to(torch.int32),
+                max_seqlen_q=int(max_seqlen_q), max_seqlen_k=int(max_seqlen_k))
 
 
 class FlashAttention(nn.Module):

@@ -396,6 +396,9 @@ def attention_backward(
         do = do.contiguous()
     # delta_i = rowsum(dO_i * O_i): one number per query row, read by every key block.
     delta = (do.float() * o.float()).sum(dim=-1).contiguous()
+    # The kernels index delta with the log-sum-exp's strides: both must be [B, H, T] contiguous (a caller's lse
+    # may be a slice of a longer one, as ring attention's second query chunk is).
+    lse = lse.contiguous()
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     # The atomic path sums dQ in float32 across programs; the deterministic one writes it once per block.

@@ -31,7 +31,7 @@ from lightning_llm.divergence import DivergenceGuard
 from lightning_llm.models import build_config, build_model, has_weights
 from lightning_llm.moe import check_capacity_factor, dispatches, use_capacity
 from lightning_llm.modules.router import expert_token_counts, load_balancing_loss, router_z_loss
-from lightning_llm.protocols import local_loss
+from lightning_llm.protocols import gradient_replicas, local_loss
 from lightning_llm.scaling import moe_shape
 
 
@@ -298,8 +298,7 @@ class PretrainModule(LightningModule):
     # -- steps -----------------------------------------------------------------------------------
 
     def _data_parallel_size(self) -> int:
-        kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or {}
-        return kwargs.get("num_replicas", 1)
+        return gradient_replicas(self.trainer.strategy)
 
     def training_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The loss this rank backpropagates, and the global batch's token-mean loss (for the logs).

@@ -2,7 +2,7 @@
 
 The processes form a mesh with named dimensions, outermost first (torchtitan's order)
 
-    pipeline_parallel x data_parallel x tensor_parallel          (sizes multiply to the world size)
+    pipeline_parallel x data_parallel x context_parallel x tensor_parallel     (sizes multiply to the world size)
 
 so that the ranks of one tensor-parallel group are neighbours (on GPUs: one node, where the links are
 fastest; TP communicates in every layer, data parallelism once per step, the pipeline sends one
@@ -19,8 +19,9 @@ coordinate only.
 
 Expert parallelism borrows the data-parallel ranks (expert_parallel = data_parallel: each rank holds
 1/N of the experts and its own batch; tokens reach the experts by all-to-all): strategies/expert.py.
-Context parallelism is a dimension of the same mesh still to come; asking for it is refused, as are a
-pipeline with ZeRO-1 and expert parallelism with a pipeline or tensor parallelism.
+Context parallelism (strategies/context.py) splits every sequence over its dimension (ring attention);
+ZeRO then shards and averages over data x context. Refused, not built yet: a pipeline with ZeRO-1 or with
+context parallelism, expert parallelism with a pipeline, tensor or context parallelism.
 """
 
 from __future__ import annotations
@@ -43,11 +44,12 @@ from torch.optim import Optimizer
 
 from lightning_llm.protocols import VocabParallelLoss
 from lightning_llm.strategies.pipeline import Pipeline, tied_groups
+from lightning_llm.strategies.context import check_block_size, sequence_split, shard_batch, use_ring_attention
 from lightning_llm.strategies.expert import plan_experts, shard_experts
 from lightning_llm.strategies.tensor import ISSUE, apply_styles, check_divisible, gather_logits_unless, plan_styles
 from lightning_llm.strategies.zero import STAGES, ZeROStrategy, _is_hf_model
 
-MESH_DIMS = ("pipeline_parallel", "data_parallel", "tensor_parallel")
+MESH_DIMS = ("pipeline_parallel", "data_parallel", "context_parallel", "tensor_parallel")
 
 
 class ParallelStrategy(ZeROStrategy):
@@ -66,7 +68,9 @@ class ParallelStrategy(ZeROStrategy):
             them as micro-batches (see `PipelineStrategy` for what the module must provide).
         expert_parallel: the experts of each mixture-of-experts layer split over this many ranks, which are
             the data-parallel ranks (so it must equal data_parallel; see strategies/expert.py).
-        context_parallel: 1 (not built yet).
+        context_parallel: split every sequence over this many ranks (ring attention, load-balanced causal
+            chunks; sequence lengths must be multiples of 2 x context_parallel, batches unpadded with one
+            document per row).
         zero_stage: ZeRO over the data-parallel dimension: 2 shards gradients and optimizer state,
             3 also the parameters; 1 (optimizer state only) needs tensor_parallel=1 and pipeline_parallel=1.
         sequence_parallel: with tensor_parallel > 1, shard norms and the residual stream along the sequence
@@ -104,10 +108,6 @@ class ParallelStrategy(ZeROStrategy):
         bad = {k: v for k, v in degrees.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1}
         if bad:
             raise ValueError(f"parallel degrees must be integers >= 1 (data_parallel may be 'auto'), got {bad}")
-        later = {k: v for k, v in degrees.items() if k == "context_parallel" and v > 1}
-        if later:
-            raise NotImplementedError(f"ParallelStrategy({', '.join(f'{k}={v}' for k, v in later.items())}): not built "
-                                      f"yet, see {ISSUE}")
         if zero_stage not in STAGES:
             raise ValueError(f"zero_stage must be one of {STAGES}, got {zero_stage!r}")
         if zero_stage == 1 and tensor_parallel > 1:
@@ -132,6 +132,10 @@ class ParallelStrategy(ZeROStrategy):
                                       f"zero_stage={zero_stage}: expert parallelism runs with tensor_parallel=1 and "
                                       "zero_stage 2 or 3 (stage 1's DistributedDataParallel would average the "
                                       "different experts of different ranks)")
+        if context_parallel > 1 and (pipeline_parallel > 1 or expert_parallel > 1):
+            raise NotImplementedError(f"context_parallel={context_parallel} with pipeline_parallel={pipeline_parallel}, "
+                                      f"expert_parallel={expert_parallel}: not built yet ({ISSUE}); context parallelism "
+                                      "composes with data and tensor parallelism")
         if expert_parallel > 1 and pipeline_parallel > 1:
             raise NotImplementedError(f"expert_parallel={expert_parallel} with pipeline_parallel={pipeline_parallel}: "
                                       "not built yet; expert parallelism runs with pipeline_parallel=1")
@@ -140,6 +144,7 @@ class ParallelStrategy(ZeROStrategy):
         self.data_parallel = data_parallel
         self.tensor_parallel = tensor_parallel
         self.pipeline_parallel = pipeline_parallel
+        self.context_parallel = context_parallel
         self.expert_parallel = expert_parallel
         self.sequence_parallel = sequence_parallel
         self._styles: dict[nn.Module, ParallelStyle] = {}
@@ -151,35 +156,44 @@ class ParallelStrategy(ZeROStrategy):
 
     def setup_environment(self) -> None:
         self._setup_distributed()
-        others = self.pipeline_parallel * self.tensor_parallel
+        others = self.pipeline_parallel * self.context_parallel * self.tensor_parallel
         data = self.world_size // others if self.data_parallel == "auto" else self.data_parallel
         if data * others != self.world_size:
             raise ValueError(f"pipeline_parallel={self.pipeline_parallel} x data_parallel={self.data_parallel!r} x "
-                             f"tensor_parallel={self.tensor_parallel} must equal the world size {self.world_size} "
+                             f"context_parallel={self.context_parallel} x tensor_parallel={self.tensor_parallel} must equal the world size {self.world_size} "
                              "(nodes x devices); with data_parallel='auto' the world size must be a multiple of "
                              f"the other degrees' product {others}")
         if self.expert_parallel > 1 and self.expert_parallel != data:
             raise ValueError(f"expert_parallel={self.expert_parallel} must equal the data-parallel degree {data}: the "
                              "expert-parallel ranks are the data-parallel ones (each holds its own batch and "
                              f"1/{data} of the experts)")
-        mesh = init_device_mesh(self.root_device.type, (self.pipeline_parallel, data, self.tensor_parallel),
+        mesh = init_device_mesh(self.root_device.type, (self.pipeline_parallel, data, self.context_parallel, self.tensor_parallel),
                                 mesh_dim_names=MESH_DIMS)
         self._device_mesh = mesh
         self.lightning_module._device_mesh = mesh
         if self._pipeline is not None:
             # One pipeline per (data, tensor) coordinate: its ranks, in stage order, are a column of the mesh.
-            pipelines = mesh.mesh.permute(1, 2, 0).reshape(-1, self.pipeline_parallel)
+            pipelines = mesh.mesh.permute(1, 2, 3, 0).reshape(-1, self.pipeline_parallel)
             # Under sequence parallelism the residual stream between stages is sharded along the sequence.
             residual = (mesh["tensor_parallel"], (Shard(1),)) if self.tensor_parallel > 1 and self.sequence_parallel else None
             self._pipeline.connect(self, mesh["pipeline_parallel"].get_local_rank(), mesh["pipeline_parallel"].get_group(),
                                    self._data_mesh().get_group(), tied_groups(pipelines), residual)
 
     def _data_mesh(self) -> DeviceMesh:
+        if self.context_parallel > 1:  # the ranks of a sequence share its loss and gradients like data-parallel ones
+            return self.device_mesh["data_parallel", "context_parallel"]._flatten("data_context_parallel")
         return self.device_mesh["data_parallel"]
 
+    @property
+    def gradient_replicas(self) -> int:
+        """The ranks that average their gradients, each with an equal share of the tokens (see protocols.py):
+        data x context parallelism; a context-parallel rank's loss is its share of its sequences' token sum."""
+        return self._data_mesh().size()
+
     def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any = "mean") -> Any:
-        """Reduce over the data-parallel ranks (by default): the ranks of a tensor-parallel group hold the same
-        batch and the same loss, so a sum over all ranks would count each batch `tensor_parallel` times."""
+        """Reduce over the data-parallel ranks (by default; with context parallelism, data x context): the ranks
+        of a tensor-parallel group hold the same batch and the same loss, so a sum over all ranks would count
+        each batch `tensor_parallel` times."""
         if isinstance(tensor, torch.Tensor):
             return _sync_ddp_if_available(tensor, group if group is not None else self._data_mesh().get_group(),
                                           reduce_op=reduce_op)
@@ -194,6 +208,9 @@ class ParallelStrategy(ZeROStrategy):
     # -- the model -------------------------------------------------------------------------------
 
     def setup(self, trainer: Trainer) -> None:
+        if self.context_parallel > 1:
+            check_block_size(getattr(trainer, "datamodule", None), self.context_parallel)
+            use_ring_attention([m for m in self.lightning_module.modules() if _is_hf_model(m)])
         if self.tensor_parallel > 1:  # (read from the whole model's plan, before the pipeline prunes it)
             self._styles = self._tensor_parallel_styles(self.lightning_module)
         if self._pipeline is not None:  # then the stages: only this rank's are ever materialised
@@ -267,17 +284,33 @@ class ParallelStrategy(ZeROStrategy):
         if self._pipeline is not None:
             self._pipeline.check_loader(self.lightning_module.trainer.train_dataloader)
 
+    @contextmanager
+    def _ring_attention(self) -> Generator[None, None, None]:
+        """Ring attention over the context-parallel group: in the steps, and in backward, where activation
+        checkpointing runs the forward again."""
+        if self.context_parallel == 1:
+            yield
+            return
+        with sequence_split(self.device_mesh["context_parallel"].get_group()):
+            yield
+
+    def _sequence_shares(self, args: tuple) -> tuple:
+        """The step's arguments with its batch (the first) cut to this rank's share of every sequence."""
+        if self.context_parallel == 1:
+            return args
+        return (shard_batch(args[0], self.device_mesh["context_parallel"].get_group()), *args[1:])
+
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         if self._pipeline is not None:
             return self._pipeline.training_step(args[0] if args else kwargs["batch"])
-        with self._vocab_parallel():
-            return super().training_step(*args, **kwargs)
+        with self._vocab_parallel(), self._ring_attention():
+            return super().training_step(*self._sequence_shares(args), **kwargs)
 
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
         if self._pipeline is not None:
             return self._pipeline.evaluation_step("validation_step", self.precision_plugin.val_step_context(), *args, **kwargs)
-        with self._vocab_parallel():
-            return super().validation_step(*args, **kwargs)
+        with self._vocab_parallel(), self._ring_attention():
+            return super().validation_step(*self._sequence_shares(args), **kwargs)
 
     def test_step(self, *args: Any, **kwargs: Any) -> Any:
         if self._pipeline is not None:
@@ -292,7 +325,7 @@ class ParallelStrategy(ZeROStrategy):
     def backward(self, closure_loss: torch.Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self._pipeline is not None:  # the schedule ran it; ZeRO reduced the gradients over the data dimension
             return self._pipeline.backward(closure_loss)
-        with self._vocab_parallel():  # loss_parallel's backward must run inside it too
+        with self._vocab_parallel(), self._ring_attention():  # loss_parallel's backward must run inside it too
             return super().backward(closure_loss, optimizer, *args, **kwargs)
 
     def full_model_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:

@@ -1,0 +1,113 @@
+"""Context parallelism: every sequence split over the ranks of the mesh's context-parallel dimension.
+
+`ParallelStrategy(context_parallel=N)` applies it in three places:
+
+- the model: every Hugging Face model in the LightningModule switches to `attn_implementation=
+  "lightning_ring"`, which is ring attention (`attention/ring.py`) over the context-parallel group while a
+  training or validation step runs under `sequence_split`, and the project's FlashAttention
+  (`lightning_fa2`) otherwise (generation, evaluation: whole sequences on one rank);
+- the batch: `shard_batch` cuts every [batch, seq] tensor of the step's batch (input ids, next-token targets,
+  position ids, made explicit) into the rank's load-balanced chunks, so rotary embeddings see each token's
+  true position and each target stays with its input (targets are already shifted by the data);
+- the loss: ZeRO averages the gradients over data x context parallelism, and the strategy's `reduce` and
+  `gradient_replicas` (protocols.py) span the same ranks, so a module's token mean counts every rank's
+  tokens and each context-parallel rank's loss is its share of its sequences' token sum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from lightning_llm.attention.registry import lightning_attention_forward, valid_keys_mask
+from lightning_llm.attention.ring import check_sequence_length, ring_attention, shard_sequence
+
+RING_IMPLEMENTATION = "lightning_ring"
+
+_group: ContextVar[dist.ProcessGroup | None] = ContextVar("context_parallel_group", default=None)
+
+
+@contextmanager
+def sequence_split(group: dist.ProcessGroup) -> Generator[None, None, None]:
+    """While inside, "lightning_ring" attention runs ring attention over `group` (the step's batch is sharded)."""
+    token = _group.set(group)
+    try:
+        yield
+    finally:
+        _group.reset(token)
+
+
+def ring_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                           attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                           is_causal: bool | None = None, **kwargs: Any) -> tuple[Tensor, None]:
+    """transformers' attention-function signature; ring attention inside `sequence_split`, else `lightning_fa2`."""
+    group = _group.get()
+    if group is None:
+        return lightning_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                           scaling=scaling, is_causal=is_causal, **kwargs)
+    if attention_mask is not None or dropout:
+        raise ValueError(f"context parallelism takes unpadded batches without attention dropout, got an attention mask "
+                         f"{None if attention_mask is None else tuple(attention_mask.shape)} and dropout {dropout}")
+    causal = module.is_causal if is_causal is None else is_causal
+    out = ring_attention(query, key, value, group, causal=causal, scale=scaling)
+    return out.transpose(1, 2), None
+
+
+def register() -> None:
+    """Make `attn_implementation="lightning_ring"` known to transformers (idempotent)."""
+    AttentionInterface.register(RING_IMPLEMENTATION, ring_attention_forward)
+    AttentionMaskInterface.register(RING_IMPLEMENTATION, valid_keys_mask)
+
+
+def use_ring_attention(models: list[nn.Module]) -> None:
+    """Switch these Hugging Face models' attention to "lightning_ring"."""
+    register()
+    for model in models:
+        model.set_attn_implementation(RING_IMPLEMENTATION)
+
+
+def check_block_size(datamodule: object, world_size: int) -> None:
+    """At setup, before any step: a data module's `block_size` (tokens per training sequence), where it has one,
+    must cut into 2 x `world_size` equal chunks."""
+    block_size = getattr(datamodule, "block_size", None)
+    if block_size is not None:
+        check_sequence_length(block_size, world_size)
+
+
+def shard_batch(batch: Any, group: dist.ProcessGroup) -> Any:
+    """This rank's load-balanced share of every [batch, seq] tensor of a dict batch, position ids added.
+
+    The sequence dimension is the input ids' second one; other entries pass unchanged. Refused, naming the
+    values: a batch that is not a dict with `input_ids`, a padding mask, a sequence length that does not cut
+    into 2 x N equal chunks, and packed documents (position ids restarting inside a row: ring attention here
+    keeps one causal sequence per row).
+    """
+    if not isinstance(batch, dict) or not isinstance(batch.get("input_ids"), Tensor) or batch["input_ids"].dim() != 2:
+        raise ValueError("context parallelism splits dict batches with a [batch, seq] 'input_ids' tensor, got "
+                         f"{type(batch).__name__}" + (f" with keys {sorted(batch)}" if isinstance(batch, dict) else ""))
+    input_ids = batch["input_ids"]
+    rows, seq = input_ids.shape
+    check_sequence_length(seq, dist.get_world_size(group))
+    mask = batch.get("attention_mask")
+    if mask is not None and not bool(mask.all()):
+        raise ValueError("context parallelism does not take padded batches (the attention mask has zeros): pack "
+                         "sequences to the full length instead")
+    positions = batch.get("position_ids")
+    if positions is None:
+        positions = torch.arange(seq, device=input_ids.device).expand(rows, seq)
+    elif bool((positions[..., 1:] != positions[..., :-1] + 1).any()):
+        raise NotImplementedError("context parallelism with packed documents (position ids restarting inside a "
+                                  "row) is not supported yet: ring attention would let the documents see each "
+                                  "other; train with one document per row")
+    batch = {**batch, "position_ids": positions.expand(rows, seq)}
+    batch.pop("attention_mask", None)
+    return {key: shard_sequence(value, 1, group) if isinstance(value, Tensor) and value.shape[:2] == (rows, seq)
+            else value for key, value in batch.items()}

@@ -1,0 +1,114 @@
+"""ParallelStrategy(context_parallel=2) against single-process training, on gloo.
+
+Two ranks split every sequence of the same global batches (load-balanced chunks, ring attention, per-chunk
+position ids, the token mean over both) and train the tiny model for a few steps; the global losses and
+the final weights must equal a plain PyTorch loop on one process over the whole sequences (test_parallel's
+oracle, started from the weights the distributed run recorded).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from _precision_helpers import free_port
+from lightning_llm.strategies.context import check_block_size, shard_batch
+from lightning_llm.strategies.parallel import ParallelStrategy
+from test_parallel import (
+    LOSS_TOL,
+    LR_SUM,
+    ROWS,
+    SEQ,
+    STEPS,
+    _loader,
+    _module,
+    _recorder,
+    _trainer,
+    single_process_run,
+)
+from tolerances import assert_adam_steps_close
+
+
+def _worker(rank: int, world: int, port: int, out: str, cp: int, checkpointing: bool) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank), NODE_RANK="0")
+    torch.set_num_threads(1)
+    record: dict = {}
+    torch.manual_seed(10 * rank)  # ranks draw different numbers: the model must not depend on it
+    strategy = ParallelStrategy(context_parallel=cp, activation_checkpointing=checkpointing)
+    trainer = _trainer(world, strategy, [_recorder(record)])
+    # The mesh is data x context: every rank of a context-parallel group reads its data coordinate's rows
+    # whole, and the strategy cuts its share of the sequences.
+    trainer.fit(_module(), _loader(rank // cp, world // cp))
+    record["train_loss"] = float(trainer.callback_metrics["train/loss"])
+    torch.save(record, Path(out) / f"cp-rank{rank}.pt")
+
+
+# cp2 with activation checkpointing: the decoder layers' forward runs again in backward, with ring attention too
+@pytest.mark.parametrize("world,cp,checkpointing", [
+    pytest.param(2, 2, True, id="cp2-checkpointed"), pytest.param(4, 2, False, marks=pytest.mark.slow, id="dp2xcp2")])
+def test_cp2_training_equals_one_process(tmp_path, world, cp, checkpointing):
+    mp.spawn(_worker, args=(world, free_port(), str(tmp_path), cp, checkpointing), nprocs=world, join=True)
+    records = [torch.load(tmp_path / f"cp-rank{r}.pt", weights_only=False) for r in range(world)]
+    init = records[0]["init"]
+    expected_losses, expected_weights = single_process_run(init, STEPS)
+    # Each rank returns its tokens' loss sum times the ranks that average gradients (all of them), over all
+    # tokens: the ranks' mean is the global token mean.
+    losses = [sum(values) / world for values in zip(*(r["losses"] for r in records))]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected_losses), **LOSS_TOL)
+    # The logged loss is the global one on every rank.
+    for record in records:
+        torch.testing.assert_close(record["train_loss"], expected_losses[-1], **LOSS_TOL)
+    # The ranks of a context-parallel group share a sampler coordinate; together they count every token once.
+    for rank, record in enumerate(records):
+        assert record["sampler"] == {"num_replicas": world // cp, "rank": rank // cp}
+        assert record["tokens"] == STEPS * ROWS * SEQ
+    final = records[0]["final"]
+    for name, weight in expected_weights.items():
+        assert not torch.equal(weight, init[name]), f"{name} did not train"
+    assert_adam_steps_close(final, expected_weights, lr_sum=LR_SUM)
+
+
+@pytest.mark.parametrize("batch,error,match", [
+    ({"input_ids": torch.zeros(2, 30, dtype=torch.long)}, ValueError, "sequence length 30 is not a multiple of 4"),
+    ({"input_ids": torch.zeros(2, 16, dtype=torch.long), "attention_mask": torch.tensor([[1] * 15 + [0]] * 2)},
+     ValueError, "padded"),
+    ({"input_ids": torch.zeros(1, 8, dtype=torch.long), "position_ids": torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])},
+     NotImplementedError, "packed documents"),
+    ([torch.zeros(2, 16)], ValueError, "dict batches"),
+])
+def test_batches_context_parallelism_cannot_split_are_refused(batch, error, match, monkeypatch):
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    with pytest.raises(error, match=match):
+        shard_batch(batch, None)
+
+
+def test_a_block_size_that_does_not_cut_into_chunks_is_refused_at_setup():
+    class Data:
+        block_size = 100
+
+    with pytest.raises(ValueError, match="sequence length 100 is not a multiple of 8"):
+        check_block_size(Data(), 4)
+    check_block_size(Data(), 2)
+    check_block_size(object(), 4)  # a data module without a block size: the steps check each batch
+
+
+def test_shard_batch_gives_each_token_its_position_and_target(monkeypatch):
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    ids = torch.arange(16).reshape(1, 16) + 100
+    share = shard_batch({"input_ids": ids, "targets": ids + 1, "num_tokens": torch.tensor([16])}, None)
+    # 4 chunks of 4: rank 0 holds chunks 0 and 3
+    assert share["position_ids"].tolist() == [[0, 1, 2, 3, 12, 13, 14, 15]]
+    assert torch.equal(share["input_ids"], share["position_ids"] + 100)
+    assert torch.equal(share["targets"], share["input_ids"] + 1)
+    assert torch.equal(share["num_tokens"], torch.tensor([16]))
