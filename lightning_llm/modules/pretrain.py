@@ -24,7 +24,7 @@ from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from lightning_llm.checkpoint import use_atomic_checkpoint_io
 from lightning_llm.chunked_loss import final_hidden_states, linear_cross_entropy_sum, output_head
-from lightning_llm.compile import CompileOption, compile_blocks, compile_options
+from lightning_llm.compile import CompileOption, compile_blocks, compile_options, compiled_while_training
 from lightning_llm.data.pretrain import check_block_fits
 from lightning_llm.divergence import DivergenceGuard
 from lightning_llm.models import build_config, build_model, has_weights
@@ -147,6 +147,7 @@ class PretrainModule(LightningModule):
         self.val_loss = MeanMetric()
         self.val_history: list[tuple[int, float]] = []
         self.tokens_seen = 0
+        self._token_loss_sum = next_token_loss_sum  # compiled in configure_model under `compile`
 
     # -- model -----------------------------------------------------------------------------------
 
@@ -182,6 +183,9 @@ class PretrainModule(LightningModule):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self._compile_options is not None:
             compile_blocks(self.model, **self._compile_options)
+            strategy = self.trainer.strategy if self._trainer is not None else None
+            if getattr(strategy, "tensor_parallel", 1) == 1:  # (vocabulary-parallel logits stay eager: loss_parallel)
+                self._token_loss_sum = compiled_while_training(next_token_loss_sum, self, self._compile_options)
 
     def _check_chunked_loss_applies(self) -> None:
         """Refuse `loss_chunk_size` before training where this module does not compute the loss from the
@@ -245,7 +249,7 @@ class PretrainModule(LightningModule):
         chunk_size = self.hparams.loss_chunk_size
         if targets is None or not chunk_size:
             logits = self.model(**inputs).logits
-            return logits if targets is None else next_token_loss_sum(logits, targets)
+            return logits if targets is None else self._token_loss_sum(logits, targets)
         head = output_head(self.model)
         return linear_cross_entropy_sum(final_hidden_states(self.model, **inputs), head.weight, targets, head.bias,
                                         chunk_size=chunk_size)
