@@ -25,7 +25,7 @@ from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from lightning_llm.checkpoint import use_atomic_checkpoint_io
 from lightning_llm.chunked_loss import final_hidden_states, linear_cross_entropy_sum, output_head
-from lightning_llm.compile import CompileOption, compile_blocks, compile_options
+from lightning_llm.compile import CompileOption, compile_blocks, compile_options, compiled_while_training
 from lightning_llm.data.pretrain import check_block_fits
 from lightning_llm.divergence import DivergenceGuard
 from lightning_llm.models import build_config, build_model, has_weights
@@ -154,6 +154,7 @@ class PretrainModule(LightningModule):
         self.val_loss = MeanMetric()
         self.val_history: list[tuple[int, float]] = []
         self.tokens_seen = 0
+        self._token_loss_sum = next_token_loss_sum  # compiled in configure_model under `compile`
 
     # -- model -----------------------------------------------------------------------------------
 
@@ -194,6 +195,9 @@ class PretrainModule(LightningModule):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self._compile_options is not None:
             compile_blocks(self.model, **self._compile_options)
+            strategy = self.trainer.strategy if self._trainer is not None else None
+            if getattr(strategy, "tensor_parallel", 1) == 1:  # (vocabulary-parallel logits stay eager: loss_parallel)
+                self._token_loss_sum = compiled_while_training(next_token_loss_sum, self, self._compile_options)
 
     def _check_chunked_loss_applies(self) -> None:
         """Refuse `loss_chunk_size` before training where this module does not compute the loss from the
@@ -264,8 +268,8 @@ class PretrainModule(LightningModule):
 
     def loss_sum(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The module's loss, summed over the target tokens: what every layout trains on (a pipeline's last
-        stage calls it per micro-batch, see `lightning_llm.protocols.PipelinedTraining`)."""
-        return next_token_loss_sum(logits, targets)
+        stage calls it per micro-batch, see `lightning_llm.protocols.PipelinedTraining`); compiled under `compile`."""
+        return self._token_loss_sum(logits, targets)
 
     def router_loss(self, router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None) -> torch.Tensor:
         """The mixture of experts' router terms added to the training loss; logs them and the expert loads.
