@@ -247,3 +247,14 @@ def test_tuning_raises_exact_match_on_held_out_questions(tmp_path, tokenizer):
     module.model.eval()
     after = make_sft_data.exact_match(module.model, dm.tokenizer, test)
     assert before <= 0.02 and after >= 0.5, (before, after)
+
+
+def test_every_pretrain_option_is_an_instruction_tuning_option():
+    # The subclass saves its own arguments as hyper-parameters: an option of PretrainModule it did not take
+    # would be missing from `hparams` where the shared code reads it (capacity_factor was, and crashed the fit).
+    import inspect
+
+    from lightning_llm.modules.pretrain import PretrainModule
+
+    ours = inspect.signature(InstructionTuningModule.__init__).parameters
+    assert set(inspect.signature(PretrainModule.__init__).parameters) <= set(ours)

@@ -87,7 +87,8 @@ class InstructionTuningModule(PretrainModule):
             takes "lightning_fa2" where the model allows it (see `attend_per_example`), else transformers'
             default.
         vocab_size, betas, min_lr_ratio, max_steps, activation_checkpointing, compile, on_nonfinite,
-            max_nonfinite_skips, loss_chunk_size: as in `PretrainModule`.
+            max_nonfinite_skips, router_aux_loss_coef, router_z_loss_coef, capacity_factor, loss_chunk_size: as
+            in `PretrainModule`.
         lr, weight_decay, warmup_steps: as in `PretrainModule`, with finetuning's defaults (a lower
             peak rate, no decay, a short warmup).
 
@@ -112,12 +113,17 @@ class InstructionTuningModule(PretrainModule):
         compile: CompileOption = False,
         on_nonfinite: Literal["stop", "skip"] = "stop",
         max_nonfinite_skips: int = 16,
+        router_aux_loss_coef: float = 0.01,
+        router_z_loss_coef: float = 0.001,
+        capacity_factor: float | None = None,
         loss_chunk_size: int | None = 0,
     ) -> None:
         super().__init__(model, vocab_size=vocab_size, attn_implementation=attn_implementation, lr=lr, weight_decay=weight_decay,
                          betas=betas, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, max_steps=max_steps,
                          activation_checkpointing=activation_checkpointing, compile=compile, on_nonfinite=on_nonfinite,
-                         max_nonfinite_skips=max_nonfinite_skips, loss_chunk_size=loss_chunk_size)
+                         max_nonfinite_skips=max_nonfinite_skips, router_aux_loss_coef=router_aux_loss_coef,
+                         router_z_loss_coef=router_z_loss_coef, capacity_factor=capacity_factor,
+                         loss_chunk_size=loss_chunk_size)
         if is_checkpoint(model) and not Path(model).is_file():
             raise FileNotFoundError(f"checkpoint {str(model)!r} does not exist")
         self.tokenizer = source_tokenizer(model)
