@@ -10,9 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # three layouts in two processes, about a minute: the suite leaves it to `pytest -m slow`
 def test_quick_mode_communication_matches_the_formulas(tmp_path):
     out = tmp_path / "parallel.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
