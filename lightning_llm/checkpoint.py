@@ -16,7 +16,7 @@ directory is written into a temporary sibling, fsync'd, and swapped with the old
 (NFS, other systems) it takes two renames: the old one aside, the new one in. A kill between them
 leaves the name missing with the complete new directory beside it; readers then read that one, and
 the next save (or export) of the name renames it in. Temporaries left by a killed process are removed
-at the next save into their folder, with a line saying so. (torchtitan trusts only checkpoint folders
+at the next save into their folder on the same host, with a line saying so. (torchtitan trusts only checkpoint folders
 whose metadata is complete; `torch.distributed.checkpoint` writes its `.metadata` last, by a rename.)
 
 Lightning's strategies write files through their CheckpointIO: `PretrainModule.setup` (so every module
@@ -32,6 +32,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -48,9 +49,14 @@ SHARDED_METADATA = "meta.pt"  # a sharded checkpoint's non-tensor part and shard
 DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of the tensors (`_metadata_fn`)
 SHARD_RECORD = "lightning_llm_shards"  # the entry of `meta.pt` that records the step and the shard set
 
-# Temporaries beside a name: `.<name>.<kind>-<pid>-<random>`. `tmp`: being written (complete once an
-# `old` of the same token exists); `old`: the previous version, set aside; `del`: being deleted.
-_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old|del)-(?P<token>(?P<pid>\d+)-[0-9a-f]{6})$")
+# Temporaries beside a name: `.<name>.<kind>-<pid>-<random>@<host>`. `tmp`: being written (complete once an
+# `old` of the same token exists); `old`: the previous version, set aside; `del`: being deleted. The host
+# is there because a process id means something only on its own machine: on a folder that several nodes
+# share, a node must not take another node's live writer for dead. (Names without it, from earlier
+# versions, are judged as this host's.)
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old|del)-"
+                        r"(?P<token>(?P<pid>\d+)-[0-9a-f]{6}(?:@(?P<host>[A-Za-z0-9._-]+))?)$")
+_HOST = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "localhost"
 
 
 def _sibling(path: Path, kind: str, token: str) -> Path:
@@ -58,7 +64,7 @@ def _sibling(path: Path, kind: str, token: str) -> Path:
 
 
 def _new_token() -> str:
-    return f"{os.getpid()}-{secrets.token_hex(3)}"
+    return f"{os.getpid()}-{secrets.token_hex(3)}@{_HOST}"
 
 
 def fsync_directory(path: Path) -> None:
@@ -104,14 +110,18 @@ def _alive(pid: int) -> bool:
 def recover(folder: str | os.PathLike) -> None:
     """Finish or undo what killed writers left in `folder`: a complete new directory whose name is
     missing (killed between its two renames) is renamed in; every other temporary of a process that
-    no longer runs is deleted. Each action is logged."""
+    no longer runs is deleted. Each action is logged. A temporary written on another host is left
+    alone (whether its writer runs cannot be seen from here), with a line naming it."""
     folder = Path(folder)
     if not folder.is_dir():
         return
     groups: dict[tuple[str, str], dict[str, Path]] = {}
     for entry in folder.iterdir():
         match = _TEMPORARY.match(entry.name)
-        if match and not _alive(int(match["pid"])):
+        if match and match["host"] not in (None, _HOST):
+            rank_zero_info(f"left {entry} alone: a save by host {match['host']!r} (process {match['pid']}), which this "
+                           f"host ({_HOST!r}) cannot check; delete it if no run on that host is writing it")
+        elif match and not _alive(int(match["pid"])):
             groups.setdefault((match["name"], match["token"]), {})[match["kind"]] = entry
     for (name, _), kinds in sorted(groups.items()):
         target = folder / name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from lightning_llm import checkpoint
 from lightning_llm.checkpoint import (
     DCP_METADATA,
     SHARDED_METADATA,
@@ -107,6 +109,27 @@ def test_a_save_removes_what_killed_saves_left_and_says_so(tmp_path, info_lines)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.tmp-1-abcdef", "last.ckpt"]
     removed = [r.getMessage() for r in info_lines.records if "left by a killed save" in r.getMessage()]
     assert len(removed) == 2 and all(str(tmp_path) in line for line in removed)
+
+
+def test_a_temporary_written_on_another_host_is_left_alone_and_named(tmp_path, info_lines, monkeypatch):
+    # On a folder shared by several nodes a process id is only meaningful on its own host: node B's writer
+    # may be alive though no process here has its id. Its temporary is kept; this host's dead one goes.
+    pid = dead_pid()
+    last = tmp_path / "last.ckpt"
+    monkeypatch.setattr(checkpoint, "_HOST", "node-b")
+    monkeypatch.setattr(os, "getpid", lambda: pid)
+    foreign = checkpoint._sibling(last, "tmp", checkpoint._new_token())
+    monkeypatch.undo()
+    monkeypatch.setattr(os, "getpid", lambda: pid)
+    own = checkpoint._sibling(last, "tmp", checkpoint._new_token())
+    monkeypatch.undo()
+    foreign.write_bytes(b"being written on node-b")
+    own.write_bytes(b"left by a killed save here")
+    write_sharded(last, 2, 1.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([foreign.name, "last.ckpt"])
+    lines = [r.getMessage() for r in info_lines.records]
+    assert any(str(foreign) in line and "'node-b'" in line for line in lines)
+    assert any(str(own) in line and "left by a killed save" in line for line in lines)
 
 
 def test_a_directory_killed_between_its_renames_is_read_and_then_put_in_place(tmp_path, info_lines):
