@@ -102,6 +102,7 @@ def runs(tmp_path_factory):
     return ranks, {p: _fit(p, 1, 0, init=ranks[0][p]["init"]) for p in PRECISIONS}
 
 
+@pytest.mark.slow  # the fixture: two plugins in two processes and one, about 100 s on 2 cores
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_ep2_under_mixed_precision_equals_one_process(runs, precision):
     """Losses (the mean of the ranks') within loss_atol of the dtype: the two runs compute the same roundings
@@ -124,6 +125,7 @@ def test_ep2_under_mixed_precision_equals_one_process(runs, precision):
     assert diff.norm() <= adam_update_rtol(dtype, ROWS * SEQ) * moved.norm()
 
 
+@pytest.mark.slow
 def test_fp16_overflow_in_one_ranks_expert_makes_every_rank_skip(runs):
     """The inf is in rank 1's shard of an expert (a `DTensor` that ZeRO does not reduce): rank 0 must see the
     overflow too, skip the same step and back off the scale, as the one process does."""
