@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -41,6 +42,7 @@ from lightning_llm.export import (
 )
 from lightning_llm.extras import require
 from lightning_llm.models import PRESETS, build_model, has_weights
+from lightning_llm.moe import is_experts
 
 if TYPE_CHECKING:
     import bitsandbytes as bnb
@@ -85,6 +87,33 @@ def check_target_modules(model: nn.Module, target_modules: str | list[str]) -> N
     missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
         raise ValueError(f"target_modules {missing} match no linear layer; the model's linear layers are {kinds}")
+
+
+def expert_weight_names(model: nn.Module) -> list[str]:
+    """Qualified names of the fused 3-D expert weights of a mixture-of-experts model (transformers' experts
+    modules: `gate_up_proj` [experts, 2 x width, hidden] and `down_proj` [experts, hidden, width]), which are
+    parameters, not linear layers, so "all-linear" never adapts them; empty for a dense model."""
+    return [f"{name}.{weight}" for name, m in model.named_modules() if is_experts(m) for weight in ("gate_up_proj", "down_proj")]
+
+
+def with_expert_targets(config: LoraConfig, model: nn.Module, experts: bool) -> LoraConfig:
+    """`config` with the expert weights of a mixture-of-experts `model` adapted or not (`LoRACallback(experts=...)`).
+
+    peft reads "all-linear" on a transformers-5 MoE as transformers 4 meant it, when experts and router were linear
+    layers, and silently adds their fused weights (`target_parameters`); here "all-linear" is resolved to the linear
+    layers themselves first, so the experts are adapted only when asked: then through `target_parameters`, one
+    low-rank update per expert, (alpha / r) B_e A_e added to each expert's matrix."""
+    names = expert_weight_names(model)
+    if experts and not names:
+        raise ValueError(f"experts=True adapts the experts of a mixture-of-experts model, and {type(model).__name__} "
+                         "has none (fused 3-D gate_up_proj / down_proj): use experts=False")
+    if not names:
+        return config
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    targets = config.target_modules
+    if targets == "all-linear":
+        targets = sorted({n.removesuffix(".base_layer") for n in linear_layer_names(base)})
+    return replace(config, target_modules=targets, target_parameters=names if experts else None)
 
 
 # -- QLoRA storage --------------------------------------------------------------------------------
@@ -291,6 +320,24 @@ def config_dict(config: LoraConfig) -> dict[str, Any]:
     return {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items() if k != "peft_type"}
 
 
+def check_experts_option(experts: bool, dropout: float) -> None:
+    if not isinstance(experts, bool):
+        raise ValueError(f"experts must be True or False, got {experts!r}")
+    if experts and dropout:
+        raise ValueError(f"experts=True with dropout={dropout!r}: peft's adapters on fused expert weights have no "
+                         "dropout (the input cannot be factored out of the merged weight); set dropout=0.0")
+
+
+def check_experts_unsharded(experts: bool, strategy: Any) -> None:
+    """Refuse adapters on experts under expert parallelism: each rank holds 1/N of the experts, and peft's
+    per-expert adapters (one matrix for all experts, its rows or columns by expert) would stay whole."""
+    degree = getattr(strategy, "expert_parallel", 1)
+    if experts and degree > 1:
+        raise NotImplementedError(f"LoRACallback(experts=True) under expert_parallel={degree}: adapters on the experts "
+                                  "are not sharded with them (not built); use experts=False (attention adapters, the "
+                                  "experts frozen and sharded) or expert_parallel=1")
+
+
 # -- the callbacks --------------------------------------------------------------------------------
 
 
@@ -317,6 +364,11 @@ class LoRACallback(Callback):
         optimizer: `None` keeps the module's AdamW; "adamw8bit", "paged_adamw" or "paged_adamw8bit"
             swap in the bitsandbytes optimizer with the same groups and schedule.
         adapter_dir: where the adapter is written at the end of fit; default `<default_root_dir>/adapter`.
+        experts: on a mixture-of-experts model, also adapt every expert's weights (one rank-r update per
+            expert and matrix, through peft's `target_parameters`; needs dropout=0, which peft's expert
+            adapters do not implement). False: the experts (and the router, no linear layer in transformers 5)
+            stay frozen, under expert parallelism sharded as in full training; True is refused under expert
+            parallelism (the adapters are not sharded with their experts).
     """
 
     def __init__(
@@ -329,7 +381,9 @@ class LoRACallback(Callback):
         lr_multiplier: float = 1.0,
         optimizer: Literal["adamw8bit", "paged_adamw", "paged_adamw8bit"] | None = None,
         adapter_dir: str | None = None,
+        experts: bool = False,
     ) -> None:
+        check_experts_option(experts, dropout)
         if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
             raise ValueError(f"r (the LoRA rank) must be a positive integer, got {r!r}")
         if not alpha > 0:
@@ -350,6 +404,7 @@ class LoRACallback(Callback):
                                  target_modules=target_modules if isinstance(target_modules, str) else list(target_modules))
         self.adapter_name, self.lr_multiplier, self.optimizer = adapter_name, lr_multiplier, optimizer
         self.adapter_dir = adapter_dir
+        self.experts = experts
 
     # -- the model --------------------------------------------------------------------------------
 
@@ -366,7 +421,8 @@ class LoRACallback(Callback):
                              "strategy's empty init): use ZeROStrategy(empty_init=False) or a strategy without it")
         if not isinstance(model, PeftModel):
             model = self.prepare_base(model)
-        model = add_adapter(model, self.config, self.adapter_name)
+        config = with_expert_targets(self.config, model, self.experts)
+        model = add_adapter(model, config, self.adapter_name)
         # `from_pretrained` returns a model in eval mode and Lightning keeps the mode it finds; in eval
         # mode the adapter's dropout and transformers' gradient checkpointing are both switched off.
         model.train()
@@ -384,6 +440,7 @@ class LoRACallback(Callback):
         return model
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        check_experts_unsharded(self.experts, trainer.strategy)
         # A model that exists already (a second fit on the same module) is not rebuilt by
         # configure_model: the adapter is added to it here, before the optimizer is built.
         model = getattr(pl_module, "model", None)

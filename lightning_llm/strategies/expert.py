@@ -11,6 +11,10 @@ optimizer, gradient clipping (one global norm) and `torch.distributed.checkpoint
 number of ranks) handle as they handle ZeRO's shards. The experts are left out of ZeRO
 (`fully_shard(ignored_params=...)`): they are already split, and their gradients need no reduction,
 only the scale that `ExpertDispatch` applies (an expert's gradient is the sum over all ranks' tokens).
+The precision plugins need nothing more: fp16's found-inf check on a `DTensor` gradient is reduced over
+its mesh, so an overflow in one rank's experts skips the step on every rank. Frozen experts (LoRA on the
+rest of the model) are cut the same way; adapters on the experts themselves are not cut with them.
+(tests/test_expert_parallel_precision.py, tests/test_expert_parallel_lora.py)
 
 Which modules are experts and which weights are cut comes from the model's Hugging Face expert plan
 (`config.base_model_ep_plan`: "grouped_gemm" weights are cut on the expert dimension, an

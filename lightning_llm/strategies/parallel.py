@@ -238,7 +238,9 @@ class ParallelStrategy(ZeROStrategy):
 
     def _causal_lm(self, what: str) -> tuple[str, nn.Module]:
         module = self.lightning_module
-        causal_lms = [(name, m) for name, m in module.named_modules() if _is_hf_model(m) and hasattr(m, "lm_head")]
+        found = [(name, m) for name, m in module.named_modules() if _is_hf_model(m) and hasattr(m, "lm_head")]
+        # A wrapper (peft's PeftModel and LoraModel under LoRA) answers for the causal LM inside it: the innermost counts.
+        causal_lms = [(name, m) for name, m in found if not any(other.startswith(f"{name}.") for other, _ in found)]
         if len(causal_lms) != 1:
             raise ValueError(f"{what} needs exactly one Hugging Face causal LM in the LightningModule (built in "
                              f"configure_model), found {[n for n, _ in causal_lms]}")
