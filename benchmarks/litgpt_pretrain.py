@@ -25,6 +25,8 @@ from litgpt.pretrain import initialize_weights
 from litgpt.utils import chunked_cross_entropy
 
 from lightning_llm.models import PRESETS
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}  # as benchmarks/pretrain_throughput.py's --clock
 from lightning_llm.modules.pretrain import parameter_groups, warmup_cosine
 
 
@@ -58,7 +60,7 @@ def train(args: argparse.Namespace, batches: list[dict[str, torch.Tensor]]) -> d
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
-        times.append(time.perf_counter())
+        times.append(CLOCKS[args.clock]())
     parameters = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     return {"times": times, "loss": loss.item(), "parameters": parameters}
 
@@ -71,7 +73,10 @@ def main() -> None:
     parser.add_argument("--block_size", type=int, required=True)
     parser.add_argument("--lr", type=float, required=True)
     parser.add_argument("--warmup_steps", type=int, required=True)
+    parser.add_argument("--clock", default="wall", choices=sorted(CLOCKS))
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     batches = torch.load(args.batches)
     for line in sys.stdin:
         if line.strip() == "run":

@@ -4,6 +4,10 @@ and litgpt's compiled pretraining step when a Python with litgpt is given. Same 
 in the same order, the same optimizer settings and schedule; the first `--warmup` steps of each run (compiling
 included) are not timed. Each row also gives the loss at the last step.
 
+`--clock cpu` times each step by the process's CPU time on one thread instead of the wall clock: on a machine
+that other jobs share, a step's CPU time barely depends on their load (a wall-clock rate does), so rows taken
+under load compare; it leaves out what a wall clock sees and CPU time does not (waiting, other threads).
+
     python benchmarks/pretrain_throughput.py --model llama-5m --steps 40 --rounds 3 \
         --litgpt_python /path/to/venv-with-litgpt/bin/python
 """
@@ -35,6 +39,8 @@ from lightning_llm.scaling import flops_per_token, peak_flops
 Batches = list[dict[str, torch.Tensor]]
 Run = Callable[[], tuple[list[float], float]]  # one training run: the time after each step, the last loss
 ROOT = Path(__file__).resolve().parent.parent
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+now = CLOCKS["wall"]  # the clock every variant reads (main sets it from --clock)
 
 
 def step_rate(times: list[float], warmup: int, tokens_per_step: int) -> float:
@@ -55,7 +61,7 @@ def run_lightning(args, batches: Batches, vocab: int, compile: bool) -> tuple[li
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            times.append(time.perf_counter())
+            times.append(now())
             losses.append(outputs["loss"])
 
     torch.manual_seed(0)
@@ -90,7 +96,7 @@ def run_plain(args, batches: Batches, vocab: int) -> tuple[list[float], float]:
         schedule.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter())
+        times.append(now())
     return times, loss.item()
 
 
@@ -105,7 +111,7 @@ def run_hf_trainer(args, batches: Batches, vocab: int) -> tuple[list[float], flo
         def on_step_end(self, *a, **k):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            times.append(time.perf_counter())
+            times.append(now())
 
         def on_log(self, args, state, control, logs=None, **k):
             if logs and "loss" in logs:
@@ -151,7 +157,7 @@ class LitGPTWorker:
         self.process = subprocess.Popen(
             [python, str(ROOT / "benchmarks" / "litgpt_pretrain.py"), "--batches", str(path), "--model", args.model,
              "--vocab_size", str(vocab), "--block_size", str(args.block_size), "--lr", str(args.lr),
-             "--warmup_steps", str(args.warmup_steps)],
+             "--warmup_steps", str(args.warmup_steps), "--clock", args.clock, "--threads", str(torch.get_num_threads())],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.parameters = None
 
@@ -185,8 +191,20 @@ def main() -> None:
                         help="variants to run (litgpt compiled needs a Python with litgpt)")
     parser.add_argument("--litgpt_python", default=sys.executable if importlib.util.find_spec("litgpt") else None,
                         help="a Python with litgpt installed (default: this one, when it has litgpt)")
+    parser.add_argument("--clock", default="wall", choices=sorted(CLOCKS),
+                        help="wall: elapsed time; cpu: the process's CPU time on one thread (steady on a shared machine)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; 1 under --clock cpu)")
     parser.add_argument("--out", default="benchmarks/results/pretrain_throughput.json")
     args = parser.parse_args()
+    if args.clock == "cpu":
+        if args.threads not in (None, 1):
+            parser.error(f"--clock cpu --threads {args.threads}: CPU time sums every thread's (and counts their "
+                         "spin-waits), so it measures one thread only; use --threads 1 or --clock wall")
+        args.threads = 1
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    global now
+    now = CLOCKS[args.clock]
     if "litgpt compiled" in args.runs and (args.litgpt_python is None or args.precision != "32-true"):
         print("litgpt compiled: skipped (needs --litgpt_python, and runs fp32 only)")
         args.runs.remove("litgpt compiled")
@@ -229,7 +247,8 @@ def main() -> None:
     rows = summary(samples, baseline)
     plain = summary(samples, "plain loop") if "plain loop" in samples else None
     print(f"\n{args.model}, block {args.block_size}, batch {args.batch_size}, {args.precision}, {args.steps} steps, "
-          f"median [min-max] of {args.rounds} interleaved rounds, {machine}")
+          f"median [min-max] of {args.rounds} interleaved rounds, {machine}, {torch.get_num_threads()} thread(s), "
+          f"{args.clock} clock")
     print(f"{'run':<20}{'tokens/s':>10}{'range':>18}{'MFU':>7}{'vs lightning':>14}{'vs plain':>10}{'last loss':>11}")
     for i, row in enumerate(rows):
         name = row["run"]
