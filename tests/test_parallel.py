@@ -60,7 +60,8 @@ def _one_kv_head():
     return build_config("tiny", num_key_value_heads=1)
 
 
-def _trainer(world: int, strategy: ParallelStrategy, callbacks: list, ckpt_dir: Path | None = None):
+def _trainer(world: int, strategy: ParallelStrategy | str, callbacks: list, ckpt_dir: Path | None = None,
+             plugins: list = ()):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     if ckpt_dir is not None:
@@ -68,7 +69,7 @@ def _trainer(world: int, strategy: ParallelStrategy, callbacks: list, ckpt_dir: 
                                                  save_top_k=-1, save_last=True)]
     return L.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=STEPS, logger=False,
                      enable_checkpointing=ckpt_dir is not None, enable_progress_bar=False, enable_model_summary=False,
-                     use_distributed_sampler=False, gradient_clip_val=CLIP, callbacks=callbacks)
+                     use_distributed_sampler=False, gradient_clip_val=CLIP, callbacks=callbacks, plugins=list(plugins))
 
 
 def _recorder(record: dict):
@@ -79,7 +80,7 @@ def _recorder(record: dict):
             from lightning_llm.strategies.zero import state_bytes
 
             record["init"] = full_weights(pl_module.model)
-            record["sampler"] = trainer.strategy.distributed_sampler_kwargs
+            record["sampler"] = getattr(trainer.strategy, "distributed_sampler_kwargs", None)
             record["param_bytes"] = state_bytes(pl_module)["params"]
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
