@@ -185,6 +185,12 @@ class ParallelStrategy(ZeROStrategy):
         return self.device_mesh["data_parallel"]
 
     @property
+    def data_parallel_group(self) -> Any:
+        """The ranks that hold different batches (data x context parallelism): an evaluation splits its
+        requests over them, while the ranks of a tensor-parallel group take the same ones (protocols.py)."""
+        return self._data_mesh().get_group()
+
+    @property
     def gradient_replicas(self) -> int:
         """The ranks that average their gradients, each with an equal share of the tokens (see protocols.py):
         data x context parallelism; a context-parallel rank's loss is its share of its sequences' token sum."""
