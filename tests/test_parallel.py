@@ -386,7 +386,9 @@ def test_lora_adapters_under_tensor_parallelism_are_refused_by_name():
 
     model = get_peft_model(build_model("tiny", vocab_size=VOCAB), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     with pytest.raises(NotImplementedError, match=r"self_attn\.q_proj is a Linear adapter layer \(LoRA/QLoRA\).*"
-                                                  r"issue 15.*tensor_parallel=1"):
+                                                  r"issue 15.*column-split projection .* B split over its output rows"
+                                                  r".* A replicated; on a row-split one .* A split over its input "
+                                                  r"columns .* B replicated.*tensor_parallel=1"):
         plan_styles(model.base_model.model, True, degree=2)
 
 
