@@ -40,6 +40,14 @@ def gradient_replicas(strategy: object) -> int:
     return replicas
 
 
+def evaluation_group(strategy: object) -> "torch.distributed.ProcessGroup | None":
+    """The process group whose ranks split an evaluation's requests (each scores its share): a strategy's
+    own `data_parallel_group` where it has one, else None (all ranks). Under tensor parallelism the ranks of
+    a tensor-parallel group hold slices of one model and must run it on the same inputs, so only the
+    data-parallel ranks may take different requests."""
+    return getattr(strategy, "data_parallel_group", None)
+
+
 def local_loss(loss: torch.Tensor) -> torch.Tensor:
     """The plain tensor of a loss: a vocabulary-parallel cross-entropy returns a `DTensor` whose value is
     already the whole loss on every rank of the tensor-parallel group (replicated); other losses pass."""

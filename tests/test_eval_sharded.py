@@ -1,4 +1,5 @@
-"""Benchmark callbacks on a ZeRO-3 sharded model (2 gloo ranks) against one process on the same weights.
+"""Benchmark callbacks on a ZeRO-3 sharded model (2 gloo ranks), and under tensor parallelism (tp2, and
+dp2 x tp2 with ZeRO-3), against one process on the same weights.
 
 Under `ZeROStrategy(stage=3)` every forward pass all-gathers the parameters, so every rank must make
 the same number of forward passes even when the ranks have unequal work. The 2-rank job trains two
@@ -27,6 +28,7 @@ from eval_support import FIXTURES, one_thread, small_tokenizer, tiny_model
 from lightning_llm.callbacks.benchmarks import LMEvalCallback
 from lightning_llm.eval import tasks
 from lightning_llm.eval.lm_adapter import LightningLM, within_root_forward
+from lightning_llm.strategies.parallel import ParallelStrategy
 from lightning_llm.strategies.zero import ZeROStrategy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -109,8 +111,11 @@ class Recorder(pl.Callback):
             return
         self.record["training_after_eval"] = [m.training for m in pl_module.modules()]
         self.record["evaluated"] = full_weights(pl_module.model)
+        # The ranks of one tensor-parallel group share a data-parallel coordinate, and so their requests.
+        data_rank = trainer.strategy.distributed_sampler_kwargs["rank"]
+        self.record["data_rank"] = data_rank
         self.record["direct"] = within_root_forward(
-            pl_module, lambda: direct_outputs(pl_module.model, pl_module.tokenizer, trainer.global_rank))
+            pl_module, lambda: direct_outputs(pl_module.model, pl_module.tokenizer, data_rank))
         self.record["training_after_direct"] = [m.training for m in pl_module.modules()]
 
     def on_train_end(self, trainer, pl_module):
@@ -118,7 +123,7 @@ class Recorder(pl.Callback):
         self.record["steps"] = trainer.global_step
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def _worker(rank: int, world: int, port: int, out: str, tensor_parallel: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank), NODE_RANK="0")
     torch.set_num_threads(1)
@@ -126,7 +131,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     try:
         callback = benchmark_callback()
         # A hung collective fails after the timeout instead of blocking the test run.
-        strategy = ZeROStrategy(stage=3, process_group_backend="gloo", timeout=timedelta(seconds=60))
+        options = dict(process_group_backend="gloo", timeout=timedelta(seconds=60))
+        strategy = (ZeROStrategy(stage=3, **options) if tensor_parallel == 1
+                    else ParallelStrategy(tensor_parallel=tensor_parallel, **options))
         trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=STEPS,
                              callbacks=[callback, Recorder(record)], logger=False, default_root_dir=out,
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
@@ -146,10 +153,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(world: int, out: Path, timeout: float = 180) -> list[dict]:
+def spawn(world: int, out: Path, timeout: float = 180, tensor_parallel: int = 1) -> list[dict]:
     context = mp.get_context("spawn")
     port = free_port()
-    workers = [context.Process(target=_worker, args=(rank, world, port, str(out))) for rank in range(world)]
+    workers = [context.Process(target=_worker, args=(rank, world, port, str(out), tensor_parallel)) for rank in range(world)]
     for worker in workers:
         worker.start()
     for worker in workers:
@@ -174,25 +181,39 @@ def ranks(tmp_path_factory):
     return spawn(2, tmp_path_factory.mktemp("sharded_eval"))
 
 
-@pytest.fixture(scope="module")
-def one_process(ranks, tmp_path_factory):
-    """The same callback and direct calls on one process, on the weights the ranks evaluated."""
+def evaluated_on_one_process(weights: dict[str, torch.Tensor], root: Path) -> dict:
+    """The same callback and direct calls on one process, on `weights` (what the ranks evaluated)."""
     module = TinyLM()
     module.configure_model()
-    module.model.load_state_dict(ranks[0]["evaluated"])
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path_factory.mktemp("one"),
+    module.model.load_state_dict(weights)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, default_root_dir=root,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.strategy.connect(module)
     callback = benchmark_callback()
     callback.evaluate(trainer, module)
     return {"metrics": callback.metrics, "samples": callback.results["samples"],
-            "direct": [direct_outputs(module.model, module.tokenizer, rank) for rank in range(len(ranks))]}
+            "direct": [direct_outputs(module.model, module.tokenizer, rank) for rank in range(2)]}
+
+
+@pytest.fixture(scope="module")
+def one_process(ranks, tmp_path_factory):
+    return evaluated_on_one_process(ranks[0]["evaluated"], tmp_path_factory.mktemp("one"))
 
 
 def test_metrics_and_per_sample_outputs_equal_one_process(ranks, one_process):
+    assert_evaluations_equal(ranks, one_process)
+
+
+def assert_evaluations_equal(ranks: list[dict], one_process: dict) -> None:
+    """Every rank's metrics and direct calls, and rank 0's gathered samples, equal the one-process ones."""
     for rank in ranks:  # the metrics are broadcast to every rank
         assert rank["metrics"] == one_process["metrics"]
-    assert ranks[1]["samples"] is None, "only rank 0 gathers the samples"
+        # The direct calls of each data-parallel coordinate (every rank of its tensor-parallel group alike).
+        expected = one_process["direct"][rank["data_rank"]]
+        assert rank["direct"]["generate_until"] == expected["generate_until"]
+        for (a, greedy_a), (b, greedy_b) in zip(rank["direct"]["loglikelihood"], expected["loglikelihood"], strict=True):
+            assert a == pytest.approx(b, abs=1e-4) and greedy_a == greedy_b
+    assert all(rank["samples"] is None for rank in ranks[1:]), "only rank 0 gathers the samples"
     assert set(one_process["metrics"]) >= {"bench/arc_challenge/acc", "bench/arc_challenge/acc_norm", "bench/gsm8k/exact_match"}
     sharded = ranks[0]["samples"]
     assert set(sharded) == set(one_process["samples"]) == {"arc_challenge", "gsm8k"}
@@ -221,14 +242,15 @@ def test_generations_end_at_different_lengths(one_process):
 
 
 def test_direct_calls_with_unequal_work_equal_one_process(ranks, one_process):
-    for rank, expected in zip(ranks, one_process["direct"]):
-        assert rank["direct"]["generate_until"] == expected["generate_until"]
-        for (a, greedy_a), (b, greedy_b) in zip(rank["direct"]["loglikelihood"], expected["loglikelihood"]):
-            assert a == pytest.approx(b, abs=1e-4) and greedy_a == greedy_b
+    assert [rank["data_rank"] for rank in ranks] == [0, 1]
     assert len(one_process["direct"][0]["generate_until"]) > len(one_process["direct"][1]["generate_until"])
 
 
 def test_training_mode_restored_and_training_continues(ranks):
+    assert_training_continues(ranks)
+
+
+def assert_training_continues(ranks: list[dict]) -> None:
     for rank in ranks:
         assert all(rank["training_after_eval"]) and all(rank["training_after_direct"])
         assert rank["steps"] == STEPS and len(rank["losses"]) == STEPS
@@ -237,3 +259,23 @@ def test_training_mode_restored_and_training_continues(ranks):
     assert ranks[1]["evaluated"] == {} and set(ranks[0]["final"]) == set(ranks[0]["evaluated"])
     changed = [k for k, v in ranks[0]["final"].items() if not torch.equal(v, ranks[0]["evaluated"][k])]
     assert len(changed) == len(ranks[0]["final"]), "the step after the evaluation did not update every weight"
+
+
+# Tensor parallelism: the ranks of a tensor-parallel group hold slices of one model and take the same
+# requests; the data-parallel ranks split them (dp2 x tp2: ranks 0 and 1 evaluate rank 0's share).
+
+
+@pytest.mark.slow
+def test_tp2_metrics_and_outputs_equal_one_process(tmp_path):
+    ranks = spawn(2, tmp_path, tensor_parallel=2)
+    assert [rank["data_rank"] for rank in ranks] == [0, 0]
+    assert_evaluations_equal(ranks, evaluated_on_one_process(ranks[0]["evaluated"], tmp_path / "one"))
+    assert_training_continues(ranks)
+
+
+@pytest.mark.slow
+def test_dp2_x_tp2_metrics_and_outputs_equal_one_process(tmp_path):
+    ranks = spawn(4, tmp_path, timeout=400, tensor_parallel=2)
+    assert [rank["data_rank"] for rank in ranks] == [0, 0, 1, 1]
+    assert_evaluations_equal(ranks, evaluated_on_one_process(ranks[0]["evaluated"], tmp_path / "one"))
+    assert_training_continues(ranks)

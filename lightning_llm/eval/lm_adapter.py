@@ -10,8 +10,11 @@ HFLM's on the same weights, without exporting and reloading the model.
 What differs from HFLM, for speed: the language-model head and the log-softmax run only on the
 positions being scored (`logits_to_keep`), not on every position of every padded row.
 
-Under torch.distributed each rank scores its share of the requests (lm-eval splits them) and the
-results are gathered on rank 0. When the parameters are sharded (ZeRO-3 / FSDP2), every forward pass
+Under torch.distributed each rank scores its share of the requests (lm-eval splits them over the
+ranks of `group`, by default all of them) and the results are gathered on the group's first rank.
+Under tensor parallelism the ranks of one tensor-parallel group hold slices of one model and must feed
+it the same inputs: `group` is then the data-parallel group, and each tensor-parallel rank evaluates
+its data-parallel coordinate's share (lm-eval returns the results on global rank 0 only). When the parameters are sharded (ZeRO-3 / FSDP2), every forward pass
 all-gathers them, so every rank makes the same number of forward passes and `generate` calls, and
 generation runs with `synced_gpus` (a rank whose sequences are done keeps stepping until all are);
 the evaluation must then run inside the forward of the root sharded module (`within_root_forward`),
@@ -85,6 +88,9 @@ class LightningLM(TemplateLM):
         forward_context: context manager factory entered around every model call (e.g. autocast
             from the trainer's precision plugin).
         progress: show tqdm progress bars (on rank 0 only).
+        group: the process group whose ranks split the requests (each evaluates its share); None: all
+            ranks. Ranks outside it (other tensor-parallel slices of the same model) see the same requests
+            as the rank of the group that shares their data-parallel coordinate.
 
     With sharded parameters (ZeRO-3 / FSDP2) call lm-eval from `within_root_forward(root, ...)`,
     where `root` is the sharded module that contains `model` (the LightningModule); the benchmark
@@ -101,6 +107,7 @@ class LightningLM(TemplateLM):
         max_gen_toks: int = 256,
         forward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
         progress: bool = True,
+        group: dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
         if tokenizer is None or getattr(tokenizer, "eos_token_id", None) is None:
@@ -114,11 +121,15 @@ class LightningLM(TemplateLM):
         self._max_length = max_length or resolve_max_length(model.config, tokenizer)
         self._max_gen_toks = max_gen_toks
         self._forward_context = forward_context or contextlib.nullcontext
-        self._progress = progress
         self._device = next(model.parameters()).device
-        if dist.is_available() and dist.is_initialized():
-            self._rank, self._world_size = dist.get_rank(), dist.get_world_size()
-        self._sharded = self._world_size > 1 and any(
+        self._group = group
+        distributed = dist.is_available() and dist.is_initialized()
+        self._progress = progress and (not distributed or dist.get_rank() == 0)
+        if distributed:
+            self._rank, self._world_size = dist.get_rank(group), dist.get_world_size(group)
+        # Every forward pass of a model with DTensor parameters is a collective over all ranks (ZeRO's
+        # all-gathers over the data-parallel ranks, tensor parallelism's over its group).
+        self._sharded = distributed and dist.get_world_size() > 1 and any(
             type(p).__name__ == "DTensor" for p in model.parameters()
         )
         self._scores_kept_positions = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -240,19 +251,20 @@ class LightningLM(TemplateLM):
         if self.world_size == 1:
             return tensor
         parts = [torch.empty_like(tensor.reshape(-1)) for _ in range(self.world_size)]
-        dist.all_gather(parts, tensor.reshape(-1))
+        dist.all_gather(parts, tensor.reshape(-1), group=self._group)
         return torch.cat(parts)
 
     def gather_object(self, obj: Any, dst: int = 0) -> list[Any] | None:
+        """Gather on the group's rank `dst` (lm-eval's ranks are the group's)."""
         if self.world_size == 1:
             return [obj]
         gathered = [None] * self.world_size if self.rank == dst else None
-        dist.gather_object(obj, gathered, dst=dst)
+        dist.gather_object(obj, gathered, group=self._group, group_dst=dst)
         return gathered
 
     def barrier(self) -> None:
         if self.world_size > 1:
-            dist.barrier()
+            dist.barrier(group=self._group)
 
     # ---- scoring and generation ----
 
@@ -267,8 +279,15 @@ class LightningLM(TemplateLM):
             batch[row, : len(ids)] = torch.tensor(ids, device=self._device)
         spans = [range(len(ids) - len(cont), len(ids)) for ids, (_, _, cont) in zip(inputs, chunk)]
         kept = sorted(set().union(*spans)) if self._scores_kept_positions else list(range(width))
+        if self._sharded and self._scores_kept_positions:
+            # Under sequence parallelism the final hidden states are a DTensor split along the sequence, which
+            # takes no plain index tensor; it does take the slice that an int `logits_to_keep` makes, so the
+            # head scores every position from the first one kept (generation keeps the last one the same way).
+            kept = list(range(kept[0], width))
         with self._forward_context():
-            if self._scores_kept_positions:
+            if self._sharded and self._scores_kept_positions:
+                logits = self.model(batch, logits_to_keep=len(kept)).logits
+            elif self._scores_kept_positions:
                 logits = self.model(batch, logits_to_keep=torch.tensor(kept, device=self._device)).logits
             else:
                 logits = self.model(batch).logits
@@ -343,4 +362,4 @@ class LightningLM(TemplateLM):
             self.model.train(was_training)
 
     def _progress_bar(self, total: int, what: str, disable: bool) -> tqdm:
-        return tqdm(total=total, desc=f"Running {what} requests", disable=disable or not self._progress or self.rank != 0)
+        return tqdm(total=total, desc=f"Running {what} requests", disable=disable or not self._progress)

@@ -21,7 +21,8 @@ Expert parallelism borrows the data-parallel ranks (expert_parallel = data_paral
 1/N of the experts and its own batch; tokens reach the experts by all-to-all): strategies/expert.py.
 Context parallelism (strategies/context.py) splits every sequence over its dimension (ring attention);
 ZeRO then shards and averages over data x context. Refused, not built yet: a pipeline with ZeRO-1 or with
-context parallelism, expert parallelism with a pipeline, tensor or context parallelism.
+context parallelism, expert parallelism with a pipeline, tensor or context parallelism, LoRA/QLoRA adapters
+under tensor parallelism (strategies/tensor.py says how they would be placed).
 """
 
 from __future__ import annotations
@@ -58,6 +59,11 @@ class ParallelStrategy(ZeROStrategy):
     Layouts that train as one process does (tests/test_parallel.py, tests/test_parallel_pipeline.py): tp2 (with
     and without SP), dp2 x tp2, pp2, pp2 x dp2, pp2 x tp2. Under a pipeline the module must be a
     `lightning_llm.protocols.PipelinedTraining` (its loss on the last stage, its metrics logged on every rank).
+    Under the precision plugins (`MixedPrecision` fp16 with loss scaling or bf16, `MasterWeightsPrecision`)
+    tp2 trains as one process under the same plugin (dp2 x tp2 too, tested under fp16), and an fp16 overflow
+    in any rank's shard skips the step on every rank (tests/test_parallel_precision.py). The benchmark callbacks split their
+    requests over the data-parallel ranks (`data_parallel_group`), each tensor-parallel group running them
+    together, and log the one-process metrics (tests/test_eval_sharded.py).
 
     Args:
         data_parallel: the data-parallel degree; "auto": the world size divided by the other degrees.
@@ -183,6 +189,12 @@ class ParallelStrategy(ZeROStrategy):
         if self.context_parallel > 1:  # the ranks of a sequence share its loss and gradients like data-parallel ones
             return self.device_mesh["data_parallel", "context_parallel"]._flatten("data_context_parallel")
         return self.device_mesh["data_parallel"]
+
+    @property
+    def data_parallel_group(self) -> Any:
+        """The ranks that hold different batches (data x context parallelism): an evaluation splits its
+        requests over them, while the ranks of a tensor-parallel group take the same ones (protocols.py)."""
+        return self._data_mesh().get_group()
 
     @property
     def gradient_replicas(self) -> int:

@@ -114,9 +114,14 @@ def plan_styles(causal_lm: nn.Module, sequence_parallel: bool, prefix: str = "",
                                               use_local_output=not sequence_parallel)
             continue
         if hasattr(module, "base_layer"):  # a peft tuner layer (LoRA, QLoRA) wrapping the planned linear
-            raise NotImplementedError(f"{prefix}{name} is a {type(module).__name__} adapter layer (LoRA/QLoRA): adapters "
-                                      f"are not placed under tensor parallelism yet ({ISSUE}); train them with "
-                                      "tensor_parallel=1 (ZeRO shards the frozen base over every rank)")
+            raise NotImplementedError(
+                f"{prefix}{name} is a {type(module).__name__} adapter layer (LoRA/QLoRA): adapters are not placed "
+                f"under tensor parallelism yet ({ISSUE}). The placement they would take: on a column-split "
+                "projection (q, k, v, gate, up) B split over its output rows like the base weight and A replicated; "
+                "on a row-split one (o, down) A split over its input columns like the base weight and B replicated; "
+                "so that the adapter's output has the base layer's placement. Train adapters with tensor_parallel=1 "
+                "instead: ParallelStrategy(tensor_parallel=1, zero_stage=3) or ZeROStrategy(stage=3) shards the "
+                "frozen base over every rank")
         if not isinstance(module, nn.Linear):
             raise NotImplementedError(f"{prefix}{name}: plan style {style!r} on a {type(module).__name__} (a quantised "
                                       "layer?); tensor parallelism splits nn.Linear only")
