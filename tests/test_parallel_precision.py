@@ -18,7 +18,7 @@ import torch
 import torch.multiprocessing as mp
 
 from _precision_helpers import free_port
-from test_parallel import CLIP, HP, ROWS, SEQ, STEPS, VOCAB, _loader, _recorder, _trainer
+from test_parallel import HP, ROWS, SEQ, STEPS, VOCAB, _loader, _recorder, _trainer
 from test_zero import PLANTED, PlantInf
 from tolerances import adam_update_rtol, loss_atol
 
