@@ -137,18 +137,23 @@ class ZeROStrategy(ModelParallelStrategy):
     def setup(self, trainer: Trainer) -> None:
         self.accelerator.setup(trainer)
         module = self.lightning_module
-        units = self._units(module)
+        # A module that an earlier run prepared for this layout (fit, then validate with a new Trainer) keeps its
+        # sharding and checkpointing hooks: torch applies each only once.
+        prepared = _prepared_before(module, self._layout())
+        units = [] if prepared else self._units(module)
         if self.stage == 1:
             # Stage 1 replicates the parameters: the whole model is materialised on every rank.
             _materialize(module, list(module.modules()), self.root_device)
             self._checkpoint_activations(units)
             module = self.precision_plugin.convert_module(module)
             self.model_to_device()
-            self.model = DistributedDataParallel(module, device_ids=None if self.root_device.type == "cpu" else [self.root_device.index])
+            self.model = self._replicate(module)
         else:
-            self._shard(module, units)
+            if not prepared:
+                self._shard(module, units)
             self.model = self.precision_plugin.convert_module(module)
             _move_torchmetrics_to_device(module, self.root_device)
+        module._zero_layout = self._layout()
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
@@ -188,6 +193,14 @@ class ZeROStrategy(ModelParallelStrategy):
             fully_shard(unit, mesh=self._data_mesh(), reshard_after_forward=self.stage == 3, offload_policy=offload,
                         ignored_params=_split_over(members, self._data_mesh()) or None)
             done.add(unit)
+
+    def _layout(self) -> tuple:
+        """What a module is prepared for: the stage and the mesh (its ranks and dimension names)."""
+        return self.stage, self.device_mesh.mesh.tolist(), self.device_mesh.mesh_dim_names
+
+    def _replicate(self, module: nn.Module) -> nn.Module:
+        """Stage 1: the module the steps call, wrapped so that backward all-reduces its gradients."""
+        return DistributedDataParallel(module, device_ids=None if self.root_device.type == "cpu" else [self.root_device.index])
 
     def _sharding_roots(self, module: nn.Module) -> list[nn.Module]:
         """The outermost sharding units, whose forward the steps call: the LightningModule (under
@@ -440,6 +453,16 @@ def _split_over(members: list[nn.Module], mesh: DeviceMesh) -> set[nn.Parameter]
     """Parameters of `members` that another parallelism has already split over `mesh` (expert parallelism's
     experts, `DTensor`s on the data-parallel mesh): ZeRO leaves them as they are."""
     return {p for m in members for p in m.parameters(recurse=False) if isinstance(p, DTensor) and p.device_mesh == mesh}
+
+
+def _prepared_before(module: nn.Module, layout: tuple) -> bool:
+    """Whether an earlier run prepared `module` for `layout`; raises if for another one, which it cannot be undone for."""
+    before = getattr(module, "_zero_layout", None)
+    if before is not None and before != layout:
+        raise ValueError(f"{type(module).__name__} was prepared by an earlier run for ZeRO stage {before[0]} on the mesh "
+                         f"{before[1]} {before[2]}, and cannot be sharded again for stage {layout[0]} on {layout[1]} "
+                         f"{layout[2]}: create a new module (and load a checkpoint of the earlier run into it)")
+    return before is not None
 
 
 def _members(unit: nn.Module, done: set[nn.Module]) -> list[nn.Module]:
