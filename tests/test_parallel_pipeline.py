@@ -17,6 +17,7 @@ import lightning as L
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
 
 from _precision_helpers import free_port
 from lightning_llm.strategies.parallel import ParallelStrategy
@@ -42,6 +43,16 @@ def _recorder(record: dict) -> L.Callback:
             record["init"] = _stage_weights(pl_module.model)
             record["sampler"] = trainer.strategy.distributed_sampler_kwargs
             record["param_bytes"] = state_bytes(pl_module)["params"]
+            head = getattr(pl_module.model, "lm_head", None)  # (on the last stage)
+            if head is not None:
+                head.register_forward_hook(self.see_logits)
+
+        def see_logits(self, head, args, logits):
+            """What the LM head hands on in a training forward (after the strategy's own hook): its type and the
+            vocabulary size this rank holds."""
+            if torch.is_grad_enabled():
+                local = logits.to_local() if isinstance(logits, DTensor) else logits
+                record.setdefault("train_logits", set()).add((type(logits).__name__, local.shape[-1]))
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             record.setdefault("losses", []).append(outputs["loss"].item())
@@ -154,10 +165,13 @@ def test_pp2_x_dp2_zero2_equals_one_process(tmp_path):
 def test_pp2_x_tp2_equals_one_process(tmp_path):
     """Tensor and sequence parallelism inside each stage (ZeRO-2 over a data dimension of 1): the residual
     stream crosses the stage boundary as its sequence shards; the tied embedding's two copies (the
-    first stage's embedding, the last stage's LM head) are split alike over the vocabulary."""
+    first stage's embedding, the last stage's LM head) are split alike over the vocabulary, and the last
+    stage's loss takes the logits as the two ranks' vocabulary slices (loss parallel): whole logits never exist."""
     records = _spawn(4, tmp_path, pp=2, zero_stage=2, tp=2)
     _assert_equals_one_process(records)
     _assert_module_metrics(records, dp=1)
+    # mesh (pipeline, data, tensor): ranks 2 and 3 hold the last stage
+    assert [record.get("train_logits") for record in records] == [None, None, *[{("DTensor", VOCAB // 2)}] * 2]
 
 
 @pytest.fixture(scope="module")

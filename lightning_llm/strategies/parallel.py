@@ -281,10 +281,10 @@ class ParallelStrategy(ZeROStrategy):
         finally:
             self._vocab_parallel_active = False
 
-    # Under the pipeline the schedule runs each training step (the module's loss on the last stage), and the
-    # evaluation steps run the module's own with the causal LM's forward redirected through the stages. With
-    # tensor parallelism there, the last stage's logits are gathered whole (the LM head's hook): the loss runs
-    # inside torch's schedule, outside `loss_parallel`.
+    # Under the pipeline the schedule runs each training step, forward and backward (the module's loss on the
+    # last stage): all of it under `loss_parallel`, so that with tensor parallelism the last stage's loss takes
+    # the vocabulary slices. The evaluation steps run the module's own with the causal LM's forward redirected
+    # through the stages, whose logits the last stage gathers whole (the LM head's hook) to broadcast them.
 
     def on_train_start(self) -> None:
         if self._pipeline is not None:
@@ -308,7 +308,8 @@ class ParallelStrategy(ZeROStrategy):
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         if self._pipeline is not None:
-            return self._pipeline.training_step(args[0] if args else kwargs["batch"])
+            with self._vocab_parallel():
+                return self._pipeline.training_step(args[0] if args else kwargs["batch"])
         with self._vocab_parallel(), self._ring_attention():
             return super().training_step(*self._sequence_shares(args), **kwargs)
 
