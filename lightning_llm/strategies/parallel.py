@@ -20,8 +20,9 @@ coordinate only.
 Expert parallelism borrows the data-parallel ranks (expert_parallel = data_parallel: each rank holds
 1/N of the experts and its own batch; tokens reach the experts by all-to-all): strategies/expert.py.
 Context parallelism (strategies/context.py) splits every sequence over its dimension (ring attention);
-ZeRO then shards and averages over data x context. Refused, not built yet: a pipeline with ZeRO-1 or with
-context parallelism, expert parallelism with a pipeline, tensor or context parallelism.
+ZeRO then shards and averages over data x context. Under a pipeline, ZeRO-1 replicates each stage with
+DistributedDataParallel over the data dimension and shards its optimizer state there. Refused, not built
+yet: a pipeline with context parallelism, expert parallelism with a pipeline, tensor or context parallelism.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import Shard
 from torch.distributed.tensor.parallel import ParallelStyle, loss_parallel
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from lightning_llm.protocols import VocabParallelLoss
@@ -73,7 +75,7 @@ class ParallelStrategy(ZeROStrategy):
             chunks; sequence lengths must be multiples of 2 x context_parallel, batches unpadded with one
             document per row).
         zero_stage: ZeRO over the data-parallel dimension: 2 shards gradients and optimizer state,
-            3 also the parameters; 1 (optimizer state only) needs tensor_parallel=1 and pipeline_parallel=1.
+            3 also the parameters; 1 (optimizer state only) needs tensor_parallel=1.
         sequence_parallel: with tensor_parallel > 1, shard norms and the residual stream along the sequence
             between the tensor-parallel regions.
         microbatches, schedule, stages_per_rank, split_points: the pipeline's, as `PipelineStrategy` takes them
@@ -120,9 +122,6 @@ class ParallelStrategy(ZeROStrategy):
                                       "parameters through DistributedDataParallel, which does not take tensor-parallel "
                                       "(DTensor) parameters; use zero_stage=2 (the same memory for the optimizer state "
                                       "and gradients, less for gradients)")
-        if pipeline_parallel > 1 and zero_stage == 1:
-            raise NotImplementedError(f"{pp}={pipeline_parallel} with zero_stage=1: not built yet; a "
-                                      "pipeline composes with data parallelism under ZeRO stage 2 or 3")
         pipeline_options = dict(microbatches=microbatches, schedule=schedule, stages_per_rank=stages_per_rank,
                                 split_points=split_points)
         given = {k: v for k, v in pipeline_options.items() if v is not None}
@@ -236,11 +235,32 @@ class ParallelStrategy(ZeROStrategy):
         super()._shard(module, units)
         if self._pipeline is not None:
             self._pipeline.retie()
-            outside = [name for name, p in module.named_parameters() if p.is_meta]
-            if outside:
-                raise ValueError(f"{self._pipeline_degree}={self.pipeline_parallel}: {type(module).__name__} has parameters "
-                                 f"outside the causal LM's stages, which no stage would train: {outside}")
+            self._check_stages_hold(module)
             self._pipeline.broadcast_tied()
+
+    def _replicate(self, module: nn.Module) -> nn.Module:
+        if self._pipeline is None:
+            return super()._replicate(module)
+        # ZeRO-1 under the pipeline: the schedule calls the stages, so each stage is replicated over the data
+        # dimension by DistributedDataParallel (torch's PipelineStage defers its all-reduce to the last
+        # micro-batch's backward), and the optimizer steps shards of it (`OptimizerShards`, as without a pipeline).
+        # find_unused_parameters=True only turns off DDP's rebuild of its buckets after the first step, which
+        # counts every micro-batch's gradients and fails (every parameter is used: the check finds none unused).
+        self._check_stages_hold(module)
+        group = self._data_mesh().get_group()
+        device_ids = None if self.root_device.type == "cpu" else [self.root_device.index]
+        self._pipeline.stage_modules = [DistributedDataParallel(stage, device_ids=device_ids, process_group=group,
+                                                                find_unused_parameters=True)
+                                        for stage in self._pipeline.stage_modules]
+        self._pipeline.broadcast_tied()
+        return module
+
+    def _check_stages_hold(self, module: nn.Module) -> None:
+        inside = {id(p) for stage in self._pipeline.stage_modules for p in stage.parameters()}
+        outside = [name for name, p in module.named_parameters() if id(p) not in inside]
+        if outside:
+            raise ValueError(f"{self._pipeline_degree}={self.pipeline_parallel}: {type(module).__name__} has parameters "
+                             f"outside the causal LM's stages, which no stage would train: {outside}")
 
     def _causal_lm(self, what: str) -> tuple[str, nn.Module]:
         module = self.lightning_module

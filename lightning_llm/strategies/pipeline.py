@@ -569,16 +569,16 @@ class Pipeline:
         Lightning clips in the precision plugin (after unscaling, before the step), which sees only the
         local gradients; the global norm needs the pipeline group, which only the strategy knows, so
         the plugin's norm clipping is replaced on this instance. The tied embedding's second copy is
-        left out of the norm (it equals the first), found as what the optimizer steps for it: the
-        parameter, or its fp32 master under master weights. Under ZeRO the gradients are shards
-        (`DTensor`), whose norm torch takes over the data-parallel ranks.
+        left out of the norm (it equals the first), found as what the optimizer steps for it
+        (`tied_copy_stepped`). Under ZeRO the gradients are shards (`DTensor`), whose norm torch takes
+        over the data-parallel ranks.
         """
         plugin = self.strategy.precision_plugin
         pipeline = self
 
         def clip_grad_by_norm(optimizer: torch.optim.Optimizer, clip_val: float) -> None:
             params = [p for p in plugin.main_params(optimizer) if p.grad is not None]
-            tied = pipeline.tied_copy_stepped_by(optimizer)
+            tied = pipeline.tied_copy_stepped()
             counted = [p.grad for p in params if p is not tied]
             norm = torch.nn.utils.get_total_norm(counted) if counted else torch.zeros((), device=pipeline.strategy.root_device)
             squared = _full(norm).float().pow(2)
@@ -587,16 +587,11 @@ class Pipeline:
 
         plugin.clip_grad_by_norm = clip_grad_by_norm
 
-    def tied_copy_stepped_by(self, optimizer: torch.optim.Optimizer) -> Tensor | None:
-        """The tensor `optimizer` steps for this rank's second copy of the tied embedding, if it holds one:
-        the parameter itself, or its fp32 master under a plugin with master weights (MasterWeightsPrecision,
-        duck-typed: strategies do not import precision plugins)."""
+    def tied_copy_stepped(self) -> Tensor | None:
+        """The tensor an optimizer steps for this rank's second copy of the tied embedding, if it holds one:
+        the parameter, its ZeRO-1 shard, or the fp32 master standing in for either (the strategy's `stand_ins`)."""
         tied = self.tied_param
-        if tied is None:
-            return None
-        master_weights = getattr(self.strategy.precision_plugin, "master_weights", None)
-        masters = {id(weight): master for weight, master in (master_weights(optimizer) if master_weights else [])}
-        return masters.get(id(tied), tied)
+        return None if tied is None else self.strategy.stand_ins()[id(tied)]
 
     # -- evaluation through the pipeline ---------------------------------------------------------
 

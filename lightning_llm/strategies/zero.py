@@ -272,17 +272,25 @@ class ZeROStrategy(ModelParallelStrategy):
         master_weights = getattr(self.precision_plugin, "master_weights", None)
         return master_weights(optimizer) if master_weights is not None else []
 
+    def stand_ins(self) -> dict[int, torch.Tensor]:
+        """id(parameter) -> the tensor an optimizer steps for it: the parameter at stages 2 and 3, its dim-0
+        shard at stage 1, or the fp32 master standing in for either."""
+        shards = {id(p): shard for s in self._optimizer_shards.values() for _, p, shard in s.params}
+        masters = {id(weight): master for opt in self.optimizers for weight, master in self._master_weights(opt)}
+        stand_ins = {}
+        for p in self.lightning_module.parameters():
+            t = shards.get(id(p), p)
+            stand_ins[id(p)] = masters.get(id(t), t)
+        return stand_ins
+
     def _stepped_tensors(self) -> dict[str, torch.Tensor]:
         """Parameter name (a tied parameter under each of its names) -> the tensor an optimizer steps for
-        it: the parameter at stages 2 and 3, its dim-0 shard at stage 1, or the fp32 master standing in
-        for either. Parameters that no optimizer steps (frozen ones) are left out."""
-        stand_in = {id(p): shard for shards in self._optimizer_shards.values() for _, p, shard in shards.params}
-        masters = {id(weight): master for opt in self.optimizers for weight, master in self._master_weights(opt)}
+        it (`stand_ins`). Parameters that no optimizer steps (frozen ones) are left out."""
+        stand_ins = self.stand_ins()
         stepped = {id(t) for opt in self.optimizers for group in opt.param_groups for t in group["params"]}
         tensors = {}
         for name, p in self.lightning_module.named_parameters(remove_duplicate=False):
-            t = stand_in.get(id(p), p)
-            t = masters.get(id(t), t)
+            t = stand_ins[id(p)]
             if id(t) in stepped:
                 tensors[name] = t
         return tensors
