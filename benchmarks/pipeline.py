@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from interleave import interleaved, summary, write_result
 
 from lightning_llm.modules.pretrain import PretrainModule
-from lightning_llm.strategies.pipeline import PipelineStrategy
+from lightning_llm.strategies.parallel import PipelineStrategy
 
 
 class RandomBlocks(Dataset):

@@ -44,7 +44,7 @@ _EXPORTS = {
     "flash_attention": "lightning_llm.attention",
     "FlashAttention": "lightning_llm.attention",
     "ParallelStrategy": "lightning_llm.strategies.parallel",
-    "PipelineStrategy": "lightning_llm.strategies.pipeline",
+    "PipelineStrategy": "lightning_llm.strategies.parallel",
     "ZeROStrategy": "lightning_llm.strategies.zero",
     "InstructionDataModule": "lightning_llm.data.instruct",
     "InstructionTuningModule": "lightning_llm.modules.instruct",

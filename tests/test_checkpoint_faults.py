@@ -85,7 +85,7 @@ def loader(config: str, rank: int) -> torch.utils.data.DataLoader:
 
 
 def strategy(config: str):
-    from lightning_llm.strategies.pipeline import PipelineStrategy
+    from lightning_llm.strategies.parallel import PipelineStrategy
     from lightning_llm.strategies.zero import ZeROStrategy
 
     if config == "single":
@@ -195,7 +195,7 @@ def _start(fn, args: tuple, nprocs: int) -> None:
     # Forked from a server that imported the libraries once: a fresh import costs seconds per process,
     # and a chain launches many. (The server has run no torch op, so forking it is safe.)
     multiprocessing.set_forkserver_preload(["lightning", "transformers", "lightning_llm.modules.pretrain",
-                                            "lightning_llm.strategies.zero", "lightning_llm.strategies.pipeline",
+                                            "lightning_llm.strategies.zero", "lightning_llm.strategies.parallel",
                                             "lightning_llm.cli", "lightning_llm.export"])
     mp.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method="forkserver")
 

@@ -22,7 +22,7 @@ from torch._dynamo.utils import counters
 from lightning_llm.compile import compile_options
 from lightning_llm.models import build_model
 from lightning_llm.modules.pretrain import PretrainModule
-from lightning_llm.strategies.pipeline import PipelineStrategy
+from lightning_llm.strategies.parallel import PipelineStrategy
 from lightning_llm.strategies.zero import ZeROStrategy
 from test_pipeline import BATCH, LOSS_RTOL, LR, VOCAB, TokenData, fit, spawn
 

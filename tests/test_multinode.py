@@ -271,3 +271,22 @@ def test_a_trainer_size_that_does_not_match_the_launch_stops_naming_both(recipe,
                             logger=False, enable_checkpointing=False, enable_progress_bar=False)
         with pytest.raises(ValueError, match="^" + re.escape(MISMATCH_ERRORS[recipe, via])):
             trainer.fit(TinyLM(), loader(pattern_batches(1)))
+
+
+@pytest.mark.parametrize("strategy", ["pipeline", "parallel"])
+def test_the_mesh_strategies_check_the_launch_size_too(strategy, monkeypatch):
+    """ParallelStrategy (and PipelineStrategy, its one-dimension form) set up their own mesh: they make the same
+    check before the rendezvous (without it the process would wait for its peer until the timeout)."""
+    import lightning as L
+    from _precision_helpers import TinyLM, loader, pattern_batches
+
+    from lightning_llm.strategies.parallel import ParallelStrategy, PipelineStrategy
+
+    for name, value in {**ONE_PER_NODE["torchrun"], "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(name, value)
+    timeout = timedelta(seconds=20)
+    built = PipelineStrategy(stages=2, timeout=timeout) if strategy == "pipeline" else ParallelStrategy(tensor_parallel=2, timeout=timeout)
+    trainer = L.Trainer(accelerator="cpu", num_nodes=1, devices=2, strategy=built, max_steps=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match="^" + re.escape(MISMATCH_ERRORS["torchrun", "trainer"])):
+        trainer.fit(TinyLM(), loader(pattern_batches(1)))

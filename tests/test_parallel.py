@@ -305,7 +305,6 @@ def test_dp2_x_tp2_equals_one_process_and_resumes_on_every_layout(tmp_path):
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(tensor_parallel=0), ValueError, r"tensor_parallel': 0"),
     (dict(data_parallel="two"), ValueError, r"data_parallel': 'two'"),
-    (dict(pipeline_parallel=2, zero_stage=1), NotImplementedError, r"pipeline_parallel=2 with zero_stage=1"),
     (dict(microbatches=2), ValueError, r"\{'microbatches': 2\} configure a pipeline, but pipeline_parallel=1"),
     (dict(pipeline_parallel=2, microbatches=1), ValueError,
      r"microbatches=1 with schedule='1f1b' and pipeline_parallel=2: .* use microbatches >= 2"),

@@ -1,7 +1,8 @@
 """ParallelStrategy with a pipeline dimension against single-process training, on gloo.
 
-One 4-rank job trains pipeline_parallel=2 x data_parallel=2 under ZeRO-2 (each stage's modules sharded
-over the two pipelines), one 2-rank job a pipeline of 2 alone; the tests compare the losses and final
+Two 4-rank jobs train pipeline_parallel=2 x data_parallel=2 under ZeRO-2 (each stage's modules sharded
+over the two pipelines) and ZeRO-1 (each stage replicated, its optimizer state sharded), one 2-rank job a
+pipeline of 2 alone; the tests compare the losses and final
 weights with a plain PyTorch loop on one process over the same global batches (tests/test_parallel.py's
 oracle and tolerances), started from the weights the distributed run recorded, and check that the
 module's own metrics are logged through the pipeline.
@@ -17,6 +18,7 @@ import lightning as L
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
 
 from _precision_helpers import free_port
 from lightning_llm.strategies.parallel import ParallelStrategy
@@ -42,6 +44,16 @@ def _recorder(record: dict) -> L.Callback:
             record["init"] = _stage_weights(pl_module.model)
             record["sampler"] = trainer.strategy.distributed_sampler_kwargs
             record["param_bytes"] = state_bytes(pl_module)["params"]
+            head = getattr(pl_module.model, "lm_head", None)  # (on the last stage)
+            if head is not None:
+                head.register_forward_hook(self.see_logits)
+
+        def see_logits(self, head, args, logits):
+            """What the LM head hands on in a training forward (after the strategy's own hook): its type and the
+            vocabulary size this rank holds."""
+            if torch.is_grad_enabled():
+                local = logits.to_local() if isinstance(logits, DTensor) else logits
+                record.setdefault("train_logits", set()).add((type(logits).__name__, local.shape[-1]))
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             record.setdefault("losses", []).append(outputs["loss"].item())
@@ -52,6 +64,8 @@ def _recorder(record: dict) -> L.Callback:
 
         def on_train_end(self, trainer, pl_module):
             record["final"] = _stage_weights(pl_module.model)
+            record["optimizer_bytes"] = state_bytes(pl_module, trainer.optimizers)["optimizer"]
+            record["stepped_params"] = sum(len(g["params"]) for o in trainer.optimizers for g in o.param_groups)
 
     return Recorder()
 
@@ -133,12 +147,25 @@ def _assert_module_metrics(records: list[dict], dp: int) -> None:
         assert record["tokens_seen"] == STEPS * ROWS * SEQ
 
 
+def _stage_numel(record: dict) -> int:
+    """The number of parameters of this rank's stage (the tied embedding once)."""
+    distinct = {name: w for name, w in record["final"].items()
+                if not (name == "lm_head.weight" and "model.embed_tokens.weight" in record["final"])}
+    return sum(w.numel() for w in distinct.values())
+
+
 def _assert_stages_sharded(records: list[dict], dp: int) -> None:
     """Each rank holds 1/dp of its own stage's parameters (fp32; the tied embedding once), nothing of the others'."""
     for record in records:
-        distinct = {name: w for name, w in record["final"].items()
-                    if not (name == "lm_head.weight" and "model.embed_tokens.weight" in record["final"])}
-        assert record["param_bytes"] * dp == 4 * sum(w.numel() for w in distinct.values())
+        assert record["param_bytes"] * dp == 4 * _stage_numel(record)
+
+
+def _assert_optimizer_state_sharded(records: list[dict], dp: int) -> None:
+    """Each rank holds AdamW's two fp32 moments for 1/dp of its own stage's parameters (every tensor's rows split
+    evenly here), and a 4-byte step count per tensor."""
+    for record in records:
+        moments = 2 * 4 * _stage_numel(record) // dp
+        assert record["optimizer_bytes"] == moments + 4 * record["stepped_params"]
 
 
 @pytest.mark.slow
@@ -147,17 +174,32 @@ def test_pp2_x_dp2_zero2_equals_one_process(tmp_path):
     _assert_equals_one_process(records)
     _assert_module_metrics(records, dp=2)
     _assert_stages_sharded(records, dp=2)
+    _assert_optimizer_state_sharded(records, dp=2)
     assert "lm_head.weight" not in records[0]["final"] and "lm_head.weight" in records[2]["final"]
+
+
+@pytest.mark.slow
+def test_pp2_x_dp2_zero1_equals_one_process(tmp_path):
+    """ZeRO-1 on each stage: the stage replicated over its two pipelines (DistributedDataParallel, all-reducing
+    once per step), the optimizer state sharded over them; the same losses and weights as one process."""
+    records = _spawn(4, tmp_path, pp=2, zero_stage=1)
+    _assert_equals_one_process(records)
+    _assert_module_metrics(records, dp=2)
+    _assert_stages_sharded(records, dp=1)  # whole parameters
+    _assert_optimizer_state_sharded(records, dp=2)
 
 
 @pytest.mark.slow
 def test_pp2_x_tp2_equals_one_process(tmp_path):
     """Tensor and sequence parallelism inside each stage (ZeRO-2 over a data dimension of 1): the residual
     stream crosses the stage boundary as its sequence shards; the tied embedding's two copies (the
-    first stage's embedding, the last stage's LM head) are split alike over the vocabulary."""
+    first stage's embedding, the last stage's LM head) are split alike over the vocabulary, and the last
+    stage's loss takes the logits as the two ranks' vocabulary slices (loss parallel): whole logits never exist."""
     records = _spawn(4, tmp_path, pp=2, zero_stage=2, tp=2)
     _assert_equals_one_process(records)
     _assert_module_metrics(records, dp=1)
+    # mesh (pipeline, data, tensor): ranks 2 and 3 hold the last stage
+    assert [record.get("train_logits") for record in records] == [None, None, *[{("DTensor", VOCAB // 2)}] * 2]
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""PipelineStrategy against single-process training (the oracle), on 2 and 4 gloo processes.
+"""PipelineStrategy (ParallelStrategy's one-dimension form) against single-process training (the oracle), on 2
+and 4 gloo processes.
 
 Process launches are slow, so one 2-process job runs every pipeline-only scenario in sequence
 (gpipe with validation, 1f1b with a checkpoint and a resume, interleaved, the setup errors, a YAML
@@ -16,6 +17,7 @@ on near-zero gradient elements into up to whole steps).
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import socket
 import textwrap
@@ -25,16 +27,13 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_llm.models import build_model
 from lightning_llm.modules.pretrain import PretrainModule
-from lightning_llm.strategies.pipeline import (
-    PipelineStrategy,
-    balanced_split,
-    check_split,
-    decoder_parts,
-)
+from lightning_llm.strategies.parallel import ParallelStrategy, PipelineStrategy
+from lightning_llm.strategies.pipeline import balanced_split, check_split, decoder_parts
 from tolerances import UNIT_ROUNDOFF, adam_update_rtol, assert_adam_steps_close, loss_atol, reordered_sum_rtol
 
 VOCAB, SEQ, BATCH = 128, 16, 4
@@ -119,10 +118,10 @@ class StepRecorder(pl.Callback):
         named = {name: stepped.get(id(p), p) for name, p in module.named_parameters()}
 
         def record(*_) -> None:
-            self.grads.append({n: t.grad.detach().clone() for n, t in named.items() if t.grad is not None})
-            self.values.append({n: t.detach().clone() for n, t in named.items()})
+            self.grads.append({n: whole(t.grad) for n, t in named.items() if t.grad is not None})
+            self.values.append({n: whole(t) for n, t in named.items()})
 
-        self.values.append({n: t.detach().clone() for n, t in named.items()})
+        self.values.append({n: whole(t) for n, t in named.items()})
         optimizer.register_step_post_hook(record)
 
 
@@ -191,8 +190,15 @@ def _entry(rank: int, worker, world_size: int, port: int, tmp: str) -> None:
     torch.save(results, Path(tmp) / f"rank{rank}.pt")
 
 
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A copy of `t`, whole: a ZeRO shard (`DTensor`) is gathered over its stage's data-parallel ranks."""
+    t = t.detach()
+    return t.full_tensor().clone() if isinstance(t, DTensor) else t.clone()
+
+
 def local_weights(module: TinyLM) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+    """This rank's stages' weights, whole."""
+    return {k: whole(v) for k, v in module.model.state_dict().items()}
 
 
 def assert_same_weights(local: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], steps: int) -> None:
@@ -218,6 +224,20 @@ def assert_same_weights(local: dict[str, torch.Tensor], reference: dict[str, tor
 def test_bad_arguments_name_the_value(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PipelineStrategy(**kwargs)
+
+
+def test_pipeline_strategy_is_the_parallel_strategy_of_one_dimension():
+    """PipelineStrategy(stages=p) builds ParallelStrategy(pipeline_parallel=p, data_parallel="auto", zero_stage=2,
+    empty_init=False) with the pipeline's own arguments; the degree keeps its name in errors."""
+    strategy = PipelineStrategy(stages=4, microbatches=8, schedule="interleaved-1f1b", split_points=[1, 2, 3, 4, 5, 6, 7])
+    assert isinstance(strategy, ParallelStrategy)
+    assert (strategy.pipeline_parallel, strategy.data_parallel, strategy.tensor_parallel, strategy.context_parallel,
+            strategy.expert_parallel, strategy.stage, strategy.empty_init) == (4, "auto", 1, 1, 1, 2, False)
+    assert (strategy.stages, strategy.microbatches, strategy.schedule) == (4, 8, "interleaved-1f1b")
+    assert (strategy._pipeline.stages_per_rank, strategy._pipeline.split_points) == (2, [1, 2, 3, 4, 5, 6, 7])
+    assert PipelineStrategy(zero_stage=3, empty_init=True).stage == 3
+    with pytest.raises(ValueError, match=r"zero_stage must be one of \(1, 2, 3\), got 0"):
+        PipelineStrategy(zero_stage=0)
 
 
 def test_balanced_split_is_optimal():
@@ -294,7 +314,8 @@ def pipeline_scenarios(rank: int, tmp: Path) -> dict:
 
         def on_after_backward(self, trainer, module) -> None:
             if trainer.global_rank == 1 and trainer.global_step == 2:
-                next(p.grad for p in module.parameters() if p.grad is not None).view(-1)[0] = float("inf")
+                grad = next(p.grad for p in module.parameters() if p.grad is not None)
+                (grad.to_local() if isinstance(grad, DTensor) else grad).view(-1)[0] = float("inf")
 
     class Track(pl.Callback):
         def __init__(self) -> None:
@@ -549,7 +570,11 @@ def data_x_pipeline(rank: int, tmp: Path) -> dict:
                          use_distributed_sampler=False, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder])
     trainer.fit(module, datamodule=TokenData(n=32, split_by_strategy=True, packed=True))
-    return {"losses": recorder.losses, "weights": local_weights(module)}
+    from lightning_llm.strategies.zero import state_bytes
+
+    held = {name: p.to_local().numel() for name, p in module.named_parameters()}
+    return {"losses": recorder.losses, "weights": local_weights(module), "held": held,
+            "optimizer_bytes": state_bytes(module, trainer.optimizers)["optimizer"]}
 
 
 def test_data_parallel_pipelines_match_one_process(tmp_path):
@@ -566,3 +591,11 @@ def test_data_parallel_pipelines_match_one_process(tmp_path):
         assert out["losses"] == pytest.approx(ref_losses, rel=LOSS_RTOL)
     for out in ranks:
         assert_same_weights(out["weights"], local_weights(module), steps=4)
+    # ZeRO-2 on each stage over its two pipelines: each rank holds half the rows (dim 0) of its stage's
+    # parameters, and AdamW's two moments for those rows only.
+    for out in ranks:
+        whole = {name: w.shape for name, w in out["weights"].items()}
+        for name, numel in out["held"].items():
+            rows, *rest = whole[name.removeprefix("model.")]
+            assert numel == (rows // 2) * math.prod(rest), name
+        assert out["optimizer_bytes"] == 2 * 4 * sum(out["held"].values()) + 4 * len(out["held"])  # + fp32 step counts

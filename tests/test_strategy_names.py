@@ -11,7 +11,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.demos.boring_classes import BoringDataModule, BoringModel
 
-from lightning_llm.strategies.pipeline import PipelineStrategy
+from lightning_llm.strategies.parallel import PipelineStrategy
 from lightning_llm.strategies.zero import ZeROStrategy
 
 

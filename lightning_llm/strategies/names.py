@@ -25,7 +25,7 @@ NAMES: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "zero1": ("lightning_llm.strategies.zero", "ZeROStrategy", {"stage": 1}, "ZeRO stage 1: optimizer state sharded"),
     "zero2": ("lightning_llm.strategies.zero", "ZeROStrategy", {"stage": 2}, "ZeRO stage 2: + gradients sharded"),
     "zero3": ("lightning_llm.strategies.zero", "ZeROStrategy", {"stage": 3}, "ZeRO stage 3: + parameters sharded"),
-    "pipeline": ("lightning_llm.strategies.pipeline", "PipelineStrategy", {},
+    "pipeline": ("lightning_llm.strategies.parallel", "PipelineStrategy", {},
                  "pipeline parallelism: 2 stages, 4 micro-batches, 1F1B"),
     "parallel": ("lightning_llm.strategies.parallel", "ParallelStrategy", {},
                  "one device mesh: pipeline x data parallel (ZeRO-3) x tensor parallel; degrees as init_args"),

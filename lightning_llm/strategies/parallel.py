@@ -20,9 +20,10 @@ coordinate only.
 Expert parallelism borrows the data-parallel ranks (expert_parallel = data_parallel: each rank holds
 1/N of the experts and its own batch; tokens reach the experts by all-to-all): strategies/expert.py.
 Context parallelism (strategies/context.py) splits every sequence over its dimension (ring attention);
-ZeRO then shards and averages over data x context. Refused, not built yet: a pipeline with ZeRO-1 or with
-context parallelism, expert parallelism with a pipeline, tensor or context parallelism, LoRA/QLoRA adapters
-under tensor parallelism (strategies/tensor.py says how they would be placed).
+ZeRO then shards and averages over data x context. Under a pipeline, ZeRO-1 replicates each stage with
+DistributedDataParallel over the data dimension and shards its optimizer state there. Refused, not built
+yet: a pipeline with context parallelism, expert parallelism with a pipeline, tensor or context parallelism,
+LoRA/QLoRA adapters under tensor parallelism (strategies/tensor.py says how they would be placed).
 """
 
 from __future__ import annotations
@@ -41,12 +42,14 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import Shard
 from torch.distributed.tensor.parallel import ParallelStyle, loss_parallel
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from lightning_llm.protocols import VocabParallelLoss
 from lightning_llm.strategies.pipeline import Pipeline, tied_groups
 from lightning_llm.strategies.context import check_block_size, sequence_split, shard_batch, use_ring_attention
 from lightning_llm.strategies.expert import plan_experts, shard_experts
+from lightning_llm.strategies.launch import check_launch_size
 from lightning_llm.strategies.tensor import ISSUE, apply_styles, check_divisible, gather_logits_unless, plan_styles
 from lightning_llm.strategies.zero import STAGES, ZeROStrategy, _is_hf_model
 
@@ -78,13 +81,16 @@ class ParallelStrategy(ZeROStrategy):
             chunks; sequence lengths must be multiples of 2 x context_parallel, batches unpadded with one
             document per row).
         zero_stage: ZeRO over the data-parallel dimension: 2 shards gradients and optimizer state,
-            3 also the parameters; 1 (optimizer state only) needs tensor_parallel=1 and pipeline_parallel=1.
+            3 also the parameters; 1 (optimizer state only) needs tensor_parallel=1.
         sequence_parallel: with tensor_parallel > 1, shard norms and the residual stream along the sequence
             between the tensor-parallel regions.
         microbatches, schedule, stages_per_rank, split_points: the pipeline's, as `PipelineStrategy` takes them
             (defaults 4, "1f1b", 1 or 2, balanced); given with pipeline_parallel=1 they are refused.
         The rest as `ZeROStrategy` (cpu_offload, wrap, activation_checkpointing, empty_init, ...).
     """
+
+    # The name of the pipeline's degree in error messages: the argument the user typed.
+    _pipeline_degree = "pipeline_parallel"
 
     def __init__(
         self,
@@ -107,8 +113,9 @@ class ParallelStrategy(ZeROStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
     ) -> None:
-        degrees = dict(tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
-                       context_parallel=context_parallel, expert_parallel=expert_parallel)
+        pp = self._pipeline_degree
+        degrees = {"tensor_parallel": tensor_parallel, pp: pipeline_parallel, "context_parallel": context_parallel,
+                   "expert_parallel": expert_parallel}
         if data_parallel != "auto":
             degrees["data_parallel"] = data_parallel
         bad = {k: v for k, v in degrees.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1}
@@ -121,18 +128,15 @@ class ParallelStrategy(ZeROStrategy):
                                       "parameters through DistributedDataParallel, which does not take tensor-parallel "
                                       "(DTensor) parameters; use zero_stage=2 (the same memory for the optimizer state "
                                       "and gradients, less for gradients)")
-        if pipeline_parallel > 1 and zero_stage == 1:
-            raise NotImplementedError(f"pipeline_parallel={pipeline_parallel} with zero_stage=1: not built yet; a "
-                                      "pipeline composes with data parallelism under ZeRO stage 2 or 3")
         pipeline_options = dict(microbatches=microbatches, schedule=schedule, stages_per_rank=stages_per_rank,
                                 split_points=split_points)
         given = {k: v for k, v in pipeline_options.items() if v is not None}
         if given and pipeline_parallel == 1:
-            raise ValueError(f"{given} configure a pipeline, but pipeline_parallel=1: set pipeline_parallel > 1 or "
-                             "leave them out")
+            raise ValueError(f"{given} configure a pipeline, but {pp}=1: a pipeline needs {pp} >= 2 (without one, "
+                             "leave them out)")
         # The pipeline's own arguments are checked here too (before any process starts); defaults as PipelineStrategy's.
         self._pipeline = Pipeline(pipeline_parallel, 4 if microbatches is None else microbatches, schedule or "1f1b",
-                                  stages_per_rank, split_points, degree="pipeline_parallel") if pipeline_parallel > 1 else None
+                                  stages_per_rank, split_points, degree=pp) if pipeline_parallel > 1 else None
         if expert_parallel > 1 and (tensor_parallel > 1 or zero_stage == 1):
             raise NotImplementedError(f"expert_parallel={expert_parallel} with tensor_parallel={tensor_parallel}, "
                                       f"zero_stage={zero_stage}: expert parallelism runs with tensor_parallel=1 and "
@@ -161,11 +165,12 @@ class ParallelStrategy(ZeROStrategy):
     # -- the mesh --------------------------------------------------------------------------------
 
     def setup_environment(self) -> None:
+        check_launch_size(self)  # before the rendezvous, which a wrong size would wait in
         self._setup_distributed()
         others = self.pipeline_parallel * self.context_parallel * self.tensor_parallel
         data = self.world_size // others if self.data_parallel == "auto" else self.data_parallel
         if data * others != self.world_size:
-            raise ValueError(f"pipeline_parallel={self.pipeline_parallel} x data_parallel={self.data_parallel!r} x "
+            raise ValueError(f"{self._pipeline_degree}={self.pipeline_parallel} x data_parallel={self.data_parallel!r} x "
                              f"context_parallel={self.context_parallel} x tensor_parallel={self.tensor_parallel} must equal the world size {self.world_size} "
                              "(nodes x devices); with data_parallel='auto' the world size must be a multiple of "
                              f"the other degrees' product {others}")
@@ -242,11 +247,32 @@ class ParallelStrategy(ZeROStrategy):
         super()._shard(module, units)
         if self._pipeline is not None:
             self._pipeline.retie()
-            outside = [name for name, p in module.named_parameters() if p.is_meta]
-            if outside:
-                raise ValueError(f"pipeline_parallel={self.pipeline_parallel}: {type(module).__name__} has parameters "
-                                 f"outside the causal LM's stages, which no stage would train: {outside}")
+            self._check_stages_hold(module)
             self._pipeline.broadcast_tied()
+
+    def _replicate(self, module: nn.Module) -> nn.Module:
+        if self._pipeline is None:
+            return super()._replicate(module)
+        # ZeRO-1 under the pipeline: the schedule calls the stages, so each stage is replicated over the data
+        # dimension by DistributedDataParallel (torch's PipelineStage defers its all-reduce to the last
+        # micro-batch's backward), and the optimizer steps shards of it (`OptimizerShards`, as without a pipeline).
+        # find_unused_parameters=True only turns off DDP's rebuild of its buckets after the first step, which
+        # counts every micro-batch's gradients and fails (every parameter is used: the check finds none unused).
+        self._check_stages_hold(module)
+        group = self._data_mesh().get_group()
+        device_ids = None if self.root_device.type == "cpu" else [self.root_device.index]
+        self._pipeline.stage_modules = [DistributedDataParallel(stage, device_ids=device_ids, process_group=group,
+                                                                find_unused_parameters=True)
+                                        for stage in self._pipeline.stage_modules]
+        self._pipeline.broadcast_tied()
+        return module
+
+    def _check_stages_hold(self, module: nn.Module) -> None:
+        inside = {id(p) for stage in self._pipeline.stage_modules for p in stage.parameters()}
+        outside = [name for name, p in module.named_parameters() if id(p) not in inside]
+        if outside:
+            raise ValueError(f"{self._pipeline_degree}={self.pipeline_parallel}: {type(module).__name__} has parameters "
+                             f"outside the causal LM's stages, which no stage would train: {outside}")
 
     def _causal_lm(self, what: str) -> tuple[str, nn.Module]:
         module = self.lightning_module
@@ -289,10 +315,10 @@ class ParallelStrategy(ZeROStrategy):
         finally:
             self._vocab_parallel_active = False
 
-    # Under the pipeline the schedule runs each training step (the module's loss on the last stage), and the
-    # evaluation steps run the module's own with the causal LM's forward redirected through the stages. With
-    # tensor parallelism there, the last stage's logits are gathered whole (the LM head's hook): the loss runs
-    # inside torch's schedule, outside `loss_parallel`.
+    # Under the pipeline the schedule runs each training step, forward and backward (the module's loss on the
+    # last stage): all of it under `loss_parallel`, so that with tensor parallelism the last stage's loss takes
+    # the vocabulary slices. The evaluation steps run the module's own with the causal LM's forward redirected
+    # through the stages, whose logits the last stage gathers whole (the LM head's hook) to broadcast them.
 
     def on_train_start(self) -> None:
         if self._pipeline is not None:
@@ -316,7 +342,8 @@ class ParallelStrategy(ZeROStrategy):
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         if self._pipeline is not None:
-            return self._pipeline.training_step(args[0] if args else kwargs["batch"])
+            with self._vocab_parallel():
+                return self._pipeline.training_step(args[0] if args else kwargs["batch"])
         with self._vocab_parallel(), self._ring_attention():
             return super().training_step(*self._sequence_shares(args), **kwargs)
 
@@ -338,7 +365,10 @@ class ParallelStrategy(ZeROStrategy):
 
     def backward(self, closure_loss: torch.Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self._pipeline is not None:  # the schedule ran it; ZeRO reduced the gradients over the data dimension
-            return self._pipeline.backward(closure_loss)
+            self.pre_backward(closure_loss)
+            closure_loss = self._pipeline.backward(closure_loss)
+            self.post_backward(closure_loss)
+            return closure_loss
         with self._vocab_parallel(), self._ring_attention():  # loss_parallel's backward must run inside it too
             return super().backward(closure_loss, optimizer, *args, **kwargs)
 
@@ -364,3 +394,69 @@ class ParallelStrategy(ZeROStrategy):
 
 def _takes_vocab_parallel_logits(module: nn.Module) -> bool:
     return isinstance(module, VocabParallelLoss) and module.vocab_parallel_loss is True
+
+
+class PipelineStrategy(ParallelStrategy):
+    """Pipeline parallelism for Hugging Face causal LMs: `ParallelStrategy`'s one-dimension form.
+
+    `PipelineStrategy(stages=p, ...)` is `ParallelStrategy(pipeline_parallel=p, data_parallel="auto",
+    zero_stage=2, empty_init=False, ...)`: the same code and the same checkpoints. With more ranks than
+    stages (world = data parallel x p) each stage is sharded by ZeRO over the ranks that hold it in the
+    other pipelines, which also averages its gradients.
+
+    The LightningModule holds the causal LM as `self.model` (created in `__init__` or
+    `configure_model`), or returns it from a method `pipeline_model()`; it must be a submodule of the
+    LightningModule, and the module a `lightning_llm.protocols.PipelinedTraining` (its `loss_sum` is the
+    loss the last stage computes, its `log_training_step` logs the step). Batches are dicts with
+    `input_ids` [B, T], `targets` [B, T] (next tokens, already shifted, -100 ignored) and optional
+    `position_ids` / `attention_mask` [B, T]. The training loss is the module's summed loss over the
+    batch's target tokens divided by their number, exactly as one process computes it over the whole batch.
+
+    Args:
+        stages: number of pipeline ranks p; the world size must be a multiple (world = dp x p).
+        microbatches: micro-batches m per batch; the per-rank batch size must be divisible by it, and the
+            schedule must accept it (1F1B: m >= stages; interleaved: m splits into equal rounds of ~stages).
+        schedule: "gpipe", "1f1b", "interleaved-1f1b" or "interleaved-zero-bubble".
+        stages_per_rank: model chunks per rank for the interleaved schedules (default 2; 1 otherwise).
+        split_points: index of the first decoder layer of stages 1..S-1 (S = stages x stages_per_rank);
+            default: contiguous stages balanced by parameter count (the LM head counts for the last).
+        zero_stage: ZeRO over the pipelines (data parallelism): 2 shards each stage's gradients and
+            optimizer state (the communication of plain data parallelism: a reduce-scatter and an
+            all-gather per step), 3 also its parameters (gathered again for every micro-batch).
+        empty_init: create the model on the meta device and initialise only this rank's stages. Default
+            False: the whole model is created on the CPU (as `configure_model` builds it, pretrained or
+            loaded weights included) and pruned to this rank's stages.
+        process_group_backend: torch.distributed backend; default nccl on GPUs, gloo on CPUs.
+        timeout: timeout of collective operations.
+    """
+
+    _pipeline_degree = "stages"
+
+    def __init__(
+        self,
+        stages: int = 2,
+        microbatches: int = 4,
+        schedule: str = "1f1b",
+        *,
+        stages_per_rank: int | None = None,
+        split_points: list[int] | None = None,
+        zero_stage: int = 2,
+        empty_init: bool = False,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        super().__init__(pipeline_parallel=stages, zero_stage=zero_stage, microbatches=microbatches, schedule=schedule,
+                         stages_per_rank=stages_per_rank, split_points=split_points, empty_init=empty_init,
+                         process_group_backend=process_group_backend, timeout=timeout)
+
+    @property
+    def stages(self) -> int:
+        return self.pipeline_parallel
+
+    @property
+    def microbatches(self) -> int:
+        return self._pipeline.microbatches
+
+    @property
+    def schedule(self) -> str:
+        return self._pipeline.schedule

@@ -1,12 +1,12 @@
-"""Pipeline parallelism for Lightning on `torch.distributed.pipelining`: `Pipeline` (one rank's part of a
-pipeline, shared by `PipelineStrategy` and `ParallelStrategy(pipeline_parallel=...)`) and `PipelineStrategy`.
+"""Pipeline parallelism on `torch.distributed.pipelining`: `Pipeline`, one rank's part of a pipeline, which
+`ParallelStrategy(pipeline_parallel=...)` and its one-dimension form `PipelineStrategy` run (both in
+strategies/parallel.py; `PipelineStrategy` is importable from here too).
 
 The decoder layers of a Hugging Face causal LM are split into stages on different ranks (embedding
 on the first, final norm and LM head on the last), and each batch is streamed through them as
 micro-batches by one of torch's schedules (GPipe, 1F1B, interleaved 1F1B, interleaved zero bubble).
-When there are more ranks than stages, the ranks form a 2-D mesh (data parallel x pipeline parallel)
-and gradients are averaged over the data-parallel group (`ParallelStrategy` shards each stage with
-ZeRO over that group instead).
+When there are more ranks than stages, each stage is sharded by ZeRO over the ranks that hold it in
+the other pipelines (the data-parallel dimension of the strategy's mesh), which also reduces its gradients.
 
 How it fits Lightning's loop: in automatic optimization the loop calls `training_step`, zeroes the
 gradients, calls `backward`, then the precision plugin's `optimizer_step` (unscale, clip, step).
@@ -15,7 +15,7 @@ micro-batch), so `training_step` runs the whole schedule in place of the module'
 and returns the loss; the last stage computes each micro-batch's loss with the module's own `loss_sum`,
 and the module logs the step through its `log_training_step` (lightning_llm.protocols.PipelinedTraining),
 so its metrics are those of any other layout. The gradients it produced are held aside while the loop zeroes, and handed
-over (after the tied-embedding and data-parallel all-reduces) in `backward`, which runs the usual
+over (after the tied-embedding all-reduce) in `backward`, which runs the usual
 hooks but no second backward pass. Everything after that is Lightning's own path, so the precision
 plugin's overflow check and step work unchanged; gradient clipping is made global across stages.
 
@@ -23,55 +23,32 @@ Validation, test and predict steps of the module run unchanged: while they run, 
 `forward` is redirected to a forward-only pass through the pipeline whose logits are broadcast
 from the last stage to every rank (the same redirection Lightning uses for wrapped models).
 
-Checkpoints are sharded directories in the format of `lightning_llm.checkpoint`: every stage writes
-its own layers under the single-process key names, so `lightning_llm.checkpoint.load_checkpoint`
-joins them on one process.
+Every stage keeps its layers under the single-process names, so the strategy's checkpoints (ZeRO's
+sharded format, `lightning_llm.checkpoint`) join on one process and resume under any layout.
 """
 
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.utilities.distributed import (
-    _distributed_is_initialized,
-    _get_default_process_group_backend_for_device,
-    _init_dist_connection,
-    _sync_ddp_if_available,
-)
-from lightning.fabric.utilities.optimizer import _optimizers_to_device
-from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
-from lightning.pytorch.strategies.parallel import ParallelStrategy
-from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.pipelining import PipelineStage
-from torch.distributed.tensor import DTensor
 from torch.distributed.pipelining.schedules import (
     Schedule1F1B,
     ScheduleGPipe,
     ScheduleInterleaved1F1B,
     ScheduleInterleavedZeroBubble,
 )
+from torch.distributed.tensor import DTensor
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from lightning_llm.checkpoint import open_sharded, remove_checkpoint, save_sharded
 from lightning_llm.protocols import PipelinedTraining
-from lightning_llm.strategies.launch import check_launch_size
 
 SCHEDULES: dict[str, type] = {
     "gpipe": ScheduleGPipe,
@@ -82,9 +59,6 @@ SCHEDULES: dict[str, type] = {
 # Schedules that run several model chunks ("virtual stages") per rank, placed in a loop:
 # rank r holds stages r, r + p, r + 2p, ...
 MULTI_STAGE_SCHEDULES = {"interleaved-1f1b", "interleaved-zero-bubble"}
-# Optimizer state and hyper-parameters keyed by parameter name ("param_groups.<name>.lr"): stages never
-# collide in the checkpoint, and the two copies of a tied embedding write the same entry.
-OPTIMIZER_STATE_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def schedule_accepts(schedule: str, microbatches: int, stages: int) -> bool:
@@ -265,7 +239,7 @@ def prune_to_stages(parts: DecoderParts, keep_layers: list[int], keep_first: boo
     What stays keeps its name, so the LightningModule's state dict and optimizer hold only this rank's
     parameters under the same keys a single process would use. With tied embeddings the last stage
     keeps `embed_tokens` as the owner of the LM head's weight: its own copy, kept equal by summing the
-    two copies' gradients (see `PipelineStrategy._reduce_gradients`).
+    two copies' gradients (see `Pipeline.backward`).
     """
     decoder, causal_lm = parts.decoder, parts.causal_lm
     decoder.layers = nn.ModuleDict({str(i): parts.layers[i] for i in keep_layers})
@@ -295,9 +269,9 @@ class Pipeline:
     """This rank's part of a pipeline: its stages of the causal LM, torch's schedules that stream the
     micro-batches through them, the module's loss on the last stage, and evaluation through the stages.
 
-    The strategies that run a pipeline (`PipelineStrategy`; `ParallelStrategy` with pipeline_parallel > 1,
-    which shards each stage with ZeRO) own the processes, the data-parallel reduction and the
-    checkpoints; this object owns what happens within one pipeline, so both run the same code.
+    The strategy that runs a pipeline (`ParallelStrategy` with pipeline_parallel > 1, and `PipelineStrategy`,
+    its one-dimension form) owns the processes, the sharding of each stage over the data dimension (ZeRO,
+    which reduces the gradients) and the checkpoints; this object owns what happens within one pipeline.
 
     Args:
         size: pipeline ranks p (named `degree` in error messages).
@@ -415,15 +389,21 @@ class Pipeline:
         return model
 
     def build_stages(self, model: nn.Module) -> None:
-        """The stage modules over the (pruned) causal LM's submodules, as they are now."""
-        decoder = getattr(model, getattr(model, "base_model_prefix", "model"))
+        """The stage modules over the (pruned) causal LM's submodules, built once per model: a later run of the
+        same module (fit, then validate with a new Trainer) keeps them, as the roots its sharding was made on."""
         self.stage_ids = model._pipeline_stage_ids
-        holder = DecoderParts(model, decoder, decoder.embed_tokens, [], decoder.norm, decoder.rotary_emb, model.lm_head)
-        self.stage_modules = []
-        for stage_id, layer_ids in zip(self.stage_ids, model._pipeline_layer_ids):
-            holder.layers = {i: decoder.layers[str(i)] for i in layer_ids}
-            self.stage_modules.append(DecoderStage(holder, layer_ids, stage_id == 0, stage_id == self.n_stages - 1,
-                                                   self.residual_layout))
+        stages = getattr(model, "_pipeline_stages", None)
+        if stages is None:
+            decoder = getattr(model, getattr(model, "base_model_prefix", "model"))
+            holder = DecoderParts(model, decoder, decoder.embed_tokens, [], decoder.norm, decoder.rotary_emb, model.lm_head)
+            stages = []
+            for stage_id, layer_ids in zip(self.stage_ids, model._pipeline_layer_ids):
+                holder.layers = {i: decoder.layers[str(i)] for i in layer_ids}
+                stages.append(DecoderStage(holder, layer_ids, stage_id == 0, stage_id == self.n_stages - 1))
+            model._pipeline_stages = stages  # (a plain list: not submodules of the model, nothing in its state dict)
+        for stage in stages:
+            stage.residual_layout = self.residual_layout
+        self.stage_modules = list(stages)
         self._schedules = {}
 
     def _tied_embedding(self) -> nn.Parameter | None:
@@ -569,23 +549,16 @@ class Pipeline:
         module.log_training_step(batch, loss)
         return loss
 
-    def backward(self, closure_loss: Tensor, average_over: dist.ProcessGroup | None = None) -> Tensor:
+    def backward(self, closure_loss: Tensor) -> Tensor:
         """Lightning's backward for a step the schedule already ran: the loop zeroed the gradients since, so
-        this step's gradients, held aside, are handed over here, the tied embedding's two copies summed and,
-        where no sharding reduced them, averaged over the `average_over` group (the other pipelines)."""
+        this step's gradients, held aside (already reduced over the data dimension by each stage's ZeRO), are
+        handed over here, and the tied embedding's two copies summed."""
         strategy, module = self.strategy, self.strategy.lightning_module
         closure_loss = strategy.precision_plugin.pre_backward(closure_loss, module)
         grads, self._pending_grads = self._pending_grads, {}
         tied = self._tied_embedding()
         if tied is not None and self.tied_group is not None:
             dist.all_reduce(_local(grads.setdefault(tied, torch.zeros_like(tied))), group=self.tied_group)
-        if average_over is not None and dist.get_world_size(average_over) > 1:
-            params = [p for p in module.parameters() if p.requires_grad]
-            for p in params:  # every replica must send the same tensors, used or not
-                grads.setdefault(p, torch.zeros_like(p))
-            _all_reduce_coalesced([grads[p] for p in params], average_over)
-            for p in params:
-                grads[p].div_(dist.get_world_size(average_over))
         for p, grad in grads.items():
             p.grad = grad if p.grad is None else p.grad.add_(grad)
         return strategy.precision_plugin.post_backward(closure_loss, module)
@@ -596,16 +569,16 @@ class Pipeline:
         Lightning clips in the precision plugin (after unscaling, before the step), which sees only the
         local gradients; the global norm needs the pipeline group, which only the strategy knows, so
         the plugin's norm clipping is replaced on this instance. The tied embedding's second copy is
-        left out of the norm (it equals the first), found as what the optimizer steps for it: the
-        parameter, or its fp32 master under master weights. Under ZeRO the gradients are shards
-        (`DTensor`), whose norm torch takes over the data-parallel ranks.
+        left out of the norm (it equals the first), found as what the optimizer steps for it
+        (`tied_copy_stepped`). Under ZeRO the gradients are shards (`DTensor`), whose norm torch takes
+        over the data-parallel ranks.
         """
         plugin = self.strategy.precision_plugin
         pipeline = self
 
         def clip_grad_by_norm(optimizer: torch.optim.Optimizer, clip_val: float) -> None:
             params = [p for p in plugin.main_params(optimizer) if p.grad is not None]
-            tied = pipeline.tied_copy_stepped_by(optimizer)
+            tied = pipeline.tied_copy_stepped()
             counted = [p.grad for p in params if p is not tied]
             norm = torch.nn.utils.get_total_norm(counted) if counted else torch.zeros((), device=pipeline.strategy.root_device)
             squared = _full(norm).float().pow(2)
@@ -614,16 +587,11 @@ class Pipeline:
 
         plugin.clip_grad_by_norm = clip_grad_by_norm
 
-    def tied_copy_stepped_by(self, optimizer: torch.optim.Optimizer) -> Tensor | None:
-        """The tensor `optimizer` steps for this rank's second copy of the tied embedding, if it holds one:
-        the parameter itself, or its fp32 master under a plugin with master weights (MasterWeightsPrecision,
-        duck-typed: strategies do not import precision plugins)."""
+    def tied_copy_stepped(self) -> Tensor | None:
+        """The tensor an optimizer steps for this rank's second copy of the tied embedding, if it holds one:
+        the parameter, its ZeRO-1 shard, or the fp32 master standing in for either (the strategy's `stand_ins`)."""
         tied = self.tied_param
-        if tied is None:
-            return None
-        master_weights = getattr(self.strategy.precision_plugin, "master_weights", None)
-        masters = {id(weight): master for weight, master in (master_weights(optimizer) if master_weights else [])}
-        return masters.get(id(tied), tied)
+        return None if tied is None else self.strategy.stand_ins()[id(tied)]
 
     # -- evaluation through the pipeline ---------------------------------------------------------
 
@@ -678,274 +646,6 @@ def _full(t: Tensor) -> Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-# -- the strategy --------------------------------------------------------------------------------
-
-
-class PipelineStrategy(ParallelStrategy):
-    """Pipeline parallelism (with data parallelism across pipelines) for Hugging Face causal LMs.
-
-    The LightningModule holds the causal LM as `self.model` (created in `__init__` or
-    `configure_model`), or returns it from a method `pipeline_model()`; it must be a submodule of the
-    LightningModule, and the module a `lightning_llm.protocols.PipelinedTraining` (its `loss_sum` is the
-    loss the last stage computes, its `log_training_step` logs the step). Batches are dicts with
-    `input_ids` [B, T], `targets` [B, T] (next tokens, already shifted, -100 ignored) and optional
-    `position_ids` / `attention_mask` [B, T]. The training loss is the module's summed loss over the
-    batch's target tokens divided by their number, exactly as one process computes it over the whole batch.
-
-    This is the one-dimension form of `ParallelStrategy(pipeline_parallel=...)` (same `Pipeline`, same
-    checkpoints), with whole replicas of each stage across pipelines instead of ZeRO shards.
-
-    Args:
-        stages: number of pipeline ranks p; the world size must be a multiple (world = dp x p).
-        microbatches: micro-batches m per batch; the per-rank batch size must be divisible by it, and the
-            schedule must accept it (1F1B: m >= stages; interleaved: m splits into equal rounds of ~stages).
-        schedule: "gpipe", "1f1b", "interleaved-1f1b" or "interleaved-zero-bubble".
-        stages_per_rank: model chunks per rank for the interleaved schedules (default 2; 1 otherwise).
-        split_points: index of the first decoder layer of stages 1..S-1 (S = stages x stages_per_rank);
-            default: contiguous stages balanced by parameter count (the LM head counts for the last).
-        process_group_backend: torch.distributed backend; default nccl on GPUs, gloo on CPUs.
-        timeout: timeout of collective operations.
-    """
-
-    def __init__(
-        self,
-        stages: int = 2,
-        microbatches: int = 4,
-        schedule: str = "1f1b",
-        *,
-        stages_per_rank: int | None = None,
-        split_points: list[int] | None = None,
-        process_group_backend: str | None = None,
-        timeout: timedelta | None = default_pg_timeout,
-    ) -> None:
-        super().__init__()
-        self.pipeline = Pipeline(stages, microbatches, schedule, stages_per_rank, split_points)
-        self.stages = stages
-        self._process_group_backend = process_group_backend
-        self._timeout = timeout
-        self.num_nodes = 1
-        self._dp_group: dist.ProcessGroup | None = None
-
-    # -- processes and mesh ------------------------------------------------------------------------
-
-    @property
-    def root_device(self) -> torch.device:
-        assert self.parallel_devices is not None
-        return self.parallel_devices[self.local_rank]
-
-    @property
-    def num_processes(self) -> int:
-        return len(self.parallel_devices) if self.parallel_devices is not None else 0
-
-    @property
-    def pipeline_parallel(self) -> int:
-        return self.stages
-
-    @property
-    def microbatches(self) -> int:
-        return self.pipeline.microbatches
-
-    @property
-    def schedule(self) -> str:
-        return self.pipeline.schedule
-
-    @property
-    def stages_per_rank(self) -> int:
-        return self.pipeline.stages_per_rank
-
-    @property
-    def split_points(self) -> list[int] | None:
-        return self.pipeline.split_points
-
-    @property
-    def n_stages(self) -> int:
-        return self.pipeline.n_stages
-
-    @property
-    def data_parallel_size(self) -> int:
-        return self.world_size // self.stages
-
-    @property
-    def data_parallel_rank(self) -> int:
-        return self.global_rank // self.stages
-
-    @property
-    def pipeline_rank(self) -> int:
-        return self.global_rank % self.stages
-
-    @property
-    def is_distributed(self) -> bool:
-        # How Lightning's connectors recognise a strategy outside their own list as distributed (this
-        # turns on the DistributedSampler with `distributed_sampler_kwargs`).
-        return True
-
-    @property
-    def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        # The stages of one pipeline must see the same batch; the pipelines share the data.
-        return {"num_replicas": self.data_parallel_size, "rank": self.data_parallel_rank}
-
-    def _configure_launcher(self) -> None:
-        assert self.cluster_environment is not None
-        if not self.cluster_environment.creates_processes_externally:
-            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
-
-    def setup_environment(self) -> None:
-        check_launch_size(self)  # before the rendezvous, which a wrong size would wait in
-        super().setup_environment()
-        assert self.cluster_environment is not None
-        self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
-        self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
-        rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
-        if self.world_size % self.stages:
-            raise ValueError(
-                f"stages={self.stages} does not divide the world size {self.world_size}: use a number of devices "
-                f"x nodes that is a multiple of {self.stages} (world = data parallel x stages)"
-            )
-        backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
-        self._process_group_backend = backend
-        _init_dist_connection(self.cluster_environment, backend, timeout=self._timeout)
-        # Rank = dp_rank * stages + pp_rank: the stages of one pipeline are neighbouring ranks (one node).
-        mesh = init_device_mesh(self.root_device.type, (self.data_parallel_size, self.stages),
-                                mesh_dim_names=("dp", "pp"))
-        self._dp_group = mesh.get_group("dp")
-        tied = tied_groups(mesh.mesh.reshape(-1, self.stages))
-        self.pipeline.connect(self, self.pipeline_rank, mesh.get_group("pp"), self._dp_group, tied)
-
-    # -- model ----------------------------------------------------------------------------------
-
-    @contextmanager
-    def tensor_init_context(self, empty_init: bool | None = None) -> Iterator[None]:
-        # The full model is created on the CPU; `setup` keeps this rank's stages and moves only those.
-        with self.precision_plugin.tensor_init_context():
-            yield
-
-    def setup(self, trainer: pl.Trainer) -> None:
-        assert self.accelerator is not None
-        self.accelerator.setup(trainer)
-        self.pipeline.split(self.lightning_module)
-        self.model = self.precision_plugin.convert_module(self.model)
-        self.model_to_device()
-        self.pipeline.build_stages(causal_lm_of(self.lightning_module))  # over the converted, moved modules
-        self._broadcast_parameters()
-        if trainer.state.fn == TrainerFn.FITTING:
-            self._reset_optimizers_and_schedulers()
-            self.setup_optimizers(trainer)
-        self.setup_precision_plugin()
-        if trainer.state.fn == TrainerFn.FITTING:
-            _optimizers_to_device(self.optimizers, self.root_device)
-        self.pipeline.make_clipping_global()
-
-    def _broadcast_parameters(self) -> None:
-        """Make replicas equal: pipelines copy pipeline 0; the last stage copies the first's tied embedding."""
-        if self.data_parallel_size > 1:
-            src = self.pipeline_rank  # the same stage in pipeline 0
-            for p in self.lightning_module.parameters():
-                dist.broadcast(p.data, src=src, group=self._dp_group)
-        self.pipeline.broadcast_tied()
-
-    def model_to_device(self) -> None:
-        assert self.model is not None
-        self.model.to(self.root_device)
-
-    # -- steps -----------------------------------------------------------------------------------
-
-    def on_train_start(self) -> None:
-        self.pipeline.check_loader(self.lightning_module.trainer.train_dataloader)
-
-    def training_step(self, *args: Any, **kwargs: Any) -> Tensor:
-        # Runs the schedule in place of the module's training_step: see the module docstring.
-        return self.pipeline.training_step(args[0] if args else kwargs["batch"])
-
-    def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
-        return self.pipeline.backward(closure_loss, average_over=self._dp_group)
-
-    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
-        return self.pipeline.evaluation_step("validation_step", self.precision_plugin.val_step_context(), *args, **kwargs)
-
-    def test_step(self, *args: Any, **kwargs: Any) -> Any:
-        return self.pipeline.evaluation_step("test_step", self.precision_plugin.test_step_context(), *args, **kwargs)
-
-    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
-        return self.pipeline.evaluation_step("predict_step", self.precision_plugin.predict_step_context(), *args, **kwargs)
-
-    def full_model_state_dict(self, model: nn.Module) -> dict[str, Tensor] | None:
-        """The whole `model`'s state dict on global rank 0, None elsewhere (every rank calls this; for an export).
-
-        Each rank holds only its stages' weights, under the single-process names; the ranks of pipeline 0
-        send theirs to rank 0 (the other pipelines hold the same numbers). With tied embeddings the first
-        and last stages both hold the embedding, kept equal by training, so either copy will do."""
-        local = {name: t.detach().cpu() for name, t in model.state_dict().items()}
-        return self.pipeline.join_stages(local if self.data_parallel_rank == 0 else None)
-
-
-    # -- collectives -----------------------------------------------------------------------------
-
-    def barrier(self, name: str | None = None) -> None:
-        if _distributed_is_initialized():
-            dist.barrier()
-
-    def broadcast(self, obj: Any, src: int = 0) -> Any:
-        if not _distributed_is_initialized():
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src)
-        return box[0]
-
-    def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any = "mean") -> Any:
-        if isinstance(tensor, Tensor):
-            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
-        return tensor
-
-    # -- checkpoints -----------------------------------------------------------------------------
-
-    @property
-    def restore_checkpoint_after_setup(self) -> bool:
-        return True  # each rank loads into its own stages, which exist only after setup
-
-    @property
-    def lightning_restore_optimizer(self) -> bool:
-        return False  # restored in load_checkpoint, by parameter name
-
-    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        optimizer = getattr(optimizer, "_optimizer", optimizer)
-        return get_optimizer_state_dict(self.lightning_module, optimizer, options=OPTIMIZER_STATE_OPTIONS)
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: str | os.PathLike,
-                        storage_options: Any | None = None) -> None:
-        if storage_options is not None:
-            raise TypeError("PipelineStrategy.save_checkpoint(storage_options=...) is not supported: it writes "
-                            "torch.distributed.checkpoint directories, not through CheckpointIO")
-        save_sharded(self, checkpoint, filepath)
-
-    def remove_checkpoint(self, filepath: str | os.PathLike) -> None:
-        if self.is_global_zero:
-            remove_checkpoint(filepath)
-
-    def load_checkpoint(self, checkpoint_path: str | os.PathLike, weights_only: bool | None = None) -> dict[str, Any]:
-        path, meta = open_sharded(self.broadcast(str(checkpoint_path)))
-        module = self.lightning_module
-        state: dict[str, Any] = {"state_dict": module.state_dict()}
-        optimizers = [getattr(o, "_optimizer", o) for o in self.optimizers]
-        for i, optimizer in enumerate(optimizers):
-            state[f"optimizer_{i}"] = get_optimizer_state_dict(module, optimizer, options=OPTIMIZER_STATE_OPTIONS)
-        dcp.load(state, checkpoint_id=path)
-        module.load_state_dict(state["state_dict"], strict=module.strict_loading)
-        for i, optimizer in enumerate(optimizers):
-            set_optimizer_state_dict(module, optimizer, optim_state_dict=state[f"optimizer_{i}"],
-                                     options=OPTIMIZER_STATE_OPTIONS)
-        return meta
-
-    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        pass  # loaded in load_checkpoint
-
-    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        pass  # loaded in load_checkpoint
-
-    def teardown(self) -> None:
-        self.pipeline.teardown()
-        super().teardown()
-
-
 def tied_groups(pipelines: Tensor) -> dist.ProcessGroup | None:
     """This rank's group of the first and last stage of its pipeline, from the global ranks of every pipeline
     (one row each, stage order); None on the other ranks. Every rank creates every group (new_group is
@@ -958,16 +658,12 @@ def tied_groups(pipelines: Tensor) -> dist.ProcessGroup | None:
     return mine
 
 
-def _all_reduce_coalesced(tensors: list[Tensor], group: dist.ProcessGroup) -> None:
-    """Sum-all-reduce `tensors` in place with one collective per dtype."""
-    by_dtype: dict[torch.dtype, list[Tensor]] = {}
-    for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t)
-    for same in by_dtype.values():
-        flat = torch.cat([t.reshape(-1) for t in same])
-        dist.all_reduce(flat, group=group)
-        offset = 0
-        for t in same:
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
-            offset += t.numel()
+def __getattr__(name: str) -> Any:
+    # `PipelineStrategy` is `ParallelStrategy`'s one-dimension form and lives beside it (parallel.py imports this
+    # module); its old address, `lightning_llm.strategies.pipeline.PipelineStrategy`, in YAML configs and imports,
+    # still resolves.
+    if name == "PipelineStrategy":
+        from lightning_llm.strategies.parallel import PipelineStrategy
 
+        return PipelineStrategy
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -137,18 +137,23 @@ class ZeROStrategy(ModelParallelStrategy):
     def setup(self, trainer: Trainer) -> None:
         self.accelerator.setup(trainer)
         module = self.lightning_module
-        units = self._units(module)
+        # A module that an earlier run prepared for this layout (fit, then validate with a new Trainer) keeps its
+        # sharding and checkpointing hooks: torch applies each only once.
+        prepared = _prepared_before(module, self._layout())
+        units = [] if prepared else self._units(module)
         if self.stage == 1:
             # Stage 1 replicates the parameters: the whole model is materialised on every rank.
             _materialize(module, list(module.modules()), self.root_device)
             self._checkpoint_activations(units)
             module = self.precision_plugin.convert_module(module)
             self.model_to_device()
-            self.model = DistributedDataParallel(module, device_ids=None if self.root_device.type == "cpu" else [self.root_device.index])
+            self.model = self._replicate(module)
         else:
-            self._shard(module, units)
+            if not prepared:
+                self._shard(module, units)
             self.model = self.precision_plugin.convert_module(module)
             _move_torchmetrics_to_device(module, self.root_device)
+        module._zero_layout = self._layout()
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
@@ -188,6 +193,14 @@ class ZeROStrategy(ModelParallelStrategy):
             fully_shard(unit, mesh=self._data_mesh(), reshard_after_forward=self.stage == 3, offload_policy=offload,
                         ignored_params=_split_over(members, self._data_mesh()) or None)
             done.add(unit)
+
+    def _layout(self) -> tuple:
+        """What a module is prepared for: the stage and the mesh (its ranks and dimension names)."""
+        return self.stage, self.device_mesh.mesh.tolist(), self.device_mesh.mesh_dim_names
+
+    def _replicate(self, module: nn.Module) -> nn.Module:
+        """Stage 1: the module the steps call, wrapped so that backward all-reduces its gradients."""
+        return DistributedDataParallel(module, device_ids=None if self.root_device.type == "cpu" else [self.root_device.index])
 
     def _sharding_roots(self, module: nn.Module) -> list[nn.Module]:
         """The outermost sharding units, whose forward the steps call: the LightningModule (under
@@ -259,17 +272,25 @@ class ZeROStrategy(ModelParallelStrategy):
         master_weights = getattr(self.precision_plugin, "master_weights", None)
         return master_weights(optimizer) if master_weights is not None else []
 
+    def stand_ins(self) -> dict[int, torch.Tensor]:
+        """id(parameter) -> the tensor an optimizer steps for it: the parameter at stages 2 and 3, its dim-0
+        shard at stage 1, or the fp32 master standing in for either."""
+        shards = {id(p): shard for s in self._optimizer_shards.values() for _, p, shard in s.params}
+        masters = {id(weight): master for opt in self.optimizers for weight, master in self._master_weights(opt)}
+        stand_ins = {}
+        for p in self.lightning_module.parameters():
+            t = shards.get(id(p), p)
+            stand_ins[id(p)] = masters.get(id(t), t)
+        return stand_ins
+
     def _stepped_tensors(self) -> dict[str, torch.Tensor]:
         """Parameter name (a tied parameter under each of its names) -> the tensor an optimizer steps for
-        it: the parameter at stages 2 and 3, its dim-0 shard at stage 1, or the fp32 master standing in
-        for either. Parameters that no optimizer steps (frozen ones) are left out."""
-        stand_in = {id(p): shard for shards in self._optimizer_shards.values() for _, p, shard in shards.params}
-        masters = {id(weight): master for opt in self.optimizers for weight, master in self._master_weights(opt)}
+        it (`stand_ins`). Parameters that no optimizer steps (frozen ones) are left out."""
+        stand_ins = self.stand_ins()
         stepped = {id(t) for opt in self.optimizers for group in opt.param_groups for t in group["params"]}
         tensors = {}
         for name, p in self.lightning_module.named_parameters(remove_duplicate=False):
-            t = stand_in.get(id(p), p)
-            t = masters.get(id(t), t)
+            t = stand_ins[id(p)]
             if id(t) in stepped:
                 tensors[name] = t
         return tensors
@@ -440,6 +461,16 @@ def _split_over(members: list[nn.Module], mesh: DeviceMesh) -> set[nn.Parameter]
     """Parameters of `members` that another parallelism has already split over `mesh` (expert parallelism's
     experts, `DTensor`s on the data-parallel mesh): ZeRO leaves them as they are."""
     return {p for m in members for p in m.parameters(recurse=False) if isinstance(p, DTensor) and p.device_mesh == mesh}
+
+
+def _prepared_before(module: nn.Module, layout: tuple) -> bool:
+    """Whether an earlier run prepared `module` for `layout`; raises if for another one, which it cannot be undone for."""
+    before = getattr(module, "_zero_layout", None)
+    if before is not None and before != layout:
+        raise ValueError(f"{type(module).__name__} was prepared by an earlier run for ZeRO stage {before[0]} on the mesh "
+                         f"{before[1]} {before[2]}, and cannot be sharded again for stage {layout[0]} on {layout[1]} "
+                         f"{layout[2]}: create a new module (and load a checkpoint of the earlier run into it)")
+    return before is not None
 
 
 def _members(unit: nn.Module, done: set[nn.Module]) -> list[nn.Module]:
