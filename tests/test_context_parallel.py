@@ -1,9 +1,10 @@
 """ParallelStrategy(context_parallel=2) against single-process training, on gloo.
 
-Two ranks split every sequence of the same global batches (load-balanced chunks, ring attention, per-chunk
-position ids, the token mean over both) and train the tiny model for a few steps; the global losses and
-the final weights must equal a plain PyTorch loop on one process over the whole sequences (test_parallel's
-oracle, started from the weights the distributed run recorded).
+Two ranks split every sequence of the same global batches (load-balanced chunks, ring or all-to-all
+attention, per-chunk position ids, the token mean over both) and train the tiny model for a few steps; the
+global losses and the final weights must equal a plain PyTorch loop on one process over the whole sequences
+(test_parallel's oracle, started from the weights the distributed run recorded). In the slow tier: dp2 x cp2,
+and cp2 x tp2 in both modes.
 """
 
 from __future__ import annotations
@@ -33,26 +34,34 @@ from test_parallel import (
 from tolerances import assert_adam_steps_close
 
 
-def _worker(rank: int, world: int, port: int, out: str, cp: int, checkpointing: bool) -> None:
+def _worker(rank: int, world: int, port: int, out: str, cp: int, tp: int, mode: str | None,
+            checkpointing: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank), NODE_RANK="0")
     torch.set_num_threads(1)
     record: dict = {}
     torch.manual_seed(10 * rank)  # ranks draw different numbers: the model must not depend on it
-    strategy = ParallelStrategy(context_parallel=cp, activation_checkpointing=checkpointing)
+    strategy = ParallelStrategy(context_parallel=cp, tensor_parallel=tp, context_parallel_mode=mode,
+                                activation_checkpointing=checkpointing)
     trainer = _trainer(world, strategy, [_recorder(record)])
-    # The mesh is data x context: every rank of a context-parallel group reads its data coordinate's rows
-    # whole, and the strategy cuts its share of the sequences.
-    trainer.fit(_module(), _loader(rank // cp, world // cp))
+    # The mesh is data x context x tensor: every rank of a context x tensor-parallel group reads its data
+    # coordinate's rows whole, and the strategy cuts its share of the sequences.
+    trainer.fit(_module(), _loader(rank // (cp * tp), world // (cp * tp)))
     record["train_loss"] = float(trainer.callback_metrics["train/loss"])
     torch.save(record, Path(out) / f"cp-rank{rank}.pt")
 
 
-# cp2 with activation checkpointing: the decoder layers' forward runs again in backward, with ring attention too
-@pytest.mark.parametrize("world,cp,checkpointing", [
-    pytest.param(2, 2, True, id="cp2-checkpointed"), pytest.param(4, 2, False, marks=pytest.mark.slow, id="dp2xcp2")])
-def test_cp2_training_equals_one_process(tmp_path, world, cp, checkpointing):
-    mp.spawn(_worker, args=(world, free_port(), str(tmp_path), cp, checkpointing), nprocs=world, join=True)
+# cp2 with activation checkpointing: the decoder layers' forward runs again in backward, with ring attention
+# too. cp2 x tp2: each tensor-parallel rank holds 2 query heads and 1 K/V head, which all-to-all attention
+# repeats for its two context-parallel ranks.
+@pytest.mark.parametrize("world,cp,tp,mode,checkpointing", [
+    pytest.param(2, 2, 1, None, True, id="cp2-checkpointed"),
+    pytest.param(2, 2, 1, "all_to_all", False, id="cp2-all-to-all"),
+    pytest.param(4, 2, 1, None, False, marks=pytest.mark.slow, id="dp2xcp2"),
+    pytest.param(4, 2, 2, "ring", False, marks=pytest.mark.slow, id="cp2xtp2-ring"),
+    pytest.param(4, 2, 2, "all_to_all", False, marks=pytest.mark.slow, id="cp2xtp2-all-to-all")])
+def test_cp2_training_equals_one_process(tmp_path, world, cp, tp, mode, checkpointing):
+    mp.spawn(_worker, args=(world, free_port(), str(tmp_path), cp, tp, mode, checkpointing), nprocs=world, join=True)
     records = [torch.load(tmp_path / f"cp-rank{r}.pt", weights_only=False) for r in range(world)]
     init = records[0]["init"]
     expected_losses, expected_weights = single_process_run(init, STEPS)
@@ -63,9 +72,9 @@ def test_cp2_training_equals_one_process(tmp_path, world, cp, checkpointing):
     # The logged loss is the global one on every rank.
     for record in records:
         torch.testing.assert_close(record["train_loss"], expected_losses[-1], **LOSS_TOL)
-    # The ranks of a context-parallel group share a sampler coordinate; together they count every token once.
+    # The ranks of a context x tensor-parallel group share a sampler coordinate; they count every token once.
     for rank, record in enumerate(records):
-        assert record["sampler"] == {"num_replicas": world // cp, "rank": rank // cp}
+        assert record["sampler"] == {"num_replicas": world // (cp * tp), "rank": rank // (cp * tp)}
         assert record["tokens"] == STEPS * ROWS * SEQ
     final = records[0]["final"]
     for name, weight in expected_weights.items():
