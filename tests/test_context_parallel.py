@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 import torch.multiprocessing as mp
 
@@ -121,3 +122,57 @@ def test_shard_batch_gives_each_token_its_position_and_target(monkeypatch):
     assert torch.equal(share["input_ids"], share["position_ids"] + 100)
     assert torch.equal(share["targets"], share["input_ids"] + 1)
     assert torch.equal(share["num_tokens"], torch.tensor([16]))
+
+
+@pytest.mark.parametrize("heads,kv_heads,cp,tp,refused", [
+    (4, 2, 2, 1, None), (4, 2, 4, 1, None), (4, 1, 2, 2, None),  # K/V heads split; repeated; one per TP rank
+    (4, 2, 3, 1, "4 query heads and 2 K/V heads"), (4, 2, 4, 2, "2 query heads and 1 K/V heads"),
+    (6, 6, 4, 1, "6 query heads and 6 K/V heads")])
+def test_all_to_all_mode_refuses_at_setup_heads_the_ranks_cannot_share(heads, kv_heads, cp, tp, refused):
+    from lightning_llm.models import build_config, build_model
+    from lightning_llm.strategies.context import ALL_TO_ALL_IMPLEMENTATION, use_all_to_all_attention
+
+    with torch.device("meta"):
+        model = build_model(build_config("tiny", num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                         hidden_size=16 * heads, head_dim=16))
+    if refused is None:
+        use_all_to_all_attention([model], cp, tp)
+        assert model.config._attn_implementation == ALL_TO_ALL_IMPLEMENTATION
+    else:
+        with pytest.raises(ValueError, match=rf"over {cp} ranks .*{refused}.*degrees that fit"):
+            use_all_to_all_attention([model], cp, tp)
+
+
+def test_all_to_all_mode_refuses_packed_documents(monkeypatch):
+    import torch.distributed as dist
+
+    from lightning_llm.strategies.context import _check_one_document_per_row
+
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    # 4 chunks of 2: rank 1 holds chunks 1 and 2 (positions 2, 3, 4, 5), from any start
+    _check_one_document_per_row(torch.tensor([[2, 3, 4, 5], [7, 8, 9, 10]]), None)
+    with pytest.raises(NotImplementedError, match="packed documents"):  # a document starting at position 4
+        _check_one_document_per_row(torch.tensor([[2, 3, 0, 1]]), None)
+
+
+def test_the_mode_is_read_from_yaml_and_a_bad_one_names_the_accepted(tmp_path, capsys):
+    from lightning_llm.data.pretrain import PretrainDataModule
+    from lightning_llm.lightning_cli import LLMCLI
+    from lightning_llm.modules.pretrain import PretrainModule
+
+    config = {"model": {"class_path": "lightning_llm.PretrainModule", "init_args": {"model": "tiny"}},
+              "data": {"class_path": "lightning_llm.PretrainDataModule", "init_args": {"sources": str(tmp_path)}},
+              "trainer": {"accelerator": "cpu", "devices": 2, "logger": False, "strategy": {
+                  "class_path": "lightning_llm.strategies.parallel.ParallelStrategy",
+                  "init_args": {"context_parallel": 2, "context_parallel_mode": "all_to_all"}}}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+
+    def cli(*args: str) -> LLMCLI:
+        return LLMCLI(PretrainModule, PretrainDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                      run=False, args=["--config", str(tmp_path / "run.yaml"), *args])
+
+    assert cli().trainer.strategy.context_parallel_mode == "all_to_all"
+    with pytest.raises(SystemExit):
+        cli("--trainer.strategy.init_args.context_parallel_mode=ulysses")
+    assert "Expected a typing.Literal['ring', 'all_to_all']" in capsys.readouterr().err
