@@ -47,7 +47,8 @@ def _worker(rank: int, world: int, port: int, out: str, cp: int, tp: int, mode: 
     trainer = _trainer(world, strategy, [_recorder(record)])
     # The mesh is data x context x tensor: every rank of a context x tensor-parallel group reads its data
     # coordinate's rows whole, and the strategy cuts its share of the sequences.
-    trainer.fit(_module(), _loader(rank // (cp * tp), world // (cp * tp)))
+    trainer.fit(module := _module(), _loader(rank // (cp * tp), world // (cp * tp)))
+    record["attention"] = module.model.config._attn_implementation
     record["train_loss"] = float(trainer.callback_metrics["train/loss"])
     torch.save(record, Path(out) / f"cp-rank{rank}.pt")
 
@@ -64,6 +65,7 @@ def _worker(rank: int, world: int, port: int, out: str, cp: int, tp: int, mode: 
 def test_cp2_training_equals_one_process(tmp_path, world, cp, tp, mode, checkpointing):
     mp.spawn(_worker, args=(world, free_port(), str(tmp_path), cp, tp, mode, checkpointing), nprocs=world, join=True)
     records = [torch.load(tmp_path / f"cp-rank{r}.pt", weights_only=False) for r in range(world)]
+    assert {r["attention"] for r in records} == {"lightning_ulysses" if mode == "all_to_all" else "lightning_ring"}
     init = records[0]["init"]
     expected_losses, expected_weights = single_process_run(init, STEPS)
     # Each rank returns its tokens' loss sum times the ranks that average gradients (all of them), over all
