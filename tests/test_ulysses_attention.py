@@ -80,9 +80,9 @@ def _worker(rank: int, world: int, port: int, cases: list) -> None:
     try:
         for case in cases:
             _check_case(rank, world, *case)
-        three_kv_heads = torch.zeros(1, 3, 4, 16)
-        with pytest.raises(ValueError, match=f"{3} query heads and {3} K/V heads"):
-            ulysses_attention(three_kv_heads, three_kv_heads, three_kv_heads)
+        indivisible = torch.zeros(1, world + 1, 4, 16)  # world + 1 heads: no degree > 1 of the world divides them
+        with pytest.raises(ValueError, match=f"{world + 1} query heads and {world + 1} K/V heads"):
+            ulysses_attention(indivisible, indivisible, indivisible)
     finally:
         dist.destroy_process_group()
 

@@ -63,7 +63,8 @@ class ParallelStrategy(ZeROStrategy):
     """Pipeline parallelism, data parallelism with ZeRO, tensor and sequence parallelism on one device mesh.
 
     Layouts that train as one process does (tests/test_parallel.py, tests/test_parallel_pipeline.py): tp2 (with
-    and without SP), dp2 x tp2, pp2, pp2 x dp2, pp2 x tp2. Under a pipeline the module must be a
+    and without SP), dp2 x tp2, pp2, pp2 x dp2, pp2 x tp2; cp2 in both context-parallel modes, dp2 x cp2 and
+    cp2 x tp2 (tests/test_context_parallel.py). Under a pipeline the module must be a
     `lightning_llm.protocols.PipelinedTraining` (its loss on the last stage, its metrics logged on every rank).
 
     Args:
