@@ -1,9 +1,10 @@
 """ParallelStrategy(context_parallel=2) against single-process training, on gloo.
 
-Two ranks split every sequence of the same global batches (load-balanced chunks, ring attention, per-chunk
-position ids, the token mean over both) and train the tiny model for a few steps; the global losses and
-the final weights must equal a plain PyTorch loop on one process over the whole sequences (test_parallel's
-oracle, started from the weights the distributed run recorded).
+Two ranks split every sequence of the same global batches (load-balanced chunks, ring or all-to-all
+attention, per-chunk position ids, the token mean over both) and train the tiny model for a few steps; the
+global losses and the final weights must equal a plain PyTorch loop on one process over the whole sequences
+(test_parallel's oracle, started from the weights the distributed run recorded). In the slow tier: dp2 x cp2,
+and cp2 x tp2 in both modes.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 import torch.multiprocessing as mp
 
@@ -33,27 +35,37 @@ from test_parallel import (
 from tolerances import assert_adam_steps_close
 
 
-def _worker(rank: int, world: int, port: int, out: str, cp: int, checkpointing: bool) -> None:
+def _worker(rank: int, world: int, port: int, out: str, cp: int, tp: int, mode: str | None,
+            checkpointing: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank), NODE_RANK="0")
     torch.set_num_threads(1)
     record: dict = {}
     torch.manual_seed(10 * rank)  # ranks draw different numbers: the model must not depend on it
-    strategy = ParallelStrategy(context_parallel=cp, activation_checkpointing=checkpointing)
+    strategy = ParallelStrategy(context_parallel=cp, tensor_parallel=tp, context_parallel_mode=mode,
+                                activation_checkpointing=checkpointing)
     trainer = _trainer(world, strategy, [_recorder(record)])
-    # The mesh is data x context: every rank of a context-parallel group reads its data coordinate's rows
-    # whole, and the strategy cuts its share of the sequences.
-    trainer.fit(_module(), _loader(rank // cp, world // cp))
+    # The mesh is data x context x tensor: every rank of a context x tensor-parallel group reads its data
+    # coordinate's rows whole, and the strategy cuts its share of the sequences.
+    trainer.fit(module := _module(), _loader(rank // (cp * tp), world // (cp * tp)))
+    record["attention"] = module.model.config._attn_implementation
     record["train_loss"] = float(trainer.callback_metrics["train/loss"])
     torch.save(record, Path(out) / f"cp-rank{rank}.pt")
 
 
-# cp2 with activation checkpointing: the decoder layers' forward runs again in backward, with ring attention too
-@pytest.mark.parametrize("world,cp,checkpointing", [
-    pytest.param(2, 2, True, id="cp2-checkpointed"), pytest.param(4, 2, False, marks=pytest.mark.slow, id="dp2xcp2")])
-def test_cp2_training_equals_one_process(tmp_path, world, cp, checkpointing):
-    mp.spawn(_worker, args=(world, free_port(), str(tmp_path), cp, checkpointing), nprocs=world, join=True)
+# cp2 with activation checkpointing: the decoder layers' forward runs again in backward, with ring attention
+# too. cp2 x tp2: each tensor-parallel rank holds 2 query heads and 1 K/V head, which all-to-all attention
+# repeats for its two context-parallel ranks.
+@pytest.mark.parametrize("world,cp,tp,mode,checkpointing", [
+    pytest.param(2, 2, 1, None, True, id="cp2-checkpointed"),
+    pytest.param(2, 2, 1, "all_to_all", False, id="cp2-all-to-all"),
+    pytest.param(4, 2, 1, None, False, marks=pytest.mark.slow, id="dp2xcp2"),
+    pytest.param(4, 2, 2, "ring", False, marks=pytest.mark.slow, id="cp2xtp2-ring"),
+    pytest.param(4, 2, 2, "all_to_all", False, marks=pytest.mark.slow, id="cp2xtp2-all-to-all")])
+def test_cp2_training_equals_one_process(tmp_path, world, cp, tp, mode, checkpointing):
+    mp.spawn(_worker, args=(world, free_port(), str(tmp_path), cp, tp, mode, checkpointing), nprocs=world, join=True)
     records = [torch.load(tmp_path / f"cp-rank{r}.pt", weights_only=False) for r in range(world)]
+    assert {r["attention"] for r in records} == {"lightning_ulysses" if mode == "all_to_all" else "lightning_ring"}
     init = records[0]["init"]
     expected_losses, expected_weights = single_process_run(init, STEPS)
     # Each rank returns its tokens' loss sum times the ranks that average gradients (all of them), over all
@@ -63,9 +75,9 @@ def test_cp2_training_equals_one_process(tmp_path, world, cp, checkpointing):
     # The logged loss is the global one on every rank.
     for record in records:
         torch.testing.assert_close(record["train_loss"], expected_losses[-1], **LOSS_TOL)
-    # The ranks of a context-parallel group share a sampler coordinate; together they count every token once.
+    # The ranks of a context x tensor-parallel group share a sampler coordinate; they count every token once.
     for rank, record in enumerate(records):
-        assert record["sampler"] == {"num_replicas": world // cp, "rank": rank // cp}
+        assert record["sampler"] == {"num_replicas": world // (cp * tp), "rank": rank // (cp * tp)}
         assert record["tokens"] == STEPS * ROWS * SEQ
     final = records[0]["final"]
     for name, weight in expected_weights.items():
@@ -112,3 +124,57 @@ def test_shard_batch_gives_each_token_its_position_and_target(monkeypatch):
     assert torch.equal(share["input_ids"], share["position_ids"] + 100)
     assert torch.equal(share["targets"], share["input_ids"] + 1)
     assert torch.equal(share["num_tokens"], torch.tensor([16]))
+
+
+@pytest.mark.parametrize("heads,kv_heads,cp,tp,refused", [
+    (4, 2, 2, 1, None), (4, 2, 4, 1, None), (4, 1, 2, 2, None),  # K/V heads split; repeated; one per TP rank
+    (4, 2, 3, 1, "4 query heads and 2 K/V heads"), (4, 2, 4, 2, "2 query heads and 1 K/V heads"),
+    (6, 6, 4, 1, "6 query heads and 6 K/V heads")])
+def test_all_to_all_mode_refuses_at_setup_heads_the_ranks_cannot_share(heads, kv_heads, cp, tp, refused):
+    from lightning_llm.models import build_config, build_model
+    from lightning_llm.strategies.context import ALL_TO_ALL_IMPLEMENTATION, use_all_to_all_attention
+
+    with torch.device("meta"):
+        model = build_model(build_config("tiny", num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                         hidden_size=16 * heads, head_dim=16))
+    if refused is None:
+        use_all_to_all_attention([model], cp, tp)
+        assert model.config._attn_implementation == ALL_TO_ALL_IMPLEMENTATION
+    else:
+        with pytest.raises(ValueError, match=rf"over {cp} ranks .*{refused}.*degrees that fit"):
+            use_all_to_all_attention([model], cp, tp)
+
+
+def test_all_to_all_mode_refuses_packed_documents(monkeypatch):
+    import torch.distributed as dist
+
+    from lightning_llm.strategies.context import _check_one_document_per_row
+
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    # 4 chunks of 2: rank 1 holds chunks 1 and 2 (positions 2, 3, 4, 5), from any start
+    _check_one_document_per_row(torch.tensor([[2, 3, 4, 5], [7, 8, 9, 10]]), None)
+    with pytest.raises(NotImplementedError, match="packed documents"):  # a document starting at position 4
+        _check_one_document_per_row(torch.tensor([[2, 3, 0, 1]]), None)
+
+
+def test_the_mode_is_read_from_yaml_and_a_bad_one_names_the_accepted(tmp_path, capsys):
+    from lightning_llm.data.pretrain import PretrainDataModule
+    from lightning_llm.lightning_cli import LLMCLI
+    from lightning_llm.modules.pretrain import PretrainModule
+
+    config = {"model": {"class_path": "lightning_llm.PretrainModule", "init_args": {"model": "tiny"}},
+              "data": {"class_path": "lightning_llm.PretrainDataModule", "init_args": {"sources": str(tmp_path)}},
+              "trainer": {"accelerator": "cpu", "devices": 2, "logger": False, "strategy": {
+                  "class_path": "lightning_llm.strategies.parallel.ParallelStrategy",
+                  "init_args": {"context_parallel": 2, "context_parallel_mode": "all_to_all"}}}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+
+    def cli(*args: str) -> LLMCLI:
+        return LLMCLI(PretrainModule, PretrainDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                      run=False, args=["--config", str(tmp_path / "run.yaml"), *args])
+
+    assert cli().trainer.strategy.context_parallel_mode == "all_to_all"
+    with pytest.raises(SystemExit):
+        cli("--trainer.strategy.init_args.context_parallel_mode=ulysses")
+    assert "Expected a typing.Literal['ring', 'all_to_all']" in capsys.readouterr().err

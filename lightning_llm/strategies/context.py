@@ -5,7 +5,9 @@
 - the model: every Hugging Face model in the LightningModule switches to `attn_implementation=
   "lightning_ring"`, which is ring attention (`attention/ring.py`) over the context-parallel group while a
   training or validation step runs under `sequence_split`, and the project's FlashAttention
-  (`lightning_fa2`) otherwise (generation, evaluation: whole sequences on one rank);
+  (`lightning_fa2`) otherwise (generation, evaluation: whole sequences on one rank); with
+  `context_parallel_mode="all_to_all"`, to "lightning_ulysses" instead: all-to-all attention
+  (`attention/ulysses.py`), which shards heads instead of the sequence inside attention;
 - the batch: `shard_batch` cuts every [batch, seq] tensor of the step's batch (input ids, next-token targets,
   position ids, made explicit) into the rank's load-balanced chunks, so rotary embeddings see each token's
   true position and each target stays with its input (targets are already shifted by the data);
@@ -28,9 +30,11 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from lightning_llm.attention.registry import lightning_attention_forward, valid_keys_mask
-from lightning_llm.attention.ring import check_sequence_length, ring_attention, shard_sequence
+from lightning_llm.attention.ring import check_sequence_length, load_balanced_indices, ring_attention, shard_sequence
+from lightning_llm.attention.ulysses import check_heads, ulysses_attention
 
 RING_IMPLEMENTATION = "lightning_ring"
+ALL_TO_ALL_IMPLEMENTATION = "lightning_ulysses"
 
 _group: ContextVar[dist.ProcessGroup | None] = ContextVar("context_parallel_group", default=None)
 
@@ -53,18 +57,54 @@ def ring_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value:
     if group is None:
         return lightning_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                            scaling=scaling, is_causal=is_causal, **kwargs)
-    if attention_mask is not None or dropout:
-        raise ValueError(f"context parallelism takes unpadded batches without attention dropout, got an attention mask "
-                         f"{None if attention_mask is None else tuple(attention_mask.shape)} and dropout {dropout}")
+    _check_unpadded(attention_mask, dropout)
     causal = module.is_causal if is_causal is None else is_causal
     out = ring_attention(query, key, value, group, causal=causal, scale=scaling)
     return out.transpose(1, 2), None
 
 
+def _check_unpadded(attention_mask: Tensor | None, dropout: float) -> None:
+    if attention_mask is not None or dropout:
+        raise ValueError(f"context parallelism takes unpadded batches without attention dropout, got an attention mask "
+                         f"{None if attention_mask is None else tuple(attention_mask.shape)} and dropout {dropout}")
+
+
+def all_to_all_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                                 attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                                 is_causal: bool | None = None, **kwargs: Any) -> tuple[Tensor, None]:
+    """As `ring_attention_forward`, with all-to-all (Ulysses) attention inside `sequence_split`."""
+    group = _group.get()
+    if group is None:
+        return lightning_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                           scaling=scaling, is_causal=is_causal, **kwargs)
+    _check_unpadded(attention_mask, dropout)
+    _check_one_document_per_row(kwargs.get("position_ids"), group)
+    causal = module.is_causal if is_causal is None else is_causal
+    out = ulysses_attention(query, key, value, group, causal=causal, scale=scaling)
+    return out.transpose(1, 2), None
+
+
+def _check_one_document_per_row(position_ids: Tensor | None, group: dist.ProcessGroup) -> None:
+    """All-to-all attention runs one causal sequence per row: refuse position ids that restart inside a row
+    (packed documents), which would let the documents see each other. A local check: the share of a row whose
+    positions count up by one differs from the share's token indices by one constant."""
+    if position_ids is None:
+        return
+    share = load_balanced_indices(position_ids.shape[-1] * dist.get_world_size(group), dist.get_world_size(group),
+                                  dist.get_rank(group), position_ids.device)
+    offset = position_ids - share
+    if bool((offset != offset[..., :1]).any()):
+        raise NotImplementedError("context_parallel_mode='all_to_all' with packed documents (position ids restarting "
+                                  "inside a row) is not supported: use context_parallel_mode='ring' or one document "
+                                  "per row")
+
+
 def register() -> None:
-    """Make `attn_implementation="lightning_ring"` known to transformers (idempotent)."""
+    """Make `attn_implementation="lightning_ring"` and "lightning_ulysses" known to transformers (idempotent)."""
     AttentionInterface.register(RING_IMPLEMENTATION, ring_attention_forward)
     AttentionMaskInterface.register(RING_IMPLEMENTATION, valid_keys_mask)
+    AttentionInterface.register(ALL_TO_ALL_IMPLEMENTATION, all_to_all_attention_forward)
+    AttentionMaskInterface.register(ALL_TO_ALL_IMPLEMENTATION, valid_keys_mask)
 
 
 def use_ring_attention(models: list[nn.Module]) -> None:
@@ -72,6 +112,18 @@ def use_ring_attention(models: list[nn.Module]) -> None:
     register()
     for model in models:
         model.set_attn_implementation(RING_IMPLEMENTATION)
+
+
+def use_all_to_all_attention(models: list[nn.Module], context_parallel: int, tensor_parallel: int = 1) -> None:
+    """Switch these Hugging Face models' attention to "lightning_ulysses", refusing at setup a model whose heads
+    (those of one tensor-parallel rank) the `context_parallel` ranks cannot share (`check_heads`)."""
+    register()
+    for model in models:
+        heads = model.config.num_attention_heads
+        kv_heads = getattr(model.config, "num_key_value_heads", None) or heads
+        # Tensor parallelism splits both first; a K/V head it cannot split is replicated, one per rank.
+        check_heads(heads // tensor_parallel, max(kv_heads // tensor_parallel, 1), context_parallel)
+        model.set_attn_implementation(ALL_TO_ALL_IMPLEMENTATION)
 
 
 def check_block_size(datamodule: object, world_size: int) -> None:

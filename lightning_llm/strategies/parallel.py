@@ -19,7 +19,7 @@ coordinate only.
 
 Expert parallelism borrows the data-parallel ranks (expert_parallel = data_parallel: each rank holds
 1/N of the experts and its own batch; tokens reach the experts by all-to-all): strategies/expert.py.
-Context parallelism (strategies/context.py) splits every sequence over its dimension (ring attention);
+Context parallelism (strategies/context.py) splits every sequence over its dimension (ring or all-to-all attention);
 ZeRO then shards and averages over data x context. Under a pipeline, ZeRO-1 replicates each stage with
 DistributedDataParallel over the data dimension and shards its optimizer state there. Refused, not built
 yet: a pipeline with context parallelism, expert parallelism with a pipeline, tensor or context parallelism,
@@ -47,20 +47,28 @@ from torch.optim import Optimizer
 
 from lightning_llm.protocols import VocabParallelLoss
 from lightning_llm.strategies.pipeline import Pipeline, tied_groups
-from lightning_llm.strategies.context import check_block_size, sequence_split, shard_batch, use_ring_attention
+from lightning_llm.strategies.context import (
+    check_block_size,
+    sequence_split,
+    shard_batch,
+    use_all_to_all_attention,
+    use_ring_attention,
+)
 from lightning_llm.strategies.expert import plan_experts, shard_experts
 from lightning_llm.strategies.launch import check_launch_size
 from lightning_llm.strategies.tensor import ISSUE, apply_styles, check_divisible, gather_logits_unless, plan_styles
 from lightning_llm.strategies.zero import STAGES, ZeROStrategy, _is_hf_model
 
 MESH_DIMS = ("pipeline_parallel", "data_parallel", "context_parallel", "tensor_parallel")
+CONTEXT_PARALLEL_MODES = ("ring", "all_to_all")
 
 
 class ParallelStrategy(ZeROStrategy):
     """Pipeline parallelism, data parallelism with ZeRO, tensor and sequence parallelism on one device mesh.
 
     Layouts that train as one process does (tests/test_parallel.py, tests/test_parallel_pipeline.py): tp2 (with
-    and without SP), dp2 x tp2, pp2, pp2 x dp2, pp2 x tp2. Under a pipeline the module must be a
+    and without SP), dp2 x tp2, pp2, pp2 x dp2, pp2 x tp2; cp2 in both context-parallel modes, dp2 x cp2 and
+    cp2 x tp2 (tests/test_context_parallel.py). Under a pipeline the module must be a
     `lightning_llm.protocols.PipelinedTraining` (its loss on the last stage, its metrics logged on every rank).
     Under the precision plugins (`MixedPrecision` fp16 with loss scaling or bf16, `MasterWeightsPrecision`)
     tp2 trains as one process under the same plugin (dp2 x tp2 too, tested under fp16), and an fp16 overflow
@@ -77,9 +85,13 @@ class ParallelStrategy(ZeROStrategy):
             them as micro-batches (see `PipelineStrategy` for what the module must provide).
         expert_parallel: the experts of each mixture-of-experts layer split over this many ranks, which are
             the data-parallel ranks (so it must equal data_parallel; see strategies/expert.py).
-        context_parallel: split every sequence over this many ranks (ring attention, load-balanced causal
-            chunks; sequence lengths must be multiples of 2 x context_parallel, batches unpadded with one
-            document per row).
+        context_parallel: split every sequence over this many ranks (load-balanced causal chunks; sequence
+            lengths must be multiples of 2 x context_parallel, batches unpadded with one document per row).
+        context_parallel_mode: how attention sees the whole sequence: "ring" (the default; K/V blocks pass
+            around the ring, any head count) or "all_to_all" (DeepSpeed Ulysses: all-to-alls give each rank
+            the whole sequence for 1/context_parallel of the heads; the degree must divide the heads of a
+            tensor-parallel rank, and divide its K/V heads or be a multiple of them). Given with
+            context_parallel=1 it is refused.
         zero_stage: ZeRO over the data-parallel dimension: 2 shards gradients and optimizer state,
             3 also the parameters; 1 (optimizer state only) needs tensor_parallel=1.
         sequence_parallel: with tensor_parallel > 1, shard norms and the residual stream along the sequence
@@ -106,6 +118,7 @@ class ParallelStrategy(ZeROStrategy):
         schedule: str | None = None,
         stages_per_rank: int | None = None,
         split_points: list[int] | None = None,
+        context_parallel_mode: Literal["ring", "all_to_all"] | None = None,
         cpu_offload: bool = False,
         wrap: Sequence[str] | None = None,
         activation_checkpointing: bool = False,
@@ -142,6 +155,13 @@ class ParallelStrategy(ZeROStrategy):
                                       f"zero_stage={zero_stage}: expert parallelism runs with tensor_parallel=1 and "
                                       "zero_stage 2 or 3 (stage 1's DistributedDataParallel would average the "
                                       "different experts of different ranks)")
+        if context_parallel_mode is not None and context_parallel_mode not in CONTEXT_PARALLEL_MODES:
+            raise ValueError(f"context_parallel_mode must be one of {CONTEXT_PARALLEL_MODES}, got "
+                             f"{context_parallel_mode!r}")
+        if context_parallel_mode is not None and context_parallel == 1:
+            raise ValueError(f"context_parallel_mode={context_parallel_mode!r} selects how a sequence split over "
+                             "context-parallel ranks is attended, but context_parallel=1: set context_parallel > 1 "
+                             "or leave it out")
         if context_parallel > 1 and (pipeline_parallel > 1 or expert_parallel > 1):
             raise NotImplementedError(f"context_parallel={context_parallel} with pipeline_parallel={pipeline_parallel}, "
                                       f"expert_parallel={expert_parallel}: not built yet ({ISSUE}); context parallelism "
@@ -155,6 +175,7 @@ class ParallelStrategy(ZeROStrategy):
         self.tensor_parallel = tensor_parallel
         self.pipeline_parallel = pipeline_parallel
         self.context_parallel = context_parallel
+        self.context_parallel_mode = context_parallel_mode or "ring"
         self.expert_parallel = expert_parallel
         self.sequence_parallel = sequence_parallel
         self._styles: dict[nn.Module, ParallelStyle] = {}
@@ -225,11 +246,15 @@ class ParallelStrategy(ZeROStrategy):
     # -- the model -------------------------------------------------------------------------------
 
     def setup(self, trainer: Trainer) -> None:
-        if self.context_parallel > 1:
-            check_block_size(getattr(trainer, "datamodule", None), self.context_parallel)
-            use_ring_attention([m for m in self.lightning_module.modules() if _is_hf_model(m)])
         if self.tensor_parallel > 1:  # (read from the whole model's plan, before the pipeline prunes it)
             self._styles = self._tensor_parallel_styles(self.lightning_module)
+        if self.context_parallel > 1:  # (after the tensor-parallel check: all-to-all shares the heads of a TP rank)
+            check_block_size(getattr(trainer, "datamodule", None), self.context_parallel)
+            models = [m for m in self.lightning_module.modules() if _is_hf_model(m)]
+            if self.context_parallel_mode == "all_to_all":
+                use_all_to_all_attention(models, self.context_parallel, self.tensor_parallel)
+            else:
+                use_ring_attention(models)
         if self._pipeline is not None:  # then the stages: only this rank's are ever materialised
             self._pipeline.split(self.lightning_module)
         if self.expert_parallel > 1:
@@ -326,8 +351,8 @@ class ParallelStrategy(ZeROStrategy):
 
     @contextmanager
     def _ring_attention(self) -> Generator[None, None, None]:
-        """Ring attention over the context-parallel group: in the steps, and in backward, where activation
-        checkpointing runs the forward again."""
+        """Ring (or all-to-all) attention over the context-parallel group: in the steps, and in backward, where
+        activation checkpointing runs the forward again."""
         if self.context_parallel == 1:
             yield
             return
