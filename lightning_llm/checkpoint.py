@@ -393,6 +393,26 @@ def open_sharded(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     return path, check_sharded(path)
 
 
+# The optimizer layout of `PipelineStrategy`'s checkpoints before it became `ParallelStrategy`'s one-dimension
+# form: torch's flattened per-parameter state ("optimizer_0.param_groups.<parameter>.lr"), where the ZeRO
+# layout every sharded strategy now writes keeps the param groups as a list ("optimizer_0.param_groups.0.lr").
+_FLAT_OPTIMIZER_KEY = re.compile(r"^optimizer_\d+\.param_groups\.(?!\d+\.)")
+
+
+def check_optimizer_layout(path: str | os.PathLike) -> None:
+    """Refuse to resume from a sharded checkpoint whose optimizer state is in the flattened layout of the
+    earlier `PipelineStrategy`, naming the way out (its weights still export)."""
+    path = resolve(path)
+    flat = sorted(k for k in _read_dcp_metadata(path).state_dict_metadata if _FLAT_OPTIMIZER_KEY.match(k))
+    if flat:
+        raise ValueError(
+            f"{str(path)!r} keeps its optimizer state in the flattened per-parameter layout (e.g. {flat[0]!r}) that "
+            "PipelineStrategy wrote before it became ParallelStrategy(pipeline_parallel=...); this version resumes "
+            "only the ZeRO layout. Its weights export: `lightning-llm export --checkpoint "
+            f"{path} --out <dir>`, then start a run from <dir> (model: <dir>); the optimizer state and the "
+            "data position are not carried over")
+
+
 def load_sharded_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """A sharded checkpoint directory as one Lightning checkpoint dict, without a process group.
 

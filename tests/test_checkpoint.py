@@ -178,3 +178,19 @@ def test_runs_write_through_atomic_checkpoint_io_unless_the_user_chose_one(tmp_p
     trainer = L.Trainer(accelerator="cpu", plugins=[mine], logger=False)
     use_atomic_checkpoint_io(trainer)
     assert trainer.strategy.checkpoint_io is mine
+
+
+def test_a_flattened_optimizer_layout_is_refused_with_the_way_out(tmp_path):
+    # PipelineStrategy's checkpoints before it became ParallelStrategy's one-dimension form kept torch's
+    # flattened per-parameter optimizer state; ZeRO's layout keeps the param groups as a list.
+    weight = torch.ones(4, 3)
+    state = {"model.w": {"exp_avg": torch.zeros(4, 3), "step": torch.tensor(1.0)}}
+    old = {"state": state, "param_groups": {"model.w": {"lr": 0.1, "betas": (0.9, 0.95)}}}
+    new = {"state": state, "param_groups": [{"lr": 0.1, "betas": (0.9, 0.95), "params": ["model.w"]}]}
+    for name, optimizer in (("old.ckpt", old), ("new.ckpt", new)):
+        save_sharded(OneProcess(), {"state_dict": {"model.w": weight.clone()}, "optimizer_states": [optimizer],
+                                    "global_step": 1}, tmp_path / name)
+    checkpoint.check_optimizer_layout(tmp_path / "new.ckpt")
+    with pytest.raises(ValueError, match="flattened per-parameter layout") as err:
+        checkpoint.check_optimizer_layout(tmp_path / "old.ckpt")
+    assert "optimizer_0.param_groups.model.w." in str(err.value) and "lightning-llm export" in str(err.value)

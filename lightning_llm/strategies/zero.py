@@ -56,7 +56,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
-from lightning_llm.checkpoint import open_sharded, remove_checkpoint, save_sharded
+from lightning_llm.checkpoint import check_optimizer_layout, open_sharded, remove_checkpoint, save_sharded
 from lightning_llm.strategies.launch import check_launch_size
 
 STAGES = (1, 2, 3)
@@ -317,6 +317,7 @@ class ZeROStrategy(ModelParallelStrategy):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
         path, meta = open_sharded(self.broadcast(str(checkpoint_path)))
+        check_optimizer_layout(path)
         stepped = self._stepped_tensors()
         names = _names(stepped)
         state: dict[str, Any] = {"state_dict": {**get_model_state_dict(self.model), **stepped}}
