@@ -293,7 +293,7 @@ def test_expert_parallel_must_equal_the_data_parallel_degree():
     strategy = ParallelStrategy(data_parallel=4, expert_parallel=2)
     strategy._setup_distributed = lambda: None
     strategy.set_world_ranks = lambda: None
-    strategy.cluster_environment = type("Env", (), {"world_size": lambda self: 4})()
+    strategy.cluster_environment = type("Env", (), {"world_size": lambda self: 4, "creates_processes_externally": False})()
     with pytest.raises(ValueError, match=r"expert_parallel=2 must equal the data-parallel degree 4"):
         strategy.setup_environment()
 

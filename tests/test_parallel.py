@@ -334,7 +334,7 @@ def test_degrees_must_multiply_to_the_world_size(degrees, match):
     strategy = ParallelStrategy(**degrees)
     strategy._setup_distributed = lambda: None
     strategy.set_world_ranks = lambda: None
-    strategy.cluster_environment = type("Env", (), {"world_size": lambda self: world})()
+    strategy.cluster_environment = type("Env", (), {"world_size": lambda self: world, "creates_processes_externally": False})()
     with pytest.raises(ValueError, match=match):
         strategy.setup_environment()
 
