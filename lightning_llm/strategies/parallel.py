@@ -69,8 +69,8 @@ class ParallelStrategy(ZeROStrategy):
         expert_parallel: the experts of each mixture-of-experts layer split over this many ranks, which are
             the data-parallel ranks (so it must equal data_parallel; see strategies/expert.py).
         context_parallel: split every sequence over this many ranks (ring attention, load-balanced causal
-            chunks; sequence lengths must be multiples of 2 x context_parallel, batches unpadded with one
-            document per row).
+            chunks; sequence lengths must be multiples of 2 x context_parallel, batches unpadded; packed rows,
+            position ids restarting at each document, keep their documents apart).
         zero_stage: ZeRO over the data-parallel dimension: 2 shards gradients and optimizer state,
             3 also the parameters; 1 (optimizer state only) needs tensor_parallel=1 and pipeline_parallel=1.
         sequence_parallel: with tensor_parallel > 1, shard norms and the residual stream along the sequence
