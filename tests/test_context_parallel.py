@@ -142,6 +142,7 @@ def _packed_worker(rank: int, port: int, root: str, vocab_size: int) -> None:
     torch.save(fit(batches, vocab_size, Path(root) / "cp2", 2, strategy), Path(root) / f"packed-rank{rank}.pt")
 
 
+@pytest.mark.slow
 def test_cp2_on_packed_instruction_batches_equals_one_process(tmp_path, tokenizer):
     from lightning_llm.data.instruct import InstructionDataModule
 

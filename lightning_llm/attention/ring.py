@@ -14,16 +14,18 @@ rank j < i both of its query chunks see j's first chunk whole and its second not
 its second query chunk sees anything, and it sees both of j's chunks whole. Every step is then one
 unmasked half-size block (the diagonal step one causal full-size block), the same work on every rank.
 
-Packed rows (several documents per row, position ids restarting at each, the rule of `attention/registry.py`):
-a query sees a key only in its own document. Every rank gathers the row's position ids once per call (an
-all-gather of one integer per token) and numbers the documents, so it knows the documents of every rank's
-tokens and nothing more travels with K/V. A block pair then runs as one packed (varlen) call over the
-documents its queries and keys share: a document's tokens are one run in every rank's share (chunk i precedes
-chunk 2N-1-i), so query run and key run of each shared document pair up as the varlen kernels' sequences,
-causal on the diagonal step (the same tokens on both sides) and full elsewhere (all of the keys precede the
-queries). Queries whose document has no key in the block get nothing from it (log-sum-exp -inf in the
-merge). This runs on the Triton varlen kernels on CUDA and torch's CPU FlashAttention op per document on the
-CPU: no masked fallback is needed.
+Packed rows (several documents per row, a document starting wherever the position ids do not go on by one:
+`document_starts`, the rule `lightning_fa2` keeps too): a query sees a key only in its own document. Every rank
+gathers the rows' position ids once per call (an all-gather of one integer per token) and numbers the
+documents, so it knows the documents of every rank's tokens and nothing more travels with K/V (the numbers,
+one int64 per token of the whole rows, are kept for the backward pass). A block pair then runs as one packed
+(varlen) call over the documents its queries and keys share: a document's tokens are one run in every
+rank's share (chunk i precedes chunk 2N-1-i), so the query run and key run of each shared document pair up as
+the varlen kernels' sequences; causal attention stays causal on the diagonal step (the same tokens on both
+sides) and is full on the others (there all keys precede the queries). Queries whose document has no key in
+the block get nothing from it (log-sum-exp -inf in the merge). Finding the shared documents costs a few
+host syncs per block. This runs on the Triton varlen kernels on CUDA and on torch's CPU FlashAttention op,
+one call per document, on the CPU: no masked fallback is needed.
 """
 
 from __future__ import annotations
