@@ -153,12 +153,31 @@ def _check_autocast(world: int) -> None:
     assert all(g.isfinite().all() and g.abs().sum() > 0 for g in grads)
 
 
+def _check_packed_on_one_rank(rank: int, world: int) -> None:
+    # A group of one rank holds the whole rows: the packed path without a ring, on this rank's own group.
+    groups = [dist.new_group([r]) for r in range(world)]  # (every rank creates every group)
+    g = torch.Generator().manual_seed(7)
+    q, k, v = torch.randn(2, 4, 24, 16, generator=g), torch.randn(2, 2, 24, 16, generator=g), torch.randn(2, 2, 24, 16, generator=g)
+    position_ids = packed_position_ids(2, 24, 6, "random", g)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    o = ring_attention(*leaves, groups[rank], causal=True, position_ids=position_ids)
+    do = torch.randn(o.shape, generator=g)
+    grads = torch.autograd.grad(o, leaves, do)
+    references = [x.double().requires_grad_() for x in (q, k, v)]
+    expected, _ = per_document_attention(*references, position_ids, True)
+    expected_grads = torch.autograd.grad(expected, references, do.double())
+    # dK and dV sum over the 2 query heads that share a K/V head
+    for got, want, terms in zip((o, *grads), (expected, *expected_grads), (24, 24, 48, 48)):
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=bound(torch.float32, terms, want))
+
+
 def _worker(rank: int, world: int, port: int, cases: list) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         for case in cases:
             _check_case(rank, world, *case)
+        _check_packed_on_one_rank(rank, world)
         _check_autocast(world)
         odd = torch.zeros(1, 2, 2 * world + 1, 16)
         with pytest.raises(ValueError, match=f"odd length {2 * world + 1}"):
