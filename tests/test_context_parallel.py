@@ -179,3 +179,14 @@ def test_cp2_on_packed_instruction_batches_equals_one_process(tmp_path, tokenize
             scale = torch.cat([g.flatten() for g in oracle.values()]).norm()
             bound = reordered_sum_rtol(torch.float32, tokens) if step == 0 else adam_update_rtol(torch.float32, tokens)
             assert error / scale < bound, (rank, step, (error / scale).item())
+
+
+def test_ring_attention_without_position_ids_is_refused():
+    # The position ids are how ring attention keeps packed documents apart: a model that drops them is refused.
+    from types import SimpleNamespace
+
+    from lightning_llm.strategies.context import ring_attention_forward, sequence_split
+
+    q = torch.zeros(1, 2, 4, 8)
+    with sequence_split(object()), pytest.raises(ValueError, match="needs the position ids in attention"):
+        ring_attention_forward(SimpleNamespace(is_causal=True), q, q, q, None)
