@@ -251,7 +251,10 @@ class _RingAttention(torch.autograd.Function):
                 o[:, :, rows], lse[:, :, rows] = _merge(o[:, :, rows], lse[:, :, rows], *block)
             if pending is not None:
                 kv = _Ring.wait(pending)
-        o = o.to(q.dtype)
+        # O in [batch, seq, heads, head_dim] memory, as the kernels write it: the output projection's input is
+        # then a view of it, not one more saved copy per layer.
+        batch, heads, seq, head_dim = q.shape
+        o = q.new_empty(batch, seq, heads, head_dim).transpose(1, 2).copy_(o)
         ctx.save_for_backward(q, k, v, o, lse, documents)
         ctx.group, ctx.causal, ctx.scale, ctx.deterministic = group, causal, scale, deterministic
         return o, lse
