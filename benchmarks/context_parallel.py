@@ -1,7 +1,9 @@
 """Context parallelism 1, 2, 4 in both modes (ring, all-to-all): attention activation bytes per rank, bytes each
-rank sends per pass against the formula, and the time of one attention layer's forward and backward.
+rank sends per pass against the formula, the time of one attention layer's forward and backward, and the longest
+sequence one training step of a model fits in a fixed budget of activation bytes per rank (ring mode).
 
-    OMP_NUM_THREADS=1 python benchmarks/context_parallel.py --seq 2048 --rounds 3
+    OMP_NUM_THREADS=1 python benchmarks/context_parallel.py --seq 2048 --rounds 3 --budget-mib 64
+    OMP_NUM_THREADS=1 python benchmarks/context_parallel.py --quick     # small: seq 256, one round, 4 MiB budget
 
 One causal grouped-query attention layer (`--heads` query heads, `--kv-heads` K/V heads, `--head-dim`) over one
 sequence of `--seq` tokens, split over N gloo processes (N = 1 is `flash_attention` on the whole sequence,
@@ -15,6 +17,14 @@ there are fewer); backward, the same of dO, dQ, dK, dV. The variants take turns 
 (benchmarks/interleave.py); times are the median over rounds of the slowest rank's median over `--steps` steps.
 On a machine with fewer cores than N the processes share cores, so the times there say little; bytes do not
 depend on the machine.
+
+Longest sequence at a budget: the `--model` preset (a Hugging Face Llama) takes one training step (forward,
+next-token loss, backward) through the strategy's own pieces: `use_ring_attention`, `shard_batch` (the rank's
+load-balanced chunks and their position ids) and `sequence_split`; N = 1 runs the same code on one process
+(ring attention over one rank is `flash_attention`). Its activation bytes per rank are what autograd saves for
+the backward pass (saved-tensor hooks; each storage once, parameters not counted). From `--start-seq` tokens
+the sequence doubles until a step saves more than `--budget-mib` MiB on some rank; the table gives the bytes
+per rank at every length and the longest length within the budget per degree. Bytes, not time: no rounds.
 """
 
 from __future__ import annotations
@@ -36,8 +46,11 @@ from interleave import interleaved, summary, write_result
 from lightning_llm.attention import flash_attention
 from lightning_llm.attention.ring import ring_attention, shard_sequence
 from lightning_llm.attention.ulysses import ulysses_attention
+from lightning_llm.models import build_model
+from lightning_llm.strategies.context import sequence_split, shard_batch, use_ring_attention
 
 MODES = ("ring", "all_to_all")
+VOCAB = 512
 
 
 class _Sent:
@@ -112,6 +125,85 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, mode: st
     dist.destroy_process_group()
 
 
+def saved_activation_bytes(step, parameters: list[torch.Tensor]) -> int:
+    """The bytes autograd saves for the backward pass while `step()` runs its forward: every saved tensor's
+    storage counted once, the parameters' storages (weights saved for their gradients) not at all."""
+    weights = {p.untyped_storage().data_ptr() for p in parameters}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = step()
+    loss.backward()
+    return sum(storages.values())
+
+
+def _longest_worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    group = dist.group.WORLD
+    torch.manual_seed(0)
+    model = build_model(args.model, vocab_size=VOCAB)
+    use_ring_attention([model])
+    parameters = list(model.parameters())
+    g = torch.Generator().manual_seed(0)
+    probes, seq = [], args.start_seq
+    while seq <= args.max_seq:
+        tokens = torch.randint(0, VOCAB, (1, seq + 1), generator=g)
+        batch = shard_batch({"input_ids": tokens[:, :-1], "targets": tokens[:, 1:]}, group)
+
+        def step() -> torch.Tensor:
+            with sequence_split(group):
+                logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                               use_cache=False).logits
+            return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), reduction="sum")
+
+        model.zero_grad(set_to_none=True)
+        with sequence_split(group):  # (backward runs inside it too, as the strategy's does)
+            saved = torch.tensor(saved_activation_bytes(step, parameters))
+        dist.all_reduce(saved, op=dist.ReduceOp.MAX)  # the rank that holds the most decides
+        probes.append({"seq": seq, "saved_bytes": int(saved)})
+        if int(saved) > args.budget_mib * 2**20:
+            break
+        seq *= 2
+    if rank == 0:
+        torch.save(probes, Path(out) / "probes.pt")
+    dist.destroy_process_group()
+
+
+def longest_sequence(world: int, args: argparse.Namespace) -> list[dict]:
+    """Every probed length's largest activation bytes per rank at context parallelism `world`."""
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_longest_worker, args=(world, _free_port(), args, out), nprocs=world, join=True)
+        return torch.load(Path(out) / "probes.pt")
+
+
+def report_longest(args: argparse.Namespace) -> dict:
+    budget = args.budget_mib * 2**20
+    probes = {n: longest_sequence(n, args) for n in args.degrees}
+    longest = {n: max((p["seq"] for p in runs if p["saved_bytes"] <= budget), default=None)
+               for n, runs in probes.items()}
+    base = {p["seq"]: p["saved_bytes"] for p in probes[args.degrees[0]]}
+    print(f"\none training step of {args.model!r} (forward, loss, backward), float32, gloo: activation MiB per rank "
+          f"(saved for backward), budget {args.budget_mib} MiB")
+    print(f"{'seq':>8} " + " ".join(f"{f'cp={n}':>10} {'x cp=' + str(args.degrees[0]):>7}" for n in args.degrees))
+    for seq in sorted({p["seq"] for runs in probes.values() for p in runs}):
+        cells = []
+        for n in args.degrees:
+            saved = {p["seq"]: p["saved_bytes"] for p in probes[n]}.get(seq)
+            ratio = f"{saved / base[seq]:.3f}" if saved is not None and seq in base else "-"
+            cells.append(f"{saved / 2**20:>10.2f} {ratio:>7}" if saved is not None else f"{'-':>10} {'-':>7}")
+        print(f"{seq:>8} " + " ".join(cells))
+    print("longest sequence within the budget: " + ", ".join(f"cp={n}: {longest[n]}" for n in args.degrees))
+    return {"budget_mib": args.budget_mib, "model": args.model, "probes": {f"cp={n}": p for n, p in probes.items()},
+            "longest": {f"cp={n}": longest[n] for n in args.degrees}}
+
+
 def run(world: int, mode: str, args: argparse.Namespace, results: dict[str, list[list[dict]]]) -> float:
     with tempfile.TemporaryDirectory() as out:
         mp.spawn(_worker, args=(world, _free_port(), args, mode, out), nprocs=world, join=True)
@@ -143,7 +235,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "context_parallel.json"))
+    parser.add_argument("--model", default="tiny", help="preset for the longest-sequence search")
+    parser.add_argument("--budget-mib", type=float, default=64.0, help="activation MiB per rank for one step")
+    parser.add_argument("--start-seq", type=int, default=256)
+    parser.add_argument("--max-seq", type=int, default=2**17, help="stop doubling here even within the budget")
+    parser.add_argument("--quick", action="store_true", help="seq 256, one step and round, a 4 MiB budget")
     args = parser.parse_args()
+    if args.quick:
+        args.seq, args.steps, args.rounds, args.budget_mib, args.start_seq = 256, 1, 1, 4.0, 128
     results: dict[str, list[list[dict]]] = {}
     variants = {_name(n, mode): (lambda n=n, mode=mode: run(n, mode, args, results))
                 for n in args.degrees for mode in (args.modes if n > 1 else args.modes[:1])}
@@ -164,7 +263,9 @@ def main() -> None:
               f"{mib(rank0['sent_forward']):>13.2f} {mib(rank0['formula_forward']):>8.2f} "
               f"{mib(rank0['sent_backward']):>13.2f} {mib(rank0['formula_backward']):>8.2f} "
               f"{row['median']:>10.3f} ({row['min']:.3f}-{row['max']:.3f})")
-    write_result(args.out, {"config": vars(args), "machine": f"{platform.machine()}, {os.cpu_count()} cores", "rows": rows})
+    longest = report_longest(args)
+    write_result(args.out, {"config": vars(args), "machine": f"{platform.machine()}, {os.cpu_count()} cores", "rows": rows,
+                            "longest_sequence": longest})
 
 
 if __name__ == "__main__":

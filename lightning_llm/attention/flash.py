@@ -171,6 +171,19 @@ def _cpu_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: T
         do, q, k, v, o, lse.contiguous(), 0.0, is_causal, attn_mask=mask, scale=scale)
 
 
+def cu_seqlens_of(lengths: Tensor) -> Tensor:
+    """The int32 sequence boundaries [0, l0, l0 + l1, ...] of sequences of these lengths, laid end to end."""
+    return F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+
+
+def document_starts(position_ids: Tensor) -> Tensor:
+    """[batch, seq] booleans: True where a packed document starts, i.e. at each row's first token and wherever
+    the position ids do not go on by one (the one rule for what a packed document is)."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    return starts
+
+
 def _per_sequence(x: Tensor, lengths: list[int]) -> list[Tensor]:
     """A packed [1, H, T, D] (or [1, H, T]) view split into its sequences, each a batch of one."""
     return list(x.split(lengths, dim=2))

@@ -22,28 +22,21 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AttentionInterface, PretrainedConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
-from lightning_llm.attention.flash import SDPA, attention_backend, flash_attention
+from lightning_llm.attention.flash import SDPA, attention_backend, cu_seqlens_of, document_starts, flash_attention
 
 log = logging.getLogger(__name__)
 
 ATTN_IMPLEMENTATION = "lightning_fa2"
 
 
-def _cu_seqlens(lengths: Tensor) -> Tensor:
-    return F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-
-
 def _packed_cu_seqlens(position_ids: Tensor, batch: int) -> Tensor | None:
     """Sequence boundaries of the flattened [batch * seq] tokens where positions restart inside a row, else None."""
-    position_ids = position_ids.expand(batch, -1)
-    starts = torch.ones_like(position_ids, dtype=torch.bool)
-    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    starts = document_starts(position_ids.expand(batch, -1))
     if not starts[:, 1:].any():
         return None
     # A row always starts a sequence: examples are packed within rows, never across them.
@@ -127,8 +120,8 @@ def lightning_attention_forward(
         mask_q, mask_k = attention_mask[:, -seqlen_q:], attention_mask
         q_tokens = query.transpose(1, 2)[mask_q]
         k_tokens, v_tokens = key.transpose(1, 2)[mask_k], value.transpose(1, 2)[mask_k]
-        out_tokens = flash_attention(q_tokens, k_tokens, v_tokens, cu_seqlens=_cu_seqlens(mask_q.sum(1)),
-                                     cu_seqlens_k=_cu_seqlens(mask_k.sum(1)), **options)
+        out_tokens = flash_attention(q_tokens, k_tokens, v_tokens, cu_seqlens=cu_seqlens_of(mask_q.sum(1)),
+                                     cu_seqlens_k=cu_seqlens_of(mask_k.sum(1)), **options)
         # Padded queries attend to nothing: they get 0, like transformers' own flash-attention path.
         out = query.new_zeros(batch, seqlen_q, num_heads, head_dim)
         return out.index_put((mask_q,), out_tokens), None

@@ -10,7 +10,9 @@
   (`attention/ulysses.py`), which shards heads instead of the sequence inside attention;
 - the batch: `shard_batch` cuts every [batch, seq] tensor of the step's batch (input ids, next-token targets,
   position ids, made explicit) into the rank's load-balanced chunks, so rotary embeddings see each token's
-  true position and each target stays with its input (targets are already shifted by the data);
+  true position (in packed rows, its position in its own document) and each target stays with its input
+  (targets are already shifted by the data); the model hands the position ids on to attention, where ring
+  attention keeps packed documents apart;
 - the loss: ZeRO averages the gradients over data x context parallelism, and the strategy's `reduce` and
   `gradient_replicas` (protocols.py) span the same ranks, so a module's token mean counts every rank's
   tokens and each context-parallel rank's loss is its share of its sequences' token sum.
@@ -51,15 +53,22 @@ def sequence_split(group: dist.ProcessGroup) -> Generator[None, None, None]:
 
 def ring_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                            attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                           is_causal: bool | None = None, **kwargs: Any) -> tuple[Tensor, None]:
-    """transformers' attention-function signature; ring attention inside `sequence_split`, else `lightning_fa2`."""
+                           is_causal: bool | None = None, position_ids: Tensor | None = None,
+                           **kwargs: Any) -> tuple[Tensor, None]:
+    """transformers' attention-function signature; ring attention inside `sequence_split`, else `lightning_fa2`.
+    The position ids (the share `shard_batch` made) tell ring attention where packed documents start."""
     group = _group.get()
     if group is None:
         return lightning_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                           scaling=scaling, is_causal=is_causal, **kwargs)
+                                           scaling=scaling, is_causal=is_causal, position_ids=position_ids, **kwargs)
     _check_unpadded(attention_mask, dropout)
+    if position_ids is None:
+        # Without them packed documents cannot be told apart: refuse rather than let them see each other.
+        raise ValueError(f"context parallelism needs the position ids in attention, but {type(module).__name__} "
+                         "called it without them: use a model whose layers pass position_ids on to the attention "
+                         "function (transformers' Llama, Qwen, Mistral do)")
     causal = module.is_causal if is_causal is None else is_causal
-    out = ring_attention(query, key, value, group, causal=causal, scale=scaling)
+    out = ring_attention(query, key, value, group, causal=causal, scale=scaling, position_ids=position_ids)
     return out.transpose(1, 2), None
 
 
@@ -137,10 +146,10 @@ def check_block_size(datamodule: object, world_size: int) -> None:
 def shard_batch(batch: Any, group: dist.ProcessGroup) -> Any:
     """This rank's load-balanced share of every [batch, seq] tensor of a dict batch, position ids added.
 
-    The sequence dimension is the input ids' second one; other entries pass unchanged. Refused, naming the
-    values: a batch that is not a dict with `input_ids`, a padding mask, a sequence length that does not cut
-    into 2 x N equal chunks, and packed documents (position ids restarting inside a row: ring attention here
-    keeps one causal sequence per row).
+    The sequence dimension is the input ids' second one; other entries pass unchanged. Packed rows keep their
+    position ids (restarting at each document), so each chunk carries its tokens' positions in their own
+    documents. Refused, naming the values: a batch that is not a dict with `input_ids`, a padding mask, and a
+    sequence length that does not cut into 2 x N equal chunks.
     """
     if not isinstance(batch, dict) or not isinstance(batch.get("input_ids"), Tensor) or batch["input_ids"].dim() != 2:
         raise ValueError("context parallelism splits dict batches with a [batch, seq] 'input_ids' tensor, got "
@@ -155,10 +164,6 @@ def shard_batch(batch: Any, group: dist.ProcessGroup) -> Any:
     positions = batch.get("position_ids")
     if positions is None:
         positions = torch.arange(seq, device=input_ids.device).expand(rows, seq)
-    elif bool((positions[..., 1:] != positions[..., :-1] + 1).any()):
-        raise NotImplementedError("context parallelism with packed documents (position ids restarting inside a "
-                                  "row) is not supported yet: ring attention would let the documents see each "
-                                  "other; train with one document per row")
     batch = {**batch, "position_ids": positions.expand(rows, seq)}
     batch.pop("attention_mask", None)
     return {key: shard_sequence(value, 1, group) if isinstance(value, Tensor) and value.shape[:2] == (rows, seq)
