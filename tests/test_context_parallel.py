@@ -195,6 +195,37 @@ def test_shard_batch_keeps_each_packed_token_its_position_in_its_document(monkey
     assert share["position_ids"].tolist() == [[2, 0, 1, 2]]
 
 
+def test_a_batch_with_targets_is_padded_to_whole_chunks_and_its_tokens_keep_their_places(monkeypatch):
+    # Unpacked instruction rows are as long as a batch's longest example: any length. The strategy pads them on
+    # the right to a multiple of the 2N chunks, with targets -100 and positions continuing each row.
+    import torch.distributed as dist
+
+    from lightning_llm.strategies.context import pad_to_chunks
+
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    ids = torch.arange(10, 20).reshape(2, 5)
+    targets = torch.tensor([[11, 12, 13, -100, -100], [16, 17, 18, 19, 7]])
+    whole = pad_to_chunks({"input_ids": ids, "targets": targets}, 4)
+    assert whole["input_ids"].shape == (2, 8) and torch.equal(whole["input_ids"][:, :5], ids)
+    assert torch.equal(whole["targets"][:, :5], targets) and (whole["targets"][:, 5:] == -100).all()
+    shares = []
+    for rank in range(2):
+        monkeypatch.setattr(dist, "get_rank", lambda group=None, rank=rank: rank)
+        shares.append(shard_batch({"input_ids": ids, "targets": targets, "num_tokens": torch.tensor([3, 5])}, None))
+    # rank 0 holds chunks 0 and 3, rank 1 chunks 1 and 2 (of 2 tokens each)
+    order = torch.cat([shares[0]["input_ids"][:, :2], shares[1]["input_ids"], shares[0]["input_ids"][:, 2:]], 1)
+    assert torch.equal(order, whole["input_ids"])
+    positions = torch.cat([shares[0]["position_ids"][:, :2], shares[1]["position_ids"], shares[0]["position_ids"][:, 2:]], 1)
+    assert torch.equal(positions, torch.arange(8).expand(2, 8))
+    assert sum(int((s["targets"] != -100).sum()) for s in shares) == int((targets != -100).sum())
+    packed = pad_to_chunks({"input_ids": ids, "targets": targets, "position_ids": torch.tensor([[0, 1, 0, 1, 2]] * 2)}, 4)
+    assert packed["position_ids"].tolist() == [[0, 1, 0, 1, 2, 3, 4, 5]] * 2  # the padding joins the last document
+    with pytest.raises(ValueError, match=r"length 5 is not a multiple of 4.*\['loss_weights'\]"):
+        pad_to_chunks({"input_ids": ids, "targets": targets, "loss_weights": torch.ones(2, 5)}, 4)
+    with pytest.raises(ValueError, match="not a multiple of 4"):  # without targets nothing says what padding means
+        shard_batch({"input_ids": ids}, None)
+
+
 PACKED_BLOCK, PACKED_ROWS = 128, 2
 
 
@@ -209,30 +240,36 @@ def _packed_worker(rank: int, port: int, root: str, vocab_size: int) -> None:
 
 
 @pytest.mark.slow
-def test_cp2_on_packed_instruction_batches_equals_one_process(tmp_path, tokenizer):
+@pytest.mark.parametrize("packing", [True, False])
+def test_cp2_on_packed_instruction_batches_equals_one_process(tmp_path, tokenizer, packing):
     from lightning_llm.data.instruct import InstructionDataModule
 
     data = tmp_path / "train.jsonl"
     write_records(data, 48, tasks=("add", "reverse"))
     tokenizer.save_pretrained(tmp_path / "tokenizer")
     dm = InstructionDataModule(str(data), tokenizer=str(tmp_path / "tokenizer"), block_size=PACKED_BLOCK,
-                               batch_size=PACKED_ROWS, packing=True, val_fraction=0, seed=0)
+                               batch_size=PACKED_ROWS, packing=packing, val_fraction=0, seed=0)
     dm.setup("fit")
     batches = [batch for _, batch in zip(range(PACKED_STEPS), dm.train_dataloader())]
-    # Rows hold several documents (examples, and the padding as one more), which cross the boundaries of the
-    # 2 x 2 chunks of 32 tokens.
-    chunk = PACKED_BLOCK // 4
-    rows = [(positions == 0).nonzero().flatten().tolist() for batch in batches for positions in batch["position_ids"]]
-    assert max(len(starts) for starts in rows) > 2, rows
-    for starts in rows:
-        ends = [*starts[1:], PACKED_BLOCK]
-        assert len(starts) > 1 and any(a // chunk != (b - 1) // chunk for a, b in zip(starts, ends)), starts
+    if packing:
+        # Rows hold several documents (examples, and the padding as one more), which cross the boundaries of
+        # the 2 x 2 chunks of 32 tokens.
+        chunk = PACKED_BLOCK // 4
+        rows = [(positions == 0).nonzero().flatten().tolist() for batch in batches for positions in batch["position_ids"]]
+        assert max(len(starts) for starts in rows) > 2, rows
+        for starts in rows:
+            ends = [*starts[1:], PACKED_BLOCK]
+            assert len(starts) > 1 and any(a // chunk != (b - 1) // chunk for a, b in zip(starts, ends)), starts
+    else:
+        # One example per row, right-padded to the batch's longest: lengths the 4 chunks do not divide, which
+        # the strategy pads further (its padding, like the rows', has no targets).
+        assert any(batch["input_ids"].shape[1] % 4 for batch in batches), [b["input_ids"].shape for b in batches]
     torch.save(batches, tmp_path / "batches.pt")
     vocab_size = len(dm.tokenizer)
     mp.start_processes(_packed_worker, args=(free_port(), str(tmp_path), vocab_size), nprocs=2, start_method="spawn")
     # The oracle: one process, transformers' default attention with its block-diagonal mask for packed rows.
     single_losses, single_grads = fit(batches, vocab_size, tmp_path / "single")
-    tokens = PACKED_ROWS * PACKED_BLOCK
+    tokens = PACKED_ROWS * max(batch["input_ids"].shape[1] for batch in batches)
     for rank in range(2):
         losses, grads = torch.load(tmp_path / f"packed-rank{rank}.pt")
         # As tests/test_instruct_distributed.py: the loss a token mean of at most `tokens` terms summed in

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
@@ -143,17 +144,51 @@ def check_block_size(datamodule: object, world_size: int) -> None:
         check_sequence_length(block_size, world_size)
 
 
+_padded_lengths: set[tuple[int, int]] = set()  # (length, padded length) pairs already reported
+
+
+def pad_to_chunks(batch: dict[str, Any], chunks: int) -> dict[str, Any]:
+    """`batch` right-padded to the next multiple of `chunks` tokens: input ids with 0, `targets` with -100 (no
+    loss, no token counted), position ids continuing each row's last one (the padding joins the row's last
+    document). Exact for a causal model: no real token attends to a later position, and the padding has no
+    targets (the way `pad_collate` pads instruction rows). Any other [batch, seq] entry is refused, naming it:
+    what its padding should hold is not known here. Each new (length, padded length) is reported once."""
+    rows, seq = batch["input_ids"].shape
+    extra = -seq % chunks
+    others = sorted(k for k, v in batch.items() if isinstance(v, Tensor) and v.shape[:2] == (rows, seq)
+                    and k not in ("input_ids", "targets", "position_ids"))
+    if others:
+        raise ValueError(f"context parallelism cuts sequences into {chunks} equal chunks; this batch's length {seq} "
+                         f"is not a multiple of {chunks}, and it holds {others}, which cannot be padded here: give "
+                         f"sequences of a multiple of {chunks} tokens")
+    padded = dict(batch)
+    padded["input_ids"] = torch.nn.functional.pad(batch["input_ids"], (0, extra), value=0)
+    padded["targets"] = torch.nn.functional.pad(batch["targets"], (0, extra), value=-100)
+    if batch.get("position_ids") is not None:
+        positions = batch["position_ids"].expand(rows, seq)
+        step = torch.arange(1, extra + 1, device=positions.device, dtype=positions.dtype)
+        padded["position_ids"] = torch.cat([positions, positions[:, -1:] + step], dim=1)
+    if (seq, seq + extra) not in _padded_lengths:
+        _padded_lengths.add((seq, seq + extra))
+        rank_zero_info(f"context parallelism: batches of {seq} tokens padded on the right to {seq + extra} (a multiple "
+                       f"of the {chunks} chunks; the padding has no targets, so the step is the unpadded one's)")
+    return padded
+
+
 def shard_batch(batch: Any, group: dist.ProcessGroup) -> Any:
     """This rank's load-balanced share of every [batch, seq] tensor of a dict batch, position ids added.
 
     The sequence dimension is the input ids' second one; other entries pass unchanged. Packed rows keep their
     position ids (restarting at each document), so each chunk carries its tokens' positions in their own
-    documents. Refused, naming the values: a batch that is not a dict with `input_ids`, a padding mask, and a
-    sequence length that does not cut into 2 x N equal chunks.
+    documents. A batch with next-token `targets` whose length does not cut into 2 x N equal chunks is first
+    padded on the right to the next length that does (`pad_to_chunks`: exact). Refused, naming the values: a
+    batch that is not a dict with `input_ids`, a padding mask, and, without `targets`, such a length.
     """
     if not isinstance(batch, dict) or not isinstance(batch.get("input_ids"), Tensor) or batch["input_ids"].dim() != 2:
         raise ValueError("context parallelism splits dict batches with a [batch, seq] 'input_ids' tensor, got "
                          f"{type(batch).__name__}" + (f" with keys {sorted(batch)}" if isinstance(batch, dict) else ""))
+    if "targets" in batch and batch["input_ids"].shape[1] % (2 * dist.get_world_size(group)):
+        batch = pad_to_chunks(batch, 2 * dist.get_world_size(group))
     input_ids = batch["input_ids"]
     rows, seq = input_ids.shape
     check_sequence_length(seq, dist.get_world_size(group))
