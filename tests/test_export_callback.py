@@ -128,7 +128,9 @@ def _two_rank_worker(rank: int, port: int, out: str, corpus: str, tok: str) -> N
             if strategy == "zero3":  # every rank takes part in the sharded forward (the root unit gathers)
                 live = {"logits": module(ids)}
             else:  # each rank's own stages, under the single-process names
-                live = {"weights": {k: v.detach().clone() for k, v in module.model.state_dict().items()}}
+                # (a stage is sharded by ZeRO over its data-parallel ranks, here one: its full tensors)
+                live = {"weights": {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+                                    for k, v in module.model.state_dict().items()}}
         torch.save(live, Path(out) / f"{strategy}-rank{rank}.pt")
 
 

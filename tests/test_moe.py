@@ -256,9 +256,9 @@ def test_flops_of_a_shared_expert_config():
 def test_lora_on_tiny_moe_attention_only_or_experts_too(datamodule, tmp_path, experts):
     from lightning_llm.callbacks.lora import LoRACallback, merge_adapter
 
-    # peft maps "all-linear" on Qwen3-MoE onto the fused 3-D expert tensors too (its ParamWrapper, which
-    # takes no dropout); attention-only adapters name the projections
-    lora = LoRACallback(r=4, dropout=0.0, adapter_dir=str(tmp_path / "adapter")) if experts else \
+    # experts=True adapts the fused 3-D expert tensors too (peft's ParamWrapper, which takes no dropout);
+    # attention-only adapters name the projections
+    lora = LoRACallback(r=4, dropout=0.0, experts=True, adapter_dir=str(tmp_path / "adapter")) if experts else \
         LoRACallback(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], adapter_dir=str(tmp_path / "adapter"))
     metrics = MetricsRecorder()
     torch.manual_seed(0)
