@@ -1,0 +1,168 @@
+"""LoRA adapters under tensor parallelism (strategies/tensor.py, `adapter_styles`) against one process.
+
+One 2-rank job trains LoRA adapters on every linear layer of a saved tiny base at tp2 with sequence
+parallelism (checkpointing, and writing the adapter at the end) and at tp2 without it; the tests compare
+the losses and adapters with a one-process run from the same base and the same initial adapters, and the
+export of the tp2 checkpoint with the one-process one. One 4-rank job (slow) does the same at dp2 x tp2.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from _precision_helpers import free_port
+from test_parallel import CLIP, HP, LOSS_TOL, SAVE_AT, STEPS, VOCAB, _loader
+from tolerances import UNIT_ROUNDOFF, assert_adam_steps_close
+
+LORA = dict(r=4, alpha=8, dropout=0.0)
+LR_SUM = STEPS * HP["lr"]  # the warm-up and cosine steps are at most HP["lr"] each
+
+
+class Record(L.Callback):
+    """Losses, the pre-clipping gradient norm of every step, and the whole adapters at the start and the end."""
+
+    def __init__(self) -> None:
+        self.out: dict = {"losses": [], "norms": []}
+
+    def on_train_start(self, trainer, pl_module):
+        from lightning_llm.callbacks.lora import gathered_adapter_state
+
+        self.out["init"] = {k: v.detach().clone() for k, v in gathered_adapter_state(pl_module.model).items()}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        from torch.distributed.tensor import DTensor
+
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        squares = sum((g.full_tensor() if isinstance(g, DTensor) else g).double().square().sum() for g in grads)
+        self.out["norms"].append(float(squares.sqrt()))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.out["losses"].append(outputs["loss"].item())
+
+    def on_train_end(self, trainer, pl_module):
+        from lightning_llm.callbacks.lora import gathered_adapter_state
+
+        self.out["final"] = {k: v.detach().clone() for k, v in gathered_adapter_state(pl_module.model).items()}
+
+
+def _fit(world: int, rank: int, tp: int, base: Path, root: Path, lora: dict = LORA, **options) -> dict:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_llm.callbacks.lora import LoRACallback
+    from lightning_llm.modules.pretrain import PretrainModule
+    from lightning_llm.strategies.parallel import ParallelStrategy
+
+    torch.manual_seed(0)  # the same initial adapters on every rank and in the one-process run
+    record = Record()
+    # LoRA needs the base's weights: the whole model is built on every rank (empty_init=False), then split.
+    strategy = ParallelStrategy(tensor_parallel=tp, empty_init=False, **options) if world > 1 else "auto"
+    trainer = L.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=STEPS, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                        gradient_clip_val=CLIP, default_root_dir=root, num_sanity_val_steps=0,
+                        callbacks=[record, LoRACallback(**lora, adapter_dir=str(root / "adapter")),
+                                   ModelCheckpoint(dirpath=root / "ckpt", save_last=True, every_n_train_steps=SAVE_AT)])
+    trainer.fit(PretrainModule(str(base), **{k: v for k, v in HP.items()}), _loader(rank // tp, world // tp))
+    return record.out
+
+
+def _worker(rank: int, world: int, port: int, out: str, base: str, job: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank), NODE_RANK="0")
+    torch.set_num_threads(1)
+    out, base = Path(out), Path(base)
+    if job == "tp2":
+        results = {"sp": _fit(world, rank, 2, base, out / "sp"),
+                   "no-sp": _fit(world, rank, 2, base, out / "no-sp", sequence_parallel=False, zero_stage=2)}
+    else:
+        results = {job: _fit(world, rank, 2, base, out / job)}
+    torch.save(results, out / f"{job}-rank{rank}.pt")
+
+
+def _spawn(world: int, out: Path, base: Path, job: str) -> list[dict]:
+    mp.spawn(_worker, args=(world, free_port(), str(out), str(base), job), nprocs=world, join=True)
+    return [torch.load(out / f"{job}-rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A 'pretrained' tiny base on disk: adapter checkpoints are rebuilt on it."""
+    from lightning_llm.models import build_model
+
+    path = tmp_path_factory.mktemp("base")
+    torch.manual_seed(1)
+    build_model("tiny", vocab_size=VOCAB).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(base, tmp_path_factory):
+    out = tmp_path_factory.mktemp("parallel_lora")
+    one = _fit(1, 0, 1, base, out / "one")
+    torch.set_num_threads(1)
+    return {"tp2": _spawn(2, out, base, "tp2"), "one": one, "out": out}
+
+
+def _assert_equals_one_process(records: list[dict], one: dict) -> None:
+    """fp32, the same arithmetic reordered (test_parallel.LOSS_TOL's argument); clipping acts at every step."""
+    assert all(norm > CLIP for norm in one["norms"]), one["norms"]
+    for record in records:
+        assert record["init"].keys() == one["init"].keys()
+        assert all(torch.equal(v, one["init"][k]) for k, v in record["init"].items())  # the placement kept them
+        torch.testing.assert_close(torch.tensor(record["norms"]), torch.tensor(one["norms"]), **LOSS_TOL)
+    losses = [sum(values) / len(values) for values in zip(*(r["losses"] for r in records))]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(one["losses"]), **LOSS_TOL)
+    final = records[0]["final"]
+    assert any(".lora_B." in k for k in final) and all(v.abs().sum() > 0 for k, v in final.items() if ".lora_B." in k)
+    for record in records[1:]:
+        assert all(torch.equal(record["final"][k], v) for k, v in final.items())
+    assert_adam_steps_close(final, one["final"], lr_sum=LR_SUM)
+
+
+@pytest.mark.slow  # the fixture: one fit on one process and two in two, about a minute on 2 cores
+@pytest.mark.parametrize("layout", ["sp", "no-sp"])  # no-sp also runs ZeRO stage 2
+def test_lora_under_tp2_trains_as_one_process(runs, layout):
+    _assert_equals_one_process([rank[layout] for rank in runs["tp2"]], runs["one"])
+
+
+@pytest.mark.slow
+def test_lora_tp2_checkpoint_exports_the_one_process_adapter(runs, base, tmp_path):
+    """The sharded tp2 checkpoint (adapters only) consolidates: `export` writes the adapter the run ended with (the
+    one the callback wrote at the end of fit, and within Adam's rounding the one-process run's), and its merge is
+    the base plus the adapters' product."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from lightning_llm.callbacks.lora import export_lora_checkpoint
+
+    out, final = runs["out"], runs["tp2"][0]["sp"]["final"]
+    exported, _ = export_lora_checkpoint(out / "sp" / "ckpt" / "last.ckpt", tmp_path / "adapter")
+    for written in (load_file(exported / "adapter_model.safetensors"),
+                    load_file(out / "sp" / "adapter" / "adapter_model.safetensors")):
+        assert len(written) == len(final) > 0
+        for name, weight in written.items():
+            assert torch.equal(weight, final[name.replace(".weight", ".default.weight")]), name
+    # Merged: each adapted weight is W0 + (alpha / r) B A, against that sum computed here from the tp2 adapter. fp32:
+    # the r-term product and the two additions reordered, each within (r + 2) u of the terms' magnitudes.
+    path, error = export_lora_checkpoint(out / "sp" / "ckpt" / "last.ckpt", tmp_path / "merged", merge=True)
+    assert error < 1e-4
+    merged = AutoModelForCausalLM.from_pretrained(path).state_dict()
+    base_weights = AutoModelForCausalLM.from_pretrained(base).state_dict()
+    scale = LORA["alpha"] / LORA["r"]
+    adapted = [k.removeprefix("base_model.model.").replace(".lora_A.default", "") for k in final if ".lora_A." in k]
+    assert len(adapted) == 7 * 2  # every linear layer of the two decoder layers
+    for name in adapted:
+        a, b = (final[f"base_model.model.{name}".replace(".weight", f".lora_{x}.default.weight")] for x in "AB")
+        expected = base_weights[name] + scale * b @ a
+        bound = (LORA["r"] + 2) * UNIT_ROUNDOFF[torch.float32] * (base_weights[name].abs() + scale * b.abs() @ a.abs())
+        assert ((merged[name] - expected).abs() <= bound).all(), name
+    assert all(torch.equal(merged[k], v) for k, v in base_weights.items() if k not in adapted)  # the rest is the base
+    # and the exported adapter is the one-process run's (assert_adam_steps_close, as the adapters after training)
+    one, _ = export_lora_checkpoint(out / "one" / "ckpt" / "last.ckpt", tmp_path / "adapter-one")
+    assert_adam_steps_close(load_file(exported / "adapter_model.safetensors"),
+                            load_file(one / "adapter_model.safetensors"), lr_sum=LR_SUM)
