@@ -21,6 +21,10 @@ from test_parallel import CLIP, HP, LOSS_TOL, SAVE_AT, STEPS, VOCAB, _loader
 from tolerances import UNIT_ROUNDOFF, assert_adam_steps_close
 
 LORA = dict(r=4, alpha=8, dropout=0.0)
+# The dp2 x tp2 run: another shape (6 heads of 16 over 2 kv-heads, hidden 96, intermediate 160), rank 3, adapters
+# on some projections only (of both kinds: column-split q, v; row-split o, down).
+SHAPE = dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=2, head_dim=16, intermediate_size=160)
+LORA_SOME = dict(r=3, alpha=6, dropout=0.0, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
 LR_SUM = STEPS * HP["lr"]  # the warm-up and cosine steps are at most HP["lr"] each
 
 
@@ -67,7 +71,7 @@ def _fit(world: int, rank: int, tp: int, base: Path, root: Path, lora: dict = LO
                         gradient_clip_val=CLIP, default_root_dir=root, num_sanity_val_steps=0,
                         callbacks=[record, LoRACallback(**lora, adapter_dir=str(root / "adapter")),
                                    ModelCheckpoint(dirpath=root / "ckpt", save_last=True, every_n_train_steps=SAVE_AT)])
-    trainer.fit(PretrainModule(str(base), **{k: v for k, v in HP.items()}), _loader(rank // tp, world // tp))
+    trainer.fit(PretrainModule(str(base), **HP), _loader(rank // tp, world // tp))
     return record.out
 
 
@@ -79,8 +83,8 @@ def _worker(rank: int, world: int, port: int, out: str, base: str, job: str) -> 
     if job == "tp2":
         results = {"sp": _fit(world, rank, 2, base, out / "sp"),
                    "no-sp": _fit(world, rank, 2, base, out / "no-sp", sequence_parallel=False, zero_stage=2)}
-    else:
-        results = {job: _fit(world, rank, 2, base, out / job)}
+    else:  # "dp2xtp2"
+        results = {job: _fit(world, rank, 2, base, out / job, LORA_SOME)}
     torch.save(results, out / f"{job}-rank{rank}.pt")
 
 
@@ -89,15 +93,18 @@ def _spawn(world: int, out: Path, base: Path, job: str) -> list[dict]:
     return [torch.load(out / f"{job}-rank{r}.pt", weights_only=False) for r in range(world)]
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
+def _save_base(path: Path, **shape) -> Path:
     """A 'pretrained' tiny base on disk: adapter checkpoints are rebuilt on it."""
     from lightning_llm.models import build_model
 
-    path = tmp_path_factory.mktemp("base")
     torch.manual_seed(1)
-    build_model("tiny", vocab_size=VOCAB).save_pretrained(path)
+    build_model("tiny", vocab_size=VOCAB, **shape).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return _save_base(tmp_path_factory.mktemp("base"))
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +173,21 @@ def test_lora_tp2_checkpoint_exports_the_one_process_adapter(runs, base, tmp_pat
     one, _ = export_lora_checkpoint(out / "one" / "ckpt" / "last.ckpt", tmp_path / "adapter-one")
     assert_adam_steps_close(load_file(exported / "adapter_model.safetensors"),
                             load_file(one / "adapter_model.safetensors"), lr_sum=LR_SUM)
+
+
+@pytest.mark.slow  # four processes and one, about two minutes on 2 cores
+def test_lora_under_dp2_x_tp2_on_another_shape_trains_as_one_process(tmp_path):
+    """ZeRO-3 shards the adapters (and the frozen base) over the data dimension of the tensor-parallel split."""
+    from safetensors.torch import load_file
+
+    from lightning_llm.callbacks.lora import export_lora_checkpoint
+
+    base = _save_base(tmp_path / "base", **SHAPE)
+    records = [rank["dp2xtp2"] for rank in _spawn(4, tmp_path, base, "dp2xtp2")]
+    one = _fit(1, 0, 1, base, tmp_path / "one", LORA_SOME)
+    assert len([k for k in one["final"] if ".lora_A." in k]) == 4 * 2  # 4 projections in each of 2 layers
+    _assert_equals_one_process(records, one)
+    exported, _ = export_lora_checkpoint(tmp_path / "dp2xtp2" / "ckpt" / "last.ckpt", tmp_path / "adapter")
+    written = load_file(exported / "adapter_model.safetensors")
+    assert {k.replace(".weight", ".default.weight") for k in written} == records[0]["final"].keys()
+    assert all(torch.equal(v, records[0]["final"][k.replace(".weight", ".default.weight")]) for k, v in written.items())

@@ -19,6 +19,11 @@ shape, sees the whole sequence length.
 The embedding is split over the vocabulary (each rank looks up the tokens in its rows), and so is
 the LM head, whose logits stay split for a vocabulary-parallel cross-entropy (`loss_parallel`); see
 `lightning_llm.protocols.VocabParallelLoss`.
+
+LoRA adapters (peft) on the projections are split beside their base so that each adapter's output has the
+base output's placement and adds to it locally (`adapter_styles`): on a column-split projection A is
+replicated and B split like the base; on a row-split one A is split like the base and B replicated. QLoRA's
+4-bit base, adapters on replicated kv-heads, LoRA dropout and LoRA variants (DoRA) are refused.
 """
 
 from __future__ import annotations
@@ -124,8 +129,8 @@ def plan_styles(causal_lm: nn.Module, sequence_parallel: bool, prefix: str = "",
                 f"{prefix}{name}: plan style {style!r} on a {type(layer).__name__} with {layer.weight.dtype} weights "
                 "(a quantised layer: QLoRA's 4-bit base?); tensor parallelism splits nn.Linear layers with floating "
                 "point weights only. QLoRA trains with tensor_parallel=1 (ParallelStrategy(tensor_parallel=1, "
-                "zero_stage=3) shards the 4-bit base over every rank); LoRACallback on a 16/32-bit base trains under "
-                "tensor parallelism")
+                "zero_stage=3, empty_init=False) or ZeROStrategy(stage=3, empty_init=False) shards the 4-bit base over "
+                "every rank); LoRACallback on a 16/32-bit base trains under tensor parallelism")
         if style == "colwise_gather_output":  # the LM head: logits stay split over the vocabulary
             styles[layer] = ColwiseParallel(input_layouts=residual, output_layouts=Shard(-1), use_local_output=False)
         elif style == "colwise":
