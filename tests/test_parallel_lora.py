@@ -1,7 +1,8 @@
 """LoRA adapters under tensor parallelism (strategies/tensor.py, `adapter_styles`) against one process.
 
 One 2-rank job trains LoRA adapters on every linear layer of a saved tiny base at tp2 with sequence
-parallelism (checkpointing, and writing the adapter at the end) and at tp2 without it; the tests compare
+parallelism (checkpointing, and writing the adapter at the end), resumes its half-way checkpoint, and
+trains at tp2 without sequence parallelism; the tests compare
 the losses and adapters with a one-process run from the same base and the same initial adapters, and the
 export of the tp2 checkpoint with the one-process one. One 4-rank job (slow) does the same at dp2 x tp2.
 """
@@ -55,7 +56,8 @@ class Record(L.Callback):
         self.out["final"] = {k: v.detach().clone() for k, v in gathered_adapter_state(pl_module.model).items()}
 
 
-def _fit(world: int, rank: int, tp: int, base: Path, root: Path, lora: dict = LORA, **options) -> dict:
+def _fit(world: int, rank: int, tp: int, base: Path, root: Path, lora: dict = LORA, ckpt: Path | None = None,
+         **options) -> dict:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from lightning_llm.callbacks.lora import LoRACallback
@@ -70,8 +72,9 @@ def _fit(world: int, rank: int, tp: int, base: Path, root: Path, lora: dict = LO
                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
                         gradient_clip_val=CLIP, default_root_dir=root, num_sanity_val_steps=0,
                         callbacks=[record, LoRACallback(**lora, adapter_dir=str(root / "adapter")),
-                                   ModelCheckpoint(dirpath=root / "ckpt", save_last=True, every_n_train_steps=SAVE_AT)])
-    trainer.fit(PretrainModule(str(base), **HP), _loader(rank // tp, world // tp))
+                                   ModelCheckpoint(dirpath=root / "ckpt", filename="{step}", save_last=True,
+                                                   save_top_k=-1, every_n_train_steps=SAVE_AT)])
+    trainer.fit(PretrainModule(str(base), **HP), _loader(rank // tp, world // tp), ckpt_path=ckpt)
     return record.out
 
 
@@ -82,7 +85,8 @@ def _worker(rank: int, world: int, port: int, out: str, base: str, job: str) -> 
     out, base = Path(out), Path(base)
     if job == "tp2":
         results = {"sp": _fit(world, rank, 2, base, out / "sp"),
-                   "no-sp": _fit(world, rank, 2, base, out / "no-sp", sequence_parallel=False, zero_stage=2)}
+                   "no-sp": _fit(world, rank, 2, base, out / "no-sp", sequence_parallel=False, zero_stage=2),
+                   "resumed": _fit(world, rank, 2, base, out / "resumed", ckpt=out / "sp" / "ckpt" / f"step={SAVE_AT}.ckpt")}
     else:  # "dp2xtp2"
         results = {job: _fit(world, rank, 2, base, out / job, LORA_SOME)}
     torch.save(results, out / f"{job}-rank{rank}.pt")
@@ -139,6 +143,21 @@ def _assert_equals_one_process(records: list[dict], one: dict) -> None:
 @pytest.mark.parametrize("layout", ["sp", "no-sp"])  # no-sp also runs ZeRO stage 2
 def test_lora_under_tp2_trains_as_one_process(runs, layout):
     _assert_equals_one_process([rank[layout] for rank in runs["tp2"]], runs["one"])
+
+
+@pytest.mark.slow
+def test_lora_tp2_checkpoint_resumes_with_the_same_losses(runs):
+    """The sharded checkpoint holds the adapters and their optimizer state (not the frozen base): steps 4-6
+    resumed from step 3 are the uninterrupted run's."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = FileSystemReader(runs["out"] / "sp" / "ckpt" / f"step={SAVE_AT}.ckpt").read_metadata().state_dict_metadata
+    weights = [k for k in saved if k.startswith("state_dict.")]
+    assert weights and all(".lora_" in k for k in weights), weights[:5]
+    for rank in runs["tp2"]:
+        straight, resumed = rank["sp"], rank["resumed"]
+        torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(straight["losses"][SAVE_AT:]), **LOSS_TOL)
+        assert_adam_steps_close(resumed["final"], straight["final"], lr_sum=LR_SUM)
 
 
 @pytest.mark.slow
