@@ -169,8 +169,9 @@ def adapter_styles(name: str, module: nn.Module, base: ParallelStyle,
     (an all-reduce of r x in_features per adapter and step), its input gradient joins the region's one collective.
     Row-split base (o, down; output the residual stream): A split over its input columns like W, its partial
     [.., r] output completed by the same collective as W's (an all-reduce, or under sequence parallelism a
-    reduce-scatter over the sequence), and B replicated, applied to this rank's tokens (under sequence
-    parallelism 1/T of them)."""
+    reduce-scatter over the sequence, whose backward all-gathers the [.., r] gradient), and B replicated, applied
+    to this rank's tokens (under sequence parallelism 1/T of them, so that B's weight gradient is a partial sum
+    that the gradient reduction completes: an all-reduce of out_features x r)."""
     refused = []
     if isinstance(base, KeyValueHead):
         refused.append("it sits on replicated kv-heads (KeyValueHead: fewer kv-heads than the tensor-parallel degree); "
