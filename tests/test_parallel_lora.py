@@ -4,7 +4,8 @@ One 2-rank job trains LoRA adapters on every linear layer of a saved tiny base a
 parallelism (checkpointing, and writing the adapter at the end), resumes its half-way checkpoint, and
 trains at tp2 without sequence parallelism; the tests compare
 the losses and adapters with a one-process run from the same base and the same initial adapters, and the
-export of the tp2 checkpoint with the one-process one. One 4-rank job (slow) does the same at dp2 x tp2.
+export of the tp2 checkpoint with the one-process one. One 4-rank job (slow) does the same at dp2 x tp2 on
+another shape. A quick 2-rank job counts the collectives each adapter factor issues.
 """
 
 from __future__ import annotations
@@ -214,3 +215,48 @@ def test_lora_under_dp2_x_tp2_on_another_shape_trains_as_one_process(tmp_path):
     written = load_file(exported / "adapter_model.safetensors")
     assert {k.replace(".weight", ".default.weight") for k in written} == records[0]["final"].keys()
     assert all(torch.equal(v, records[0]["final"][k.replace(".weight", ".default.weight")]) for k, v in written.items())
+
+
+def _collectives_worker(rank: int, port: int, out: str) -> None:
+    """One forward and backward of the tiny model with adapters on every linear at tp2 (no ZeRO), with and
+    without sequence parallelism: the collectives each adapter factor issues, by module."""
+    import torch.distributed as dist
+    from peft import LoraConfig, get_peft_model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    from lightning_llm.models import build_model
+    from lightning_llm.strategies.tensor import apply_styles, plan_styles
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    mesh, found = init_device_mesh("cpu", (2,)), {}
+    for sequence_parallel in (True, False):
+        torch.manual_seed(0)
+        model = build_model("tiny", vocab_size=VOCAB)
+        model = get_peft_model(model, LoraConfig(r=4, lora_dropout=0.0, target_modules="all-linear")).base_model.model
+        apply_styles(list(model.modules()), plan_styles(model, sequence_parallel, degree=2), mesh)
+        with CommDebugMode() as comm:
+            model(input_ids=torch.randint(0, VOCAB, (2, 8))).logits.full_tensor().logsumexp(-1).mean().backward()
+        issued = {fqn.split("layers.")[1]: {way: {str(op).split(".")[-1]: n for op, n in counts[way].items() if n}
+                                            for way in ("forward", "backward")}
+                  for fqn, counts in comm.comm_module_counts.items() if ".lora_" in fqn}
+        found[sequence_parallel] = {fqn: {way: c for way, c in ways.items() if c} for fqn, ways in issued.items()}
+    if rank == 0:
+        torch.save(found, Path(out) / "collectives.pt")
+    dist.destroy_process_group()
+
+
+def test_what_each_adapter_communicates_under_tp2(tmp_path):
+    """Column-split projections' adapters (A replicated, B split) communicate nothing of their own; a row-split
+    projection's A completes its [.., r] output as the base does (a reduce-scatter over the sequence, all-gathered
+    back in backward, under SP; an all-reduce without it) and its B communicates nothing."""
+    mp.spawn(_collectives_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    found = torch.load(tmp_path / "collectives.pt")
+    for sequence_parallel, modules in found.items():
+        row_a = ({"forward": {"reduce_scatter_tensor": 1}, "backward": {"all_gather_into_tensor": 1}} if sequence_parallel
+                 else {"forward": {"all_reduce": 1}})
+        expected = {f"{layer}.{proj}.lora_A.default": row_a for layer in range(2)
+                    for proj in ("self_attn.o_proj", "mlp.down_proj")}
+        assert {k: v for k, v in modules.items() if v} == expected, sequence_parallel
