@@ -381,17 +381,55 @@ def test_plan_comes_from_the_hugging_face_plan():
         "ColwiseParallel", "KeyValueHead", "KeyValueHead"]
 
 
-def test_lora_adapters_under_tensor_parallelism_are_refused_by_name():
+def _adapted(config_kwargs: dict, lora_kwargs: dict, quantized: bool = False):
     from peft import LoraConfig, get_peft_model
 
+    from lightning_llm.callbacks.lora import quantize_4bit
     from lightning_llm.models import build_model
 
-    model = get_peft_model(build_model("tiny", vocab_size=VOCAB), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    with pytest.raises(NotImplementedError, match=r"self_attn\.q_proj is a Linear adapter layer \(LoRA/QLoRA\).*"
-                                                  r"issue 15.*column-split projection .* B split over its output rows"
-                                                  r".* A replicated; on a row-split one .* A split over its input "
-                                                  r"columns .* B replicated.*tensor_parallel=1"):
-        plan_styles(model.base_model.model, True, degree=2)
+    model = build_model("tiny", vocab_size=VOCAB, **config_kwargs)
+    if quantized:
+        model = quantize_4bit(model, compute_dtype=torch.float32)
+    return get_peft_model(model, LoraConfig(**{"r": 4, "lora_dropout": 0.0, **lora_kwargs})).base_model.model
+
+
+def test_lora_adapters_are_placed_beside_their_base():
+    """Column-split projections: A replicated, B split like the base; row-split ones: A split like the base
+    (its output on the residual stream's layout, kept a DTensor), B replicated (a DTensor out under SP)."""
+    from lightning_llm.strategies.tensor import Replicated
+
+    model = _adapted({}, dict(target_modules="all-linear", r=3))
+    for sequence_parallel in (True, False):
+        styles = plan_styles(model, sequence_parallel, degree=2)
+        attention, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
+        for column in (attention.q_proj, attention.k_proj, attention.v_proj, mlp.gate_proj, mlp.up_proj):
+            a, b = styles[column.lora_A["default"]], styles[column.lora_B["default"]]
+            assert type(styles[column.base_layer]).__name__ == "ColwiseParallel" and column not in styles
+            assert isinstance(a, Replicated) and a.use_local_output is False and type(b).__name__ == "ColwiseParallel"
+        for row in (attention.o_proj, mlp.down_proj):
+            a, b = styles[row.lora_A["default"]], styles[row.lora_B["default"]]
+            assert type(styles[row.base_layer]).__name__ == type(a).__name__ == "RowwiseParallel"
+            assert a.output_layouts == styles[row.base_layer].output_layouts and a.use_local_output is False
+            assert isinstance(b, Replicated) and b.use_local_output is not sequence_parallel
+
+
+@pytest.mark.parametrize("config, lora, quantized, match", [
+    (dict(num_key_value_heads=1), dict(target_modules=["q_proj", "k_proj"]), False,
+     r"self_attn\.k_proj is a Linear adapter layer that tensor parallelism does not place: it sits on replicated "
+     r"kv-heads .* leave k_proj and v_proj out of target_modules"),
+    ({}, dict(target_modules=["v_proj"], lora_dropout=0.05), False,
+     r"v_proj .* lora dropout \{'default': 0\.05\}: .* use dropout=0\.0"),
+    ({}, dict(target_modules=["o_proj"], use_dora=True), False, r"o_proj .* variant \['default'\] \(DoRA"),
+    ({}, dict(target_modules=["q_proj"]), True,
+     r"q_proj: plan style 'colwise' on a Linear4bit with torch.uint8 weights \(a quantised layer: QLoRA's 4-bit base\?\)"
+     r".* QLoRA trains with tensor_parallel=1"),
+    ({}, dict(target_modules=["lm_head"]), False,
+     r"lm_head: a Linear adapter layer on the 'colwise_gather_output' entry .* leave this layer out of target_modules"),
+])
+def test_lora_adapters_that_tensor_parallelism_does_not_place_are_refused_by_name(config, lora, quantized, match):
+    model = _adapted(config, lora, quantized)
+    with pytest.raises(NotImplementedError, match=match):
+        plan_styles(model, True, degree=2)
 
 
 def test_parallel_is_a_strategy_name():

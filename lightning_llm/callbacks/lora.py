@@ -418,7 +418,8 @@ class LoRACallback(Callback):
             # A strategy's empty init would later initialise every layer, the adapter's B included
             # (which must start at zero), and the base's pretrained weights never arrive on meta.
             raise ValueError("LoRA needs the base's weights, and this model was created on the meta device (a "
-                             "strategy's empty init): use ZeROStrategy(empty_init=False) or a strategy without it")
+                             "strategy's empty init): use ZeROStrategy(empty_init=False), ParallelStrategy(empty_init=False) "
+                             "or a strategy without it")
         if not isinstance(model, PeftModel):
             model = self.prepare_base(model)
         config = with_expert_targets(self.config, model, self.experts)

@@ -19,6 +19,11 @@ shape, sees the whole sequence length.
 The embedding is split over the vocabulary (each rank looks up the tokens in its rows), and so is
 the LM head, whose logits stay split for a vocabulary-parallel cross-entropy (`loss_parallel`); see
 `lightning_llm.protocols.VocabParallelLoss`.
+
+LoRA adapters (peft) on the projections are split beside their base so that each adapter's output has the
+base output's placement and adds to it locally (`adapter_styles`): on a column-split projection A is
+replicated and B split like the base; on a row-split one A is split like the base and B replicated. QLoRA's
+4-bit base, adapters on replicated kv-heads, LoRA dropout and LoRA variants (DoRA) are refused.
 """
 
 from __future__ import annotations
@@ -107,34 +112,37 @@ def plan_styles(causal_lm: nn.Module, sequence_parallel: bool, prefix: str = "",
         style = plan.get(_pattern(name))
         if style is None:
             continue
-        if style == "embedding_rowwise":
+        layer = getattr(module, "base_layer", module)  # a peft tuner layer (LoRA) wraps the planned module
+        if layer is not module and style not in ("colwise", "rowwise"):
+            raise NotImplementedError(
+                f"{prefix}{name}: a {type(module).__name__} adapter layer on the {style!r} entry of the tensor-parallel "
+                "plan (the embedding or LM head); under tensor parallelism adapters sit on the attention and MLP "
+                "projections only: leave this layer out of target_modules ('all-linear' does)")
+        if style == "embedding_rowwise" and layer is module:
             if not isinstance(module, nn.Embedding):
                 raise NotImplementedError(f"{prefix}{name}: plan style {style!r} on a {type(module).__name__}")
             styles[module] = RowwiseParallel(input_layouts=Replicate(), output_layouts=residual,
                                               use_local_output=not sequence_parallel)
             continue
-        if hasattr(module, "base_layer"):  # a peft tuner layer (LoRA, QLoRA) wrapping the planned linear
+        if not isinstance(layer, nn.Linear) or not layer.weight.is_floating_point():
             raise NotImplementedError(
-                f"{prefix}{name} is a {type(module).__name__} adapter layer (LoRA/QLoRA): adapters are not placed "
-                f"under tensor parallelism yet ({ISSUE}). The placement they would take: on a column-split "
-                "projection (q, k, v, gate, up) B split over its output rows like the base weight and A replicated; "
-                "on a row-split one (o, down) A split over its input columns like the base weight and B replicated; "
-                "so that the adapter's output has the base layer's placement. Train adapters with tensor_parallel=1 "
-                "instead: ParallelStrategy(tensor_parallel=1, zero_stage=3) or ZeROStrategy(stage=3) shards the "
-                "frozen base over every rank")
-        if not isinstance(module, nn.Linear):
-            raise NotImplementedError(f"{prefix}{name}: plan style {style!r} on a {type(module).__name__} (a quantised "
-                                      "layer?); tensor parallelism splits nn.Linear only")
+                f"{prefix}{name}: plan style {style!r} on a {type(layer).__name__} with {layer.weight.dtype} weights "
+                "(a quantised layer: QLoRA's 4-bit base?); tensor parallelism splits nn.Linear layers with floating "
+                "point weights only. QLoRA trains with tensor_parallel=1 (ParallelStrategy(tensor_parallel=1, "
+                "zero_stage=3, empty_init=False) or ZeROStrategy(stage=3, empty_init=False) shards the 4-bit base over "
+                "every rank); LoRACallback on a 16/32-bit base trains under tensor parallelism")
         if style == "colwise_gather_output":  # the LM head: logits stay split over the vocabulary
-            styles[module] = ColwiseParallel(input_layouts=residual, output_layouts=Shard(-1), use_local_output=False)
+            styles[layer] = ColwiseParallel(input_layouts=residual, output_layouts=Shard(-1), use_local_output=False)
         elif style == "colwise":
             parent = modules[name.rpartition(".")[0]]
-            styles[module] = ColwiseParallel()
-            if kv_heads and kv_heads % degree and module.out_features == kv_heads * getattr(parent, "head_dim", 0):
-                styles[module] = KeyValueHead(parent, kv_heads)
+            styles[layer] = ColwiseParallel()
+            if kv_heads and kv_heads % degree and layer.out_features == kv_heads * getattr(parent, "head_dim", 0):
+                styles[layer] = KeyValueHead(parent, kv_heads)
             regions.add(parent)
         else:
-            styles[module] = RowwiseParallel(output_layouts=residual, use_local_output=not sequence_parallel)
+            styles[layer] = RowwiseParallel(output_layouts=residual, use_local_output=not sequence_parallel)
+        if layer is not module:
+            styles.update(adapter_styles(f"{prefix}{name}", module, styles[layer], sequence_parallel))
     for region in regions:
         styles[region] = RegionInput(sequence_parallel)
     # The norms on the residual stream: the decoder layers' other children, and the final norm.
@@ -147,6 +155,47 @@ def plan_styles(causal_lm: nn.Module, sequence_parallel: bool, prefix: str = "",
             raise NotImplementedError(f"tensor parallelism: {type(norm).__name__} sits on the residual stream beside "
                                       "the tensor-parallel regions and is not a norm; only norms are placed there")
         styles[norm] = SequenceParallel() if sequence_parallel else Replicated()
+    return styles
+
+
+def adapter_styles(name: str, module: nn.Module, base: ParallelStyle,
+                   sequence_parallel: bool) -> dict[nn.Module, ParallelStyle]:
+    """The styles of a peft LoRA layer's adapters, placed so that each adapter's output has its base layer's
+    placement and adds to it locally (W x + (alpha / r) B A x with W split as `base` splits it).
+
+    Column-split base (q, k, v, gate, up; output a local Shard(-1)): A replicated, taking the region's replicated
+    input, and B split over its output rows like W. A's output gradient comes back as a partial sum over the group
+    (each rank's B rows see its own output columns): A's weight gradient is completed by the gradient reduction
+    (an all-reduce of r x in_features per adapter and step), its input gradient joins the region's one collective.
+    Row-split base (o, down; output the residual stream): A split over its input columns like W, its partial
+    [.., r] output completed by the same collective as W's (an all-reduce, or under sequence parallelism a
+    reduce-scatter over the sequence, whose backward all-gathers the [.., r] gradient), and B replicated, applied
+    to this rank's tokens (under sequence parallelism 1/T of them, so that B's weight gradient is a partial sum
+    that the gradient reduction completes: an all-reduce of out_features x r)."""
+    refused = []
+    if isinstance(base, KeyValueHead):
+        refused.append("it sits on replicated kv-heads (KeyValueHead: fewer kv-heads than the tensor-parallel degree); "
+                       "leave k_proj and v_proj out of target_modules or use a degree that divides the kv-heads")
+    if getattr(module, "lora_variant", None):
+        refused.append(f"variant {sorted(module.lora_variant)} (DoRA or another LoRA variant): plain LoRA only")
+    dropout = {k: d.p for k, d in getattr(module, "lora_dropout", {}).items() if getattr(d, "p", 0)}
+    if dropout:
+        refused.append(f"lora dropout {dropout}: the ranks would draw different masks for the replicated input of a "
+                       "column-split projection; use dropout=0.0")
+    if not isinstance(getattr(module, "lora_A", None), nn.ModuleDict) or getattr(module, "lora_embedding_A", None):
+        refused.append("it is not a LoRA linear layer (lora_A / lora_B)")
+    if refused:
+        raise NotImplementedError(f"{name} is a {type(module).__name__} adapter layer that tensor parallelism does "
+                                  f"not place: {'; '.join(refused)}")
+    residual = Shard(1) if sequence_parallel else Replicate()
+    styles: dict[nn.Module, ParallelStyle] = {}
+    for adapter in module.lora_A:
+        a, b = module.lora_A[adapter], module.lora_B[adapter]
+        if isinstance(base, ColwiseParallel):
+            styles[a], styles[b] = Replicated(use_local_output=False), ColwiseParallel()
+        else:
+            styles[a] = RowwiseParallel(output_layouts=residual, use_local_output=False)
+            styles[b] = Replicated(use_local_output=not sequence_parallel)
     return styles
 
 
@@ -218,31 +267,43 @@ class KeyValueHead(ParallelStyle):
 
 
 class Replicated(ParallelStyle):
-    """A module outside the tensor-parallel regions without sequence parallelism (a norm): every rank of the
-    group computes it whole on the same input. Its parameters become `DTensor`s replicated over the group
-    (so that they share one mesh with the split ones: ZeRO shards them alike and the gradient norm is one
-    sum), taking and returning plain tensors."""
+    """A module computed whole on every rank of the group: a norm outside the tensor-parallel regions without
+    sequence parallelism, or a LoRA adapter's replicated factor. Its parameters become `DTensor`s replicated over
+    the group (so that they share one mesh with the split ones: ZeRO shards them alike and the gradient norm is
+    one sum); a plain tensor input is taken as replicated, a `DTensor` one as it is (a sequence-sharded input gives
+    a sequence-sharded output), and the output is a plain tensor unless `use_local_output` is False."""
+
+    def __init__(self, use_local_output: bool = True) -> None:
+        super().__init__()
+        self.use_local_output = use_local_output
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         def replicate(m: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
             return tuple(DTensor.from_local(x, mesh, [Replicate()], run_check=False)
                          if isinstance(x, torch.Tensor) and not isinstance(x, DTensor) else x for x in inputs)
 
-        return distribute_module(module, device_mesh, input_fn=replicate, output_fn=lambda m, out, mesh: out.to_local())
+        def output(m: nn.Module, out: DTensor, mesh: DeviceMesh) -> torch.Tensor:
+            return out.to_local() if self.use_local_output else out
+
+        return distribute_module(module, device_mesh, input_fn=replicate, output_fn=output)
 
 
 def apply_styles(members: list[nn.Module], styles: dict[nn.Module, ParallelStyle], mesh: DeviceMesh) -> None:
-    """Parallelise the `members` that have a style, keeping tied parameters tied (parallelize_module gives
-    each module new DTensor parameters: a tied embedding and LM head would become two copies)."""
+    """Parallelise the `members` that have a style, keeping tied parameters tied and frozen ones frozen
+    (parallelize_module gives each module new DTensor parameters, which torch's styles create trainable: a
+    tied embedding and LM head would become two copies, and LoRA's frozen base would train)."""
     chosen = [m for m in members if m in styles]
     if not chosen:
         return
     slots = [(m, name, id(p)) for m in members for name, p in m._parameters.items() if p is not None]
+    frozen = {id(p) for m in members for p in m._parameters.values() if p is not None and not p.requires_grad}
     for m in chosen:
         parallelize_module(m, mesh, styles[m])
     first: dict[int, nn.Parameter] = {}
     for m, name, old in slots:
         p = m._parameters[name]
+        if old in frozen:
+            p.requires_grad_(False)
         if old not in first:
             first[old] = p
             continue
