@@ -457,15 +457,21 @@ def _update_error(init: dict, final: dict, expected: dict) -> float:
     return (error / update).item()
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_fp16_overflow_on_one_rank_skips_the_step_on_both(runs, stage):
-    records = [rank[f"fp16-{stage}"] for rank in runs["train"]]
+def assert_one_step_skipped_on_every_rank(records: list[dict]) -> None:
+    """Each rank's record of an fp16 run with one planted inf: one step skipped, the scale halved from 1024,
+    and on that step neither the learning rate nor any weight moved."""
     for rank, record in enumerate(records):
         assert record["skipped_steps"] == 1 and record["scale"] == 512.0, f"rank {rank}"
         before, after = record["before"], record["after"]
         assert after["lr"] == before["lr"], f"rank {rank}: the schedule moved on a skipped step"
         for old, new in zip(before["weights"], after["weights"], strict=True):
             assert torch.equal(old, new), f"rank {rank}: weights changed on a skipped step"
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_fp16_overflow_on_one_rank_skips_the_step_on_both(runs, stage):
+    records = [rank[f"fp16-{stage}"] for rank in runs["train"]]
+    assert_one_step_skipped_on_every_rank(records)
     # Every other step trains as fp32 does on one process with the planted step dropped.
     init = records[0]["init"]
     expected_losses, expected_weights = single_process_run(init, STEPS, 1, skip=PLANTED)
