@@ -3,7 +3,10 @@
     python benchmarks/moe.py [--model tiny-moe] [--rows 8] [--seq 128] [--steps 5] [--rounds 3]
 
 - tokens/s of a forward + backward of the global batch at ep=1 (one process) and ep=2 (two processes,
-  each half the batch and half the experts, `lightning_llm.strategies.expert`), interleaved;
+  each half the batch and half the experts, `lightning_llm.strategies.expert`), interleaved. `--clock cpu`
+  times each rank's step by its process CPU time on one thread (the rate if every rank had a core of its
+  own, waiting left out): on a machine other jobs share, wall-clock rounds swing several-fold, CPU time
+  barely moves; the CPU clock also gives the total CPU-seconds per token (the all-to-all's cost in work);
 - each rank's expert bytes at each degree;
 - the all-to-all volume per layer, measured (rows sent to another rank x hidden x bytes, each way)
   against the formula tokens x k x hidden x bytes x (N-1)/N (uniform routing);
@@ -34,6 +37,7 @@ from lightning_llm.modules.router import expert_token_counts, load_balancing_los
 from lightning_llm.strategies.expert import plan_experts, shard_experts
 
 VOCAB = 4096
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def _batch(rows: int, seq: int, seed: int = 0) -> torch.Tensor:
@@ -51,7 +55,8 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
     from torch.distributed.device_mesh import init_device_mesh
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    torch.set_num_threads(1 if args.clock == "cpu" else max(1, (os.cpu_count() or 2) // world))
+    now = CLOCKS[args.clock]
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
     model = build_model(args.model, vocab_size=VOCAB)
@@ -61,12 +66,13 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
     expert_bytes = sum(p.to_local().nbytes for d in dispatches(model) for p in d.experts.parameters(recurse=False))
     times, sent = [], []
     for step in range(args.steps + 1):  # the first step warms up
-        start = time.perf_counter()
+        start = now()
         logits = model(input_ids=tokens[:, :-1]).logits
         torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
-        dist.barrier()
+        if args.clock == "wall":
+            dist.barrier()
         if step:
-            times.append(time.perf_counter() - start)
+            times.append(now() - start)
         sent.append([d.sent_rows for d in dispatches(model)])
     result = {"seconds": statistics.median(times), "expert_bytes": expert_bytes, "sent_rows": sent[-1],
               "local_tokens": tokens[:, :-1].numel()}
@@ -79,7 +85,7 @@ def run_ep(world: int, args: argparse.Namespace, results: list[dict]) -> float:
     with tempfile.TemporaryDirectory() as out:
         mp.spawn(_worker, args=(world, _free_port(), args, out), nprocs=world, join=True)
         ranks = [torch.load(Path(out) / f"rank{r}.pt") for r in range(world)]
-    results.append({"world": world, "ranks": ranks})
+    results.append({"world": world, "ranks": ranks, "cpu_seconds_per_token": sum(r["seconds"] for r in ranks) / (args.rows * args.seq)})
     return args.rows * args.seq / max(r["seconds"] for r in ranks)
 
 
@@ -110,6 +116,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--balance-steps", type=int, default=40)
+    parser.add_argument("--clock", default="wall", choices=sorted(CLOCKS),
+                        help="wall: barrier-to-barrier wall time; cpu: each rank's CPU time on one thread")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "moe.json"))
     args = parser.parse_args()
 
@@ -131,12 +139,16 @@ def main() -> None:
     print(f"{'run':6} {'tokens/s (median)':>18} {'min':>10} {'max':>10} {'ratio':>6}")
     for row in rows:
         print(f"{row['run']:6} {row['median']:18,.0f} {row['min']:10,.0f} {row['max']:10,.0f} {row['ratio_to_ep1']:6.2f}")
+    work = {f"ep{w}": statistics.median(r["cpu_seconds_per_token"] for r in results if r["world"] == w) for w in (1, 2)}
+    if args.clock == "cpu":
+        print("CPU microseconds per token, all ranks together (median):", {k: round(v * 1e6, 1) for k, v in work.items()})
     print("expert bytes per rank:", expert_bytes)
     for v in volume:
         print(f"rank {v['rank']}: all-to-all bytes per layer each way {v['measured_bytes_per_layer']} "
               f"(formula {v['formula_bytes']:,.0f})")
     print("load balance max/mean:", {k: round(v, 3) for k, v in balance_rows.items()})
-    write_result(args.out, {"args": vars(args), "throughput": rows, "expert_bytes_per_rank": expert_bytes,
+    write_result(args.out, {"args": vars(args), "throughput": rows, "clock": args.clock,
+                            "seconds_per_token_all_ranks": work if args.clock == "cpu" else None, "expert_bytes_per_rank": expert_bytes,
                             "all_to_all": volume, "balance_max_over_mean": balance_rows})
 
 
