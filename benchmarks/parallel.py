@@ -69,7 +69,7 @@ LAYOUTS = {
     "dp2 ZeRO-2": (2, dict(zero_stage=2)),
     "dp2 ZeRO-3": (2, dict(zero_stage=3)),
 }
-QUICK = ["tp2", "tp2+SP", "dp2 ZeRO-3"]
+QUICK = ["tp2", "tp2+SP", "dp2 ZeRO-2", "dp2 ZeRO-3"]
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter")
 TOLERANCE = 0.05
 
