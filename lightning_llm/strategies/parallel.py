@@ -54,7 +54,7 @@ from lightning_llm.strategies.context import (
     use_all_to_all_attention,
     use_ring_attention,
 )
-from lightning_llm.strategies.expert import plan_experts, shard_experts
+from lightning_llm.strategies.expert import PlannedExperts, plan_experts, shard_experts
 from lightning_llm.strategies.launch import check_launch_size
 from lightning_llm.strategies.tensor import ISSUE, apply_styles, check_divisible, gather_logits_unless, plan_styles
 from lightning_llm.strategies.zero import STAGES, ZeROStrategy, _is_hf_model
@@ -181,7 +181,7 @@ class ParallelStrategy(ZeROStrategy):
         self.expert_parallel = expert_parallel
         self.sequence_parallel = sequence_parallel
         self._styles: dict[nn.Module, ParallelStyle] = {}
-        self._experts: dict[nn.Module, list[str]] = {}
+        self._experts: dict[nn.Module, PlannedExperts] = {}
         self._lm_head: nn.Module | None = None
         self._vocab_parallel_active = False
 
