@@ -140,7 +140,9 @@ class ExpertDispatch:
 
         An expert's gradient is summed over the tokens of every rank (they came to it); the data-parallel
         gradients of the rest of the model are averaged over the ranks. Scaling the experts' by 1 / ranks
-        makes both the gradient of the mean of the ranks' losses, as one process on the global batch."""
+        makes both the gradient of the mean of the ranks' losses, as one process on the global batch. LoRA
+        updates of the local experts (`adapters`) are added after the scale: their factors are replicated
+        parameters, whose gradients ZeRO averages over the ranks like the rest of the model's."""
         if self.mesh is None:
             yield
             return

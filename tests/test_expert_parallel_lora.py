@@ -304,3 +304,52 @@ def test_experts_on_a_dense_model_is_refused():
     callback = LoRACallback(dropout=0.0, experts=True)
     with pytest.raises(ValueError, match=r"experts=True adapts the experts .* LlamaForCausalLM has none"):
         callback.transform_model(build_model("tiny", vocab_size=64), L.LightningModule())
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_a_rank_adds_its_own_experts_updates_as_peft_forms_them(transposed):
+    """`LocalExpertAdapter` against peft's own update of every expert (`get_delta_weight`), sliced to each of 3
+    ranks' 2 experts: the same products, so equal to fp32 rounding of the r-term sums (r + 2) u. Both storage
+    orders: [experts, out, in] (Qwen3-MoE) and [experts, in, out] (transformers' `is_transposed` experts)."""
+    from peft import LoraConfig, get_peft_model
+
+    from lightning_llm.models import build_model
+    from lightning_llm.moe import is_experts
+    from lightning_llm.strategies.expert import LocalExpertAdapter
+
+    torch.manual_seed(0)
+    model = build_model("tiny-moe", vocab_size=64, num_experts=6, hidden_size=40, moe_intermediate_size=24,
+                        num_attention_heads=4, num_key_value_heads=2)
+    experts = next(m for m in model.modules() if is_experts(m))
+    experts.is_transposed = transposed  # read by peft when it shapes the factors
+    model = get_peft_model(model, LoraConfig(r=3, lora_alpha=6, target_modules=[], target_parameters=[
+        "model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"]))
+    for p in model.parameters():  # B starts at zero: give both factors values
+        if p.requires_grad:
+            torch.nn.init.normal_(p)
+    outer = model.base_model.model.model.layers[0].mlp.experts
+    wrappers = {outer.parameter_name: outer, outer.base_layer.parameter_name: outer.base_layer}
+    r, u = 3, UNIT_ROUNDOFF[torch.float32]
+    for name, wrapper in wrappers.items():
+        weight = getattr(experts, name).detach()
+        delta = wrapper.get_delta_weight("default").detach()
+        assert delta.shape == weight.shape
+        adapter = LocalExpertAdapter(wrapper, experts)
+        for rank in range(3):
+            local = slice(2 * rank, 2 * rank + 2)
+            got = adapter(weight[local], 2 * rank).detach()
+            bound = (r + 2) * u * (weight[local].abs() + delta[local].abs())
+            assert ((got - (weight[local] + delta[local])).abs() <= bound).all(), (name, rank)
+            assert not torch.equal(got, weight[local])
+    outer.merge()
+    with pytest.raises(RuntimeError, match=r"merged into expert-parallel expert weights .* merge on one process"):
+        LocalExpertAdapter(outer, experts)(weight[:2], 0)
+
+
+def test_qlora_on_the_experts_is_refused():
+    from lightning_llm.callbacks.lora import QLoRACallback
+
+    pytest.importorskip("bitsandbytes")
+    with pytest.raises(NotImplementedError, match=r"QLoRACallback\(experts=True\): .* LoRACallback\(experts=True\)"):
+        QLoRACallback(dropout=0.0, experts=True)
+

@@ -531,6 +531,9 @@ class QLoRACallback(LoRACallback):
         compute_dtype: "bfloat16", "float16" or "float32", the dtype the 4-bit weights are
             dequantized to.
         gradient_checkpointing: recompute activations in the backward pass (the QLoRA recipe).
+        experts: only False: adapters on a mixture of experts' fused expert weights are not built for a 4-bit
+            base (bitsandbytes stores linear layers in 4 bits, and fused 3-D experts are none); the experts stay
+            frozen in 16/32 bits and the linear layers are adapted.
     """
 
     def __init__(self, r: int = 16, alpha: float = 32, dropout: float = 0.05,
@@ -539,7 +542,11 @@ class QLoRACallback(LoRACallback):
                  optimizer: Literal["adamw8bit", "paged_adamw", "paged_adamw8bit"] | None = None,
                  adapter_dir: str | None = None, quant_type: Literal["nf4", "fp4"] = "nf4",
                  double_quant: bool = True, compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16",
-                 gradient_checkpointing: bool = True) -> None:
+                 gradient_checkpointing: bool = True, experts: bool = False) -> None:
+        if experts is not False:
+            raise NotImplementedError(f"QLoRACallback(experts={experts!r}): adapters on the experts are not built for a "
+                                      "4-bit base (its fused 3-D expert weights are no linear layers, which bitsandbytes "
+                                      "quantizes); use LoRACallback(experts=True) on a 16/32-bit base, or experts=False")
         require("bitsandbytes", type(self).__name__)
         super().__init__(r=r, alpha=alpha, dropout=dropout, target_modules=target_modules, adapter_name=adapter_name,
                          lr_multiplier=lr_multiplier, optimizer=optimizer, adapter_dir=adapter_dir)
