@@ -63,6 +63,8 @@ class Record(L.Callback):
         experts = [p for n, p in pl_module.model.named_parameters() if ".experts." in n and "lora_" not in n]
         self.out["experts"] = [(type(p).__name__, p.requires_grad,
                                 tuple((p.to_local() if isinstance(p, DTensor) else p).shape)) for p in experts]
+        self.out["expert_adapters"] = [(type(p).__name__, tuple((p.to_local() if isinstance(p, DTensor) else p).shape))
+                                       for n, p in pl_module.model.named_parameters() if ".experts." in n and "lora_" in n]
         self.out["init"] = {k: v.detach().clone() for k, v in gathered_adapter_state(pl_module.model).items()}
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
@@ -156,7 +158,7 @@ def _assert_trains_as_one_process(ranks: list[dict], one: dict, loss_tol: dict) 
         assert rank["init"].keys() == one["init"].keys()
         assert all(torch.equal(v, one["init"][k]) for k, v in rank["init"].items())  # sharding kept them
         norms = rank["grad_norms"][0]
-        assert norms.keys() == one["grad_norms"][0].keys() and any(".experts." in k for k in norms)
+        assert norms.keys() == one["grad_norms"][0].keys()  # every trainable tensor (experts=True: the experts' adapters too)
         torch.testing.assert_close(norms, one["grad_norms"][0], **loss_tol)
     losses = [sum(values) / RANKS for values in zip(*(r["losses"] for r in ranks))]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(one["losses"]), **loss_tol)
@@ -186,6 +188,9 @@ def test_adapters_on_the_experts_under_ep2_train_as_one_process(runs):
     ranks, one = [r["experts"] for r in runs["ranks"]], runs["one"]["experts"]
     for rank in ranks:
         assert rank["experts"] == [("DTensor", False, (2, 192, 64)), ("DTensor", False, (2, 64, 96))] * 2
+        # the factors of all 4 experts, ZeRO-3 shards: half of each matrix's rows on each rank
+        assert sorted(rank["expert_adapters"]) == sorted([("DTensor", (8, 64)), ("DTensor", (96, 16)),
+                                                          ("DTensor", (8, 96)), ("DTensor", (32, 16))] * 2)
     on_experts = {k: v.shape for k, v in ranks[0]["adapter"].items() if ".experts." in k}
     assert len(on_experts) == 2 * 2 * 2  # 2 layers x (gate_up_proj, down_proj) x (A, B)
     # A [experts x r, in], B [out, r x experts]: gate_up_proj's in 64, out 192; down_proj's in 96, out 64
