@@ -25,7 +25,7 @@ strategy (`lightning_llm.strategies.expert`).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -48,20 +48,32 @@ class ExpertDispatch:
         self.num_experts: int = experts.num_experts
         self.capacity_factor = capacity_factor
         self.mesh: DeviceMesh | None = None
+        self.adapters: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {}
         self.dropped_fraction = torch.zeros(())
         self.sent_rows = 0
         self.tokens_per_expert = torch.zeros(self.num_experts, dtype=torch.long)
         experts.forward = self
 
-    def shard(self, mesh: DeviceMesh) -> None:
+    def shard(self, mesh: DeviceMesh, caller: nn.Module | None = None,
+              adapters: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] | None = None) -> None:
         """Run the experts of this rank (a contiguous 1/mesh.size() of them; its weights already cut so)
-        and exchange the pairs over `mesh`."""
+        and exchange the pairs over `mesh`.
+
+        `adapters`: for weights that carry LoRA updates (peft's wrappers around the experts), a function of the
+        local weight and the first local expert's global index that adds the local experts' updates
+        (`lightning_llm.strategies.expert.LocalExpertAdapter`). The dispatch then takes over the call of
+        `caller`, the outermost wrapper, which the MoE block calls: peft's own forward would add every expert's
+        update to the whole weight, which this rank does not hold."""
         ranks = mesh.size()
         if self.num_experts % ranks:
             raise ValueError(f"expert_parallel={ranks} does not divide the {self.num_experts} experts of "
                              f"{type(self.experts).__name__}: each rank holds the same number of whole experts")
         self.mesh = mesh
         self.experts.num_experts = self.num_experts // ranks
+        self.adapters = dict(adapters or {})
+        if caller is not None and caller is not self.experts:
+            del self.experts.forward  # back to the class's: the dispatch is called in the wrappers' place
+            caller.forward = self
 
     def capacity(self, tokens: int, top_k: int) -> int | None:
         """Most pairs one expert computes of this rank's `tokens` tokens; None when dropless."""
@@ -128,7 +140,9 @@ class ExpertDispatch:
 
         An expert's gradient is summed over the tokens of every rank (they came to it); the data-parallel
         gradients of the rest of the model are averaged over the ranks. Scaling the experts' by 1 / ranks
-        makes both the gradient of the mean of the ranks' losses, as one process on the global batch."""
+        makes both the gradient of the mean of the ranks' losses, as one process on the global batch. LoRA
+        updates of the local experts (`adapters`) are added after the scale: their factors are replicated
+        parameters, whose gradients ZeRO averages over the ranks like the rest of the model's."""
         if self.mesh is None:
             yield
             return
@@ -136,8 +150,12 @@ class ExpertDispatch:
 
         params = {name: p for name, p in self.experts.named_parameters(recurse=False) if isinstance(p, DTensor)}
         scale = 1.0 / self.mesh.size()
+        first = self.mesh.get_local_rank() * self.experts.num_experts  # global index of this rank's first expert
         for name, p in params.items():
-            self.experts._parameters[name] = _ScaleGrad.apply(p.to_local(), scale)
+            local = _ScaleGrad.apply(p.to_local(), scale)
+            if name in self.adapters:  # after the scale: ZeRO averages the adapters' gradients itself
+                local = self.adapters[name](local, first)
+            self.experts._parameters[name] = local
         try:
             yield
         finally:

@@ -328,16 +328,6 @@ def check_experts_option(experts: bool, dropout: float) -> None:
                          "dropout (the input cannot be factored out of the merged weight); set dropout=0.0")
 
 
-def check_experts_unsharded(experts: bool, strategy: Any) -> None:
-    """Refuse adapters on experts under expert parallelism: each rank holds 1/N of the experts, and peft's
-    per-expert adapters (one matrix for all experts, its rows or columns by expert) would stay whole."""
-    degree = getattr(strategy, "expert_parallel", 1)
-    if experts and degree > 1:
-        raise NotImplementedError(f"LoRACallback(experts=True) under expert_parallel={degree}: adapters on the experts "
-                                  "are not sharded with them (not built); use experts=False (attention adapters, the "
-                                  "experts frozen and sharded) or expert_parallel=1")
-
-
 # -- the callbacks --------------------------------------------------------------------------------
 
 
@@ -367,8 +357,9 @@ class LoRACallback(Callback):
         experts: on a mixture-of-experts model, also adapt every expert's weights (one rank-r update per
             expert and matrix, through peft's `target_parameters`; needs dropout=0, which peft's expert
             adapters do not implement). False: the experts (and the router, no linear layer in transformers 5)
-            stay frozen, under expert parallelism sharded as in full training; True is refused under expert
-            parallelism (the adapters are not sharded with their experts).
+            stay frozen. Under expert parallelism the frozen experts are sharded as in full training either way,
+            and the expert adapters stay whole on every rank (ZeRO shards them), each rank adding its own
+            experts' updates (strategies/expert.py).
     """
 
     def __init__(
@@ -441,7 +432,6 @@ class LoRACallback(Callback):
         return model
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        check_experts_unsharded(self.experts, trainer.strategy)
         # A model that exists already (a second fit on the same module) is not rebuilt by
         # configure_model: the adapter is added to it here, before the optimizer is built.
         model = getattr(pl_module, "model", None)
@@ -541,6 +531,9 @@ class QLoRACallback(LoRACallback):
         compute_dtype: "bfloat16", "float16" or "float32", the dtype the 4-bit weights are
             dequantized to.
         gradient_checkpointing: recompute activations in the backward pass (the QLoRA recipe).
+        experts: only False: adapters on a mixture of experts' fused expert weights are not built for a 4-bit
+            base (bitsandbytes stores linear layers in 4 bits, and fused 3-D experts are none); the experts stay
+            frozen in 16/32 bits and the linear layers are adapted.
     """
 
     def __init__(self, r: int = 16, alpha: float = 32, dropout: float = 0.05,
@@ -549,7 +542,11 @@ class QLoRACallback(LoRACallback):
                  optimizer: Literal["adamw8bit", "paged_adamw", "paged_adamw8bit"] | None = None,
                  adapter_dir: str | None = None, quant_type: Literal["nf4", "fp4"] = "nf4",
                  double_quant: bool = True, compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16",
-                 gradient_checkpointing: bool = True) -> None:
+                 gradient_checkpointing: bool = True, experts: bool = False) -> None:
+        if experts is not False:
+            raise NotImplementedError(f"QLoRACallback(experts={experts!r}): adapters on the experts are not built for a "
+                                      "4-bit base (its fused 3-D expert weights are no linear layers, which bitsandbytes "
+                                      "quantizes); use LoRACallback(experts=True) on a 16/32-bit base, or experts=False")
         require("bitsandbytes", type(self).__name__)
         super().__init__(r=r, alpha=alpha, dropout=dropout, target_modules=target_modules, adapter_name=adapter_name,
                          lr_multiplier=lr_multiplier, optimizer=optimizer, adapter_dir=adapter_dir)

@@ -54,7 +54,7 @@ from lightning_llm.strategies.context import (
     use_all_to_all_attention,
     use_ring_attention,
 )
-from lightning_llm.strategies.expert import plan_experts, shard_experts
+from lightning_llm.strategies.expert import PlannedExperts, plan_experts, shard_experts
 from lightning_llm.strategies.launch import check_launch_size
 from lightning_llm.strategies.tensor import ISSUE, apply_styles, check_divisible, gather_logits_unless, plan_styles
 from lightning_llm.strategies.zero import STAGES, ZeROStrategy, _is_hf_model
@@ -69,7 +69,8 @@ class ParallelStrategy(ZeROStrategy):
     Layouts that train as one process does (tests/test_parallel.py, tests/test_parallel_pipeline.py): tp2 (with
     and without SP), dp2 x tp2, pp2, pp2 x dp2, pp2 x tp2; cp2 in both context-parallel modes, dp2 x cp2 and
     cp2 x tp2 (tests/test_context_parallel.py); LoRA adapters at tp2 with and without SP and at dp2 x tp2
-    (tests/test_parallel_lora.py; the whole model is built on every rank first: empty_init=False). Under a pipeline the module must be a
+    (tests/test_parallel_lora.py; the whole model is built on every rank first: empty_init=False); LoRA at dp2 x ep2, with
+    adapters on every expert too (tests/test_expert_parallel_lora.py). Under a pipeline the module must be a
     `lightning_llm.protocols.PipelinedTraining` (its loss on the last stage, its metrics logged on every rank).
     Under the precision plugins (`MixedPrecision` fp16 with loss scaling or bf16, `MasterWeightsPrecision`)
     tp2 trains as one process under the same plugin (dp2 x tp2 too, tested under fp16), and an fp16 overflow
@@ -181,7 +182,7 @@ class ParallelStrategy(ZeROStrategy):
         self.expert_parallel = expert_parallel
         self.sequence_parallel = sequence_parallel
         self._styles: dict[nn.Module, ParallelStyle] = {}
-        self._experts: dict[nn.Module, list[str]] = {}
+        self._experts: dict[nn.Module, PlannedExperts] = {}
         self._lm_head: nn.Module | None = None
         self._vocab_parallel_active = False
 
