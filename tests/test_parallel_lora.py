@@ -11,6 +11,7 @@ another shape. A quick 2-rank job counts the collectives each adapter factor iss
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -58,21 +59,24 @@ class Record(L.Callback):
 
 
 def _fit(world: int, rank: int, tp: int, base: Path, root: Path, lora: dict = LORA, ckpt: Path | None = None,
-         **options) -> dict:
+         qlora: bool = False, **options) -> dict:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from lightning_llm.callbacks.lora import LoRACallback
+    from lightning_llm.callbacks.lora import LoRACallback, QLoRACallback
     from lightning_llm.modules.pretrain import PretrainModule
     from lightning_llm.strategies.parallel import ParallelStrategy
 
     torch.manual_seed(0)  # the same initial adapters on every rank and in the one-process run
     record = Record()
+    # QLoRA in fp32 compute: the dequantized NF4 weights are the same numbers on every rank and in one process,
+    # so the fp32 tolerances hold; no gradient checkpointing (it recomputes the same forward, nothing to compare).
+    adapters = partial(QLoRACallback, compute_dtype="float32", gradient_checkpointing=False) if qlora else LoRACallback
     # LoRA needs the base's weights: the whole model is built on every rank (empty_init=False), then split.
     strategy = ParallelStrategy(tensor_parallel=tp, empty_init=False, **options) if world > 1 else "auto"
     trainer = L.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=STEPS, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
                         gradient_clip_val=CLIP, default_root_dir=root, num_sanity_val_steps=0,
-                        callbacks=[record, LoRACallback(**lora, adapter_dir=str(root / "adapter")),
+                        callbacks=[record, adapters(**lora, adapter_dir=str(root / "adapter")),
                                    ModelCheckpoint(dirpath=root / "ckpt", filename="{step}", save_last=True,
                                                    save_top_k=-1, every_n_train_steps=SAVE_AT)])
     trainer.fit(PretrainModule(str(base), **HP), _loader(rank // tp, world // tp), ckpt_path=ckpt)
@@ -88,6 +92,8 @@ def _worker(rank: int, world: int, port: int, out: str, base: str, job: str) -> 
         results = {"sp": _fit(world, rank, 2, base, out / "sp"),
                    "no-sp": _fit(world, rank, 2, base, out / "no-sp", sequence_parallel=False, zero_stage=2),
                    "resumed": _fit(world, rank, 2, base, out / "resumed", ckpt=out / "sp" / "ckpt" / f"step={SAVE_AT}.ckpt")}
+    elif job == "qlora":  # the 4-bit base, on the other shape, at tp2 with sequence parallelism
+        results = {job: _fit(world, rank, 2, base, out / job, LORA_SOME, qlora=True)}
     else:  # "dp2xtp2"
         results = {job: _fit(world, rank, 2, base, out / job, LORA_SOME)}
     torch.save(results, out / f"{job}-rank{rank}.pt")
@@ -215,6 +221,21 @@ def test_lora_under_dp2_x_tp2_on_another_shape_trains_as_one_process(tmp_path):
     written = load_file(exported / "adapter_model.safetensors")
     assert {k.replace(".weight", ".default.weight") for k in written} == records[0]["final"].keys()
     assert all(torch.equal(v, records[0]["final"][k.replace(".weight", ".default.weight")]) for k, v in written.items())
+
+
+@pytest.mark.slow  # two processes and one, about a minute on 2 cores
+def test_qlora_under_tp2_trains_as_one_process(tmp_path):
+    """QLoRA's 4-bit base (`QuantizedParallel`: the NF4 weight whole on each rank, each multiplying by its slice)
+    on the other shape: 6 heads over 2 kv-heads, intermediate 160 (each rank's 80 columns of down_proj are not
+    whole 64-weight quantization blocks), adapters on q, v, o, down and the 4-bit k, gate, up without any."""
+    from lightning_llm.strategies.tensor import QuantizedParallel
+
+    base = _save_base(tmp_path / "base", **SHAPE)
+    records = [rank["qlora"] for rank in _spawn(2, tmp_path, base, "qlora")]
+    one = _fit(1, 0, 1, base, tmp_path / "one", LORA_SOME, qlora=True)
+    assert len([k for k in one["final"] if ".lora_A." in k]) == 4 * 2
+    _assert_equals_one_process(records, one)
+    assert QuantizedParallel.__doc__  # the placement is documented where it is built
 
 
 def _collectives_worker(rank: int, port: int, out: str) -> None:

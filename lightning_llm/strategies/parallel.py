@@ -22,8 +22,9 @@ Expert parallelism borrows the data-parallel ranks (expert_parallel = data_paral
 Context parallelism (strategies/context.py) splits every sequence over its dimension (ring or all-to-all attention);
 ZeRO then shards and averages over data x context. Under a pipeline, ZeRO-1 replicates each stage with
 DistributedDataParallel over the data dimension and shards its optimizer state there. Refused, not built
-yet: a pipeline with context parallelism, expert parallelism with a pipeline, tensor or context parallelism,
-QLoRA's 4-bit base under tensor parallelism (LoRA adapters are split beside their base: strategies/tensor.py).
+yet: a pipeline with context parallelism, expert parallelism with a pipeline, tensor or context parallelism.
+LoRA adapters are split beside their base, and QLoRA's 4-bit base stays whole with each rank multiplying by its
+slice (strategies/tensor.py).
 """
 
 from __future__ import annotations

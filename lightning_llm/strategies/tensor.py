@@ -23,7 +23,8 @@ the LM head, whose logits stay split for a vocabulary-parallel cross-entropy (`l
 LoRA adapters (peft) on the projections are split beside their base so that each adapter's output has the
 base output's placement and adds to it locally (`adapter_styles`): on a column-split projection A is
 replicated and B split like the base; on a row-split one A is split like the base and B replicated. QLoRA's
-4-bit base, adapters on replicated kv-heads, LoRA dropout and LoRA variants (DoRA) are refused.
+4-bit base stays whole and each rank multiplies by its slice (`QuantizedParallel`). Adapters on replicated
+kv-heads, a 4-bit base with replicated kv-heads, LoRA dropout and LoRA variants (DoRA) are refused.
 """
 
 from __future__ import annotations
@@ -124,6 +125,21 @@ def plan_styles(causal_lm: nn.Module, sequence_parallel: bool, prefix: str = "",
             styles[module] = RowwiseParallel(input_layouts=Replicate(), output_layouts=residual,
                                               use_local_output=not sequence_parallel)
             continue
+        if is_4bit(layer) and style in ("colwise", "rowwise"):
+            parent = modules[name.rpartition(".")[0]]
+            if style == "colwise":
+                if kv_heads and kv_heads % degree and layer.out_features == kv_heads * getattr(parent, "head_dim", 0):
+                    raise NotImplementedError(
+                        f"{prefix}{name}: a 4-bit (QLoRA) projection of {kv_heads} kv-heads at tensor_parallel={degree}: "
+                        "replicated kv-heads are not built for a 4-bit base; use a degree that divides the kv-heads")
+                styles[layer] = QuantizedParallel(columns=True)
+                regions.add(parent)
+            else:
+                styles[layer] = QuantizedParallel(columns=False, output_layouts=residual,
+                                                  use_local_output=not sequence_parallel)
+            if layer is not module:
+                styles.update(adapter_styles(f"{prefix}{name}", module, styles[layer], sequence_parallel))
+            continue
         if not isinstance(layer, nn.Linear) or not layer.weight.is_floating_point():
             raise NotImplementedError(
                 f"{prefix}{name}: plan style {style!r} on a {type(layer).__name__} with {layer.weight.dtype} weights "
@@ -191,12 +207,67 @@ def adapter_styles(name: str, module: nn.Module, base: ParallelStyle,
     styles: dict[nn.Module, ParallelStyle] = {}
     for adapter in module.lora_A:
         a, b = module.lora_A[adapter], module.lora_B[adapter]
-        if isinstance(base, ColwiseParallel):
+        if isinstance(base, ColwiseParallel) or getattr(base, "columns", False):
             styles[a], styles[b] = Replicated(use_local_output=False), ColwiseParallel()
         else:
             styles[a] = RowwiseParallel(output_layouts=residual, use_local_output=False)
             styles[b] = Replicated(use_local_output=not sequence_parallel)
     return styles
+
+
+def is_4bit(layer: nn.Module) -> bool:
+    """A bitsandbytes `Linear4bit` (QLoRA's frozen 4-bit base), told by its quantization state (duck-typed: a
+    strategy does not import bitsandbytes unless it meets one)."""
+    return isinstance(layer, nn.Linear) and (getattr(layer.weight, "quant_state", None) is not None
+                                             or getattr(layer, "quant_state", None) is not None)
+
+
+class QuantizedParallel(ParallelStyle):
+    """QLoRA's frozen 4-bit base projection under tensor parallelism: the 4-bit weight stays whole on every rank of
+    the group and each rank multiplies by its own slice of the dequantized weight, its rows for a column-split
+    projection (`columns=True`: q, k, v, gate, up), its columns for a row-split one (o, down).
+
+    The 4-bit codes are not cut: NF4 quantizes blocks of 64 consecutive weights with one constant each (and those
+    constants again in blocks of 256), so a slice of the codes is a valid 4-bit tensor only where every cut falls on
+    a block boundary, and then its second-level constants differ from one process's. Whole, every rank dequantizes
+    exactly the weights one process does; the cost is the frozen 4-bit weight replicated over the group (half a
+    byte per weight) and each rank dequantizing all of it. The arithmetic is bitsandbytes' training path
+    (dequantize to the compute dtype, then a matmul). Input and output are placed as torch's ColwiseParallel and
+    RowwiseParallel place them: a column split takes the region's replicated input (its gradient here is this
+    rank's partial sum, completed by the region's one collective) and returns its local columns; a row split
+    takes the local columns and completes its partial output by an all-reduce, or a reduce-scatter over the
+    sequence under sequence parallelism."""
+
+    def __init__(self, columns: bool, output_layouts: Any = None, use_local_output: bool = True) -> None:
+        super().__init__()
+        self.columns, self.output, self.use_local_output = columns, output_layouts or Replicate(), use_local_output
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        from bitsandbytes.functional import dequantize_4bit
+        from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+        if module.bias is not None:
+            raise NotImplementedError(f"a 4-bit {type(module).__name__} with a bias under tensor parallelism: not built "
+                                      "(the decoders with tensor-parallel plans here have none)")
+        degree, rank = device_mesh.size(), device_mesh.get_local_rank()
+        dim = 0 if self.columns else 1
+        part = (module.out_features if self.columns else module.in_features) // degree
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            fix_4bit_weight_quant_state_from_module(module)  # ZeRO's sharding may have dropped it, as in bitsandbytes
+            dtype = x.dtype
+            if isinstance(x, DTensor):
+                x = x.to_local(grad_placements=[Partial()])
+            compute = module.compute_dtype or dtype
+            weight = dequantize_4bit(module.weight, module.weight.quant_state).narrow(dim, rank * part, part)
+            y = nn.functional.linear(x.to(compute), weight.to(compute)).to(dtype)
+            if self.columns:
+                return y
+            out = DTensor.from_local(y, device_mesh, [Partial()], run_check=False).redistribute(placements=[self.output])
+            return out.to_local() if self.use_local_output else out
+
+        module.forward = forward
+        return module
 
 
 class RegionInput(ParallelStyle):
