@@ -34,7 +34,9 @@ CASES = [
 ]
 # packing: "random" cuts each row into 3 N documents at random points (most cross a chunk boundary, some span
 # several chunks); "first chunk" makes the first chunk a document of its own, so that some ranks' queries
-# share no document with some K/V blocks (a block that contributes nothing).
+# share no document with some K/V blocks (a block that contributes nothing); "odd lengths" lays documents of
+# odd lengths 1, 2 chunk + 1, 3, 1, 2 chunk - 1, 5, ... end to end (each row starting further along the
+# pattern, the last cut to fit): documents of one token, and long ones crossing chunks and ranks.
 PACKED_CASES = [
     (2, 4, 2, 8, 16, True, torch.float32, "random"),
     (1, 2, 2, 6, 16, False, torch.float32, "random"),
@@ -46,9 +48,15 @@ PACKED_CASES = [
 def packed_position_ids(batch: int, seq: int, chunk: int, packing: str, g: torch.Generator) -> torch.Tensor:
     """[batch, seq] position ids restarting at 0 at each document."""
     rows = []
-    for _ in range(batch):
+    for row in range(batch):
         if packing == "first chunk":
             cuts = [chunk]
+        elif packing == "odd lengths":
+            pattern = [1, 2 * chunk + 1, 3, 1, 2 * chunk - 1, 5]
+            cuts = [0]
+            while cuts[-1] < seq:
+                cuts.append(cuts[-1] + pattern[(row + len(cuts)) % len(pattern)])
+            cuts = cuts[1:-1]
         else:
             cuts = sorted((torch.randperm(seq - 1, generator=g)[:3 * seq // (2 * chunk)] + 1).tolist())
         lengths = [b - a for a, b in zip([0, *cuts], [*cuts, seq])]
