@@ -139,13 +139,13 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, mode: st
     # N = 1: the same kernels through flash_attention's own autograd function (return_lse selects it on the CPU
     # too); packed rows as one varlen call over the documents
     split = {"ring": ring_attention, "all_to_all": ulysses_attention}[mode]
-    if world > 1:
-        attention = lambda: split(q, k, v, causal=True, position_ids=positions if args.mean_length else None)  # noqa: E731
-    elif cu_seqlens is None:
-        attention = lambda: flash_attention(q, k, v, return_lse=True)[0]  # noqa: E731
-    else:
-        attention = lambda: flash_attention(as_tokens(q), as_tokens(k), as_tokens(v), cu_seqlens=cu_seqlens,  # noqa: E731
-                                            return_lse=True)[0]
+
+    def attention() -> torch.Tensor:
+        if world > 1:
+            return split(q, k, v, causal=True, position_ids=None if cu_seqlens is None else positions)
+        if cu_seqlens is None:
+            return flash_attention(q, k, v, return_lse=True)[0]
+        return flash_attention(as_tokens(q), as_tokens(k), as_tokens(v), cu_seqlens=cu_seqlens, return_lse=True)[0]
     sent = {"forward": [0], "backward": [0]}
     saved, times = [0], []
     for step in range(args.steps + 1):

@@ -18,10 +18,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from _precision_helpers import free_port
-from lightning_llm.attention.reference import naive_attention
 from lightning_llm.attention.ring import shard_sequence
 from lightning_llm.attention.ulysses import check_heads, ulysses_attention
-from test_ring_attention import CASES, PACKED_CASES, bound, packed_position_ids, per_document_attention
+from test_ring_attention import CASES, PACKED_CASES, bound, check_packed_on_one_rank, whole_sequence_oracle
 
 # As test_ring_attention's packed cases, plus odd lengths (one-token documents, documents across ranks) in
 # float32 and bfloat16, and the "random" case with 4 K/V heads (split, not repeated, over 2 and 4 ranks).
@@ -56,19 +55,8 @@ class SentBytes:
 def _check_case(rank: int, world: int, batch, heads, kv_heads, chunk, head_dim, causal, dtype,
                 packing: str | None = None) -> None:
     seq = 2 * world * chunk
-    g = torch.Generator().manual_seed(seq + heads)
-    q = torch.randn(batch, heads, seq, head_dim, generator=g, dtype=torch.float64)
-    k, v = (torch.randn(batch, kv_heads, seq, head_dim, generator=g, dtype=torch.float64) for _ in range(2))
-    do = torch.randn(q.shape, generator=g, dtype=torch.float64)
-    q, k, v, do = (x.to(dtype).double() for x in (q, k, v, do))  # the oracle sees the inputs rounded to `dtype`
-    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    if packing is None:
-        position_ids = None
-        o_ref, _ = naive_attention(*leaves, causal=causal)
-    else:
-        position_ids = packed_position_ids(batch, seq, chunk, packing, g)
-        o_ref, _ = per_document_attention(*leaves, position_ids, causal)
-    grads_ref = torch.autograd.grad(o_ref, leaves, do)
+    q, k, v, do, position_ids, o_ref, _, grads_ref = whole_sequence_oracle(
+        world, batch, heads, kv_heads, chunk, head_dim, causal, dtype, packing)
 
     q_l, k_l, v_l = (shard_sequence(x.to(dtype), dim=2).requires_grad_() for x in (q, k, v))
     my_positions = None if position_ids is None else shard_sequence(position_ids, dim=1)
@@ -92,33 +80,16 @@ def _check_case(rank: int, world: int, batch, heads, kv_heads, chunk, head_dim, 
         assert error <= bound(dtype, terms, expected), f"{name} ({what}): max error {error:.3g}"
 
 
-def _check_packed_on_one_rank(rank: int, world: int) -> None:
-    # A group of one rank holds the whole rows: the packed call without all-to-alls, on this rank's own group.
-    groups = [dist.new_group([r]) for r in range(world)]  # (every rank creates every group)
-    g = torch.Generator().manual_seed(7)
-    q, k, v = torch.randn(2, 4, 24, 16, generator=g), torch.randn(2, 2, 24, 16, generator=g), torch.randn(2, 2, 24, 16, generator=g)
-    position_ids = packed_position_ids(2, 24, 6, "odd lengths", g)
-    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    o = ulysses_attention(*leaves, groups[rank], causal=True, position_ids=position_ids)
-    do = torch.randn(o.shape, generator=g)
-    grads = torch.autograd.grad(o, leaves, do)
-    references = [x.double().requires_grad_() for x in (q, k, v)]
-    expected, _ = per_document_attention(*references, position_ids, True)
-    expected_grads = torch.autograd.grad(expected, references, do.double())
-    # dK and dV sum over the 2 query heads that share a K/V head
-    for got, want, terms in zip((o, *grads), (expected, *expected_grads), (24, 24, 48, 48)):
-        torch.testing.assert_close(got.double(), want, rtol=0, atol=bound(torch.float32, terms, want))
-
-
 def _worker(rank: int, world: int, port: int, cases: list) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         for case in cases:
             _check_case(rank, world, *case)
-        _check_packed_on_one_rank(rank, world)
+        # a group of one rank: the packed call without all-to-alls
+        check_packed_on_one_rank(rank, world, ulysses_attention, "odd lengths")
         share = torch.zeros(1, world, 4, 16)
-        with pytest.raises(ValueError, match=r"position_ids must be this rank's share \[batch or 1, seq\] = \[1 or 1, 4\]"):
+        with pytest.raises(ValueError, match=r"share \[batch or 1, seq\] = \[1 or 1, 4\], got \(1, 8\)"):
             ulysses_attention(share, share, share, position_ids=torch.arange(8)[None])  # the whole row's, not a share
         indivisible = torch.zeros(1, world + 1, 4, 16)  # world + 1 heads: no degree > 1 of the world divides them
         with pytest.raises(ValueError, match=f"{world + 1} query heads and {world + 1} K/V heads"):
