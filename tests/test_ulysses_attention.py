@@ -114,6 +114,14 @@ def test_ulysses_attention_on_four_ranks_equals_one_process():
     _spawn(4, [case for case in CASES + ULYSSES_PACKED_CASES if case[1] % 4 == 0])
 
 
+@pytest.mark.slow
+def test_ulysses_attention_on_the_triton_kernels_under_the_interpreter(monkeypatch):
+    # The children import triton afresh with the interpreter on: the whole-sequence call runs the Triton kernels,
+    # dense and varlen (packed rows: the tokens' layout the kernels take and give back).
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _spawn(2, [CASES[2], ULYSSES_PACKED_CASES[4]])
+
+
 @pytest.mark.parametrize("heads,kv_heads,world", [(6, 2, 4), (4, 4, 3), (8, 6, 4), (12, 8, 3)])
 def test_head_counts_the_ranks_cannot_share_are_refused_with_the_degrees_that_fit(heads, kv_heads, world):
     with pytest.raises(ValueError, match=rf"{heads} query heads and {kv_heads} K/V heads.*degrees that fit"):
