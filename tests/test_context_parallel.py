@@ -6,7 +6,7 @@ global losses and the final weights must equal a plain PyTorch loop on one proce
 (test_parallel's oracle, started from the weights the distributed run recorded). In the slow tier: dp2 x cp2,
 and cp2 x tp2 in both modes. Packed instruction batches (several examples per row, position ids restarting
 at each, examples crossing the chunks' boundaries) must take the steps one process takes with transformers'
-own block-diagonal mask.
+own block-diagonal mask, in both modes.
 """
 
 from __future__ import annotations
@@ -148,19 +148,6 @@ def test_all_to_all_mode_refuses_at_setup_heads_the_ranks_cannot_share(heads, kv
             use_all_to_all_attention([model], cp, tp)
 
 
-def test_all_to_all_mode_refuses_packed_documents(monkeypatch):
-    import torch.distributed as dist
-
-    from lightning_llm.strategies.context import _check_one_document_per_row
-
-    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
-    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
-    # 4 chunks of 2: rank 1 holds chunks 1 and 2 (positions 2, 3, 4, 5), from any start
-    _check_one_document_per_row(torch.tensor([[2, 3, 4, 5], [7, 8, 9, 10]]), None)
-    with pytest.raises(NotImplementedError, match="packed documents"):  # a document starting at position 4
-        _check_one_document_per_row(torch.tensor([[2, 3, 0, 1]]), None)
-
-
 def test_the_mode_is_read_from_yaml_and_a_bad_one_names_the_accepted(tmp_path, capsys):
     from lightning_llm.data.pretrain import PretrainDataModule
     from lightning_llm.lightning_cli import LLMCLI
@@ -229,19 +216,19 @@ def test_a_batch_with_targets_is_padded_to_whole_chunks_and_its_tokens_keep_thei
 PACKED_BLOCK, PACKED_ROWS = 128, 2
 
 
-def _packed_worker(rank: int, port: int, root: str, vocab_size: int) -> None:
+def _packed_worker(rank: int, port: int, root: str, vocab_size: int, mode: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
                       LOCAL_RANK=str(rank), NODE_RANK="0")
     torch.set_num_threads(1)
     batches = torch.load(Path(root) / "batches.pt")  # both ranks read the whole rows: the strategy splits them
     # built whole from the seed, as the one process builds it (empty_init draws other initial weights)
-    strategy = ParallelStrategy(context_parallel=2, empty_init=False)
+    strategy = ParallelStrategy(context_parallel=2, context_parallel_mode=mode, empty_init=False)
     torch.save(fit(batches, vocab_size, Path(root) / "cp2", 2, strategy), Path(root) / f"packed-rank{rank}.pt")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("packing", [True, False])
-def test_cp2_on_packed_instruction_batches_equals_one_process(tmp_path, tokenizer, packing):
+@pytest.mark.parametrize("mode,packing", [("ring", True), ("ring", False), ("all_to_all", True)])
+def test_cp2_on_packed_instruction_batches_equals_one_process(tmp_path, tokenizer, mode, packing):
     from lightning_llm.data.instruct import InstructionDataModule
 
     data = tmp_path / "train.jsonl"
@@ -266,7 +253,8 @@ def test_cp2_on_packed_instruction_batches_equals_one_process(tmp_path, tokenize
         assert any(batch["input_ids"].shape[1] % 4 for batch in batches), [b["input_ids"].shape for b in batches]
     torch.save(batches, tmp_path / "batches.pt")
     vocab_size = len(dm.tokenizer)
-    mp.start_processes(_packed_worker, args=(free_port(), str(tmp_path), vocab_size), nprocs=2, start_method="spawn")
+    mp.start_processes(_packed_worker, args=(free_port(), str(tmp_path), vocab_size, mode), nprocs=2,
+                       start_method="spawn")
     # The oracle: one process, transformers' default attention with its block-diagonal mask for packed rows.
     single_losses, single_grads = fit(batches, vocab_size, tmp_path / "single")
     tokens = PACKED_ROWS * max(batch["input_ids"].shape[1] for batch in batches)
@@ -274,8 +262,10 @@ def test_cp2_on_packed_instruction_batches_equals_one_process(tmp_path, tokenize
         losses, grads = torch.load(tmp_path / f"packed-rank{rank}.pt")
         # As tests/test_instruct_distributed.py: the loss a token mean of at most `tokens` terms summed in
         # another order; the first step's gradient a reordered sum over those tokens, later ones after Adam's
-        # rounding noise. (Ring attention's merge reorders each query's sum over at most PACKED_BLOCK keys,
-        # fewer terms than the token sums.) Documents that saw each other would move the loss by percents.
+        # rounding noise. (Ring attention's merge reorders each query's sum over at most PACKED_BLOCK keys, and
+        # all-to-all attention sums each document's keys in one call as one process's kernel does but in its own
+        # order: fewer terms than the token sums either way.) Documents that saw each other would move the loss
+        # by percents.
         assert losses == pytest.approx(single_losses, rel=2 * reordered_sum_rtol(torch.float32, tokens)), rank
         for step, (mine, oracle) in enumerate(zip(grads, single_grads, strict=True)):
             error = torch.cat([(mine[k] - g).flatten() for k, g in oracle.items()]).norm()
@@ -284,12 +274,14 @@ def test_cp2_on_packed_instruction_batches_equals_one_process(tmp_path, tokenize
             assert error / scale < bound, (rank, step, (error / scale).item())
 
 
-def test_ring_attention_without_position_ids_is_refused():
-    # The position ids are how ring attention keeps packed documents apart: a model that drops them is refused.
+@pytest.mark.parametrize("mode", ["ring", "all_to_all"])
+def test_context_parallel_attention_without_position_ids_is_refused(mode):
+    # The position ids are how both modes keep packed documents apart: a model that drops them is refused.
     from types import SimpleNamespace
 
-    from lightning_llm.strategies.context import ring_attention_forward, sequence_split
+    from lightning_llm.strategies.context import all_to_all_attention_forward, ring_attention_forward, sequence_split
 
+    forward = {"ring": ring_attention_forward, "all_to_all": all_to_all_attention_forward}[mode]
     q = torch.zeros(1, 2, 4, 8)
     with sequence_split(object()), pytest.raises(ValueError, match="needs the position ids in attention"):
-        ring_attention_forward(SimpleNamespace(is_causal=True), q, q, q, None)
+        forward(SimpleNamespace(is_causal=True), q, q, q, None)

@@ -34,7 +34,9 @@ CASES = [
 ]
 # packing: "random" cuts each row into 3 N documents at random points (most cross a chunk boundary, some span
 # several chunks); "first chunk" makes the first chunk a document of its own, so that some ranks' queries
-# share no document with some K/V blocks (a block that contributes nothing).
+# share no document with some K/V blocks (a block that contributes nothing); "odd lengths" lays documents of
+# odd lengths 1, 2 chunk + 1, 3, 1, 2 chunk - 1, 5, ... end to end (each row starting further along the
+# pattern, the last cut to fit): documents of one token, and long ones crossing chunks and ranks.
 PACKED_CASES = [
     (2, 4, 2, 8, 16, True, torch.float32, "random"),
     (1, 2, 2, 6, 16, False, torch.float32, "random"),
@@ -46,9 +48,15 @@ PACKED_CASES = [
 def packed_position_ids(batch: int, seq: int, chunk: int, packing: str, g: torch.Generator) -> torch.Tensor:
     """[batch, seq] position ids restarting at 0 at each document."""
     rows = []
-    for _ in range(batch):
+    for row in range(batch):
         if packing == "first chunk":
             cuts = [chunk]
+        elif packing == "odd lengths":
+            pattern = [1, 2 * chunk + 1, 3, 1, 2 * chunk - 1, 5]
+            cuts = [0]
+            while cuts[-1] < seq:
+                cuts.append(cuts[-1] + pattern[(row + len(cuts)) % len(pattern)])
+            cuts = cuts[1:-1]
         else:
             cuts = sorted((torch.randperm(seq - 1, generator=g)[:3 * seq // (2 * chunk)] + 1).tolist())
         lengths = [b - a for a, b in zip([0, *cuts], [*cuts, seq])]
@@ -96,14 +104,16 @@ class SentBytes:
         dist.batch_isend_irecv = self._original
 
 
-def _check_case(rank: int, world: int, batch, heads, kv_heads, chunk, head_dim, causal, dtype,
-                packing: str | None = None) -> None:
+def whole_sequence_oracle(world: int, batch, heads, kv_heads, chunk, head_dim, causal, dtype,
+                          packing: str | None = None):
+    """A case's random whole-sequence q, k, v and output gradient dO (rounded to `dtype`, held in float64, as
+    the split attention sees them), its position ids (None unpacked), and the float64 oracle: O, lse and
+    (dQ, dK, dV) of naive attention, on each document alone for packed rows."""
     seq = 2 * world * chunk
     g = torch.Generator().manual_seed(seq + heads)
     q = torch.randn(batch, heads, seq, head_dim, generator=g, dtype=torch.float64)
     k, v = (torch.randn(batch, kv_heads, seq, head_dim, generator=g, dtype=torch.float64) for _ in range(2))
     do = torch.randn(q.shape, generator=g, dtype=torch.float64)
-    # The oracle sees the inputs rounded to `dtype`, as the ring does.
     q, k, v, do = (x.to(dtype).double() for x in (q, k, v, do))
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     if packing is None:
@@ -112,7 +122,14 @@ def _check_case(rank: int, world: int, batch, heads, kv_heads, chunk, head_dim, 
     else:
         position_ids = packed_position_ids(batch, seq, chunk, packing, g)
         o_ref, lse_ref = per_document_attention(*leaves, position_ids, causal)
-    grads_ref = torch.autograd.grad(o_ref, leaves, do)
+    return q, k, v, do, position_ids, o_ref, lse_ref, torch.autograd.grad(o_ref, leaves, do)
+
+
+def _check_case(rank: int, world: int, batch, heads, kv_heads, chunk, head_dim, causal, dtype,
+                packing: str | None = None) -> None:
+    seq = 2 * world * chunk
+    q, k, v, do, position_ids, o_ref, lse_ref, grads_ref = whole_sequence_oracle(
+        world, batch, heads, kv_heads, chunk, head_dim, causal, dtype, packing)
 
     q_l, k_l, v_l = (shard_sequence(x.to(dtype), dim=2).requires_grad_() for x in (q, k, v))
     my_positions = None if position_ids is None else shard_sequence(position_ids, dim=1)
@@ -153,14 +170,14 @@ def _check_autocast(world: int) -> None:
     assert all(g.isfinite().all() and g.abs().sum() > 0 for g in grads)
 
 
-def _check_packed_on_one_rank(rank: int, world: int) -> None:
-    # A group of one rank holds the whole rows: the packed path without a ring, on this rank's own group.
+def check_packed_on_one_rank(rank: int, world: int, attention=ring_attention, packing: str = "random") -> None:
+    # A group of one rank holds the whole rows: the packed path without communication, on this rank's own group.
     groups = [dist.new_group([r]) for r in range(world)]  # (every rank creates every group)
     g = torch.Generator().manual_seed(7)
     q, k, v = torch.randn(2, 4, 24, 16, generator=g), torch.randn(2, 2, 24, 16, generator=g), torch.randn(2, 2, 24, 16, generator=g)
-    position_ids = packed_position_ids(2, 24, 6, "random", g)
+    position_ids = packed_position_ids(2, 24, 6, packing, g)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    o = ring_attention(*leaves, groups[rank], causal=True, position_ids=position_ids)
+    o = attention(*leaves, groups[rank], causal=True, position_ids=position_ids)
     do = torch.randn(o.shape, generator=g)
     grads = torch.autograd.grad(o, leaves, do)
     references = [x.double().requires_grad_() for x in (q, k, v)]
@@ -177,7 +194,7 @@ def _worker(rank: int, world: int, port: int, cases: list) -> None:
     try:
         for case in cases:
             _check_case(rank, world, *case)
-        _check_packed_on_one_rank(rank, world)
+        check_packed_on_one_rank(rank, world)
         _check_autocast(world)
         odd = torch.zeros(1, 2, 2 * world + 1, 16)
         with pytest.raises(ValueError, match=f"odd length {2 * world + 1}"):

@@ -184,6 +184,25 @@ def document_starts(position_ids: Tensor) -> Tensor:
     return starts
 
 
+def packed_cu_seqlens(position_ids: Tensor, batch: int) -> Tensor | None:
+    """The int32 boundaries of the packed documents of `batch` rows ([batch or 1, seq] position ids) as
+    `flash_attention(..., cu_seqlens=)` takes them for the flattened [batch * seq] tokens (`as_tokens`);
+    None when no row is packed. A row always starts a document: documents are packed within rows, never
+    across them."""
+    starts = document_starts(position_ids.expand(batch, -1))
+    if not starts[:, 1:].any():
+        return None
+    first_tokens = starts.flatten().nonzero().flatten()
+    total = torch.tensor([starts.numel()], device=position_ids.device)
+    return torch.cat([first_tokens, total]).to(torch.int32)
+
+
+def as_tokens(x: Tensor) -> Tensor:
+    """[batch, heads, seq, head_dim] -> the packed [batch * seq, heads, head_dim] layout; free for the transposed
+    [batch, seq, heads, head_dim] projections transformers passes."""
+    return x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])
+
+
 def _per_sequence(x: Tensor, lengths: list[int]) -> list[Tensor]:
     """A packed [1, H, T, D] (or [1, H, T]) view split into its sequences, each a batch of one."""
     return list(x.split(lengths, dim=2))

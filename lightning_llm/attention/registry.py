@@ -27,22 +27,18 @@ from transformers import AttentionInterface, PretrainedConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
-from lightning_llm.attention.flash import SDPA, attention_backend, cu_seqlens_of, document_starts, flash_attention
+from lightning_llm.attention.flash import (
+    SDPA,
+    as_tokens,
+    attention_backend,
+    cu_seqlens_of,
+    flash_attention,
+    packed_cu_seqlens,
+)
 
 log = logging.getLogger(__name__)
 
 ATTN_IMPLEMENTATION = "lightning_fa2"
-
-
-def _packed_cu_seqlens(position_ids: Tensor, batch: int) -> Tensor | None:
-    """Sequence boundaries of the flattened [batch * seq] tokens where positions restart inside a row, else None."""
-    starts = document_starts(position_ids.expand(batch, -1))
-    if not starts[:, 1:].any():
-        return None
-    # A row always starts a sequence: examples are packed within rows, never across them.
-    first_tokens = starts.flatten().nonzero().flatten()
-    total = torch.tensor([position_ids.numel()], device=position_ids.device)
-    return torch.cat([first_tokens, total]).to(torch.int32)
 
 
 def valid_keys_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int | Tensor = 0,
@@ -62,11 +58,6 @@ def valid_keys_mask(batch_size: int, q_length: int, kv_length: int, q_offset: in
     if mask is None and valid_length < kv_length:
         mask = torch.ones(batch_size, valid_length, dtype=torch.bool, device=device)
     return mask
-
-
-def _tokens(x: Tensor) -> Tensor:
-    """[B, H, T, D] -> [B * T, H, D]; free for the transposed [B, T, H, D] projections transformers passes."""
-    return x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])
 
 
 # Which sequences a call holds is read from the data (a padding mask's valid rows, position-id restarts turned
@@ -130,9 +121,9 @@ def lightning_attention_forward(
     packing = dict(cu_seqlens_k=kwargs.get("cu_seq_lens_k"), max_seqlen=kwargs.get("max_length_q"),
                    max_seqlen_k=kwargs.get("max_length_k"))
     if cu_seqlens is None and position_ids is not None and seqlen_q == seqlen_k:
-        cu_seqlens, packing = _packed_cu_seqlens(position_ids, batch), {}
+        cu_seqlens, packing = packed_cu_seqlens(position_ids, batch), {}
     if cu_seqlens is not None:
-        out = flash_attention(_tokens(query), _tokens(key), _tokens(value), cu_seqlens=cu_seqlens, **packing,
+        out = flash_attention(as_tokens(query), as_tokens(key), as_tokens(value), cu_seqlens=cu_seqlens, **packing,
                               **options)
         return out.reshape(batch, seqlen_q, num_heads, head_dim), None
 

@@ -129,13 +129,26 @@ def _merge(o: Tensor, lse: Tensor, block_o: Tensor, block_lse: Tensor) -> tuple[
     return o, merged
 
 
+def check_position_ids(position_ids: Tensor, q: Tensor) -> None:
+    """Raise unless `position_ids` is this rank's share [batch or 1, seq] for its queries q [batch, heads, seq, dim]."""
+    batch, seq = q.shape[0], q.shape[2]
+    if position_ids.dim() != 2 or position_ids.shape[1] != seq or position_ids.shape[0] not in (1, batch):
+        raise ValueError(f"position_ids must be this rank's share [batch or 1, seq] = [{batch} or 1, {seq}], "
+                         f"got {tuple(position_ids.shape)}")
+
+
+def whole_position_ids(position_ids: Tensor, batch: int, group: dist.ProcessGroup | None) -> Tensor:
+    """The whole rows' position ids [batch, seq] in sequence order, from every rank's share of them (an
+    all-gather of one integer per token): every rank gathers the same rows, so every rank finds the same
+    documents and takes the same path."""
+    shares = position_ids.expand(batch, -1).contiguous()
+    return unshard_sequence(shares, dim=1, group=group) if dist.get_world_size(group) > 1 else shares
+
+
 def _documents(position_ids: Tensor, batch: int, group: dist.ProcessGroup | None) -> Tensor | None:
     """The document number of every token of the whole rows [batch, seq], in sequence order (numbers rise along
-    each row and from row to row), from every rank's share of the position ids; None when no row is packed.
-    Every rank gathers the same rows, so every rank takes the same path."""
-    shares = position_ids.expand(batch, -1).contiguous()
-    whole = unshard_sequence(shares, dim=1, group=group) if dist.get_world_size(group) > 1 else shares
-    starts = document_starts(whole)
+    each row and from row to row), from every rank's share of the position ids; None when no row is packed."""
+    starts = document_starts(whole_position_ids(position_ids, batch, group))
     if not bool(starts[:, 1:].any()):
         return None
     return starts.flatten().cumsum(0).view(starts.shape)
@@ -326,10 +339,8 @@ def ring_attention(
         raise ValueError(f"causal ring attention holds two equal chunks per rank (load balance), but this rank's "
                          f"share has an odd length {seq}: shard a sequence whose length is a multiple of "
                          f"2 x {world_size} with shard_sequence")
-    if position_ids is not None and (position_ids.dim() != 2 or position_ids.shape[1] != seq
-                                     or position_ids.shape[0] not in (1, q.shape[0])):
-        raise ValueError(f"position_ids must be this rank's share [batch or 1, seq] = [{q.shape[0]} or 1, {seq}], "
-                         f"got {tuple(position_ids.shape)}")
+    if position_ids is not None:
+        check_position_ids(position_ids, q)
     documents = None if position_ids is None else _documents(position_ids, q.shape[0], group)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if world_size == 1:

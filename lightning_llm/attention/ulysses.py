@@ -13,6 +13,15 @@ modes, and the same 2N sequence-length rule): the ranks' shares arrive in rank o
 2N-2, ..., so the whole sequence is put back in token order before the causal attention and the output cut
 back into that order after it (`load_balanced_indices` names which token each position holds).
 
+Packed rows (several documents per row, a document starting wherever the position ids do not go on by one:
+`document_starts`, the rule `lightning_fa2` and ring attention keep too): with the whole sequence on every rank,
+each document is whole too, so the attention is the one-process packed call. Every rank gathers the rows'
+position ids once per call (an all-gather of one integer per token, as ring attention does), finds the
+documents' boundaries over the flattened rows (`packed_cu_seqlens`) and runs `flash_attention` on them as
+varlen sequences (the Triton varlen kernels on CUDA, one CPU FlashAttention call per document on the CPU): a
+query sees only the keys of its own document, causal inside it. Nothing else moves; the all-to-alls are the
+unpacked ones.
+
 Grouped-query attention: K/V heads are split as the query heads are when N divides their count; when N is a
 multiple of it, each K/V head is repeated N / kv_heads times before the all-to-all so that every rank receives
 the one K/V head its query heads read (autograd sums the repeats' gradients). Other counts are refused.
@@ -24,8 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_llm.attention.flash import autocast_inputs, flash_attention
-from lightning_llm.attention.ring import load_balanced_indices
+from lightning_llm.attention.flash import as_tokens, autocast_inputs, flash_attention, packed_cu_seqlens
+from lightning_llm.attention.ring import check_position_ids, load_balanced_indices, whole_position_ids
 
 
 def check_heads(heads: int, kv_heads: int, world_size: int) -> None:
@@ -85,9 +94,19 @@ def _sequence_to_heads(x: Tensor, group: dist.ProcessGroup | None, order: Tensor
     return blocks.transpose(0, 1).reshape(batch, world_size * heads, share, dim)
 
 
+def _attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | None, **options) -> Tensor:
+    """`flash_attention` over whole rows [batch, heads, seq, head_dim] in token order: dense, or, given the
+    packed documents' boundaries over the flattened rows, one varlen call in which no document sees another."""
+    if cu_seqlens is None:
+        return flash_attention(q, k, v, **options)
+    batch, heads, seq, head_dim = q.shape
+    o = flash_attention(as_tokens(q), as_tokens(k), as_tokens(v), cu_seqlens=cu_seqlens, **options)
+    return o.view(batch, seq, heads, head_dim).transpose(1, 2)
+
+
 def ulysses_attention(
     q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup | None = None, *, causal: bool = True,
-    scale: float | None = None, deterministic: bool = False,
+    scale: float | None = None, deterministic: bool = False, position_ids: Tensor | None = None,
 ) -> Tensor:
     """`flash_attention(q, k, v, causal=causal)` over sequences split across the ranks of `group`, by all-to-all.
 
@@ -96,18 +115,26 @@ def ulysses_attention(
     must divide the heads, and divide the K/V heads or be a multiple of them (`check_heads`). Returns this rank's
     share of the output; the backward pass returns each rank the gradient of its own share. Every rank of
     `group` must call it with the same shapes.
+
+    `position_ids` ([batch or 1, seq], this rank's share of them, as `shard_sequence` cuts the rows' position
+    ids): where they restart inside a row (packed documents), a query sees only the keys of its own document,
+    as `flash_attention` with those documents' `cu_seqlens` would.
     """
     world_size = dist.get_world_size(group)
     if q.dim() != 4 or k.dim() != 4 or k.shape[2] != q.shape[2]:
         raise ValueError(f"ulysses_attention takes [batch, heads, seq, head_dim] shares with as many queries as keys, "
                          f"got q {tuple(q.shape)}, k {tuple(k.shape)}")
     check_heads(q.shape[1], k.shape[1], world_size)
+    cu_seqlens = None
+    if position_ids is not None:
+        check_position_ids(position_ids, q)
+        cu_seqlens = packed_cu_seqlens(whole_position_ids(position_ids, q.shape[0], group), q.shape[0])
     q, k, v = autocast_inputs(q, k, v)  # the all-to-alls move the attention's dtype, as SDPA would compute in
+    options = dict(causal=causal, scale=scale, deterministic=deterministic)
     if world_size == 1:
-        return flash_attention(q, k, v, causal=causal, scale=scale, deterministic=deterministic)
+        return _attention(q, k, v, cu_seqlens, **options)
     if k.shape[1] < world_size:  # every rank receives the one K/V head its query heads read
         k, v = (x.repeat_interleave(world_size // x.shape[1], dim=1) for x in (k, v))
     order = _token_order(q.shape[2] * world_size, world_size, q.device)
     q, k, v = (_heads_to_sequence(x, group, order) for x in (q, k, v))
-    o = flash_attention(q, k, v, causal=causal, scale=scale, deterministic=deterministic)
-    return _sequence_to_heads(o, group, order)
+    return _sequence_to_heads(_attention(q, k, v, cu_seqlens, **options), group, order)

@@ -11,8 +11,8 @@
 - the batch: `shard_batch` cuts every [batch, seq] tensor of the step's batch (input ids, next-token targets,
   position ids, made explicit) into the rank's load-balanced chunks, so rotary embeddings see each token's
   true position (in packed rows, its position in its own document) and each target stays with its input
-  (targets are already shifted by the data); the model hands the position ids on to attention, where ring
-  attention keeps packed documents apart;
+  (targets are already shifted by the data); the model hands the position ids on to attention, where both
+  modes keep packed documents apart;
 - the loss: ZeRO averages the gradients over data x context parallelism, and the strategy's `reduce` and
   `gradient_replicas` (protocols.py) span the same ranks, so a module's token mean counts every rank's
   tokens and each context-parallel rank's loss is its share of its sequences' token sum.
@@ -33,7 +33,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from lightning_llm.attention.registry import lightning_attention_forward, valid_keys_mask
-from lightning_llm.attention.ring import check_sequence_length, load_balanced_indices, ring_attention, shard_sequence
+from lightning_llm.attention.ring import check_sequence_length, ring_attention, shard_sequence
 from lightning_llm.attention.ulysses import check_heads, ulysses_attention
 
 RING_IMPLEMENTATION = "lightning_ring"
@@ -62,51 +62,39 @@ def ring_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value:
     if group is None:
         return lightning_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                            scaling=scaling, is_causal=is_causal, position_ids=position_ids, **kwargs)
-    _check_unpadded(attention_mask, dropout)
-    if position_ids is None:
-        # Without them packed documents cannot be told apart: refuse rather than let them see each other.
-        raise ValueError(f"context parallelism needs the position ids in attention, but {type(module).__name__} "
-                         "called it without them: use a model whose layers pass position_ids on to the attention "
-                         "function (transformers' Llama, Qwen, Mistral do)")
+    _check_split_inputs(module, attention_mask, dropout, position_ids)
     causal = module.is_causal if is_causal is None else is_causal
     out = ring_attention(query, key, value, group, causal=causal, scale=scaling, position_ids=position_ids)
     return out.transpose(1, 2), None
 
 
-def _check_unpadded(attention_mask: Tensor | None, dropout: float) -> None:
-    if attention_mask is not None or dropout:
-        raise ValueError(f"context parallelism takes unpadded batches without attention dropout, got an attention mask "
-                         f"{None if attention_mask is None else tuple(attention_mask.shape)} and dropout {dropout}")
-
-
 def all_to_all_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                                  attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                                 is_causal: bool | None = None, **kwargs: Any) -> tuple[Tensor, None]:
+                                 is_causal: bool | None = None, position_ids: Tensor | None = None,
+                                 **kwargs: Any) -> tuple[Tensor, None]:
     """As `ring_attention_forward`, with all-to-all (Ulysses) attention inside `sequence_split`."""
     group = _group.get()
     if group is None:
         return lightning_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                           scaling=scaling, is_causal=is_causal, **kwargs)
-    _check_unpadded(attention_mask, dropout)
-    _check_one_document_per_row(kwargs.get("position_ids"), group)
+                                           scaling=scaling, is_causal=is_causal, position_ids=position_ids, **kwargs)
+    _check_split_inputs(module, attention_mask, dropout, position_ids)
     causal = module.is_causal if is_causal is None else is_causal
-    out = ulysses_attention(query, key, value, group, causal=causal, scale=scaling)
+    out = ulysses_attention(query, key, value, group, causal=causal, scale=scaling, position_ids=position_ids)
     return out.transpose(1, 2), None
 
 
-def _check_one_document_per_row(position_ids: Tensor | None, group: dist.ProcessGroup) -> None:
-    """All-to-all attention runs one causal sequence per row: refuse position ids that restart inside a row
-    (packed documents), which would let the documents see each other. A local check: the share of a row whose
-    positions count up by one differs from the share's token indices by one constant."""
+def _check_split_inputs(module: nn.Module, attention_mask: Tensor | None, dropout: float,
+                        position_ids: Tensor | None) -> None:
+    """Refuse what a split sequence cannot honour in either mode: a padding mask, attention dropout, and a call
+    without the position ids (which say where packed documents start)."""
+    if attention_mask is not None or dropout:
+        raise ValueError(f"context parallelism takes unpadded batches without attention dropout, got an attention mask "
+                         f"{None if attention_mask is None else tuple(attention_mask.shape)} and dropout {dropout}")
     if position_ids is None:
-        return
-    share = load_balanced_indices(position_ids.shape[-1] * dist.get_world_size(group), dist.get_world_size(group),
-                                  dist.get_rank(group), position_ids.device)
-    offset = position_ids - share
-    if bool((offset != offset[..., :1]).any()):
-        raise NotImplementedError("context_parallel_mode='all_to_all' with packed documents (position ids restarting "
-                                  "inside a row) is not supported: use context_parallel_mode='ring' or one document "
-                                  "per row")
+        # Without them packed documents cannot be told apart: refuse rather than let them see each other.
+        raise ValueError(f"context parallelism needs the position ids in attention, but {type(module).__name__} "
+                         "called it without them: use a model whose layers pass position_ids on to the attention "
+                         "function (transformers' Llama, Qwen, Mistral do)")
 
 
 def register() -> None:

@@ -90,12 +90,12 @@ class ParallelStrategy(ZeROStrategy):
             the data-parallel ranks (so it must equal data_parallel; see strategies/expert.py).
         context_parallel: split every sequence over this many ranks (load-balanced causal chunks; sequence
             lengths must be multiples of 2 x context_parallel, batches unpadded; packed rows, position ids
-            restarting at each document, keep their documents apart under the ring).
+            restarting at each document, keep their documents apart in both modes).
         context_parallel_mode: how attention sees the whole sequence: "ring" (the default; K/V blocks pass
             around the ring, any head count, packed rows) or "all_to_all" (DeepSpeed Ulysses: all-to-alls give
             each rank the whole sequence for 1/context_parallel of the heads; the degree must divide the heads
-            of a tensor-parallel rank, and divide its K/V heads or be a multiple of them; one document per
-            row). Given with context_parallel=1 it is refused.
+            of a tensor-parallel rank, and divide its K/V heads or be a multiple of them; packed rows too).
+            Given with context_parallel=1 it is refused.
         zero_stage: ZeRO over the data-parallel dimension: 2 shards gradients and optimizer state,
             3 also the parameters; 1 (optimizer state only) needs tensor_parallel=1.
         sequence_parallel: with tensor_parallel > 1, shard norms and the residual stream along the sequence
