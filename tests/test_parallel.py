@@ -420,9 +420,9 @@ def test_lora_adapters_are_placed_beside_their_base():
     ({}, dict(target_modules=["v_proj"], lora_dropout=0.05), False,
      r"v_proj .* lora dropout \{'default': 0\.05\}: .* use dropout=0\.0"),
     ({}, dict(target_modules=["o_proj"], use_dora=True), False, r"o_proj .* variant \['default'\] \(DoRA"),
-    ({}, dict(target_modules=["q_proj"]), True,
-     r"q_proj: plan style 'colwise' on a Linear4bit with torch.uint8 weights \(a quantised layer: QLoRA's 4-bit base\?\)"
-     r".* QLoRA trains with tensor_parallel=1"),
+    (dict(num_key_value_heads=1), dict(target_modules=["q_proj"]), True,
+     r"k_proj: a 4-bit \(QLoRA\) projection of 1 kv-heads at tensor_parallel=2: replicated kv-heads are not built "
+     r"for a 4-bit base; use a degree that divides the kv-heads"),
     ({}, dict(target_modules=["lm_head"]), False,
      r"lm_head: a Linear adapter layer on the 'colwise_gather_output' entry .* leave this layer out of target_modules"),
 ])

@@ -143,10 +143,10 @@ def plan_styles(causal_lm: nn.Module, sequence_parallel: bool, prefix: str = "",
         if not isinstance(layer, nn.Linear) or not layer.weight.is_floating_point():
             raise NotImplementedError(
                 f"{prefix}{name}: plan style {style!r} on a {type(layer).__name__} with {layer.weight.dtype} weights "
-                "(a quantised layer: QLoRA's 4-bit base?); tensor parallelism splits nn.Linear layers with floating "
-                "point weights only. QLoRA trains with tensor_parallel=1 (ParallelStrategy(tensor_parallel=1, "
-                "zero_stage=3, empty_init=False) or ZeROStrategy(stage=3, empty_init=False) shards the 4-bit base over "
-                "every rank); LoRACallback on a 16/32-bit base trains under tensor parallelism")
+                "(another quantisation than QLoRA's?); tensor parallelism splits nn.Linear layers with floating point "
+                "weights and QLoRA's bitsandbytes 4-bit ones on the attention and MLP projections; a layer quantised "
+                "another way trains with tensor_parallel=1 (ParallelStrategy(tensor_parallel=1, zero_stage=3, "
+                "empty_init=False) shards it over every rank)")
         if style == "colwise_gather_output":  # the LM head: logits stay split over the vocabulary
             styles[layer] = ColwiseParallel(input_layouts=residual, output_layouts=Shard(-1), use_local_output=False)
         elif style == "colwise":
