@@ -19,7 +19,9 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from lm_eval.api.instance import Instance
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.utils.data import DataLoader
@@ -28,6 +30,7 @@ from eval_support import FIXTURES, one_thread, small_tokenizer, tiny_model
 from lightning_llm.callbacks.benchmarks import LMEvalCallback
 from lightning_llm.eval import tasks
 from lightning_llm.eval.lm_adapter import LightningLM, within_root_forward
+from lightning_llm.protocols import evaluation_group, whole_model_evaluation
 from lightning_llm.strategies.parallel import ParallelStrategy
 from lightning_llm.strategies.zero import ZeROStrategy
 
@@ -46,19 +49,29 @@ GEN = {"until": ["\u2603 never produced \u2603"], "max_gen_toks": 5, "do_sample"
 
 
 class TinyLM(pl.LightningModule):
-    """The tiny Llama, created in `configure_model` (on the meta device under ZeRO, then sharded)."""
+    """The tiny Llama (or `preset`), created in `configure_model` (on the meta device under ZeRO, then sharded).
+    A `PipelinedTraining` module, so that a pipeline can train it; batches are dicts of input ids and targets."""
 
-    def __init__(self):
+    def __init__(self, preset: str = "tiny"):
         super().__init__()
         self.tokenizer = small_tokenizer()
+        self.preset = preset
         self.model = None
 
     def configure_model(self):
         if self.model is None:
-            self.model = tiny_model(self.tokenizer).train()
+            self.model = tiny_model(self.tokenizer, preset=self.preset).train()
+
+    def loss_sum(self, logits, targets):
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+
+    def log_training_step(self, batch, loss):
+        pass
 
     def training_step(self, batch, batch_idx):
-        return self.model(input_ids=batch, labels=batch).loss
+        # (context parallelism adds the position ids of this rank's share of each sequence)
+        logits = self.model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids")).logits
+        return self.loss_sum(logits, batch["targets"]) / batch["targets"].numel()
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=1e-2)
@@ -78,25 +91,34 @@ def benchmark_callback() -> LMEvalCallback:
                         every_n_steps=EVAL_STEP, on_fit_end=False)
 
 
-def direct_outputs(model, tokenizer, rank: int) -> dict:
-    """The adapter called directly with rank `rank`'s share: rank 0 all requests, rank 1 one of each kind."""
+def direct_outputs(model, tokenizer, rank: int, strategy: object = None) -> dict:
+    """The adapter called directly with rank `rank`'s share: rank 0 all requests, rank 1 one of each kind, inside
+    `strategy`'s evaluation context (under a pipeline: the forward through the stages)."""
     pairs, contexts = (PAIRS, CONTEXTS) if rank == 0 else (PAIRS[1:2], CONTEXTS[1:2])
-    lm = LightningLM(model, tokenizer, batch_size=1, progress=False)
-    return {"loglikelihood": lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]),
-            "generate_until": lm.generate_until([Instance("generate_until", {}, (c, GEN), i) for i, c in enumerate(contexts)])}
+    with whole_model_evaluation(strategy, model) as calls:
+        lm = LightningLM(model, tokenizer, batch_size=1, progress=False, calls=calls)
+        return {"loglikelihood": lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]),
+                "generate_until": lm.generate_until([Instance("generate_until", {}, (c, GEN), i)
+                                                     for i, c in enumerate(contexts)])}
 
 
 def loader():
-    return DataLoader(torch.randint(0, 512, (2 * STEPS, 16), generator=torch.Generator().manual_seed(0)), batch_size=2)
+    # Three batches of two rows for each of two data-parallel replicas (a pipeline splits each into two micro-batches).
+    tokens = torch.randint(0, 512, (4 * STEPS, 17), generator=torch.Generator().manual_seed(0))
+    rows = [{"input_ids": t[:-1], "targets": t[1:]} for t in tokens]
+    return DataLoader(rows, batch_size=2)
 
 
 # -- what runs in the spawned processes ----------------------------------------------------------
 
 
-def full_weights(model) -> dict[str, torch.Tensor]:
-    """The whole parameters, gathered from the shards onto rank 0 (the other ranks get an empty dict)."""
+def full_weights(trainer, model) -> dict[str, torch.Tensor]:
+    """The whole parameters, gathered from the shards (and a pipeline's stages) onto rank 0 (the other ranks get
+    an empty dict)."""
+    join = getattr(trainer.strategy, "full_model_state_dict", None)  # ParallelStrategy's
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return {k: v.clone() for k, v in get_model_state_dict(model, options=options).items()}
+    state = join(model) if join is not None else get_model_state_dict(model, options=options)
+    return {k: v.clone() for k, v in (state or {}).items()}
 
 
 class Recorder(pl.Callback):
@@ -110,20 +132,22 @@ class Recorder(pl.Callback):
         if trainer.global_step != EVAL_STEP:
             return
         self.record["training_after_eval"] = [m.training for m in pl_module.modules()]
-        self.record["evaluated"] = full_weights(pl_module.model)
-        # The ranks of one tensor-parallel group share a data-parallel coordinate, and so their requests.
-        data_rank = trainer.strategy.distributed_sampler_kwargs["rank"]
+        self.record["evaluated"] = full_weights(trainer, pl_module.model)
+        # The ranks of one tensor-parallel group or pipeline share a coordinate in the evaluation group, and so
+        # their requests.
+        group = evaluation_group(trainer.strategy)
+        data_rank = dist.get_rank(group) if group is not None else dist.get_rank()
         self.record["data_rank"] = data_rank
         self.record["direct"] = within_root_forward(
-            pl_module, lambda: direct_outputs(pl_module.model, pl_module.tokenizer, data_rank))
+            pl_module, lambda: direct_outputs(pl_module.model, pl_module.tokenizer, data_rank, trainer.strategy))
         self.record["training_after_direct"] = [m.training for m in pl_module.modules()]
 
     def on_train_end(self, trainer, pl_module):
-        self.record["final"] = full_weights(pl_module.model)
+        self.record["final"] = full_weights(trainer, pl_module.model)
         self.record["steps"] = trainer.global_step
 
 
-def _worker(rank: int, world: int, port: int, out: str, tensor_parallel: int) -> None:
+def _worker(rank: int, world: int, port: int, out: str, layout: dict | None, preset: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank), NODE_RANK="0")
     torch.set_num_threads(1)
@@ -132,12 +156,11 @@ def _worker(rank: int, world: int, port: int, out: str, tensor_parallel: int) ->
         callback = benchmark_callback()
         # A hung collective fails after the timeout instead of blocking the test run.
         options = dict(process_group_backend="gloo", timeout=timedelta(seconds=60))
-        strategy = (ZeROStrategy(stage=3, **options) if tensor_parallel == 1
-                    else ParallelStrategy(tensor_parallel=tensor_parallel, **options))
+        strategy = ZeROStrategy(stage=3, **options) if layout is None else ParallelStrategy(**layout, **options)
         trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=STEPS,
                              callbacks=[callback, Recorder(record)], logger=False, default_root_dir=out,
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-        trainer.fit(TinyLM(), loader())
+        trainer.fit(TinyLM(preset), loader())
         record["metrics"] = callback.metrics
         record["samples"] = callback.results and callback.results["samples"]
     except BaseException as err:
@@ -153,10 +176,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(world: int, out: Path, timeout: float = 180, tensor_parallel: int = 1) -> list[dict]:
+def spawn(world: int, out: Path, timeout: float = 180, layout: dict | None = None, preset: str = "tiny") -> list[dict]:
+    """Train and evaluate on `world` processes under `ParallelStrategy(**layout)` (None: `ZeROStrategy(stage=3)`)."""
     context = mp.get_context("spawn")
     port = free_port()
-    workers = [context.Process(target=_worker, args=(rank, world, port, str(out), tensor_parallel)) for rank in range(world)]
+    workers = [context.Process(target=_worker, args=(rank, world, port, str(out), layout, preset)) for rank in range(world)]
     for worker in workers:
         worker.start()
     for worker in workers:
@@ -181,9 +205,9 @@ def ranks(tmp_path_factory):
     return spawn(2, tmp_path_factory.mktemp("sharded_eval"))
 
 
-def evaluated_on_one_process(weights: dict[str, torch.Tensor], root: Path) -> dict:
+def evaluated_on_one_process(weights: dict[str, torch.Tensor], root: Path, preset: str = "tiny") -> dict:
     """The same callback and direct calls on one process, on `weights` (what the ranks evaluated)."""
-    module = TinyLM()
+    module = TinyLM(preset)
     module.configure_model()
     module.model.load_state_dict(weights)
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, default_root_dir=root,
@@ -267,7 +291,7 @@ def assert_training_continues(ranks: list[dict]) -> None:
 
 @pytest.mark.slow
 def test_tp2_metrics_and_outputs_equal_one_process(tmp_path):
-    ranks = spawn(2, tmp_path, tensor_parallel=2)
+    ranks = spawn(2, tmp_path, layout=dict(tensor_parallel=2))
     assert [rank["data_rank"] for rank in ranks] == [0, 0]
     assert_evaluations_equal(ranks, evaluated_on_one_process(ranks[0]["evaluated"], tmp_path / "one"))
     assert_training_continues(ranks)
@@ -275,7 +299,7 @@ def test_tp2_metrics_and_outputs_equal_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_dp2_x_tp2_metrics_and_outputs_equal_one_process(tmp_path):
-    ranks = spawn(4, tmp_path, timeout=400, tensor_parallel=2)
+    ranks = spawn(4, tmp_path, timeout=400, layout=dict(tensor_parallel=2))
     assert [rank["data_rank"] for rank in ranks] == [0, 0, 1, 1]
     assert_evaluations_equal(ranks, evaluated_on_one_process(ranks[0]["evaluated"], tmp_path / "one"))
     assert_training_continues(ranks)
