@@ -18,13 +18,22 @@ the weights the ranks evaluated.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from eval_support import one_thread  # noqa: F401 (the fixture)
-from test_eval_sharded import assert_evaluations_equal, assert_training_continues, evaluated_on_one_process, spawn
+from test_eval_sharded import (
+    assert_evaluations_equal,
+    assert_generations_end_at_different_lengths,
+    assert_training_continues,
+    evaluated_on_one_process,
+    spawn,
+)
 from lightning_llm.strategies.parallel import ParallelStrategy
-from lightning_llm.strategies.pipeline import EVAL_SCHEDULES_KEPT, padded_length
+from lightning_llm.strategies import pipeline
+from lightning_llm.strategies.pipeline import EVAL_SCHEDULES_KEPT, Pipeline, padded_length
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,7 +45,9 @@ def check_layout(tmp_path, world: int, layout: dict, evaluation_ranks: list[int]
                  timeout: float = 240) -> list[dict]:
     ranks = spawn(world, tmp_path, timeout=timeout, layout=layout, preset=preset)
     assert [rank["data_rank"] for rank in ranks] == evaluation_ranks
-    assert_evaluations_equal(ranks, evaluated_on_one_process(ranks[0]["evaluated"], tmp_path / "one", preset))
+    one_process = evaluated_on_one_process(ranks[0]["evaluated"], tmp_path / "one", preset)
+    assert_evaluations_equal(ranks, one_process)
+    assert_generations_end_at_different_lengths(one_process)
     assert_training_continues(ranks)
     return ranks
 
@@ -59,23 +70,34 @@ def test_pp2_x_dp2_metrics_and_outputs_equal_one_process(tmp_path):
 def test_padded_lengths_are_few_and_close():
     lengths = [padded_length(n) for n in range(1, 1025)]
     assert all(n <= p <= 1.25 * n for n, p in zip(range(1, 1025), lengths))
-    assert len(set(lengths)) <= 4 * 10 + 8  # four per octave above 8
+    assert len(set(lengths)) <= 8 + 4 * 7  # 1..8, then four per octave up to 1024
     assert lengths[:8] == list(range(1, 9)) and padded_length(17) == 20 and padded_length(33) == 40
+
+
+def test_evaluation_schedules_are_reused_and_bounded(monkeypatch):
+    # Generation without a KV cache asks for one more position at every step: 64 steps from a 5-token prompt
+    # build a schedule only where the padded length changes, and keep at most EVAL_SCHEDULES_KEPT of them.
+    built = []
+    monkeypatch.setattr(pipeline, "PipelineStage", lambda *args, **kwargs: object())
+    monkeypatch.setitem(pipeline.SCHEDULES, "gpipe", lambda stage, n, **kwargs: built.append(n) or object())
+    stages = Pipeline(2, 2, "gpipe")
+    stages.strategy = SimpleNamespace(root_device=torch.device("cpu"))
+    stages.stage_modules, stages.stage_ids = [torch.nn.Identity()], [0]
+    lengths = [padded_length(n) for n in range(5, 5 + 64)]
+    schedules = [stages.schedule_for(False, (2, n), ()) for n in lengths]
+    assert len(built) == len(set(lengths)) <= len(lengths) // 3
+    assert len(stages._eval_schedules) == EVAL_SCHEDULES_KEPT
+    assert stages.schedule_for(False, (2, lengths[-1]), ()) is schedules[-1] and len(built) == len(set(lengths))
 
 
 def test_evaluating_refuses_another_model_under_a_pipeline():
     strategy = ParallelStrategy(**PIPELINE)
-
-    class Module(torch.nn.Module):
-        pass
-
-    module = Module()
+    module = torch.nn.Module()
     module.model = torch.nn.Linear(2, 2)
     strategy._lightning_module = module
     with pytest.raises(ValueError, match="only the pipelined causal LM"):
         with strategy.evaluating(torch.nn.Linear(2, 2)):
             pass
-    assert EVAL_SCHEDULES_KEPT >= 2
 
 
 # -- context parallelism ----------------------------------------------------------------------------
