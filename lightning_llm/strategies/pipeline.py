@@ -650,6 +650,7 @@ class Pipeline:
         schedule = self.schedule_for(False, (rows, width), tuple(sorted(kwargs)))
         with torch.no_grad():
             out = schedule.step(*((_padded(input_ids, rows, width, 0),) if self.holds_first_stage else ()), **kwargs)
+        _release_step_outputs(schedule)
         if isinstance(logits_to_keep, Tensor):
             kept: Any = logits_to_keep.to(device)
             n_kept = len(kept)
@@ -704,6 +705,15 @@ class Pipeline:
 def _local(t: Tensor) -> Tensor:
     """The local tensor of a `DTensor` (a ZeRO shard), or `t`."""
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _release_step_outputs(schedule: Any) -> None:
+    """Drop what a step leaves in its stages until the next step of the same schedule (each micro-batch's outputs,
+    kept for a backward, and the output chunks): a kept evaluation schedule would otherwise hold on to its last
+    logits. torch clears the same at the start of every step; its schedules hold their stages as `_stage` (one
+    per rank) or `_stages`."""
+    for stage in getattr(schedule, "_stages", None) or [schedule._stage]:
+        stage.clear_runtime_states()
 
 
 def _padded(t: Tensor, rows: int, width: int, fill: int) -> Tensor:
