@@ -6,7 +6,8 @@ the same number of forward passes even when the ranks have unequal work. The 2-r
 steps, runs a multiple-choice task (loglikelihood) and a generative task whose stop strings end the
 generations at different lengths (generate_until), then calls the adapter directly with a different
 number of requests on each rank, and trains one more step. The test reruns everything on one process
-from the weights the ranks evaluated.
+from the weights the ranks evaluated. tests/test_eval_layouts.py runs the same job under the other layouts of
+`ParallelStrategy` (pipeline, context and expert parallelism) with these helpers.
 """
 
 from __future__ import annotations
