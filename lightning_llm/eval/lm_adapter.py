@@ -36,12 +36,12 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text, resolve_max_length
 from lm_eval.models.utils_hf import stop_sequences_criteria
-
-from lightning_llm.protocols import EvaluationCalls
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lightning_llm.protocols import EvaluationCalls
 
 # (string pair or None, context tokens, continuation tokens): what TemplateLM hands to scoring.
 TokenRequest = tuple[Any, list[int], list[int]]
