@@ -1,5 +1,5 @@
 """Benchmark callbacks under the other layouts of `ParallelStrategy` against one process on the same weights:
-pipeline parallelism (pp2, pp2 x dp2), context parallelism (cp2, ring and all-to-all) and expert parallelism
+pipeline parallelism (pp2, pp2 x dp2, pp2 x tp2), context parallelism (cp2, ring and all-to-all) and expert parallelism
 (dp2 x ep2 on tiny-moe).
 
 Each job is tests/test_eval_sharded.py's: train two steps, run a multiple-choice task and a generative task
@@ -67,11 +67,24 @@ def test_pp2_x_dp2_metrics_and_outputs_equal_one_process(tmp_path):
     check_layout(tmp_path, 4, {**PIPELINE, "data_parallel": 2}, [0, 1, 0, 1], timeout=400)
 
 
+@pytest.mark.slow
+def test_pp2_x_tp2_metrics_and_outputs_equal_one_process(tmp_path):
+    # Both tensor-parallel ranks of both stages take the same requests (one pipeline, no data parallelism).
+    check_layout(tmp_path, 4, {**PIPELINE, "tensor_parallel": 2}, [0, 0, 0, 0], timeout=400)
+
+
+def test_pipelined_forward_refuses_a_kv_cache():
+    with pytest.raises(ValueError, match="keeps no KV cache .* use_cache=False"):
+        Pipeline(**{"size": 2, "microbatches": 2, "schedule": "gpipe"})._pipelined_forward(
+            torch.zeros(1, 3, dtype=torch.long), use_cache=True)
+
+
 def test_padded_lengths_are_few_and_close():
     lengths = [padded_length(n) for n in range(1, 1025)]
     assert all(n <= p <= 1.25 * n for n, p in zip(range(1, 1025), lengths))
     assert len(set(lengths)) <= 8 + 4 * 7  # 1..8, then four per octave up to 1024
     assert lengths[:8] == list(range(1, 9)) and padded_length(17) == 20 and padded_length(33) == 40
+    assert [padded_length(n, 2) for n in (1, 5, 17)] == [2, 6, 20]
 
 
 def test_evaluation_schedules_are_reused_and_bounded(monkeypatch):

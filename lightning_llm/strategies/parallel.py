@@ -76,7 +76,7 @@ class ParallelStrategy(ZeROStrategy):
     in any rank's shard skips the step on every rank (tests/test_parallel_precision.py). The benchmark callbacks split their
     requests over the data-parallel ranks (`data_parallel_group`, data x context), each tensor-parallel group and
     each pipeline running them together (`evaluating`), and log the one-process metrics under tp2, dp2 x tp2, pp2,
-    pp2 x dp2, cp2 (both modes) and dp2 x ep2 (tests/test_eval_sharded.py, tests/test_eval_layouts.py).
+    pp2 x dp2, pp2 x tp2, cp2 (both modes) and dp2 x ep2 (tests/test_eval_sharded.py, tests/test_eval_layouts.py).
 
     Args:
         data_parallel: the data-parallel degree; "auto": the world size divided by the other degrees.

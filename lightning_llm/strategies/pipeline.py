@@ -72,11 +72,13 @@ MULTI_STAGE_SCHEDULES = {"interleaved-1f1b", "interleaved-zero-bubble"}
 EVAL_SCHEDULES_KEPT = 8
 
 
-def padded_length(n: int) -> int:
+def padded_length(n: int, multiple: int = 1) -> int:
     """`n` rounded up to one of four lengths per octave (..., 16, 20, 24, 28, 32, 40, 48, ...): at most 25%
-    padding, and a growing sequence (generation without a KV cache) meets a new length only every few tokens."""
+    padding, and a growing sequence (generation without a KV cache) meets a new length only every few tokens;
+    then up to a `multiple` (the tensor-parallel degree under sequence parallelism, whose ranks must hold equal
+    shares of the sequence to send between stages)."""
     step = 2 ** max(n.bit_length() - 3, 0)
-    return -(-n // step) * step
+    return -(-(-(-n // step) * step) // multiple) * multiple
 
 
 def schedule_accepts(schedule: str, microbatches: int, stages: int) -> bool:
@@ -639,7 +641,8 @@ class Pipeline:
                              "the stages): call it, and `generate`, with use_cache=False")
         device = self.strategy.root_device
         batch, length = input_ids.shape
-        shape = torch.tensor([batch, padded_length(length)], device=device)
+        sequence_shards = self.residual_layout[0].size() if self.residual_layout is not None else 1
+        shape = torch.tensor([batch, padded_length(length, sequence_shards)], device=device)
         if self.data_parallel_size > 1:
             dist.all_reduce(shape, op=dist.ReduceOp.MAX, group=self.data_group)
         rows, width = shape.tolist()
