@@ -6,10 +6,13 @@ ask of one is written down here, where both sides import it from.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
+from torch import nn
 
 
 @runtime_checkable
@@ -43,9 +46,51 @@ def gradient_replicas(strategy: object) -> int:
 def evaluation_group(strategy: object) -> "torch.distributed.ProcessGroup | None":
     """The process group whose ranks split an evaluation's requests (each scores its share): a strategy's
     own `data_parallel_group` where it has one, else None (all ranks). Under tensor parallelism the ranks of
-    a tensor-parallel group hold slices of one model and must run it on the same inputs, so only the
-    data-parallel ranks may take different requests."""
+    a tensor-parallel group hold slices of one model and must run it on the same inputs, and so must the stages
+    of one pipeline, so only the data-parallel ranks may take different requests (see `WholeModelEvaluation`)."""
     return getattr(strategy, "data_parallel_group", None)
+
+
+@dataclass(frozen=True)
+class EvaluationCalls:
+    """How an evaluation (lm-eval through `lightning_llm.eval.lm_adapter.LightningLM`) may call a model under a
+    strategy, inside the strategy's `evaluating` context (`WholeModelEvaluation`).
+
+    - `kv_cache`: generation may keep a KV cache. False where each call must run the whole sequence (a
+      pipeline's forward), so `generate` runs with use_cache=False.
+    - `lockstep`: model calls are collectives, so every rank makes as many forward passes and `generate` calls
+      as the busiest one (throwaway calls on the others) and generation runs with `synced_gpus`. The adapter
+      also turns it on by itself where it sees sharded (DTensor) parameters.
+    """
+
+    kv_cache: bool = True
+    lockstep: bool = False
+
+
+@runtime_checkable
+class WholeModelEvaluation(Protocol):
+    """A strategy that says how to evaluate the module's model, which may not be whole on this rank.
+
+    `evaluating(model)` is a context manager around an evaluation of `model` (the LightningModule's causal
+    LM): while inside, calling `model` (its forward, hence `generate`) computes the whole model's logits on
+    every rank whose ranks feed it the same inputs (those outside `evaluation_group`'s split: other stages of
+    a pipeline, other slices of a tensor-parallel model), and it yields the `EvaluationCalls` the evaluation
+    must keep to. Under a pipeline the forward is redirected through the stages; a strategy whose ranks hold
+    the model as one process would call it needs to change nothing.
+    """
+
+    def evaluating(self, model: nn.Module) -> AbstractContextManager[EvaluationCalls]: ...
+
+
+@contextmanager
+def whole_model_evaluation(strategy: object, model: nn.Module) -> Iterator[EvaluationCalls]:
+    """The strategy's `evaluating(model)` context where it has one (`WholeModelEvaluation`), else one that
+    changes nothing and yields the default `EvaluationCalls`."""
+    if isinstance(strategy, WholeModelEvaluation):
+        with strategy.evaluating(model) as calls:
+            yield calls
+    else:
+        yield EvaluationCalls()
 
 
 def local_loss(loss: torch.Tensor) -> torch.Tensor:

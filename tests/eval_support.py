@@ -57,11 +57,11 @@ def small_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     return copy.deepcopy(_trained_tokenizer(vocab_size))
 
 
-def tiny_model(tokenizer, seed: int = 0) -> torch.nn.Module:
+def tiny_model(tokenizer, seed: int = 0, preset: str = "tiny") -> torch.nn.Module:
     # A wide initialisation spreads the logits, so that greedy decoding has no near-ties that
     # float rounding could break differently in two implementations.
     torch.manual_seed(seed)
-    model = build_model("tiny", vocab_size=len(tokenizer), initializer_range=0.5,
+    model = build_model(preset, vocab_size=len(tokenizer), initializer_range=0.5,
                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     return model.eval()
 

@@ -6,7 +6,8 @@ the same number of forward passes even when the ranks have unequal work. The 2-r
 steps, runs a multiple-choice task (loglikelihood) and a generative task whose stop strings end the
 generations at different lengths (generate_until), then calls the adapter directly with a different
 number of requests on each rank, and trains one more step. The test reruns everything on one process
-from the weights the ranks evaluated.
+from the weights the ranks evaluated. tests/test_eval_layouts.py runs the same job under the other layouts of
+`ParallelStrategy` (pipeline, context and expert parallelism) with these helpers.
 """
 
 from __future__ import annotations
@@ -19,15 +20,18 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from lm_eval.api.instance import Instance
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.utils.data import DataLoader
 
-from eval_support import FIXTURES, one_thread, small_tokenizer, tiny_model
+from eval_support import FIXTURES, U32, one_thread, small_tokenizer, tiny_model
 from lightning_llm.callbacks.benchmarks import LMEvalCallback
 from lightning_llm.eval import tasks
 from lightning_llm.eval.lm_adapter import LightningLM, within_root_forward
+from lightning_llm.protocols import evaluation_group, whole_model_evaluation
 from lightning_llm.strategies.parallel import ParallelStrategy
 from lightning_llm.strategies.zero import ZeROStrategy
 
@@ -43,22 +47,41 @@ UNTIL = ["e", "\n"]
 PAIRS = [("Question: 2 + 2 =", " 4"), ("def f(x):", "\n    return x"), ("x = ", "[1, 2, 3]"), ("import", " os")]
 CONTEXTS = ["def f(x):", "Question: how many legs does a spider have?", "x"]
 GEN = {"until": ["\u2603 never produced \u2603"], "max_gen_toks": 5, "do_sample": False}
+# How far a log-likelihood may move when a layout changes only the order of float32 sums: ZeRO's and tensor
+# parallelism's reductions, a pipeline's padded shapes and micro-batches, experts' outputs summed rank by rank,
+# tiled attention under context parallelism. Each reordered sum of k terms rounds differently by about sqrt(k)
+# unit roundoffs (u = 2^-24) of its terms' size, and what reaches a score stays proportional to it: on a token's
+# path through these 2-layer models about 20 such sums (q/k/v/o and MLP projections, attention softmax, norms,
+# router, the LM head over the vocabulary, the log-softmax) of k <= 192 terms, and the sum over the continuation's
+# tokens: 20 x sqrt(192) ~ 2^8 u relative to |score|; the abs term covers scores near 0. Measured: at most 4 u |score|.
+# A wrong position, token, mask or expert moves a score by whole units.
+SCORE_REL, SCORE_ABS = 2**8 * U32, 2**-20
 
 
 class TinyLM(pl.LightningModule):
-    """The tiny Llama, created in `configure_model` (on the meta device under ZeRO, then sharded)."""
+    """The tiny Llama (or `preset`), created in `configure_model` (on the meta device under ZeRO, then sharded).
+    A `PipelinedTraining` module, so that a pipeline can train it; batches are dicts of input ids and targets."""
 
-    def __init__(self):
+    def __init__(self, preset: str = "tiny"):
         super().__init__()
         self.tokenizer = small_tokenizer()
+        self.preset = preset
         self.model = None
 
     def configure_model(self):
         if self.model is None:
-            self.model = tiny_model(self.tokenizer).train()
+            self.model = tiny_model(self.tokenizer, preset=self.preset).train()
+
+    def loss_sum(self, logits, targets):
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+
+    def log_training_step(self, batch, loss):
+        pass
 
     def training_step(self, batch, batch_idx):
-        return self.model(input_ids=batch, labels=batch).loss
+        # (context parallelism adds the position ids of this rank's share of each sequence)
+        logits = self.model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids")).logits
+        return self.loss_sum(logits, batch["targets"]) / batch["targets"].numel()
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=1e-2)
@@ -78,25 +101,34 @@ def benchmark_callback() -> LMEvalCallback:
                         every_n_steps=EVAL_STEP, on_fit_end=False)
 
 
-def direct_outputs(model, tokenizer, rank: int) -> dict:
-    """The adapter called directly with rank `rank`'s share: rank 0 all requests, rank 1 one of each kind."""
+def direct_outputs(model, tokenizer, rank: int, strategy: object = None) -> dict:
+    """The adapter called directly with rank `rank`'s share: rank 0 all requests, rank 1 one of each kind, inside
+    `strategy`'s evaluation context (under a pipeline: the forward through the stages)."""
     pairs, contexts = (PAIRS, CONTEXTS) if rank == 0 else (PAIRS[1:2], CONTEXTS[1:2])
-    lm = LightningLM(model, tokenizer, batch_size=1, progress=False)
-    return {"loglikelihood": lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]),
-            "generate_until": lm.generate_until([Instance("generate_until", {}, (c, GEN), i) for i, c in enumerate(contexts)])}
+    with whole_model_evaluation(strategy, model) as calls:
+        lm = LightningLM(model, tokenizer, batch_size=1, progress=False, calls=calls)
+        return {"loglikelihood": lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]),
+                "generate_until": lm.generate_until([Instance("generate_until", {}, (c, GEN), i)
+                                                     for i, c in enumerate(contexts)])}
 
 
 def loader():
-    return DataLoader(torch.randint(0, 512, (2 * STEPS, 16), generator=torch.Generator().manual_seed(0)), batch_size=2)
+    # Three batches of two rows for each of two data-parallel replicas (a pipeline splits each into two micro-batches).
+    tokens = torch.randint(0, 512, (4 * STEPS, 17), generator=torch.Generator().manual_seed(0))
+    rows = [{"input_ids": t[:-1], "targets": t[1:]} for t in tokens]
+    return DataLoader(rows, batch_size=2)
 
 
 # -- what runs in the spawned processes ----------------------------------------------------------
 
 
-def full_weights(model) -> dict[str, torch.Tensor]:
-    """The whole parameters, gathered from the shards onto rank 0 (the other ranks get an empty dict)."""
+def full_weights(trainer, model) -> dict[str, torch.Tensor]:
+    """The whole parameters, gathered from the shards (and a pipeline's stages) onto rank 0 (the other ranks get
+    an empty dict)."""
+    join = getattr(trainer.strategy, "full_model_state_dict", None)  # ParallelStrategy's
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return {k: v.clone() for k, v in get_model_state_dict(model, options=options).items()}
+    state = join(model) if join is not None else get_model_state_dict(model, options=options)
+    return {k: v.clone() for k, v in (state or {}).items()}
 
 
 class Recorder(pl.Callback):
@@ -110,20 +142,22 @@ class Recorder(pl.Callback):
         if trainer.global_step != EVAL_STEP:
             return
         self.record["training_after_eval"] = [m.training for m in pl_module.modules()]
-        self.record["evaluated"] = full_weights(pl_module.model)
-        # The ranks of one tensor-parallel group share a data-parallel coordinate, and so their requests.
-        data_rank = trainer.strategy.distributed_sampler_kwargs["rank"]
+        self.record["evaluated"] = full_weights(trainer, pl_module.model)
+        # The ranks of one tensor-parallel group or pipeline share a coordinate in the evaluation group, and so
+        # their requests.
+        group = evaluation_group(trainer.strategy)
+        data_rank = dist.get_rank(group) if group is not None else dist.get_rank()
         self.record["data_rank"] = data_rank
         self.record["direct"] = within_root_forward(
-            pl_module, lambda: direct_outputs(pl_module.model, pl_module.tokenizer, data_rank))
+            pl_module, lambda: direct_outputs(pl_module.model, pl_module.tokenizer, data_rank, trainer.strategy))
         self.record["training_after_direct"] = [m.training for m in pl_module.modules()]
 
     def on_train_end(self, trainer, pl_module):
-        self.record["final"] = full_weights(pl_module.model)
+        self.record["final"] = full_weights(trainer, pl_module.model)
         self.record["steps"] = trainer.global_step
 
 
-def _worker(rank: int, world: int, port: int, out: str, tensor_parallel: int) -> None:
+def _worker(rank: int, world: int, port: int, out: str, layout: dict | None, preset: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank), NODE_RANK="0")
     torch.set_num_threads(1)
@@ -132,12 +166,11 @@ def _worker(rank: int, world: int, port: int, out: str, tensor_parallel: int) ->
         callback = benchmark_callback()
         # A hung collective fails after the timeout instead of blocking the test run.
         options = dict(process_group_backend="gloo", timeout=timedelta(seconds=60))
-        strategy = (ZeROStrategy(stage=3, **options) if tensor_parallel == 1
-                    else ParallelStrategy(tensor_parallel=tensor_parallel, **options))
+        strategy = ZeROStrategy(stage=3, **options) if layout is None else ParallelStrategy(**layout, **options)
         trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=STEPS,
                              callbacks=[callback, Recorder(record)], logger=False, default_root_dir=out,
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-        trainer.fit(TinyLM(), loader())
+        trainer.fit(TinyLM(preset), loader())
         record["metrics"] = callback.metrics
         record["samples"] = callback.results and callback.results["samples"]
     except BaseException as err:
@@ -153,10 +186,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(world: int, out: Path, timeout: float = 180, tensor_parallel: int = 1) -> list[dict]:
+def spawn(world: int, out: Path, timeout: float = 180, layout: dict | None = None, preset: str = "tiny") -> list[dict]:
+    """Train and evaluate on `world` processes under `ParallelStrategy(**layout)` (None: `ZeROStrategy(stage=3)`)."""
     context = mp.get_context("spawn")
     port = free_port()
-    workers = [context.Process(target=_worker, args=(rank, world, port, str(out), tensor_parallel)) for rank in range(world)]
+    workers = [context.Process(target=_worker, args=(rank, world, port, str(out), layout, preset)) for rank in range(world)]
     for worker in workers:
         worker.start()
     for worker in workers:
@@ -181,9 +215,9 @@ def ranks(tmp_path_factory):
     return spawn(2, tmp_path_factory.mktemp("sharded_eval"))
 
 
-def evaluated_on_one_process(weights: dict[str, torch.Tensor], root: Path) -> dict:
+def evaluated_on_one_process(weights: dict[str, torch.Tensor], root: Path, preset: str = "tiny") -> dict:
     """The same callback and direct calls on one process, on `weights` (what the ranks evaluated)."""
-    module = TinyLM()
+    module = TinyLM(preset)
     module.configure_model()
     module.model.load_state_dict(weights)
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, default_root_dir=root,
@@ -212,7 +246,7 @@ def assert_evaluations_equal(ranks: list[dict], one_process: dict) -> None:
         expected = one_process["direct"][rank["data_rank"]]
         assert rank["direct"]["generate_until"] == expected["generate_until"]
         for (a, greedy_a), (b, greedy_b) in zip(rank["direct"]["loglikelihood"], expected["loglikelihood"], strict=True):
-            assert a == pytest.approx(b, abs=1e-4) and greedy_a == greedy_b
+            assert a == pytest.approx(b, rel=SCORE_REL, abs=SCORE_ABS) and greedy_a == greedy_b
     assert all(rank["samples"] is None for rank in ranks[1:]), "only rank 0 gathers the samples"
     assert set(one_process["metrics"]) >= {"bench/arc_challenge/acc", "bench/arc_challenge/acc_norm", "bench/gsm8k/exact_match"}
     sharded = ranks[0]["samples"]
@@ -226,13 +260,17 @@ def assert_evaluations_equal(ranks: list[dict], one_process: dict) -> None:
             # whose answers it appends to that request (a second, equal response).
             for mine_resp, ref_resp in ((m[0], r[0]) for m, r in zip(mine["resps"], reference["resps"], strict=True)):
                 if isinstance(ref_resp, tuple):  # (log-likelihood, is_greedy)
-                    assert mine_resp[0] == pytest.approx(ref_resp[0], abs=1e-4)
+                    assert mine_resp[0] == pytest.approx(ref_resp[0], rel=SCORE_REL, abs=SCORE_ABS)
                     assert mine_resp[1] == ref_resp[1]
                 else:  # generated text
                     assert mine_resp == ref_resp
 
 
 def test_generations_end_at_different_lengths(one_process):
+    assert_generations_end_at_different_lengths(one_process)
+
+
+def assert_generations_end_at_different_lengths(one_process: dict) -> None:
     # What makes the sharded generation non-trivial: unequal lengths across documents (and ranks).
     tokenizer = small_tokenizer()
     gsm8k = one_process["samples"]["gsm8k"]
@@ -267,7 +305,7 @@ def assert_training_continues(ranks: list[dict]) -> None:
 
 @pytest.mark.slow
 def test_tp2_metrics_and_outputs_equal_one_process(tmp_path):
-    ranks = spawn(2, tmp_path, tensor_parallel=2)
+    ranks = spawn(2, tmp_path, layout=dict(tensor_parallel=2))
     assert [rank["data_rank"] for rank in ranks] == [0, 0]
     assert_evaluations_equal(ranks, evaluated_on_one_process(ranks[0]["evaluated"], tmp_path / "one"))
     assert_training_continues(ranks)
@@ -275,7 +313,7 @@ def test_tp2_metrics_and_outputs_equal_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_dp2_x_tp2_metrics_and_outputs_equal_one_process(tmp_path):
-    ranks = spawn(4, tmp_path, timeout=400, tensor_parallel=2)
+    ranks = spawn(4, tmp_path, timeout=400, layout=dict(tensor_parallel=2))
     assert [rank["data_rank"] for rank in ranks] == [0, 0, 1, 1]
     assert_evaluations_equal(ranks, evaluated_on_one_process(ranks[0]["evaluated"], tmp_path / "one"))
     assert_training_continues(ranks)

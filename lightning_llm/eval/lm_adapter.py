@@ -18,7 +18,9 @@ its data-parallel coordinate's share (lm-eval returns the results on global rank
 all-gathers them, so every rank makes the same number of forward passes and `generate` calls, and
 generation runs with `synced_gpus` (a rank whose sequences are done keeps stepping until all are);
 the evaluation must then run inside the forward of the root sharded module (`within_root_forward`),
-whose hooks gather the parameters that the root holds itself.
+whose hooks gather the parameters that the root holds itself. A strategy may ask for the same lockstep, or
+for generation without a KV cache (a pipeline, whose forward runs each whole sequence through its stages),
+through `calls` (`lightning_llm.protocols.EvaluationCalls`, what its `evaluating` context yields).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lightning_llm.protocols import EvaluationCalls
 
 # (string pair or None, context tokens, continuation tokens): what TemplateLM hands to scoring.
 TokenRequest = tuple[Any, list[int], list[int]]
@@ -91,6 +95,9 @@ class LightningLM(TemplateLM):
         group: the process group whose ranks split the requests (each evaluates its share); None: all
             ranks. Ranks outside it (other tensor-parallel slices of the same model) see the same requests
             as the rank of the group that shares their data-parallel coordinate.
+        calls: how the strategy lets the model be called (KV cache in generation, lockstep over the ranks):
+            what `lightning_llm.protocols.whole_model_evaluation` yields, inside which the model must then be
+            evaluated. Default: a KV cache, lockstep only where the parameters are sharded (DTensors).
 
     With sharded parameters (ZeRO-3 / FSDP2) call lm-eval from `within_root_forward(root, ...)`,
     where `root` is the sharded module that contains `model` (the LightningModule); the benchmark
@@ -108,6 +115,7 @@ class LightningLM(TemplateLM):
         forward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
         progress: bool = True,
         group: dist.ProcessGroup | None = None,
+        calls: EvaluationCalls | None = None,
     ) -> None:
         super().__init__()
         if tokenizer is None or getattr(tokenizer, "eos_token_id", None) is None:
@@ -132,6 +140,9 @@ class LightningLM(TemplateLM):
         self._sharded = distributed and dist.get_world_size() > 1 and any(
             type(p).__name__ == "DTensor" for p in model.parameters()
         )
+        calls = calls or EvaluationCalls()
+        self._lockstep = self._sharded or (distributed and dist.get_world_size() > 1 and calls.lockstep)
+        self._kv_cache = calls.kv_cache
         self._scores_kept_positions = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     # ---- what lm-eval asks of a model ----
@@ -242,7 +253,8 @@ class LightningLM(TemplateLM):
                 dummy = self._dummy_input()
                 with self._forward_context():
                     self.model.generate(input_ids=dummy, attention_mask=torch.ones_like(dummy), max_new_tokens=1,
-                                        do_sample=False, pad_token_id=self.eot_token_id, synced_gpus=True)
+                                        do_sample=False, pad_token_id=self.eot_token_id, use_cache=self._kv_cache,
+                                        synced_gpus=True)
         return ordered.get_original(results)
 
     # ---- torch.distributed, for lm-eval's data-parallel evaluation ----
@@ -325,8 +337,8 @@ class LightningLM(TemplateLM):
                 max_new_tokens=max_gen_toks,
                 stopping_criteria=stop_sequences_criteria(self.tokenizer, until, width, len(encoded)),
                 pad_token_id=pad,
-                use_cache=True,
-                synced_gpus=self._sharded,
+                use_cache=self._kv_cache,
+                synced_gpus=self._lockstep,
                 **kwargs,
             )
         return [
@@ -339,10 +351,10 @@ class LightningLM(TemplateLM):
         `generate` calls) so that every rank makes as many as the busiest one.
 
         With sharded parameters every forward pass is a collective (the all-gathers), so a rank that
-        runs out of work must keep calling the model. The counts are agreed on before any call: an
-        exchange after its own work would meet another rank's all-gathers and hang.
+        runs out of work must keep calling the model (as where the strategy asks for lockstep). The counts
+        are agreed on before any call: an exchange after its own work would meet another rank's all-gathers and hang.
         """
-        if not self._sharded:
+        if not self._lockstep:
             return 0
         most = torch.tensor(calls, device=self._device)
         dist.all_reduce(most, op=dist.ReduceOp.MAX)

@@ -46,8 +46,8 @@ from torch.distributed.tensor.parallel import ParallelStyle, loss_parallel
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
-from lightning_llm.protocols import VocabParallelLoss
-from lightning_llm.strategies.pipeline import Pipeline, tied_groups
+from lightning_llm.protocols import EvaluationCalls, VocabParallelLoss
+from lightning_llm.strategies.pipeline import Pipeline, causal_lm_of, tied_groups
 from lightning_llm.strategies.context import (
     check_block_size,
     sequence_split,
@@ -76,8 +76,9 @@ class ParallelStrategy(ZeROStrategy):
     Under the precision plugins (`MixedPrecision` fp16 with loss scaling or bf16, `MasterWeightsPrecision`)
     tp2 trains as one process under the same plugin (dp2 x tp2 too, tested under fp16), and an fp16 overflow
     in any rank's shard skips the step on every rank (tests/test_parallel_precision.py). The benchmark callbacks split their
-    requests over the data-parallel ranks (`data_parallel_group`), each tensor-parallel group running them
-    together, and log the one-process metrics (tests/test_eval_sharded.py).
+    requests over the data-parallel ranks (`data_parallel_group`, data x context), each tensor-parallel group and
+    each pipeline running them together (`evaluating`), and log the one-process metrics under tp2, dp2 x tp2, pp2,
+    pp2 x dp2, pp2 x tp2, cp2 (both modes) and dp2 x ep2 (tests/test_eval_sharded.py, tests/test_eval_layouts.py).
 
     Args:
         data_parallel: the data-parallel degree; "auto": the world size divided by the other degrees.
@@ -223,8 +224,30 @@ class ParallelStrategy(ZeROStrategy):
     @property
     def data_parallel_group(self) -> Any:
         """The ranks that hold different batches (data x context parallelism): an evaluation splits its
-        requests over them, while the ranks of a tensor-parallel group take the same ones (protocols.py)."""
+        requests over them, while the ranks of a tensor-parallel group and of a pipeline take the same ones
+        (protocols.py). The context-parallel ranks take different requests too: outside the training and
+        validation steps attention sees whole sequences on one rank (ring and all-to-all attention run only
+        under `sequence_split`), and the weights are whole or ZeRO-sharded over data x context, gathered
+        whole by each forward, so each rank scores its own requests as one process would, and the work is
+        split context_parallel times finer than over the data-parallel ranks alone."""
         return self._data_mesh().get_group()
+
+    @contextmanager
+    def evaluating(self, model: nn.Module) -> Generator[EvaluationCalls, None, None]:
+        """protocols.WholeModelEvaluation: around an evaluation of the module's causal LM (lm-eval). Under a
+        pipeline its forward runs through the stages (`Pipeline.redirected`) without a KV cache; the calls are
+        kept in lockstep on every layout of more than one rank (ZeRO's gathers, tensor parallelism's and expert
+        parallelism's collectives, the pipeline's shape agreement over its data-parallel replicas)."""
+        if self._pipeline is None:
+            yield EvaluationCalls(lockstep=self.world_size > 1)
+            return
+        own = causal_lm_of(self.lightning_module)
+        if model is not own:
+            raise ValueError(f"{self._pipeline_degree}={self.pipeline_parallel}: only the pipelined causal LM "
+                             f"({type(own).__name__}, the LightningModule's `model` or `pipeline_model()`) can be "
+                             f"evaluated through the pipeline, got a {type(model).__name__}")
+        with self._pipeline.redirected():
+            yield EvaluationCalls(kv_cache=False, lockstep=True)
 
     @property
     def gradient_replicas(self) -> int:

@@ -21,7 +21,11 @@ plugin's overflow check and step work unchanged; gradient clipping is made globa
 
 Validation, test and predict steps of the module run unchanged: while they run, the causal LM's
 `forward` is redirected to a forward-only pass through the pipeline whose logits are broadcast
-from the last stage to every rank (the same redirection Lightning uses for wrapped models).
+from the last stage to every rank (the same redirection Lightning uses for wrapped models). A benchmark
+callback's evaluation runs inside the same redirection (`Pipeline.redirected`), so lm-eval's scoring and
+`generate` see the whole model's logits on every rank of the pipeline; generation then runs without a KV
+cache (each step passes the whole sequence through the stages), and its ever longer sequences are padded
+to a few lengths per octave, so that a bounded cache of schedules serves them (`padded_length`).
 
 Every stage keeps its layers under the single-process names, so the strategy's checkpoints (ZeRO's
 sharded format, `lightning_llm.checkpoint`) join on one process and resume under any layout.
@@ -30,7 +34,9 @@ sharded format, `lightning_llm.checkpoint`) join on one process and resume under
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +65,20 @@ SCHEDULES: dict[str, type] = {
 # Schedules that run several model chunks ("virtual stages") per rank, placed in a loop:
 # rank r holds stages r, r + p, r + 2p, ...
 MULTI_STAGE_SCHEDULES = {"interleaved-1f1b", "interleaved-zero-bubble"}
+
+
+# Forward-only schedules kept for evaluation shapes (each holds its stages' buffers for its shape), least
+# recently used dropped first: generation asks for a new sequence length at every step.
+EVAL_SCHEDULES_KEPT = 8
+
+
+def padded_length(n: int, multiple: int = 1) -> int:
+    """`n` rounded up to one of four lengths per octave (..., 16, 20, 24, 28, 32, 40, 48, ...): at most 25%
+    padding, and a growing sequence (generation without a KV cache) meets a new length only every few tokens;
+    then up to a `multiple` (the tensor-parallel degree under sequence parallelism, whose ranks must hold equal
+    shares of the sequence to send between stages)."""
+    step = 2 ** max(n.bit_length() - 3, 0)
+    return -(-(-(-n // step) * step) // multiple) * multiple
 
 
 def schedule_accepts(schedule: str, microbatches: int, stages: int) -> bool:
@@ -321,6 +341,7 @@ class Pipeline:
         self.stage_ids: list[int] = []
         self.stage_modules: list[nn.Module] = []
         self._schedules: dict[tuple, Any] = {}
+        self._eval_schedules: OrderedDict[tuple, Any] = OrderedDict()
         self._pending_grads: dict[nn.Parameter, Tensor] = {}
         self._loss_normalizer: Tensor | None = None
         self._microbatch_losses: list[Tensor] = []
@@ -404,7 +425,7 @@ class Pipeline:
         for stage in stages:
             stage.residual_layout = self.residual_layout
         self.stage_modules = list(stages)
-        self._schedules = {}
+        self._schedules, self._eval_schedules = {}, OrderedDict()
 
     def _tied_embedding(self) -> nn.Parameter | None:
         """This rank's copy of a tied embedding (first or last stage), else None."""
@@ -452,19 +473,27 @@ class Pipeline:
             n_microbatches = max(m for m in range(1, most + 1)
                                  if most % m == 0 and schedule_accepts(schedule, m, self.size))
         key = (train, shape, kwarg_names, n_microbatches)
-        if key not in self._schedules:
-            device = self.strategy.root_device
-            stages = [PipelineStage(module, stage_id, self.n_stages, device, group=self.group)
-                      for module, stage_id in zip(self.stage_modules, self.stage_ids)]
-            cls = SCHEDULES[schedule]
-            loss_fn = self._microbatch_loss if train else None
-            # scale_grads=False: `_microbatch_loss` already divides by what makes the batch loss, which
-            # stays right under gradient accumulation (torch's scaling would rescale accumulated grads).
-            if self.schedule in MULTI_STAGE_SCHEDULES:
-                self._schedules[key] = cls(stages, n_microbatches, loss_fn=loss_fn, scale_grads=False)
-            else:
-                self._schedules[key] = cls(stages[0], n_microbatches, loss_fn=loss_fn, scale_grads=False)
-        return self._schedules[key]
+        cache = self._schedules if train else self._eval_schedules
+        if key in cache:
+            if not train:
+                self._eval_schedules.move_to_end(key)
+            return cache[key]
+        device = self.strategy.root_device
+        stages = [PipelineStage(module, stage_id, self.n_stages, device, group=self.group)
+                  for module, stage_id in zip(self.stage_modules, self.stage_ids)]
+        cls = SCHEDULES[schedule]
+        loss_fn = self._microbatch_loss if train else None
+        # scale_grads=False: `_microbatch_loss` already divides by what makes the batch loss, which
+        # stays right under gradient accumulation (torch's scaling would rescale accumulated grads).
+        if self.schedule in MULTI_STAGE_SCHEDULES:
+            cache[key] = cls(stages, n_microbatches, loss_fn=loss_fn, scale_grads=False)
+        else:
+            cache[key] = cls(stages[0], n_microbatches, loss_fn=loss_fn, scale_grads=False)
+        if not train and len(cache) > EVAL_SCHEDULES_KEPT:
+            # Every rank of the pipeline (and, the shapes being agreed on, of every pipeline) sees the same
+            # shapes in the same order, so they all drop the same schedule.
+            cache.popitem(last=False)
+        return cache[key]
 
     def _microbatch_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
         """The loss the schedule backpropagates for one micro-batch: its share of the batch loss, from the
@@ -596,28 +625,68 @@ class Pipeline:
     # -- evaluation through the pipeline ---------------------------------------------------------
 
     def _pipelined_forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                           position_ids: Tensor | None = None, **_: Any) -> CausalLMOutputWithPast:
-        """Forward-only pass through the pipeline; every rank of the pipeline gets the logits."""
-        kwargs = {k: v for k, v in (("position_ids", position_ids), ("attention_mask", attention_mask)) if v is not None}
-        schedule = self.schedule_for(False, tuple(input_ids.shape), tuple(sorted(kwargs)))
-        with torch.no_grad():
-            out = schedule.step(*((input_ids,) if self.holds_first_stage else ()), **kwargs)
+                           position_ids: Tensor | None = None, logits_to_keep: int | Tensor = 0,
+                           use_cache: bool | None = None, past_key_values: Any = None, **_: Any) -> CausalLMOutputWithPast:
+        """Forward-only pass through the pipeline; every rank of the pipeline gets the logits, of the positions
+        that `logits_to_keep` names as transformers' causal LMs take it (an int: the last ones, 0: all; a tensor:
+        those positions).
+
+        The batch is padded, rows and positions, to the largest shape among the pipeline's data-parallel
+        replicas, its length rounded up by `padded_length`: the replicas then run the same schedule (under ZeRO
+        each micro-batch's gathers are collectives over them) and a few shapes serve a whole evaluation. Padding
+        after a row's end changes none of its logits (attention is causal), nor does a padded row another's.
+        """
+        if use_cache or past_key_values is not None:
+            raise ValueError("the pipeline's forward keeps no KV cache (each call runs the whole sequence through "
+                             "the stages): call it, and `generate`, with use_cache=False")
         device = self.strategy.root_device
+        batch, length = input_ids.shape
+        sequence_shards = self.residual_layout[0].size() if self.residual_layout is not None else 1
+        shape = torch.tensor([batch, padded_length(length, sequence_shards)], device=device)
+        if self.data_parallel_size > 1:
+            dist.all_reduce(shape, op=dist.ReduceOp.MAX, group=self.data_group)
+        rows, width = shape.tolist()
+        # Padding: token 0, attended (1) so that no padded query sees only masked keys, position 0.
+        kwargs = {name: _padded(t.expand(batch, -1), rows, width, fill)
+                  for name, t, fill in (("position_ids", position_ids, 0), ("attention_mask", attention_mask, 1))
+                  if t is not None}
+        schedule = self.schedule_for(False, (rows, width), tuple(sorted(kwargs)))
+        with torch.no_grad():
+            out = schedule.step(*((_padded(input_ids, rows, width, 0),) if self.holds_first_stage else ()), **kwargs)
+        _release_step_outputs(schedule)
+        if isinstance(logits_to_keep, Tensor):
+            kept: Any = logits_to_keep.to(device)
+            n_kept = len(kept)
+        else:
+            kept, n_kept = slice(length - logits_to_keep if logits_to_keep else 0, length), logits_to_keep or length
         vocab = causal_lm_of(self.strategy.lightning_module).config.vocab_size
-        logits = out.float() if self.holds_last_stage else torch.empty((*input_ids.shape, vocab), device=device)
+        if self.holds_last_stage:
+            logits = out[:batch, kept].float().contiguous()
+        else:
+            logits = torch.empty((batch, n_kept, vocab), device=device)
         dist.broadcast(logits, src=self._last_stage_rank(), group=self.group)
         return CausalLMOutputWithPast(logits=logits)
 
-    def evaluation_step(self, step: str, context: Any, *args: Any, **kwargs: Any) -> Any:
-        """Run the module's `step` (validation_step, ...) with the causal LM's forward redirected through the
-        pipeline (the same redirection Lightning uses for wrapped models)."""
+    @contextmanager
+    def redirected(self) -> Iterator[None]:
+        """While inside, the causal LM's forward is `_pipelined_forward` (the same redirection Lightning uses for
+        wrapped models): the module's evaluation steps, lm-eval's scoring and `generate` get the whole model's
+        logits on every rank of the pipeline, which must all make the same calls on the same inputs."""
         model = causal_lm_of(self.strategy.lightning_module)
+        if "forward" in model.__dict__:  # already redirected (an evaluation inside a step)
+            yield
+            return
         model.forward = self._pipelined_forward
         try:
-            with context:
-                return getattr(self.strategy.lightning_module, step)(*args, **kwargs)
+            yield
         finally:
             del model.forward
+
+    def evaluation_step(self, step: str, context: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run the module's `step` (validation_step, ...) with the causal LM's forward redirected through the
+        pipeline."""
+        with self.redirected(), context:
+            return getattr(self.strategy.lightning_module, step)(*args, **kwargs)
 
     def join_stages(self, local: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
         """The stages' weights joined on global rank 0, None elsewhere (every rank calls this). `local`: this
@@ -633,12 +702,30 @@ class Pipeline:
         return state
 
     def teardown(self) -> None:
-        self._schedules, self._pending_grads = {}, {}
+        self._schedules, self._eval_schedules, self._pending_grads = {}, OrderedDict(), {}
 
 
 def _local(t: Tensor) -> Tensor:
     """The local tensor of a `DTensor` (a ZeRO shard), or `t`."""
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _release_step_outputs(schedule: Any) -> None:
+    """Drop what a step leaves in its stages until the next step of the same schedule (each micro-batch's outputs,
+    kept for a backward, and the output chunks): a kept evaluation schedule would otherwise hold on to its last
+    logits. torch clears the same at the start of every step; its schedules hold their stages as `_stage` (one
+    per rank) or `_stages`."""
+    for stage in getattr(schedule, "_stages", None) or [schedule._stage]:
+        stage.clear_runtime_states()
+
+
+def _padded(t: Tensor, rows: int, width: int, fill: int) -> Tensor:
+    """`t` [batch, length] in the top left corner of a [rows, width] tensor filled with `fill`."""
+    if t.shape == (rows, width):
+        return t
+    out = torch.full((rows, width), fill, dtype=t.dtype, device=t.device)
+    out[: t.shape[0], : t.shape[1]] = t
+    return out
 
 
 def _full(t: Tensor) -> Tensor:
