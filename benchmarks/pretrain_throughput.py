@@ -150,25 +150,36 @@ def run_hf_trainer(args, batches: Batches, vocab: int) -> tuple[list[float], flo
 class LitGPTWorker:
     """benchmarks/litgpt_pretrain.py in the Python that has litgpt, kept running: one training run per call."""
 
-    def __init__(self, python: str, args, batches: Batches, vocab: int, workdir: str) -> None:
-        path = Path(workdir) / "batches.pt"
-        torch.save(batches, path)
+    def __init__(self, python: str, args, batches: Batches, vocab: int, workdir: str, clock: str = "wall",
+                 val_batches: Batches | None = None) -> None:
+        files = {"batches": batches, "val_batches": val_batches}
+        command = [python, str(ROOT / "benchmarks" / "litgpt_pretrain.py"), "--model", args.model, "--vocab_size", str(vocab),
+                   "--block_size", str(args.block_size), "--lr", str(args.lr), "--warmup_steps", str(args.warmup_steps),
+                   "--clock", clock, "--threads", str(torch.get_num_threads())]
+        for name, value in files.items():
+            if value is not None:
+                torch.save(value, Path(workdir) / f"{name}.pt")
+                command += [f"--{name}", str(Path(workdir) / f"{name}.pt")]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-        self.process = subprocess.Popen(
-            [python, str(ROOT / "benchmarks" / "litgpt_pretrain.py"), "--batches", str(path), "--model", args.model,
-             "--vocab_size", str(vocab), "--block_size", str(args.block_size), "--lr", str(args.lr),
-             "--warmup_steps", str(args.warmup_steps), "--clock", args.clock, "--threads", str(torch.get_num_threads())],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.parameters = None
 
-    def __call__(self) -> tuple[list[float], float]:
-        self.process.stdin.write("run\n")
-        self.process.stdin.flush()
-        line = self.process.stdout.readline()
+    def run(self, seed: int = 0, steps: int | None = None) -> dict:
+        """One run from `seed` on the first `steps` batches (all by default): its times, losses and parameters."""
+        try:
+            self.process.stdin.write("run\n" if steps is None else f"run {seed} {steps}\n")
+            self.process.stdin.flush()
+            line = self.process.stdout.readline()
+        except BrokenPipeError:
+            line = ""
         if not line:
             raise RuntimeError(f"the litgpt worker exited with code {self.process.wait()}; its error is above")
         result = json.loads(line)
         self.parameters = result["parameters"]
+        return result
+
+    def __call__(self) -> tuple[list[float], float]:
+        result = self.run()
         return result["times"], result["loss"]
 
     def close(self) -> None:
@@ -224,7 +235,7 @@ def main() -> None:
         }
         litgpt = None
         if "litgpt compiled" in args.runs:
-            litgpt = runs["litgpt compiled"] = LitGPTWorker(args.litgpt_python, args, batches, vocab, workdir)
+            litgpt = runs["litgpt compiled"] = LitGPTWorker(args.litgpt_python, args, batches, vocab, workdir, args.clock)
         last_loss: dict[str, list[float]] = {name: [] for name in args.runs}
 
         def measure(name: str) -> Callable[[], float]:

@@ -1,6 +1,6 @@
-"""Initialisation of fresh models (models.use_small_init): each projection kind drawn with the small-init std
-of its width and depth, norms one, the same rule when a strategy materialises from the meta device, a seed
-fixing the weights, and pretrained weights never touched."""
+"""Initialisation of fresh models (models.use_fresh_init): each projection kind drawn with the small-init std
+of its width, the residual projections zero, norms one, the same rule when a strategy materialises from the
+meta device, a seed fixing the weights, and pretrained weights never touched."""
 
 from __future__ import annotations
 
@@ -13,11 +13,14 @@ from transformers import AutoModelForCausalLM
 from lightning_llm.models import build_config, build_model
 from lightning_llm.modules.pretrain import PretrainModule
 
+# The rule itself, not the drawn residual branches the other tests get (conftest.residual_branches_drawn).
+pytestmark = pytest.mark.fresh_init
+
 KINDS = ("embed_tokens", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def assert_drawn_with_std(values: torch.Tensor, std: float, name: str) -> None:
-    # The independent oracle is the formula itself (sqrt(2/5d), 1/(sqrt(d) L)), not the code's helper. The
+    # The independent oracle is the formula itself (sqrt(2/5d)), not the code's helper. The
     # sample std of n independent N(0, s^2) draws has a relative standard error of 1/sqrt(2n) (and the mean
     # one of s/sqrt(n)); six of those bound it with a chance below 1e-8 per check of a wrong failure, whatever
     # the machine or seed, and still tell transformers' 0.02 from these stds (off by a factor 1.3 or more) for
@@ -37,15 +40,29 @@ def assert_follows_the_rule(model) -> None:
         elif "norm" in kind:
             assert torch.equal(param, torch.ones_like(param)), name
     for kind, tensors in drawn.items():
-        expected = 1 / (math.sqrt(d) * layers) if kind in ("o_proj", "down_proj") else math.sqrt(2 / (5 * d))
         assert len(tensors) == (1 if kind == "embed_tokens" else layers), kind
-        assert_drawn_with_std(torch.cat(tensors), expected, kind)
+        if kind in ("o_proj", "down_proj"):  # the residual projections start at zero: each block is the identity
+            assert all(torch.count_nonzero(t) == 0 for t in tensors), kind
+        else:
+            assert_drawn_with_std(torch.cat(tensors), math.sqrt(2 / (5 * d)), kind)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"num_hidden_layers": 3, "hidden_size": 48, "intermediate_size": 100}])
-def test_fresh_models_draw_each_projection_kind_with_the_small_init_std(overrides):
+@pytest.mark.parametrize("spec,overrides", [("tiny", {}), ("llama-5m", {}),
+                                            ("tiny", {"num_hidden_layers": 3, "hidden_size": 48, "intermediate_size": 100})])
+def test_fresh_models_draw_each_projection_kind_with_its_std(spec, overrides):
     torch.manual_seed(0)
-    assert_follows_the_rule(build_model("tiny", **overrides))
+    assert_follows_the_rule(build_model(spec, **overrides))
+
+
+def test_a_fresh_model_starts_as_its_embeddings_alone():
+    # The oracle: with every residual branch zero, the logits are the final norm of a token's embedding times
+    # the (tied) embedding matrix, whatever the attention and MLP weights hold. (fp32: one matmul's rounding.)
+    torch.manual_seed(0)
+    model = build_model("tiny", num_hidden_layers=3)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    embedding = model.model.embed_tokens.weight
+    expected = model.model.norm(embedding[ids]) @ embedding.T
+    torch.testing.assert_close(model(input_ids=ids).logits, expected)
 
 
 def test_a_seed_gives_the_same_weights_every_time():

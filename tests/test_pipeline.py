@@ -476,7 +476,7 @@ def test_master_weights_on_two_stages_track_one_process(two_stage_run):
     - the masters after 4 steps, in norm over all elements, relative to the update:
       adam_update_rtol(bf16, 64 token terms) = 0.5 (measured 0.06, and 0.10 between two CPU kernels of
       one process: bf16 training is not reproducible to better);
-    - the losses: loss_atol(bf16) = 8u (measured 1.6e-3 = 0.4u).
+    - the losses: loss_atol(bf16) = 32u (max|z| 8; measured 1.6e-3 = 0.4u with the earlier init).
     """
     ranks, ref, _ = two_stage_run
     for out in ranks:

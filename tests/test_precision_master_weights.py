@@ -34,11 +34,11 @@ def test_master_weights_do_not_stall_where_pure_bf16_does():
     gap = {name: [a - b for a, b in zip(losses, runs["fp32"], strict=True)] for name, losses in runs.items()}
     # Measured: fp32 drops 0.020, master 0.020 with |gap| <= 1.1e-3 (bf16 activations), pure bf16 0.0006
     # with a gap that grows to 0.02. Gap bound: each of the 4 x 32 token losses carries the bf16 rounding
-    # of its logits, at most loss_atol(bf16) = 3.1e-2, with independent signs: their mean, 1/sqrt(128) of
+    # of its logits, at most loss_atol(bf16, max|z| 2 at std 0.02) = 3.1e-2, with independent signs: their mean, 1/sqrt(128) of
     # that, twice (5.5e-3; measured 1.05e-3 to 1.19e-3 with ATEN_CPU_CAPABILITY=default/avx2/this CPU's).
     # The drops differ by <= 1.5% on those three kernels.
     assert drop["fp32"] > 0.01
-    assert max(map(abs, gap["master"])) < 2 * loss_atol(torch.bfloat16) / (4 * 32) ** 0.5
+    assert max(map(abs, gap["master"])) < 2 * loss_atol(torch.bfloat16, logit_bound=2.0) / (4 * 32) ** 0.5
     assert drop["master"] == pytest.approx(drop["fp32"], rel=0.15)
     assert drop["bf16-true"] < 0.25 * drop["fp32"]
     assert sum(gap["bf16-true"][-5:]) / 5 > 0.01

@@ -1,6 +1,6 @@
 """Tokenization over several processes: the token file is byte for byte the one a single process writes
 (the oracle), decoding errors still name their file, the count of workers is validated, the setup table
-reports the speed."""
+reports the speed; instruction data gets the same examples in the same order, and the same first error."""
 
 from __future__ import annotations
 
@@ -90,3 +90,51 @@ def test_a_worker_that_dies_is_an_error_not_a_hang(corpus_dir, tmp_path):
     with pytest.raises(RuntimeError, match="a tokenizing worker process died .* fewer tokenize_workers"):
         tokenize_to_file(Source(str(corpus_dir)), DiesInWorkers(), tmp_path / "t.bin", workers=2, max_docs=1)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_instruction_data_gives_the_same_examples_with_any_number_of_workers(tokenizer, tmp_path, monkeypatch):
+    """Records of every format with bad ones among them, 3 per batch so that the workers finish out of order:
+    the examples, their order, the counts of dropped records and the first error are one process's, and the
+    examples are each record tokenized on its own (the oracle)."""
+    import random
+
+    from lightning_llm.data import instruct
+    from test_instruct_data import qa, random_record, write_jsonl
+
+    monkeypatch.setattr(instruct, "RECORDS_PER_BATCH", 3)
+    rng = random.Random(1)
+    records = [random_record(rng)[0] for _ in range(40)]
+    bad = {5: '{"messages": [', 17: {"instruction": "Add."}, 23: qa("Say nothing.", ""), 31: {"conversations": "no turns"}}
+    lines = [bad.get(i, record) for i, record in enumerate(records)]
+    path = write_jsonl(tmp_path / "chat.jsonl", lines)
+    tokenizer.save_pretrained(tmp_path / "tok")
+
+    def data(workers, on_error="skip"):
+        return instruct.InstructionDataModule(str(path), tokenizer=str(tmp_path / "tok"), block_size=512, batch_size=2,
+                                              on_error=on_error, tokenize_workers=workers)
+
+    modules = {}
+    for workers in (1, 2):
+        modules[workers] = dm = data(workers)
+        with pytest.warns(UserWarning, match=r"chat\.jsonl:6: not valid JSON"):
+            dm.setup()
+    one, two = modules[1], modules[2]
+    assert one.stats == two.stats and two.stats["chat.jsonl"]["dropped"] == 4
+    chat = instruct.use_chat_template(tokenizer.__class__.from_pretrained(tmp_path / "tok"))
+    naive = [instruct.training_sample(*instruct.tokenize_conversation(chat, instruct.to_messages(r)), 512, True)
+             for i, r in enumerate(records) if i not in bad]
+    assert len(two.train_set.samples) == len(naive)
+    for (ids, targets), (ids1, targets1), (ids2, targets2) in zip(naive, one.train_set.samples, two.train_set.samples):
+        assert ids.tolist() == ids1.tolist() == ids2.tolist() and targets.tolist() == targets1.tolist() == targets2.tolist()
+    assert [b.tolist() for b in one.train_set.blocks] == [b.tolist() for b in two.train_set.blocks]
+    for workers in (1, 2):  # strict: the first bad record stops the run, named by its line, whoever tokenized it
+        with pytest.raises(instruct.BadRecord, match=r"chat\.jsonl:6: not valid JSON"):
+            data(workers, on_error="raise").setup()
+
+
+@pytest.mark.parametrize("workers", [0, -1, "2"])
+def test_the_instruction_data_workers_are_validated(workers):
+    from lightning_llm.data.instruct import InstructionDataModule
+
+    with pytest.raises(ValueError, match=rf"tokenize_workers must be a positive integer .* got {workers!r}"):
+        InstructionDataModule("x.jsonl", tokenize_workers=workers)

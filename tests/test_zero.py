@@ -444,7 +444,7 @@ def test_lightning_fp16_amp_is_refused():
 # fp16/bf16 round the forward and backward; the oracle is fp32. Adam divides each gradient by its own
 # running magnitude, so elements whose gradient is near zero move by ~lr either way: the weights are
 # compared as the whole update's relative error (adam_update_rtol: 0.18 fp16, 0.5 bf16; measured <= 0.011
-# and <= 0.029), the losses element by element (loss_atol: 3.9e-3 fp16, 3.1e-2 bf16).
+# and <= 0.029), the losses element by element (loss_atol: 1.6e-2 fp16, 0.125 bf16, for max|z| 8).
 FP16_LOSS_TOL = dict(rtol=0, atol=loss_atol(torch.float16))
 BF16_LOSS_TOL = dict(rtol=0, atol=loss_atol(torch.bfloat16))
 UPDATE_TOL = {"fp16": adam_update_rtol(torch.float16, ROWS * SEQ), "bf16": adam_update_rtol(torch.bfloat16, ROWS * SEQ)}

@@ -29,11 +29,14 @@ def reordered_sum_rtol(dtype: torch.dtype, terms: int) -> float:
     return 2 * max(terms - 1, 1) * UNIT_ROUNDOFF[dtype]
 
 
-def loss_atol(dtype: torch.dtype, logit_bound: float = 2.0) -> float:
+def loss_atol(dtype: torch.dtype, logit_bound: float = 8.0) -> float:
     """Cross-entropy of two runs whose logits agree to their `dtype` rounding: each logit within u |z| of
     the exact one, so two runs' logits within 2 u |z|; cross-entropy (log-sum-exp minus the target logit)
-    moves by at most twice the largest logit change: 4 u max|z|. `logit_bound`: max|z|, below 2 for the
-    tests' near-uniform tiny models over a few steps (1.3 at initialisation)."""
+    moves by at most twice the largest logit change: 4 u max|z|. `logit_bound`: max|z|, below 8 for the
+    tests' tiny presets over a few steps: a fresh model's residual branches start at zero (models.init_stds),
+    so its logits are the final norm of a token's embedding against the tied embeddings, largest for the token
+    itself, |e| sqrt(d) ~ std d = 5.1 for the tiny preset (measured up to 6.5 at initialisation). Under
+    transformers' init at std 0.02 (the precision helpers' TinyLM) max|z| stays below 2: pass 2.0."""
     return 4 * UNIT_ROUNDOFF[dtype] * logit_bound
 
 

@@ -19,6 +19,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
@@ -34,6 +35,7 @@ from transformers import PreTrainedTokenizerBase
 from lightning_llm.data.pretrain import PretrainDataModule, mixture_index
 from lightning_llm.data.sources import Source, decode_file
 from lightning_llm.data.tokenizer import load_tokenizer
+from lightning_llm.data.tokens import available_cpus, batches, map_in_order
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +64,10 @@ class BadRecord(ValueError):
 
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason} ({detail})" if detail else reason)
-        self.reason = reason
+        self.reason, self.detail = reason, detail
+
+    def __reduce__(self):  # (a tokenizing worker sends it back to the parent: rebuilt from both parts, not the message)
+        return self.__class__, (self.reason, self.detail)
 
 
 class Overlong(BadRecord):
@@ -267,6 +272,29 @@ def training_sample(ids: list[int], trained: list[bool], block_size: int, trunca
     return ids_arr[:-1], targets
 
 
+# Records per batch sent to a tokenizing worker: enough that sending it costs little beside rendering and
+# tokenizing its conversations, few enough that a small file still keeps every worker busy.
+RECORDS_PER_BATCH = 256
+
+Sample = tuple[np.ndarray, np.ndarray]
+
+
+def tokenize_records(batch: list[tuple[str, Any]], tokenizer: PreTrainedTokenizerBase, format: str,
+                     train_on_prompt: bool, block_size: int, truncate: bool) -> list[tuple[str, Sample | BadRecord]]:
+    """Each (location, record) as its training sample, or as the `BadRecord` it is: a tokenizing worker's
+    task (`tokens.map_in_order`), so the parent raises, warns and counts in the records' order."""
+    out: list[tuple[str, Sample | BadRecord]] = []
+    for location, record in batch:
+        try:
+            if isinstance(record, BadRecord):
+                raise record
+            ids, trained = tokenize_conversation(tokenizer, to_messages(record, format), train_on_prompt)
+            out.append((location, training_sample(ids, trained, block_size, truncate)))
+        except BadRecord as err:
+            out.append((location, err))
+    return out
+
+
 # -- packing ---------------------------------------------------------------------------------------
 
 
@@ -382,6 +410,9 @@ class InstructionDataModule(PretrainDataModule):
         train_examples: examples per training epoch before packing; `None` is the sum over sources.
         seed: seeds the split, the mixture, the packing and the shuffling.
         num_workers: DataLoader workers.
+        tokenize_workers: processes that render and tokenize the records; `None` is this process's share of
+            the available CPUs (all of them, divided by the devices per node under a multi-device Trainer).
+            The examples are the same, in the same order, for any number.
         allow_data_change: as in `PretrainDataModule`.
     """
 
@@ -404,10 +435,13 @@ class InstructionDataModule(PretrainDataModule):
         train_examples: int | None = None,
         seed: int = 1234,
         num_workers: int = 0,
+        tokenize_workers: int | None = None,
         allow_data_change: bool = False,
     ) -> None:
         super().__init__(sources=sources, tokenizer=tokenizer, block_size=block_size, batch_size=batch_size,
-                         val_fraction=val_fraction, seed=seed, num_workers=num_workers, allow_data_change=allow_data_change)
+                         val_fraction=val_fraction, seed=seed, num_workers=num_workers, tokenize_workers=tokenize_workers,
+                         allow_data_change=allow_data_change)
+        self.tokenize_workers_wanted = tokenize_workers  # (validated above; None is resolved per process at setup)
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         for name, value in (("max_val_examples", max_val_examples), ("train_examples", train_examples)):
@@ -437,21 +471,40 @@ class InstructionDataModule(PretrainDataModule):
     def prepare_data(self) -> None:
         """Nothing to fetch ahead: every rank reads and tokenizes the records in `setup`."""
 
-    def read_source(self, source: InstructionSource) -> tuple[list[tuple[np.ndarray, np.ndarray]], Counter]:
-        """The training samples of one source, and the count of records dropped, by reason."""
+    @property
+    def tokenize_processes(self) -> int:
+        """`tokenize_workers`, or for None this process's share of the CPUs: every process on a node
+        tokenizes its own copy of the records (in `setup`), so N devices per node split the CPUs N ways."""
+        if self.tokenize_workers_wanted is not None:
+            return self.tokenize_workers_wanted
+        per_node = self.trainer.num_devices if self.trainer is not None else 1
+        return max(1, available_cpus() // per_node)
+
+    def read_source(self, source: InstructionSource) -> tuple[list[Sample], Counter]:
+        """The training samples of one source, and the count of records dropped, by reason.
+
+        `tokenize_processes` processes render and tokenize the records (`tokens.map_in_order`); the results
+        come back in the records' order, so the samples, the first error and the counts are the ones a
+        single process gives."""
         samples, dropped = [], Counter()
-        for location, record in tqdm(source.records(), desc=f"tokenizing {source.name}", unit=" records", disable=None):
-            try:
-                if isinstance(record, BadRecord):
-                    raise record
-                ids, trained = tokenize_conversation(self.tokenizer, to_messages(record, source.format), self.train_on_prompt)
-                samples.append(training_sample(ids, trained, self.block_size, self.truncate))
-            except BadRecord as err:
-                if self.on_error == "raise" and not isinstance(err, Overlong):
-                    raise BadRecord(f"{location}: {err}", "pass on_error='skip' to drop such records") from err
-                if dropped[err.reason] == 0:
-                    rank_zero_warn(f"{location}: {err}; dropping such records and counting them")
-                dropped[err.reason] += 1
+        workers = self.tokenize_processes
+        records = batches(source.records(), max_chars=None, max_docs=RECORDS_PER_BATCH)
+        results = map_in_order(tokenize_records, records, workers, tokenizer=self.tokenizer, format=source.format,
+                               train_on_prompt=self.train_on_prompt, block_size=self.block_size, truncate=self.truncate)
+        # closing: a record that stops the run stops the workers now, not when its traceback is freed
+        with closing(results), tqdm(desc=f"tokenizing {source.name} ({workers} process{'es' if workers > 1 else ''})",
+                                    unit=" records", disable=None) as bar:
+            for batch in results:
+                for location, outcome in batch:
+                    if not isinstance(outcome, BadRecord):
+                        samples.append(outcome)
+                        continue
+                    if self.on_error == "raise" and not isinstance(outcome, Overlong):
+                        raise BadRecord(f"{location}: {outcome}", "pass on_error='skip' to drop such records") from outcome
+                    if dropped[outcome.reason] == 0:
+                        rank_zero_warn(f"{location}: {outcome}; dropping such records and counting them")
+                    dropped[outcome.reason] += 1
+                bar.update(len(batch))
         return samples, dropped
 
     def setup(self, stage: str | None = None) -> None:

@@ -3,7 +3,8 @@
 The tokenizer runs in `workers` processes. The parent reads and decodes the documents in their fixed
 order (so a decoding error names its file exactly as in one process), sends batches to the workers,
 and writes their tokens back in the order it sent them: the file is the same, byte for byte, for any
-number of workers.
+number of workers. `map_in_order` is that pool, for any tokenizing function: instruction data uses it too
+(data/instruct.py).
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import chain, islice
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -35,6 +37,9 @@ BATCH_CHARS = 1 << 20
 BATCH_DOCS = 1024
 # Batches sent ahead per worker: enough to keep every worker busy while the parent reads and writes.
 IN_FLIGHT_PER_WORKER = 2
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass
@@ -71,7 +76,7 @@ def token_dtype(tokenizer: PreTrainedTokenizerBase) -> np.dtype:
     return np.dtype(np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32)
 
 
-def encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], dtype: np.dtype) -> tuple[np.ndarray, int]:
+def encode(texts: list[str], tokenizer: PreTrainedTokenizerBase, dtype: np.dtype) -> tuple[np.ndarray, int]:
     """The tokens of `texts`, each followed by EOS, as one array; and the texts' size in UTF-8 bytes."""
     eos = tokenizer.eos_token_id
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -79,34 +84,36 @@ def encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], dtype: np.dtype
     return tokens, sum(len(text.encode("utf-8")) for text in texts)
 
 
-def batches(documents: Iterable[str], max_chars: int = BATCH_CHARS, max_docs: int = BATCH_DOCS) -> Iterator[list[str]]:
-    batch: list[str] = []
+def batches(items: Iterable[T], max_chars: int | None = BATCH_CHARS, max_docs: int = BATCH_DOCS) -> Iterator[list[T]]:
+    """`items` in lists of `max_docs`, cut sooner where the documents' characters reach `max_chars` (None:
+    items that are not text, counted only)."""
+    batch: list[T] = []
     chars = 0
-    for doc in documents:
-        batch.append(doc)
-        chars += len(doc)
-        if chars >= max_chars or len(batch) >= max_docs:
+    for item in items:
+        batch.append(item)
+        chars += len(item) if max_chars is not None else 0
+        if (max_chars is not None and chars >= max_chars) or len(batch) >= max_docs:
             yield batch
             batch, chars = [], 0
     if batch:
         yield batch
 
 
-# The worker's tokenizer and dtype, set once per worker process by `_start_worker`.
+# What every call in a worker process shares (the tokenizer, ...), set once per worker by `_start_worker`.
 _worker: dict[str, Any] = {}
 
 
-def _start_worker(tokenizer: PreTrainedTokenizerBase, dtype: np.dtype) -> None:
-    _worker.update(tokenizer=tokenizer, dtype=dtype)
+def _start_worker(shared: dict[str, Any]) -> None:
+    _worker.update(shared)
 
 
-def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, int]:
-    return encode(_worker["tokenizer"], texts, _worker["dtype"])
+def _call_in_worker(function: Callable[..., R], batch: list) -> R:
+    return function(batch, **_worker)
 
 
 @contextmanager
-def worker_pool(tokenizer: PreTrainedTokenizerBase, dtype: np.dtype, workers: int) -> Iterator[ProcessPoolExecutor]:
-    """A process pool whose workers hold `tokenizer`.
+def worker_pool(workers: int, shared: dict[str, Any]) -> Iterator[ProcessPoolExecutor]:
+    """A process pool whose workers hold `shared` (the tokenizer and what goes with it).
 
     On Linux the workers are forked: they start at once, with the tokenizer already in memory, and
     without re-running the user's script (which `spawn` does, and which fails without a `__main__`
@@ -119,7 +126,7 @@ def worker_pool(tokenizer: PreTrainedTokenizerBase, dtype: np.dtype, workers: in
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     previous = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(tokenizer, dtype))
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(shared,))
     try:
         yield pool
     finally:
@@ -130,28 +137,32 @@ def worker_pool(tokenizer: PreTrainedTokenizerBase, dtype: np.dtype, workers: in
             os.environ["TOKENIZERS_PARALLELISM"] = previous
 
 
-def encoded_batches(batches: Iterable[list[str]], tokenizer: PreTrainedTokenizerBase, dtype: np.dtype,
-                    workers: int) -> Iterator[tuple[np.ndarray, int]]:
-    """(tokens, UTF-8 bytes) of each batch, in the batches' order, tokenized by `workers` processes.
+def map_in_order(function: Callable[..., R], batches: Iterable[list], workers: int, **shared: Any) -> Iterator[R]:
+    """`function(batch, **shared)` of each batch, in the batches' order, computed by `workers` processes.
 
-    The parent draws the batches (reading and decoding in this process, so their errors are raised
-    here, in order) and keeps a bounded number in flight: memory stays flat on any corpus size.
+    `function` is a module-level function (the workers find it by name); `shared` reaches each worker
+    once, when it starts. The parent draws the batches (reading and decoding in this process, so their
+    errors are raised here, in order) and keeps a bounded number in flight: memory stays flat on any
+    corpus size. With one worker, or a single batch (nothing to share out), everything runs in this process.
     """
-    if workers == 1:
-        for batch in batches:
-            yield encode(tokenizer, batch, dtype)
+    batches = iter(batches)
+    first = list(islice(batches, 2))
+    if workers == 1 or len(first) < 2:
+        for batch in chain(first, batches):
+            yield function(batch, **shared)
         return
-    with worker_pool(tokenizer, dtype, workers) as pool:
+    batches = chain(first, batches)
+    with worker_pool(workers, shared) as pool:
         pending: deque[Future] = deque()
         for batch in batches:
-            pending.append(pool.submit(_encode_in_worker, batch))
+            pending.append(pool.submit(_call_in_worker, function, batch))
             if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
                 yield _result(pending.popleft())
         while pending:
             yield _result(pending.popleft())
 
 
-def _result(future: Future) -> tuple[np.ndarray, int]:
+def _result(future: Future) -> R:
     try:
         return future.result()
     except BrokenProcessPool as err:
@@ -173,7 +184,9 @@ def tokenize_to_file(source: Source, tokenizer: PreTrainedTokenizerBase, path: P
                unit_scale=True, disable=None)
     try:
         with atomic_file(path) as fh:
-            for ids, size in encoded_batches(batches(source.documents(), max_chars, max_docs), tokenizer, dtype, workers):
+            encoded = map_in_order(encode, batches(source.documents(), max_chars, max_docs), workers,
+                                   tokenizer=tokenizer, dtype=dtype)
+            for ids, size in encoded:
                 fh.write(ids.tobytes())
                 tokens += ids.size
                 text_bytes += size

@@ -186,6 +186,7 @@ class ParallelStrategy(ZeROStrategy):
         self._styles: dict[nn.Module, ParallelStyle] = {}
         self._experts: dict[nn.Module, PlannedExperts] = {}
         self._lm_head: nn.Module | None = None
+        self._data_context_mesh: DeviceMesh | None = None
         self._vocab_parallel_active = False
 
     # -- the mesh --------------------------------------------------------------------------------
@@ -208,6 +209,7 @@ class ParallelStrategy(ZeROStrategy):
                                 mesh_dim_names=MESH_DIMS)
         self._device_mesh = mesh
         self.lightning_module._device_mesh = mesh
+        self._data_context_mesh = data_context_mesh(mesh) if self.context_parallel > 1 else None
         if self._pipeline is not None:
             # One pipeline per (data, tensor) coordinate: its ranks, in stage order, are a column of the mesh.
             pipelines = mesh.mesh.permute(1, 2, 3, 0).reshape(-1, self.pipeline_parallel)
@@ -217,8 +219,8 @@ class ParallelStrategy(ZeROStrategy):
                                    self._data_mesh().get_group(), tied_groups(pipelines), residual)
 
     def _data_mesh(self) -> DeviceMesh:
-        if self.context_parallel > 1:  # the ranks of a sequence share its loss and gradients like data-parallel ones
-            return self.device_mesh["data_parallel", "context_parallel"]._flatten("data_context_parallel")
+        if self._data_context_mesh is not None:  # the ranks of a sequence share its loss and gradients like data-parallel ones
+            return self._data_context_mesh["data_context_parallel"]
         return self.device_mesh["data_parallel"]
 
     @property
@@ -442,6 +444,21 @@ class ParallelStrategy(ZeROStrategy):
         if self._pipeline is not None:
             self._pipeline.teardown()
         super().teardown()
+
+
+def data_context_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The same ranks as `mesh` (`MESH_DIMS`) with its data and context dimensions merged into one,
+    `data_context_parallel`: the group that ZeRO shards over and averages gradients over under context parallelism.
+
+    Built with the public constructor from the same rank layout (data and context are neighbouring dimensions,
+    so merging them reorders no rank): the new mesh's rank map is the first's, which is what lets `fully_shard`
+    over its `data_context_parallel` dimension combine with tensor-parallel DTensors on the first mesh's
+    `tensor_parallel` dimension. Every rank must call it (it creates process groups), once.
+    """
+    names = mesh.mesh_dim_names
+    merged = mesh.mesh.flatten(names.index("data_parallel"), names.index("context_parallel"))
+    return DeviceMesh(mesh.device_type, merged,
+                      mesh_dim_names=("pipeline_parallel", "data_context_parallel", "tensor_parallel"))
 
 
 def _takes_vocab_parallel_logits(module: nn.Module) -> bool:
