@@ -287,12 +287,16 @@ class ParallelStrategy(ZeROStrategy):
         # micro-batch's backward), and the optimizer steps shards of it (`OptimizerShards`, as without a pipeline).
         # find_unused_parameters=True only turns off DDP's rebuild of its buckets after the first step, which
         # counts every micro-batch's gradients and fails (every parameter is used: the check finds none unused).
+        # Under zero bubble, whose split backward DDP's reducer does not see, the pipeline replicates by hand.
         self._check_stages_hold(module)
-        group = self._data_mesh().get_group()
-        device_ids = None if self.root_device.type == "cpu" else [self.root_device.index]
-        self._pipeline.stage_modules = [DistributedDataParallel(stage, device_ids=device_ids, process_group=group,
-                                                                find_unused_parameters=True)
-                                        for stage in self._pipeline.stage_modules]
+        if self._pipeline.splits_backward:
+            self._pipeline.replicate_by_hand()
+        else:
+            group = self._data_mesh().get_group()
+            device_ids = None if self.root_device.type == "cpu" else [self.root_device.index]
+            self._pipeline.stage_modules = [DistributedDataParallel(stage, device_ids=device_ids, process_group=group,
+                                                                    find_unused_parameters=True)
+                                            for stage in self._pipeline.stage_modules]
         self._pipeline.broadcast_tied()
         return module
 
