@@ -1,7 +1,8 @@
 """ParallelStrategy with a pipeline dimension against single-process training, on gloo.
 
-Two 4-rank jobs train pipeline_parallel=2 x data_parallel=2 under ZeRO-2 (each stage's modules sharded
-over the two pipelines) and ZeRO-1 (each stage replicated, its optimizer state sharded), one 2-rank job a
+4-rank jobs train pipeline_parallel=2 x data_parallel=2 under ZeRO-2 (each stage's modules sharded over the
+two pipelines) and ZeRO-1 (each stage replicated, its optimizer state sharded; one job per schedule: 1F1B,
+interleaved 1F1B and zero bubble, the last two with 2 chunks per rank of a 4-layer model), one 2-rank job a
 pipeline of 2 alone; the tests compare the losses and final
 weights with a plain PyTorch loop on one process over the same global batches (tests/test_parallel.py's
 oracle and tolerances), started from the weights the distributed run recorded, and check that the

@@ -21,8 +21,9 @@ Expert parallelism borrows the data-parallel ranks (expert_parallel = data_paral
 1/N of the experts and its own batch; tokens reach the experts by all-to-all): strategies/expert.py.
 Context parallelism (strategies/context.py) splits every sequence over its dimension (ring or all-to-all attention);
 ZeRO then shards and averages over data x context. Under a pipeline, ZeRO-1 replicates each stage with
-DistributedDataParallel over the data dimension and shards its optimizer state there. Refused, not built
-yet: a pipeline with context parallelism, expert parallelism with a pipeline, tensor or context parallelism.
+DistributedDataParallel over the data dimension and shards its optimizer state there (under zero bubble, whose
+split backward DDP does not see, the pipeline replicates the stages and averages their gradients itself).
+Refused, not built yet: a pipeline with context parallelism, expert parallelism with a pipeline, tensor or context parallelism.
 LoRA adapters are split beside their base, and QLoRA's 4-bit base stays whole with each rank multiplying by its
 slice (strategies/tensor.py).
 """
@@ -68,9 +69,11 @@ class ParallelStrategy(ZeROStrategy):
     """Pipeline parallelism, data parallelism with ZeRO, tensor and sequence parallelism on one device mesh.
 
     Layouts that train as one process does (tests/test_parallel.py, tests/test_parallel_pipeline.py): tp2 (with
-    and without SP), dp2 x tp2, pp2, pp2 x dp2, pp2 x tp2; cp2 in both context-parallel modes, dp2 x cp2 and
-    cp2 x tp2 (tests/test_context_parallel.py); LoRA adapters at tp2 with and without SP and at dp2 x tp2
-    (tests/test_parallel_lora.py; the whole model is built on every rank first: empty_init=False); LoRA at dp2 x ep2, with
+    and without SP), dp2 x tp2, pp2, pp2 x dp2 (ZeRO-1 also under the interleaved 1F1B and zero-bubble
+    schedules), pp2 x tp2; tp2 with compiled blocks (tests/test_compile.py); cp2 in both context-parallel modes,
+    dp2 x cp2 and cp2 x tp2 (tests/test_context_parallel.py); LoRA adapters at tp2 with and without SP and at dp2 x tp2
+    (tests/test_parallel_lora.py, at tp2 under bf16-mixed too; the whole model is built on every rank first:
+    empty_init=False); LoRA at dp2 x ep2, with
     adapters on every expert too (tests/test_expert_parallel_lora.py). Under a pipeline the module must be a
     `lightning_llm.protocols.PipelinedTraining` (its loss on the last stage, its metrics logged on every rank).
     Under the precision plugins (`MixedPrecision` fp16 with loss scaling or bf16, `MasterWeightsPrecision`)
