@@ -10,8 +10,8 @@ in tests/test_pipeline.py, whose oracle and batches these tests share). The comp
 which takes minutes on a small CPU): what checkpointing, sharding and pipelining interact with is the
 captured autograd graph, not the kernels inside it; one test runs inductor itself.
 
-Under tensor parallelism (tp2 with sequence parallelism) the blocks are traced with DTensor activations and
-weights, and each rank sums its share of the dot products over the hidden (64) and intermediate (192) units and
+Under tensor parallelism (tp2 with sequence parallelism, inductor) the blocks are traced with DTensor activations
+and weights, and each rank sums its share of the dot products over the hidden (64) and intermediate (192) units and
 of the log-sum-exp over the vocabulary (128) before the ranks add theirs: more reordered sums, the longest over
 the intermediate units, so TP_LOSS_RTOL is twice reordered_sum_rtol(fp32, 192) (tests/test_parallel.py's argument).
 """
@@ -110,10 +110,11 @@ def _distributed(rank, tmp_path) -> dict:
     zero = ZeROStrategy(stage=3, activation_checkpointing=True, empty_init=False)
     pipeline = PipelineStrategy(stages=2, microbatches=2)
     # Both ranks of a tensor-parallel group take the whole batch (sequence parallelism on, the default; the
-    # initial weights loaded before the split: empty_init=False).
+    # initial weights loaded before the split: empty_init=False). Inductor itself: under tensor parallelism its
+    # kernels run on each rank's shards (about a minute more than the capture alone on 2 cores).
     tensor, counts = ParallelStrategy(tensor_parallel=2, empty_init=False), CompileCounts()
     return {
-        "tensor": fit(Seeded(init, compile=CAPTURE), TokenData(packed=True), tensor, 2, STEPS, callbacks=[counts]),
+        "tensor": fit(Seeded(init, compile=True), TokenData(packed=True), tensor, 2, STEPS, callbacks=[counts]),
         "tensor_frames": counts.frames,
         # Each rank takes half of every batch; its loss is its share of the global batch's token mean.
         "zero": fit(Seeded(init, compile=CAPTURE), TokenData(batch_size=BATCH // 2, packed=True, split_by_strategy=True),
