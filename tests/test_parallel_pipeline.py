@@ -179,9 +179,10 @@ def _assert_optimizer_state_sharded(records: list[dict], dp: int) -> None:
 
 
 @pytest.mark.slow
-def test_pp2_x_dp2_zero2_equals_one_process(tmp_path):
-    records = _spawn(4, tmp_path, pp=2, zero_stage=2)
-    _assert_equals_one_process(records)
+@pytest.mark.parametrize("schedule", ["1f1b", "interleaved-zero-bubble"])  # (ZeRO-3 refuses zero bubble)
+def test_pp2_x_dp2_zero2_equals_one_process(tmp_path, schedule):
+    records = _spawn(4, tmp_path, pp=2, zero_stage=2, schedule=schedule)
+    _assert_equals_one_process(records, _four_layers() if schedule in MULTI_STAGE_SCHEDULES else "tiny")
     _assert_module_metrics(records, dp=2)
     _assert_stages_sharded(records, dp=2)
     _assert_optimizer_state_sharded(records, dp=2)
