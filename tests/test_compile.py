@@ -1,5 +1,5 @@
 """PretrainModule(compile=...): blocks compiled one at a time train as the eager model does, on one process,
-under activation checkpointing, ZeRO-3 and the pipeline, and packed batches do not recompile.
+under activation checkpointing, ZeRO-3, the pipeline and tensor parallelism, and packed batches do not recompile.
 
 Tolerance: fp32 on CPU, the same initial weights and batches. Compiling fuses and reorders operations
 (inductor's own reductions for RMSNorm, softmax and the loss), which changes only the order of roundings. A
@@ -9,6 +9,11 @@ in tests/test_pipeline.py, whose oracle and batches these tests share). The comp
 "aot_eager" backend (dynamo's capture and AOTAutograd's joint graph, without inductor's code generation,
 which takes minutes on a small CPU): what checkpointing, sharding and pipelining interact with is the
 captured autograd graph, not the kernels inside it; one test runs inductor itself.
+
+Under tensor parallelism (tp2 with sequence parallelism, inductor) the blocks are traced with DTensor activations
+and weights, and each rank sums its share of the dot products over the hidden (64) and intermediate (192) units and
+of the log-sum-exp over the vocabulary (128) before the ranks add theirs: more reordered sums, the longest over
+the intermediate units, so TP_LOSS_RTOL is twice reordered_sum_rtol(fp32, 192) (tests/test_parallel.py's argument).
 """
 
 from __future__ import annotations
@@ -20,14 +25,16 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 from lightning_llm.compile import compile_options
-from lightning_llm.models import build_model
+from lightning_llm.models import build_config, build_model
 from lightning_llm.modules.pretrain import PretrainModule
-from lightning_llm.strategies.parallel import PipelineStrategy
+from lightning_llm.strategies.parallel import ParallelStrategy, PipelineStrategy
 from lightning_llm.strategies.zero import ZeROStrategy
 from test_pipeline import BATCH, LOSS_RTOL, LR, VOCAB, TokenData, fit, spawn
+from tolerances import reordered_sum_rtol
 
 STEPS = 3
 CAPTURE = {"backend": "aot_eager"}
+TP_LOSS_RTOL = 2 * reordered_sum_rtol(torch.float32, max(VOCAB, build_config("tiny").intermediate_size))
 
 
 class Seeded(PretrainModule):
@@ -102,7 +109,13 @@ def _distributed(rank, tmp_path) -> dict:
     init = str(tmp_path / "init.pt")
     zero = ZeROStrategy(stage=3, activation_checkpointing=True, empty_init=False)
     pipeline = PipelineStrategy(stages=2, microbatches=2)
+    # Both ranks of a tensor-parallel group take the whole batch (sequence parallelism on, the default; the
+    # initial weights loaded before the split: empty_init=False). Inductor itself: under tensor parallelism its
+    # kernels run on each rank's shards (about a minute more than the capture alone on 2 cores).
+    tensor, counts = ParallelStrategy(tensor_parallel=2, empty_init=False), CompileCounts()
     return {
+        "tensor": fit(Seeded(init, compile=True), TokenData(packed=True), tensor, 2, STEPS, callbacks=[counts]),
+        "tensor_frames": counts.frames,
         # Each rank takes half of every batch; its loss is its share of the global batch's token mean.
         "zero": fit(Seeded(init, compile=CAPTURE), TokenData(batch_size=BATCH // 2, packed=True, split_by_strategy=True),
                     zero, 2, STEPS),
@@ -112,10 +125,13 @@ def _distributed(rank, tmp_path) -> dict:
 
 
 @pytest.mark.slow
-def test_compiled_blocks_compose_with_zero3_checkpointing_and_the_pipeline(init_path, tmp_path):
+def test_compiled_blocks_compose_with_zero3_checkpointing_the_pipeline_and_tensor_parallelism(init_path, tmp_path):
     reference = fit(Seeded(init_path), TokenData(packed=True), max_steps=STEPS)
     ranks = spawn(_distributed, 2, tmp_path)
     assert all(out["graphs"] >= 1 for out in ranks)  # the blocks ran compiled
+    for out in ranks:  # tp2: compiled at the first batch, never again; every rank logs the whole batch's loss
+        assert out["tensor_frames"][0] >= 1 and out["tensor_frames"] == out["tensor_frames"][:1] * STEPS
+        assert out["tensor"] == pytest.approx(reference, rel=TP_LOSS_RTOL)
     zero = [(a + b) / 2 for a, b in zip(ranks[0]["zero"], ranks[1]["zero"], strict=True)]
     assert zero == pytest.approx(reference, rel=LOSS_RTOL)
     assert all(out["pipeline"] == pytest.approx(reference, rel=LOSS_RTOL) for out in ranks)

@@ -319,6 +319,9 @@ def test_dp2_x_tp2_equals_one_process_and_resumes_on_every_layout(tmp_path):
     (dict(expert_parallel=2, pipeline_parallel=2), NotImplementedError, r"expert_parallel=2 with pipeline_parallel=2"),
     (dict(zero_stage=4), ValueError, r"zero_stage must be one of \(1, 2, 3\), got 4"),
     (dict(zero_stage=1, tensor_parallel=2), NotImplementedError, r"zero_stage=1 with tensor_parallel=2"),
+    (dict(pipeline_parallel=2, schedule="interleaved-zero-bubble"), NotImplementedError,
+     r"zero_stage=3 with schedule='interleaved-zero-bubble'.* Use zero_stage=1 or 2 with this schedule, or "
+     r"schedule='interleaved-1f1b' with zero_stage=3"),
 ])
 def test_bad_degrees_name_the_value(kwargs, error, match):
     with pytest.raises(error, match=match):

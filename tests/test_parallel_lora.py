@@ -1,8 +1,8 @@
 """LoRA adapters under tensor parallelism (strategies/tensor.py, `adapter_styles`) against one process.
 
 One 2-rank job trains LoRA adapters on every linear layer of a saved tiny base at tp2 with sequence
-parallelism (checkpointing, and writing the adapter at the end), resumes its half-way checkpoint, and
-trains at tp2 without sequence parallelism; the tests compare
+parallelism (checkpointing, and writing the adapter at the end), resumes its half-way checkpoint,
+trains at tp2 without sequence parallelism, and at tp2 under `MixedPrecision("bf16-mixed")`; the tests compare
 the losses and adapters with a one-process run from the same base and the same initial adapters, and the
 export of the tp2 checkpoint with the one-process one. One 4-rank job (slow) does the same at dp2 x tp2 on
 another shape. A quick 2-rank job counts the collectives each adapter factor issues.
@@ -20,8 +20,9 @@ import torch
 import torch.multiprocessing as mp
 
 from _precision_helpers import free_port
-from test_parallel import CLIP, HP, LOSS_TOL, SAVE_AT, STEPS, VOCAB, _loader
-from tolerances import UNIT_ROUNDOFF, assert_adam_steps_close
+from test_parallel import CLIP, HP, LOSS_TOL, ROWS, SAVE_AT, SEQ, STEPS, VOCAB, _loader
+from test_parallel_precision import _plugin, _update_error
+from tolerances import UNIT_ROUNDOFF, adam_update_rtol, assert_adam_steps_close, loss_atol
 
 LORA = dict(r=4, alpha=8, dropout=0.0)
 # The dp2 x tp2 run: another shape (6 heads of 16 over 2 kv-heads, hidden 96, intermediate 160), rank 3, adapters
@@ -59,7 +60,7 @@ class Record(L.Callback):
 
 
 def _fit(world: int, rank: int, tp: int, base: Path, root: Path, lora: dict = LORA, ckpt: Path | None = None,
-         qlora: bool = False, **options) -> dict:
+         qlora: bool = False, precision: str | None = None, **options) -> dict:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from lightning_llm.callbacks.lora import LoRACallback, QLoRACallback
@@ -78,7 +79,8 @@ def _fit(world: int, rank: int, tp: int, base: Path, root: Path, lora: dict = LO
                         gradient_clip_val=CLIP, default_root_dir=root, num_sanity_val_steps=0,
                         callbacks=[record, adapters(**lora, adapter_dir=str(root / "adapter")),
                                    ModelCheckpoint(dirpath=root / "ckpt", filename="{step}", save_last=True,
-                                                   save_top_k=-1, every_n_train_steps=SAVE_AT)])
+                                                   save_top_k=-1, every_n_train_steps=SAVE_AT)],
+                        plugins=[_plugin(precision)] if precision else None)
     trainer.fit(PretrainModule(str(base), **HP), _loader(rank // tp, world // tp), ckpt_path=ckpt)
     return record.out
 
@@ -91,7 +93,8 @@ def _worker(rank: int, world: int, port: int, out: str, base: str, job: str) -> 
     if job == "tp2":
         results = {"sp": _fit(world, rank, 2, base, out / "sp"),
                    "no-sp": _fit(world, rank, 2, base, out / "no-sp", sequence_parallel=False, zero_stage=2),
-                   "resumed": _fit(world, rank, 2, base, out / "resumed", ckpt=out / "sp" / "ckpt" / f"step={SAVE_AT}.ckpt")}
+                   "resumed": _fit(world, rank, 2, base, out / "resumed", ckpt=out / "sp" / "ckpt" / f"step={SAVE_AT}.ckpt"),
+                   "bf16": _fit(world, rank, 2, base, out / "bf16", precision="bf16")}
     elif job == "qlora":  # the 4-bit base, on the other shape, at tp2 with sequence parallelism
         results = {job: _fit(world, rank, 2, base, out / job, LORA_SOME, qlora=True)}
     else:  # "dp2xtp2"
@@ -121,9 +124,9 @@ def base(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def runs(base, tmp_path_factory):
     out = tmp_path_factory.mktemp("parallel_lora")
-    one = _fit(1, 0, 1, base, out / "one")
+    one, one_bf16 = _fit(1, 0, 1, base, out / "one"), _fit(1, 0, 1, base, out / "one-bf16", precision="bf16")
     torch.set_num_threads(1)
-    return {"tp2": _spawn(2, out, base, "tp2"), "one": one, "out": out}
+    return {"tp2": _spawn(2, out, base, "tp2"), "one": one, "one-bf16": one_bf16, "out": out}
 
 
 def _assert_equals_one_process(records: list[dict], one: dict) -> None:
@@ -150,6 +153,25 @@ def _assert_equals_one_process(records: list[dict], one: dict) -> None:
 @pytest.mark.parametrize("layout", ["sp", "no-sp"])  # no-sp also runs ZeRO stage 2
 def test_lora_under_tp2_trains_as_one_process(runs, layout):
     _assert_equals_one_process([rank[layout] for rank in runs["tp2"]], runs["one"])
+
+
+@pytest.mark.slow  # the fixture's
+def test_lora_under_tp2_with_bf16_mixed_trains_as_one_process_under_it(runs):
+    """bf16 autocast at tp2 (sequence parallelism) against one process under the same plugin: both round every
+    matmul to bf16 and differ in the order of the sums tensor parallelism splits, so (tests/test_parallel_precision.py's
+    argument) the losses are within loss_atol(bf16) = 3.1e-2 of each other and the adapters' update within
+    adam_update_rtol(bf16, tokens) = 0.5 of the one-process one; the adapters start equal and stay fp32 parameters."""
+    records, one = [rank["bf16"] for rank in runs["tp2"]], runs["one-bf16"]
+    for record in records:
+        assert all(torch.equal(v, one["init"][k]) for k, v in record["init"].items())
+        assert all(v.dtype == torch.float32 for v in record["final"].values())
+    losses = [sum(values) / len(values) for values in zip(*(r["losses"] for r in records))]
+    assert len(losses) == STEPS
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(one["losses"]), rtol=0, atol=loss_atol(torch.bfloat16))
+    error = _update_error(one["init"], records[0]["final"], one["final"])
+    assert error < adam_update_rtol(torch.bfloat16, ROWS * SEQ), f"adapter update off the one-process one by {error:.4f}"
+    # the plugin ran: its rounding moves the losses beyond the fp32 run's tolerance
+    assert not torch.allclose(torch.tensor(losses), torch.tensor(runs["one"]["losses"]), **LOSS_TOL)
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """ParallelStrategy with a pipeline dimension against single-process training, on gloo.
 
-Two 4-rank jobs train pipeline_parallel=2 x data_parallel=2 under ZeRO-2 (each stage's modules sharded
-over the two pipelines) and ZeRO-1 (each stage replicated, its optimizer state sharded), one 2-rank job a
+4-rank jobs train pipeline_parallel=2 x data_parallel=2 under ZeRO-2 (each stage's modules sharded over the
+two pipelines) and ZeRO-1 (each stage replicated, its optimizer state sharded; one job per schedule: 1F1B,
+interleaved 1F1B and zero bubble, the last two with 2 chunks per rank of a 4-layer model), one 2-rank job a
 pipeline of 2 alone; the tests compare the losses and final
 weights with a plain PyTorch loop on one process over the same global batches (tests/test_parallel.py's
 oracle and tolerances), started from the weights the distributed run recorded, and check that the
@@ -22,6 +23,7 @@ from torch.distributed.tensor import DTensor
 
 from _precision_helpers import free_port
 from lightning_llm.strategies.parallel import ParallelStrategy
+from lightning_llm.strategies.pipeline import MULTI_STAGE_SCHEDULES
 from test_parallel import CLIP, VOCAB, LOSS_TOL, LR_SUM, ROWS, SAVE_AT, SEQ, STEPS, _loader, _module, global_batches, single_process_run
 from tolerances import assert_adam_steps_close
 
@@ -70,8 +72,15 @@ def _recorder(record: dict) -> L.Callback:
     return Recorder()
 
 
+def _four_layers():
+    """The tiny preset with 4 decoder layers: the interleaved schedules run 2 chunks per rank, 4 stages at pp2."""
+    from lightning_llm.models import build_config
+
+    return build_config("tiny", num_hidden_layers=4)
+
+
 def _worker(rank: int, world: int, port: int, out: str, pp: int, zero_stage: int, save: bool = False,
-            resume: str | None = None, tp: int = 1) -> None:
+            resume: str | None = None, tp: int = 1, schedule: str = "1f1b") -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
@@ -80,7 +89,7 @@ def _worker(rank: int, world: int, port: int, out: str, pp: int, zero_stage: int
     torch.manual_seed(10 * rank)  # ranks draw different numbers: the model must not depend on it
     record: dict = {}
     dp = world // (pp * tp)
-    pipeline = dict(microbatches=2, schedule="1f1b") if pp > 1 else {}
+    pipeline = dict(microbatches=2, schedule=schedule) if pp > 1 else {}
     strategy = ParallelStrategy(pipeline_parallel=pp, tensor_parallel=tp, zero_stage=zero_stage, **pipeline)
     callbacks = [_recorder(record)]
     if save:
@@ -93,7 +102,7 @@ def _worker(rank: int, world: int, port: int, out: str, pp: int, zero_stage: int
     # stages of a pipeline and the ranks of a tensor-parallel group get the rows of their data coordinate.
     # With checkpoints, validation on the training batches at each epoch's end (through the pipeline).
     loader = _loader(rank // tp % dp, dp)
-    module = _module()
+    module = _module(_four_layers() if schedule in MULTI_STAGE_SCHEDULES else "tiny")
     trainer.fit(module, loader, loader if save else None, ckpt_path=resume)
     record["val_history"] = module.val_history
     if save:  # the live model, gathered from the stages and their shards, as the end-of-run export writes it
@@ -104,8 +113,9 @@ def _worker(rank: int, world: int, port: int, out: str, pp: int, zero_stage: int
 
 
 def _spawn(world: int, out: Path, pp: int, zero_stage: int, save: bool = False, resume: str | None = None,
-           tp: int = 1) -> list[dict]:
-    mp.spawn(_worker, args=(world, free_port(), str(out), pp, zero_stage, save, resume, tp), nprocs=world, join=True)
+           tp: int = 1, schedule: str = "1f1b") -> list[dict]:
+    mp.spawn(_worker, args=(world, free_port(), str(out), pp, zero_stage, save, resume, tp, schedule), nprocs=world,
+             join=True)
     return [torch.load(out / f"{'resumed' if resume else 'run'}-rank{r}.pt", weights_only=False) for r in range(world)]
 
 
@@ -120,9 +130,9 @@ def _joined(records: list[dict], key: str) -> dict[str, torch.Tensor]:
     return joined
 
 
-def _assert_equals_one_process(records: list[dict]) -> None:
+def _assert_equals_one_process(records: list[dict], model_spec: object = "tiny") -> None:
     init = _joined(records, "init")
-    expected_losses, expected_weights = single_process_run(init, STEPS)
+    expected_losses, expected_weights = single_process_run(init, STEPS, model_spec)
     for record in records:  # every rank logs the global batch's loss
         torch.testing.assert_close(torch.tensor(record["losses"]), torch.tensor(expected_losses), **LOSS_TOL)
     final = _joined(records, "final")
@@ -169,9 +179,10 @@ def _assert_optimizer_state_sharded(records: list[dict], dp: int) -> None:
 
 
 @pytest.mark.slow
-def test_pp2_x_dp2_zero2_equals_one_process(tmp_path):
-    records = _spawn(4, tmp_path, pp=2, zero_stage=2)
-    _assert_equals_one_process(records)
+@pytest.mark.parametrize("schedule", ["1f1b", "interleaved-zero-bubble"])  # (ZeRO-3 refuses zero bubble)
+def test_pp2_x_dp2_zero2_equals_one_process(tmp_path, schedule):
+    records = _spawn(4, tmp_path, pp=2, zero_stage=2, schedule=schedule)
+    _assert_equals_one_process(records, _four_layers() if schedule in MULTI_STAGE_SCHEDULES else "tiny")
     _assert_module_metrics(records, dp=2)
     _assert_stages_sharded(records, dp=2)
     _assert_optimizer_state_sharded(records, dp=2)
@@ -179,11 +190,14 @@ def test_pp2_x_dp2_zero2_equals_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_pp2_x_dp2_zero1_equals_one_process(tmp_path):
+@pytest.mark.parametrize("schedule", ["1f1b", "interleaved-1f1b", "interleaved-zero-bubble"])
+def test_pp2_x_dp2_zero1_equals_one_process(tmp_path, schedule):
     """ZeRO-1 on each stage: the stage replicated over its two pipelines (DistributedDataParallel, all-reducing
-    once per step), the optimizer state sharded over them; the same losses and weights as one process."""
-    records = _spawn(4, tmp_path, pp=2, zero_stage=1)
-    _assert_equals_one_process(records)
+    once per step), the optimizer state sharded over them; the same losses and weights as one process. The
+    interleaved schedules run 2 chunks per rank (4 stages of a 4-layer model), each its own replica; zero bubble
+    also splits each backward into its input and weight halves."""
+    records = _spawn(4, tmp_path, pp=2, zero_stage=1, schedule=schedule)
+    _assert_equals_one_process(records, _four_layers() if schedule in MULTI_STAGE_SCHEDULES else "tiny")
     _assert_module_metrics(records, dp=2)
     _assert_stages_sharded(records, dp=1)  # whole parameters
     _assert_optimizer_state_sharded(records, dp=2)

@@ -33,6 +33,7 @@ sharded format, `lightning_llm.checkpoint`) join on one process and resume under
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -65,6 +66,9 @@ SCHEDULES: dict[str, type] = {
 # Schedules that run several model chunks ("virtual stages") per rank, placed in a loop:
 # rank r holds stages r, r + p, r + 2p, ...
 MULTI_STAGE_SCHEDULES = {"interleaved-1f1b", "interleaved-zero-bubble"}
+# Schedules that split each backward into its input half and a later weight half; torch computes the weight
+# gradients with torch.autograd.grad and assigns them, so no gradient-accumulation hook fires for them.
+SPLIT_BACKWARD_SCHEDULES = {"interleaved-zero-bubble"}
 
 
 # Forward-only schedules kept for evaluation shapes (each holds its stages' buffers for its shape), least
@@ -345,6 +349,7 @@ class Pipeline:
         self._pending_grads: dict[nn.Parameter, Tensor] = {}
         self._loss_normalizer: Tensor | None = None
         self._microbatch_losses: list[Tensor] = []
+        self._averages_replicas = False
 
     def connect(self, strategy: Any, rank: int, group: dist.ProcessGroup, data_group: dist.ProcessGroup | None,
                 tied_group: dist.ProcessGroup | None, residual_layout: tuple[Any, tuple[Any, ...]] | None = None) -> None:
@@ -446,6 +451,23 @@ class Pipeline:
         model = causal_lm_of(self.strategy.lightning_module)
         if model._pipeline_tied and self.holds_last_stage and not self.holds_first_stage:
             getattr(model, getattr(model, "base_model_prefix", "model")).embed_tokens.weight = model.lm_head.weight
+
+    @property
+    def splits_backward(self) -> bool:
+        return self.schedule in SPLIT_BACKWARD_SCHEDULES
+
+    def replicate_by_hand(self) -> None:
+        """Replicate the stages over the data dimension without DistributedDataParallel (ZeRO-1 under a schedule
+        that `splits_backward`): DDP's reducer all-reduces from the gradient-accumulation hooks, which the weight
+        half of a split backward never fires (torch reduces FSDP's gradients by hand after it, not DDP's), so it
+        would leave the replicas' gradients apart. The stages start equal here (the data group's first rank's
+        parameters and buffers, as DDP's constructor broadcasts them) and `backward` averages the gradients."""
+        src = dist.get_global_rank(self.data_group, 0)
+        with torch.no_grad():
+            for stage in self.stage_modules:
+                for t in itertools.chain(stage.parameters(), stage.buffers()):
+                    dist.broadcast(t, src=src, group=self.data_group)
+        self._averages_replicas = True
 
     def broadcast_tied(self) -> None:
         """The last stage copies the first stage's tied embedding (its local shard, under ZeRO: the same cut)."""
@@ -585,6 +607,11 @@ class Pipeline:
         strategy, module = self.strategy, self.strategy.lightning_module
         closure_loss = strategy.precision_plugin.pre_backward(closure_loss, module)
         grads, self._pending_grads = self._pending_grads, {}
+        if self._averages_replicas and self.data_parallel_size > 1:  # (see `replicate_by_hand`)
+            works = [dist.all_reduce(grad, group=self.data_group, async_op=True) for grad in grads.values()]
+            for work, grad in zip(works, grads.values()):
+                work.wait()
+                grad.div_(self.data_parallel_size)
         tied = self._tied_embedding()
         if tied is not None and self.tied_group is not None:
             dist.all_reduce(_local(grads.setdefault(tied, torch.zeros_like(tied))), group=self.tied_group)
