@@ -114,6 +114,22 @@ class PlantOverflow(Callback):
         self.after[trainer.global_step - 1] = self.snapshot(trainer, module)
 
 
+def draw_residual_branches(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Draw a fresh model's residual projections (o_proj, down_proj), which the project's init starts at zero
+    (models.init_stds), with the small init's std 1 / (sqrt(d) L): a forward check on a fresh model (an attention
+    mask, packing, a split) then depends on its attention and MLP weights, not on its embeddings alone."""
+    from lightning_llm.models import RESIDUAL_PROJECTIONS
+
+    config = model.config if hasattr(model, "config") else model.model.config
+    std = 1 / (config.hidden_size ** 0.5 * config.num_hidden_layers)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.rsplit(".", 1)[-1] in RESIDUAL_PROJECTIONS and isinstance(module, torch.nn.Linear):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * std)
+    return model
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

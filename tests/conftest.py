@@ -60,22 +60,3 @@ def rank_zero_restored():
     if rank is not None:
         rank_zero_only.rank = rank
 
-
-@pytest.fixture(autouse=True)
-def residual_branches_drawn(request, monkeypatch):
-    """A fresh model starts with its residual projections at zero (models.init_stds): its logits are then its
-    embeddings' alone, whatever its attention and MLP weights hold, so a forward check on a fresh model (an
-    attention mask, a tensor-parallel split, an export's logits, a KV cache) would pass with those weights
-    wrong. In this process the tests draw them with the small init's std, 1 / (sqrt(d) L), as before the zero
-    start; tests marked `fresh_init` (tests/test_init.py) see the default rule itself. (Workers that
-    `mp.spawn` starts build models with the default rule; those tests train, and a step makes every weight count.)"""
-    if request.node.get_closest_marker("fresh_init") is not None:
-        return
-    from lightning_llm import models
-
-    default = models.init_stds
-
-    def drawn(config):
-        return default(config)._replace(residual=1 / (config.hidden_size ** 0.5 * config.num_hidden_layers))
-
-    monkeypatch.setattr(models, "init_stds", drawn)

@@ -13,9 +13,6 @@ from transformers import AutoModelForCausalLM
 from lightning_llm.models import build_config, build_model
 from lightning_llm.modules.pretrain import PretrainModule
 
-# The rule itself, not the drawn residual branches the other tests get (conftest.residual_branches_drawn).
-pytestmark = pytest.mark.fresh_init
-
 KINDS = ("embed_tokens", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

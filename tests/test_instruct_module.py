@@ -25,6 +25,7 @@ from lightning_llm.data.instruct import (
 )
 from lightning_llm.models import build_model
 from lightning_llm.modules.instruct import InstructionTuningModule, attend_per_example
+from _precision_helpers import draw_residual_branches
 from tolerances import loss_atol, reordered_sum_rtol
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,6 +65,7 @@ def test_packed_examples_do_not_attend_across_and_lose_what_unpacked_lose(chat_t
     torch.manual_seed(0)
     module = InstructionTuningModule("tiny", vocab_size=len(chat_tokenizer), attn_implementation=attn)
     module.configure_model()
+    draw_residual_branches(module.model)  # zero at init: the logits would not depend on attention at all
     module.eval()
     qa = [("What is 3 + 4?", "7"), ("Reverse the words: stone river", "river stone"), ("Say hi.", "hi")]
     samples = samples_of(chat_tokenizer, qa)
