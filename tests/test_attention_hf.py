@@ -19,6 +19,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from lightning_llm.attention import ATTN_IMPLEMENTATION, attention_backend, lightning_attention_forward
 from lightning_llm.attention.reference import naive_attention
 from lightning_llm.attention.registry import valid_keys_mask
+from _precision_helpers import draw_residual_branches
 from lightning_llm.models import build_model
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -28,7 +29,7 @@ VOCAB = 256
 def twin_models():
     """The same random weights, once with transformers' sdpa attention and once with this project's."""
     torch.manual_seed(0)
-    reference = build_model("tiny", vocab_size=VOCAB, attn_implementation="sdpa").to(DEVICE)
+    reference = draw_residual_branches(build_model("tiny", vocab_size=VOCAB, attn_implementation="sdpa")).to(DEVICE)
     flash = build_model("tiny", vocab_size=VOCAB, attn_implementation=ATTN_IMPLEMENTATION).to(DEVICE)
     flash.load_state_dict(reference.state_dict())
     return reference, flash
@@ -154,7 +155,7 @@ STATIC_BATCH = {"tiny": 3, "odd": 2}
 def eager_twins(shape: str):
     torch.manual_seed(0)
     overrides = dict(vocab_size=VOCAB, **STATIC_SHAPES[shape])
-    reference = build_model("tiny", attn_implementation="eager", **overrides).to(DEVICE)
+    reference = draw_residual_branches(build_model("tiny", attn_implementation="eager", **overrides)).to(DEVICE)
     flash = build_model("tiny", attn_implementation=ATTN_IMPLEMENTATION, **overrides).to(DEVICE)
     flash.load_state_dict(reference.state_dict())
     return reference, flash
