@@ -93,6 +93,15 @@ def whole_model_evaluation(strategy: object, model: nn.Module) -> Iterator[Evalu
         yield EvaluationCalls()
 
 
+def restore_forward(module: nn.Module, shadowed: object | None) -> None:
+    """Undo a temporary `module.forward = ...` (a step or an evaluation run inside a sharded root's forward):
+    put back the instance attribute it shadowed, or drop it so that the class's forward is called again."""
+    if shadowed is not None:
+        module.forward = shadowed
+    else:
+        module.__dict__.pop("forward", None)
+
+
 def local_loss(loss: torch.Tensor) -> torch.Tensor:
     """The plain tensor of a loss: a vocabulary-parallel cross-entropy returns a `DTensor` whose value is
     already the whole loss on every rank of the tensor-parallel group (replicated); other losses pass."""

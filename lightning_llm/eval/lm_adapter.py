@@ -41,7 +41,7 @@ from torch.distributed.fsdp import FSDPModule
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lightning_llm.protocols import EvaluationCalls
+from lightning_llm.protocols import EvaluationCalls, restore_forward
 
 # (string pair or None, context tokens, continuation tokens): what TemplateLM hands to scoring.
 TokenRequest = tuple[Any, list[int], list[int]]
@@ -62,7 +62,7 @@ def within_root_forward(root: nn.Module | None, run: Callable[[], T]) -> T:
     shadowed = root.__dict__.get("forward")  # Lightning's redirection may leave one behind
 
     def forward(*args: Any, **kwargs: Any) -> T:
-        _restore_forward(root, shadowed)  # `run` may call the real forward
+        restore_forward(root, shadowed)  # `run` may call the real forward
         return run()
 
     root.forward = forward
@@ -70,14 +70,7 @@ def within_root_forward(root: nn.Module | None, run: Callable[[], T]) -> T:
         with torch.no_grad():
             return root()
     finally:
-        _restore_forward(root, shadowed)
-
-
-def _restore_forward(module: nn.Module, shadowed: Callable | None) -> None:
-    if shadowed is not None:
-        module.forward = shadowed
-    else:
-        module.__dict__.pop("forward", None)
+        restore_forward(root, shadowed)
 
 
 class LightningLM(TemplateLM):

@@ -59,6 +59,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from lightning_llm.checkpoint import check_optimizer_layout, open_sharded, remove_checkpoint, save_sharded
+from lightning_llm.protocols import restore_forward
 from lightning_llm.strategies.launch import check_launch_size
 
 STAGES = (1, 2, 3)
@@ -494,7 +495,7 @@ class _RootStepRedirection(_ForwardRedirection):
         shadowed = original_module.__dict__.get("forward")
 
         def step(*step_args: Any, **step_kwargs: Any) -> Any:
-            _restore_forward(original_module, shadowed)  # the step may call the real forward ...
+            restore_forward(original_module, shadowed)  # the step may call the real forward ...
             with _forward_hooks_suspended(original_module):  # ... as part of this one
                 return getattr(original_module, method_name)(*step_args, **step_kwargs)
 
@@ -502,14 +503,7 @@ class _RootStepRedirection(_ForwardRedirection):
         try:
             return wrapper_module(*args, **kwargs)
         finally:
-            _restore_forward(original_module, shadowed)
-
-
-def _restore_forward(module: nn.Module, shadowed: Any) -> None:
-    if shadowed is not None:
-        module.forward = shadowed
-    else:
-        module.__dict__.pop("forward", None)
+            restore_forward(original_module, shadowed)
 
 
 @contextmanager
