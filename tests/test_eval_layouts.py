@@ -79,6 +79,24 @@ def test_pipelined_forward_refuses_a_kv_cache():
             torch.zeros(1, 3, dtype=torch.long), use_cache=True)
 
 
+@pytest.mark.parametrize("extra", [{"output_hidden_states": True}, {"labels": torch.zeros(1, 3, dtype=torch.long)},
+                                   {"output_router_logits": True}, {"return_dict": False}])
+def test_pipelined_forward_refuses_what_it_cannot_give(extra):
+    # The stages return the last stage's logits only: hidden states, a loss from labels, router logits or a tuple
+    # output would be dropped, so they are refused by name.
+    name = next(iter(extra))
+    with pytest.raises(ValueError, match=f"returns the logits only .* cannot give {name}="):
+        Pipeline(**{"size": 2, "microbatches": 2, "schedule": "gpipe"})._pipelined_forward(
+            torch.zeros(1, 3, dtype=torch.long), use_cache=False, **extra)
+
+
+def test_pipelined_forward_takes_what_generation_passes():
+    # What `generate` and lm-eval pass besides the inputs asks for nothing the pipeline drops (the pp2 tests above
+    # generate through it).
+    pipeline._refuse_unsupported({"cache_position": torch.arange(3), "return_dict": True, "output_attentions": False,
+                                  "output_hidden_states": False, "inputs_embeds": None})
+
+
 def test_padded_lengths_are_few_and_close():
     lengths = [padded_length(n) for n in range(1, 1025)]
     assert all(n <= p <= 1.25 * n for n, p in zip(range(1, 1025), lengths))

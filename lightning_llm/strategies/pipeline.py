@@ -653,7 +653,7 @@ class Pipeline:
 
     def _pipelined_forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                            position_ids: Tensor | None = None, logits_to_keep: int | Tensor = 0,
-                           use_cache: bool | None = None, past_key_values: Any = None, **_: Any) -> CausalLMOutputWithPast:
+                           use_cache: bool | None = None, past_key_values: Any = None, **extra: Any) -> CausalLMOutputWithPast:
         """Forward-only pass through the pipeline; every rank of the pipeline gets the logits, of the positions
         that `logits_to_keep` names as transformers' causal LMs take it (an int: the last ones, 0: all; a tensor:
         those positions).
@@ -666,6 +666,7 @@ class Pipeline:
         if use_cache or past_key_values is not None:
             raise ValueError("the pipeline's forward keeps no KV cache (each call runs the whole sequence through "
                              "the stages): call it, and `generate`, with use_cache=False")
+        _refuse_unsupported(extra)
         device = self.strategy.root_device
         batch, length = input_ids.shape
         sequence_shards = self.residual_layout[0].size() if self.residual_layout is not None else 1
@@ -744,6 +745,25 @@ def _release_step_outputs(schedule: Any) -> None:
     per rank) or `_stages`."""
     for stage in getattr(schedule, "_stages", None) or [schedule._stage]:
         stage.clear_runtime_states()
+
+
+def _asks_nothing(name: str, value: Any) -> bool:
+    """Whether a keyword of a causal LM's forward asks for nothing the pipelined forward would drop: None, an
+    `output_*=False`, generation's cache positions (no cache is kept) or `return_dict=True` (it returns one)."""
+    return (value is None or (name.startswith("output_") and value is False) or name == "cache_position"
+            or (name == "return_dict" and value is True))
+
+
+def _refuse_unsupported(extra: dict[str, Any]) -> None:
+    """Refuse what the pipelined forward cannot give (hidden states, a loss from labels, router logits, a tuple
+    output) rather than drop it, naming the keyword."""
+    refused = sorted(name for name, value in extra.items() if not _asks_nothing(name, value))
+    if refused:
+        shown = ", ".join(f"{name}=<tensor>" if isinstance(extra[name], Tensor) else f"{name}={extra[name]!r}"
+                          for name in refused)
+        raise ValueError(f"the pipeline's forward returns the logits only (input_ids, attention_mask, position_ids, "
+                         f"logits_to_keep); it cannot give {shown}: evaluate without them, or without pipeline "
+                         f"parallelism")
 
 
 def _padded(t: Tensor, rows: int, width: int, fill: int) -> Tensor:
