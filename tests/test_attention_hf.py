@@ -144,6 +144,30 @@ def test_attention_dropout_is_refused():
         model(tokens(1, 8))
 
 
+def test_attention_sinks_are_refused_not_ignored():
+    # GPT-OSS adds a learned sink logit per head to every softmax (`s_aux`); the kernel has none, and ignoring
+    # it changed the logits by as much as their own scale (measured: 2.67 against max |logit| 3.10).
+    from transformers import GptOssConfig
+
+    config = GptOssConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_local_experts=2,
+                          num_experts_per_tok=1, max_position_embeddings=64, sliding_window=64,
+                          layer_types=["full_attention"], rope_parameters={"rope_type": "default", "rope_theta": 1e4})
+    model = build_model(config, attn_implementation=ATTN_IMPLEMENTATION).to(DEVICE)
+    with pytest.raises(ValueError, match=r"s_aux.*attn_implementation='eager'"):
+        model(tokens(1, 8))
+
+
+@pytest.mark.parametrize("name", ["s_aux", "sinks", "position_bias", "indices", "block_indices"])
+def test_score_modifiers_are_refused_in_a_direct_call(name):
+    module = torch.nn.Module()
+    module.is_causal = True
+    q, k, v = (torch.randn(1, 2, 5, 8, device=DEVICE) for _ in range(3))
+    lightning_attention_forward(module, q, k, v, None, **{name: None})  # absent (None) is no modifier
+    with pytest.raises(ValueError, match=name):
+        lightning_attention_forward(module, q, k, v, None, **{name: torch.zeros(2, device=DEVICE)})
+
+
 # A StaticCache preallocates max_cache_len slots and hands attention the whole buffer; only the first
 # q_offset + q_len slots hold tokens. Two shapes: the tiny preset (head_dim 16, 4 query heads on 2 KV heads,
 # batch 3) and an odd one (head_dim 15, 3 query heads on 1 KV head, batch 2).

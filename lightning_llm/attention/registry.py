@@ -40,6 +40,12 @@ log = logging.getLogger(__name__)
 
 ATTN_IMPLEMENTATION = "lightning_fa2"
 
+# Arguments by which a model changes its attention scores beyond q k^T * scaling and the mask, as transformers'
+# decoders pass them to the attention function: learned attention sinks (GPT-OSS `s_aux`, `sinks`), an additive
+# score bias (`position_bias`), sparse attention's selected keys (DeepSeek's `indices`, `block_indices`). The
+# kernel computes none of them, and an argument left unread would give other attention without a word.
+SCORE_MODIFIERS = ("s_aux", "sinks", "position_bias", "indices", "block_indices")
+
 
 def valid_keys_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int | Tensor = 0,
                     kv_offset: int = 0, attention_mask: Tensor | None = None, device: torch.device | str = "cpu",
@@ -87,6 +93,12 @@ def lightning_attention_forward(
     if sliding_window is not None or softcap is not None:
         raise ValueError(f"{ATTN_IMPLEMENTATION} supports neither sliding windows nor logit soft-capping "
                          f"(got sliding_window={sliding_window}, softcap={softcap}): use 'sdpa' for this model")
+    modifiers = [name for name in SCORE_MODIFIERS if kwargs.get(name) is not None]
+    if modifiers:
+        raise ValueError(f"{ATTN_IMPLEMENTATION} computes softmax(q k^T * scaling) v under a causal or padding mask "
+                         f"only, and {type(module).__name__} also passes {', '.join(modifiers)} (attention sinks, a "
+                         "score bias or sparse key selection): use the model's own attention, attn_implementation="
+                         "'eager' (or another the model supports)")
     causal = module.is_causal if is_causal is None else is_causal
     batch, num_heads, seqlen_q, head_dim = query.shape
     seqlen_k = key.shape[2]
