@@ -30,6 +30,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.integrations.bitsandbytes import dequantize_and_replace
+from transformers.pytorch_utils import Conv1D
 
 from lightning_llm.checkpoint import atomic_directory, load_checkpoint
 from lightning_llm.export import (
@@ -65,10 +66,11 @@ def is_4bit(obj: Any, kind: Literal["Linear4bit", "Params4bit"] = "Linear4bit") 
 
 def linear_layer_names(model: nn.Module) -> list[str]:
     """Qualified names of the linear layers LoRA can adapt: every linear but the output embedding
-    (a bitsandbytes `Linear4bit` is an `nn.Linear` too)."""
+    (a bitsandbytes `Linear4bit` is an `nn.Linear` too), and transformers' `Conv1D` layers, GPT-2's
+    linear layers with a transposed weight (peft adapts them as it adapts `nn.Linear`)."""
     output = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
     return [name for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and m is not output and ".lora_" not in name]
+            if isinstance(m, (nn.Linear, Conv1D)) and m is not output and ".lora_" not in name]
 
 
 def check_target_modules(model: nn.Module, target_modules: str | list[str]) -> None:
@@ -130,6 +132,12 @@ def quantize_4bit(model: nn.Module, quant_type: str = "nf4", double_quant: bool 
     names = linear_layer_names(model)
     if not names:
         raise ValueError(f"QLoRA quantizes linear layers, and {type(model).__name__} has none")
+    conv1d = sorted({name.rsplit(".", 1)[-1] for name in names if isinstance(model.get_submodule(name), Conv1D)})
+    if conv1d:
+        # A 4-bit layer holds the weight as nn.Linear does; merged back, it would no longer fit the Conv1D
+        # (transposed) weights the model's own checkpoint format expects.
+        raise ValueError(f"QLoRA quantizes torch.nn.Linear layers, and {type(model).__name__}'s {conv1d} are "
+                         "transformers Conv1D layers (GPT-2's transposed linear layers): use LoRACallback on this model")
     for name in names:
         linear = model.get_submodule(name)
         if isinstance(linear, bnb.nn.Linear4bit):  # loaded in 4 bits already (`QLoRACallback.model_load_kwargs`)
@@ -346,7 +354,7 @@ class LoRACallback(Callback):
         alpha: scale of the update; the learned weight is W0 + (alpha / r) B A.
         dropout: dropout on the adapter's input.
         target_modules: "all-linear" (every linear layer but the output embedding, attention and MLP
-            alike), a list of layer names (`["q_proj", "v_proj"]`) or a regular expression over
+            alike, GPT-2's Conv1D layers included), a list of layer names (`["q_proj", "v_proj"]`) or a regular expression over
             qualified names.
         adapter_name: the adapter's name; several named adapters can share one base.
         lr_multiplier: multiplies the module's learning rate (LoRA usually wants a higher one than
