@@ -659,3 +659,21 @@ def test_an_adapter_loads_with_auto_peft_from_another_directory(tmp_path, tokeni
     assert AutoTokenizer.from_pretrained(run / "adapter").model_max_length == 64
     assert AutoTokenizer.from_pretrained("exported").model_max_length == 64
     assert tokenizer.model_max_length == 1 << 30
+
+
+def test_lora_on_a_module_built_from_a_config_object_writes_its_adapter_and_checkpoint(tmp_path):
+    # PretrainModule(model=<a transformers config>) builds a random base from it; the adapter and the checkpoint
+    # must not take the config for a path (it crashed after training: "File name too long", no adapter written).
+    from lightning_llm.export import ADAPTER_KEY
+    from lightning_llm.models import build_config
+    from test_pipeline import TokenData
+
+    module = PretrainModule(build_config("tiny", vocab_size=128), lr=1e-2, warmup_steps=0)
+    trainer = make_trainer(tmp_path, 2, [LoRACallback(r=2, dropout=0.0)])
+    trainer.fit(module, datamodule=TokenData(n=8))
+    trainer.save_checkpoint(tmp_path / "lora.ckpt")
+    assert torch.load(tmp_path / "lora.ckpt", weights_only=False)[ADAPTER_KEY]["base"] is None  # nothing names it
+    reloaded = PeftModel.from_pretrained(module.model.get_base_model(), tmp_path / "adapter", adapter_name="again")
+    reloaded.set_adapter("again")
+    adapted_with = {n.replace(".again.", ".default."): p for n, p in reloaded.named_parameters() if ".again." in n}
+    assert adapted_with and all(torch.equal(p, module.model.get_parameter(n)) for n, p in adapted_with.items())

@@ -28,7 +28,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
 from torch.distributed.tensor import DTensor
-from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import BitsAndBytesConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.integrations.bitsandbytes import dequantize_and_replace
 from transformers.pytorch_utils import Conv1D
 
@@ -262,9 +262,12 @@ def gathered_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in peft_model.state_dict().items() if k in keys}
 
 
-def base_reference(spec: str | os.PathLike | None) -> str | None:
+def base_reference(spec: str | os.PathLike | PretrainedConfig | None) -> str | None:
     """How an adapter names its base so that it loads from any working directory: a local path made absolute
-    (as typed at training it is relative to that run's directory), a preset or hub id as it is."""
+    (as typed at training it is relative to that run's directory), a preset or hub id as it is; None for a
+    config object (a random initialisation, which nothing names)."""
+    if isinstance(spec, PretrainedConfig):
+        return None
     if spec is None or str(spec) in PRESETS or not Path(spec).exists():
         return None if spec is None else str(spec)
     return str(Path(spec).resolve())
@@ -430,7 +433,8 @@ class LoRACallback(Callback):
         pl_module.strict_loading = False
         base = getattr(pl_module.hparams, "model", None) if hasattr(pl_module, "hparams") else None
         if base is not None and not has_weights(base):
-            rank_zero_warn(f"LoRA on base {base!r}, which has no pretrained weights (a random initialisation): "
+            named = f"a {type(base).__name__} object" if isinstance(base, PretrainedConfig) else repr(base)
+            rank_zero_warn(f"LoRA on base {named}, which has no pretrained weights (a random initialisation): "
                            "checkpoints hold the adapter only, and resuming or merging one needs this same base")
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         # a 4-bit weight packs two parameters per byte: count the weights it stands for
@@ -523,7 +527,7 @@ class LoRACallback(Callback):
             peft_model = as_peft_model(pl_module.model)
             base = getattr(pl_module.hparams, "model", None)
             if base is not None:
-                peft_model.peft_config[self.adapter_name].base_model_name_or_path = str(base)
+                peft_model.peft_config[self.adapter_name].base_model_name_or_path = base_reference(base)
             with atomic_directory(out, overwrite=True) as tmp:
                 save_adapter(peft_model, tmp, self.adapter_name, getattr(pl_module, "tokenizer", None), state)
             rank_zero_info(f"adapter {self.adapter_name!r} written to {out}")
