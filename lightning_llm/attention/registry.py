@@ -91,15 +91,7 @@ def lightning_attention_forward(
     if dropout:
         raise ValueError(f"{ATTN_IMPLEMENTATION} has no attention dropout (got {dropout}): set the model "
                          "config's attention_dropout to 0.0")
-    if softcap is not None:
-        raise ValueError(f"{ATTN_IMPLEMENTATION} has no logit soft-capping (got softcap={softcap}): use "
-                         "attn_implementation='eager' for this model (sdpa has none either)")
-    modifiers = [name for name in SCORE_MODIFIERS if kwargs.get(name) is not None]
-    if modifiers:
-        raise ValueError(f"{ATTN_IMPLEMENTATION} computes softmax(q k^T * scaling) v under a causal or padding mask "
-                         f"only, and {type(module).__name__} also passes {', '.join(modifiers)} (attention sinks, a "
-                         "score bias or sparse key selection): use the model's own attention, attn_implementation="
-                         "'eager' (or another the model supports)")
+    refuse_score_changes(module, softcap, kwargs)
     causal = module.is_causal if is_causal is None else is_causal
     batch, num_heads, seqlen_q, head_dim = query.shape
     seqlen_k = key.shape[2]
@@ -146,6 +138,20 @@ def lightning_attention_forward(
 
     window(seqlen_k)
     return flash_attention(query, key, value, **options).transpose(1, 2), None
+
+
+def refuse_score_changes(module: nn.Module, softcap: float | None, kwargs: dict) -> None:
+    """Refuse logit soft-capping and the `SCORE_MODIFIERS` an attention call was given: the kernel (and ring and
+    all-to-all attention, built on it) computes softmax(q k^T * scaling) v under a causal or padding mask only."""
+    if softcap is not None:
+        raise ValueError(f"{ATTN_IMPLEMENTATION} has no logit soft-capping (got softcap={softcap}): use "
+                         "attn_implementation='eager' for this model (sdpa has none either)")
+    modifiers = [name for name in SCORE_MODIFIERS if kwargs.get(name) is not None]
+    if modifiers:
+        raise ValueError(f"{ATTN_IMPLEMENTATION} computes softmax(q k^T * scaling) v under a causal or padding mask "
+                         f"only, and {type(module).__name__} also passes {', '.join(modifiers)} (attention sinks, a "
+                         "score bias or sparse key selection): use the model's own attention, attn_implementation="
+                         "'eager' (or another the model supports)")
 
 
 def check_window_unreached(sliding_window: int | None, causal: bool, longest: int) -> None:
