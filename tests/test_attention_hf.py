@@ -144,6 +144,96 @@ def test_attention_dropout_is_refused():
         model(tokens(1, 8))
 
 
+def test_attention_sinks_are_refused_not_ignored():
+    # GPT-OSS adds a learned sink logit per head to every softmax (`s_aux`); the kernel has none, and ignoring
+    # it changed the logits by as much as their own scale (measured: 2.67 against max |logit| 3.10).
+    from transformers import GptOssConfig
+
+    config = GptOssConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_local_experts=2,
+                          num_experts_per_tok=1, max_position_embeddings=64, sliding_window=64,
+                          layer_types=["full_attention"], rope_parameters={"rope_type": "default", "rope_theta": 1e4})
+    model = build_model(config, attn_implementation=ATTN_IMPLEMENTATION).to(DEVICE)
+    with pytest.raises(ValueError, match=r"s_aux.*attn_implementation='eager'"):
+        model(tokens(1, 8))
+
+
+WINDOW = 8
+
+
+def sliding_window_twins():
+    """A Mistral with a sliding window of 8 (head dim 24, 2 query heads on 1 KV head), with sdpa and with ours."""
+    from transformers import MistralConfig
+
+    config = MistralConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=24, max_position_embeddings=64,
+                           sliding_window=WINDOW)
+    torch.manual_seed(0)
+    reference = draw_residual_branches(build_model(config, attn_implementation="sdpa")).to(DEVICE)
+    flash = build_model(config, attn_implementation=ATTN_IMPLEMENTATION).to(DEVICE)
+    flash.load_state_dict(reference.state_dict())
+    return reference, flash
+
+
+def test_a_sliding_window_that_no_sequence_reaches_is_plain_causal_attention():
+    # transformers' window lets position i see j when i - j < sliding_window: sequences of at most 8 tokens
+    # never reach past it, and such calls must equal sdpa's windowed attention (dense, padded, packed, decoding).
+    reference, flash = sliding_window_twins()
+    ids = tokens(2, WINDOW)
+    assert_logits_close(flash(ids).logits, reference(ids).logits, flash.config)
+    assert_backend_ran(flash)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    real = mask.bool()
+    assert_logits_close(flash(ids, attention_mask=mask).logits[real], reference(ids, attention_mask=mask).logits[real],
+                        flash.config)
+    packed = tokens(1, 2 * WINDOW)  # two documents of 8 tokens in one 16-token row
+    positions = torch.arange(WINDOW, device=DEVICE).repeat(2).unsqueeze(0)
+    separate = torch.cat([reference(part).logits[0] for part in packed.split(WINDOW, dim=1)])
+    assert_logits_close(flash(packed, position_ids=positions).logits[0], separate, flash.config)
+    # Generating past the window: transformers' sliding-window caches (dynamic and static) keep the last 8 keys,
+    # so each decoding step attends over at most 8 and runs; the tokens are sdpa's.
+    prompt = tokens(2, 4)
+    for cache in (None, "static"):
+        options = dict(max_new_tokens=3 * WINDOW, do_sample=False, pad_token_id=0, cache_implementation=cache)
+        assert torch.equal(flash.generate(prompt, **options), reference.generate(prompt, **options)), cache
+
+
+def test_a_sliding_window_a_sequence_would_reach_is_refused():
+    _, flash = sliding_window_twins()
+    fix = r"sliding_window=8 only on causal sequences of at most 8 tokens.*has a sequence of 9 keys.*'sdpa'"
+    with pytest.raises(ValueError, match=fix):
+        flash(tokens(1, WINDOW + 1))
+    positions = torch.cat([torch.arange(7), torch.arange(WINDOW + 1)]).unsqueeze(0).to(DEVICE)  # documents 7 and 9
+    with pytest.raises(ValueError, match=fix):
+        flash(tokens(1, 16), position_ids=positions)
+    mask = torch.ones(2, WINDOW + 1, dtype=torch.long, device=DEVICE)
+    mask[1, :2] = 0  # (the mask's length is what counts: conservative where padding shortens a row)
+    with pytest.raises(ValueError, match=fix):
+        flash(tokens(2, WINDOW + 1), attention_mask=mask)
+
+
+def test_logit_soft_capping_is_refused_naming_eager():
+    from transformers import Gemma2Config
+
+    config = Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, attn_logit_softcapping=50.0,
+                          layer_types=["full_attention"])
+    model = build_model(config, attn_implementation=ATTN_IMPLEMENTATION).to(DEVICE)
+    with pytest.raises(ValueError, match=r"soft-capping \(got softcap=50.0\).*attn_implementation='eager'"):
+        model(tokens(1, 8))
+
+
+@pytest.mark.parametrize("name", ["s_aux", "sinks", "position_bias", "indices", "block_indices"])
+def test_score_modifiers_are_refused_in_a_direct_call(name):
+    module = torch.nn.Module()
+    module.is_causal = True
+    q, k, v = (torch.randn(1, 2, 5, 8, device=DEVICE) for _ in range(3))
+    lightning_attention_forward(module, q, k, v, None, **{name: None})  # absent (None) is no modifier
+    with pytest.raises(ValueError, match=name):
+        lightning_attention_forward(module, q, k, v, None, **{name: torch.zeros(2, device=DEVICE)})
+
+
 # A StaticCache preallocates max_cache_len slots and hands attention the whole buffer; only the first
 # q_offset + q_len slots hold tokens. Two shapes: the tiny preset (head_dim 16, 4 query heads on 2 KV heads,
 # batch 3) and an odd one (head_dim 15, 3 query heads on 1 KV head, batch 2).

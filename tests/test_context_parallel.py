@@ -285,3 +285,23 @@ def test_context_parallel_attention_without_position_ids_is_refused(mode):
     q = torch.zeros(1, 2, 4, 8)
     with sequence_split(object()), pytest.raises(ValueError, match="needs the position ids in attention"):
         forward(SimpleNamespace(is_causal=True), q, q, q, None)
+
+
+@pytest.mark.parametrize("mode", ["ring", "all_to_all"])
+@pytest.mark.parametrize("given, match", [
+    ({"softcap": 50.0}, r"soft-capping \(got softcap=50.0\)"),
+    ({"s_aux": torch.zeros(2)}, r"also passes s_aux"),
+    ({"sliding_window": 16}, r"sliding_window=16 only on causal sequences of at most 16 tokens.*sequence of 32 keys"),
+], ids=["softcap", "sinks", "sliding-window"])
+def test_context_parallel_attention_refuses_what_it_does_not_compute(mode, given, match, monkeypatch):
+    # Ring and all-to-all attention compute plain causal attention over the whole sequence: soft-capping, sinks and
+    # a window the sequence reaches (4 tokens here x 8 ranks = 32 > 16) were ignored without a word.
+    from types import SimpleNamespace
+
+    import lightning_llm.strategies.context as context
+
+    monkeypatch.setattr(context.dist, "get_world_size", lambda group=None: 8)
+    forward = {"ring": context.ring_attention_forward, "all_to_all": context.all_to_all_attention_forward}[mode]
+    q = torch.zeros(1, 2, 4, 8)
+    with context.sequence_split(object()), pytest.raises(ValueError, match=match):
+        forward(SimpleNamespace(is_causal=True), q, q, q, None, position_ids=torch.arange(4)[None], **given)

@@ -299,6 +299,56 @@ def test_qlora_on_a_model_without_linear_layers_is_refused():
         QLoRACallback().transform_model(no_linear, PretrainModule("tiny"))
 
 
+def tiny_gpt2(tmp_path) -> Path:
+    """A 'pretrained' GPT-2 on disk: its linear layers are transformers' Conv1D (weight stored [in, out])."""
+    from transformers import GPT2Config
+
+    config = GPT2Config(vocab_size=128, n_embd=48, n_layer=2, n_head=2, n_positions=64, bos_token_id=0,
+                        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    path = tmp_path / "gpt2"
+    build_model(config).save_pretrained(path)
+    return path
+
+
+def test_lora_adapts_gpt2s_conv1d_layers_and_the_merged_export_computes_the_same(tmp_path):
+    from test_pipeline import TokenData
+
+    base = tiny_gpt2(tmp_path)
+    module = PretrainModule(str(base), lr=1e-2, warmup_steps=0)
+    make_trainer(tmp_path, 3, [LoRACallback(r=4, alpha=8, dropout=0.0)]).fit(module, datamodule=TokenData(n=12))
+    adapted_layers = {name.removeprefix("base_model.model.") for name, m in module.model.named_modules()
+                      if hasattr(m, "lora_A")}
+    assert adapted_layers == {f"transformer.h.{i}.{layer}" for i in range(2)
+                              for layer in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert all(p.abs().sum() > 0 for n, p in module.named_parameters() if ".lora_B." in n)
+    adapted = probe(module.model, 128)
+    # oracle: each Conv1D weight ([in, out]) plus the transposed update (alpha / r) (B A)^T, set by hand
+    oracle = AutoModelForCausalLM.from_pretrained(base)
+    for name in adapted_layers:
+        layer = module.model.get_base_model().get_submodule(name)
+        update = (layer.lora_B["default"].weight @ layer.lora_A["default"].weight * (8 / 4)).T
+        oracle.get_submodule(name).weight.data += update.detach()
+    expected = probe(oracle, 128)
+    trainer = module.trainer
+    trainer.save_checkpoint(tmp_path / "lora.ckpt")
+    out, error = export_lora_checkpoint(tmp_path / "lora.ckpt", tmp_path / "merged", merge=True)
+    merged = probe(AutoModelForCausalLM.from_pretrained(out), 128)
+    # fp32 throughout, the three differ in summation order only: a dot product of n terms moves by at most
+    # ~n eps of its terms' magnitudes; the longest is the MLP's 4 x 48 units, once per layer, relative to the
+    # logits' scale (bound 4.6e-5 of it; measured 1e-6). A missing transpose or scale is of the order of the logits.
+    bound = torch.finfo(torch.float32).eps * 4 * 48 * 2 * expected.abs().max().item()
+    torch.testing.assert_close(adapted, expected, rtol=0, atol=bound)
+    torch.testing.assert_close(merged, expected, rtol=0, atol=bound)
+    assert error <= bound
+
+
+def test_qlora_on_gpt2s_conv1d_layers_is_refused_naming_them(tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2(tmp_path))
+    with pytest.raises(ValueError, match=r"\['c_attn', 'c_fc', 'c_proj'\] are transformers Conv1D.*use LoRACallback"):
+        QLoRACallback().transform_model(model, PretrainModule("tiny"))
+
+
 def test_an_adapter_onto_a_base_with_other_shapes_is_refused(tmp_path):
     model = add_adapter(build_model("tiny", vocab_size=64), LoraConfig(r=4, target_modules="all-linear"), "default")
     save_adapter(model, tmp_path / "adapter")
@@ -609,3 +659,21 @@ def test_an_adapter_loads_with_auto_peft_from_another_directory(tmp_path, tokeni
     assert AutoTokenizer.from_pretrained(run / "adapter").model_max_length == 64
     assert AutoTokenizer.from_pretrained("exported").model_max_length == 64
     assert tokenizer.model_max_length == 1 << 30
+
+
+def test_lora_on_a_module_built_from_a_config_object_writes_its_adapter_and_checkpoint(tmp_path):
+    # PretrainModule(model=<a transformers config>) builds a random base from it; the adapter and the checkpoint
+    # must not take the config for a path (it crashed after training: "File name too long", no adapter written).
+    from lightning_llm.export import ADAPTER_KEY
+    from lightning_llm.models import build_config
+    from test_pipeline import TokenData
+
+    module = PretrainModule(build_config("tiny", vocab_size=128), lr=1e-2, warmup_steps=0)
+    trainer = make_trainer(tmp_path, 2, [LoRACallback(r=2, dropout=0.0)])
+    trainer.fit(module, datamodule=TokenData(n=8))
+    trainer.save_checkpoint(tmp_path / "lora.ckpt")
+    assert torch.load(tmp_path / "lora.ckpt", weights_only=False)[ADAPTER_KEY]["base"] is None  # nothing names it
+    reloaded = PeftModel.from_pretrained(module.model.get_base_model(), tmp_path / "adapter", adapter_name="again")
+    reloaded.set_adapter("again")
+    adapted_with = {n.replace(".again.", ".default."): p for n, p in reloaded.named_parameters() if ".again." in n}
+    assert adapted_with and all(torch.equal(p, module.model.get_parameter(n)) for n, p in adapted_with.items())

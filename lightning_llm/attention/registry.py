@@ -20,6 +20,7 @@ flash-attn build to import from the hub.
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +40,12 @@ from lightning_llm.attention.flash import (
 log = logging.getLogger(__name__)
 
 ATTN_IMPLEMENTATION = "lightning_fa2"
+
+# Arguments by which a model changes its attention scores beyond q k^T * scaling and the mask, as transformers'
+# decoders pass them to the attention function: learned attention sinks (GPT-OSS `s_aux`, `sinks`), an additive
+# score bias (`position_bias`), sparse attention's selected keys (DeepSeek's `indices`, `block_indices`). The
+# kernel computes none of them, and an argument left unread would give other attention without a word.
+SCORE_MODIFIERS = ("s_aux", "sinks", "position_bias", "indices", "block_indices")
 
 
 def valid_keys_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int | Tensor = 0,
@@ -84,12 +91,11 @@ def lightning_attention_forward(
     if dropout:
         raise ValueError(f"{ATTN_IMPLEMENTATION} has no attention dropout (got {dropout}): set the model "
                          "config's attention_dropout to 0.0")
-    if sliding_window is not None or softcap is not None:
-        raise ValueError(f"{ATTN_IMPLEMENTATION} supports neither sliding windows nor logit soft-capping "
-                         f"(got sliding_window={sliding_window}, softcap={softcap}): use 'sdpa' for this model")
+    refuse_score_changes(module, softcap, kwargs)
     causal = module.is_causal if is_causal is None else is_causal
     batch, num_heads, seqlen_q, head_dim = query.shape
     seqlen_k = key.shape[2]
+    window = partial(check_window_unreached, sliding_window, causal)
     module.attention_backend = attention_backend(query.device)
 
     if attention_mask is not None and attention_mask.dim() == 4:
@@ -105,6 +111,7 @@ def lightning_attention_forward(
             raise ValueError(f"padding mask of shape {tuple(attention_mask.shape)} does not match queries and keys "
                              f"[batch={batch}, q_len={seqlen_q}, kv_len={seqlen_k}]: expected [{batch}, "
                              f"valid_len] with {seqlen_q} <= valid_len <= {seqlen_k}")
+        window(attention_mask.shape[1])  # (the real tokens lie within the mask's length)
         # A mask shorter than the keys: a StaticCache's buffer, whose slots past the mask are empty.
         key, value = key[:, :, :attention_mask.shape[1]], value[:, :, :attention_mask.shape[1]]
         # Queries are the last seqlen_q positions of the mask (all of it without a KV cache).
@@ -123,17 +130,50 @@ def lightning_attention_forward(
     if cu_seqlens is None and position_ids is not None and seqlen_q == seqlen_k:
         cu_seqlens, packing = packed_cu_seqlens(position_ids, batch), {}
     if cu_seqlens is not None:
+        keys = packing["cu_seqlens_k"] if packing.get("cu_seqlens_k") is not None else cu_seqlens
+        window(int(keys.diff().max()))
         out = flash_attention(as_tokens(query), as_tokens(key), as_tokens(value), cu_seqlens=cu_seqlens, **packing,
                               **options)
         return out.reshape(batch, seqlen_q, num_heads, head_dim), None
 
+    window(seqlen_k)
     return flash_attention(query, key, value, **options).transpose(1, 2), None
+
+
+def refuse_score_changes(module: nn.Module, softcap: float | None, kwargs: dict) -> None:
+    """Refuse logit soft-capping and the `SCORE_MODIFIERS` an attention call was given: the kernel (and ring and
+    all-to-all attention, built on it) computes softmax(q k^T * scaling) v under a causal or padding mask only."""
+    if softcap is not None:
+        raise ValueError(f"{ATTN_IMPLEMENTATION} has no logit soft-capping (got softcap={softcap}): use "
+                         "attn_implementation='eager' for this model (sdpa has none either)")
+    modifiers = [name for name in SCORE_MODIFIERS if kwargs.get(name) is not None]
+    if modifiers:
+        raise ValueError(f"{ATTN_IMPLEMENTATION} computes softmax(q k^T * scaling) v under a causal or padding mask "
+                         f"only, and {type(module).__name__} also passes {', '.join(modifiers)} (attention sinks, a "
+                         "score bias or sparse key selection): use the model's own attention, attn_implementation="
+                         "'eager' (or another the model supports)")
+
+
+def check_window_unreached(sliding_window: int | None, causal: bool, longest: int) -> None:
+    """Refuse a sliding window that this call's sequences (the longest holding `longest` keys) would reach.
+
+    The kernel has no sliding window. transformers' lets a query at position i see the key at j when
+    i - j < sliding_window, so causal attention over at most sliding_window keys never reaches past it and is
+    the windowed attention exactly: a model with a window (Mistral, Phi-3, Gemma's local layers) runs until a
+    sequence outgrows it, and is refused from there.
+    """
+    if sliding_window is None or (causal and longest <= sliding_window):
+        return
+    held = f"a sequence of {longest} keys" if causal else "non-causal attention"
+    raise ValueError(f"{ATTN_IMPLEMENTATION} has no sliding window: it runs a model with sliding_window={sliding_window} "
+                     f"only on causal sequences of at most {sliding_window} tokens (cache included), and this call has "
+                     f"{held}: use attn_implementation='sdpa' (or 'eager') for this model")
 
 
 def unsupported_reason(config: PretrainedConfig) -> str | None:
     """Why a model with `config` cannot run on `lightning_fa2` (what `lightning_attention_forward` refuses:
     attention dropout, sliding windows, logit soft-capping), or None when it can. Conservative: a sliding
-    window the config names but does not use still counts."""
+    window counts even where it is unused, or where every sequence would stay within it (which runs)."""
     if getattr(config, "attention_dropout", 0.0):
         return f"attention_dropout={config.attention_dropout}"
     if getattr(config, "sliding_window", None) is not None:

@@ -28,8 +28,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
 from torch.distributed.tensor import DTensor
-from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import BitsAndBytesConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.integrations.bitsandbytes import dequantize_and_replace
+from transformers.pytorch_utils import Conv1D
 
 from lightning_llm.checkpoint import atomic_directory, load_checkpoint
 from lightning_llm.export import (
@@ -65,10 +66,11 @@ def is_4bit(obj: Any, kind: Literal["Linear4bit", "Params4bit"] = "Linear4bit") 
 
 def linear_layer_names(model: nn.Module) -> list[str]:
     """Qualified names of the linear layers LoRA can adapt: every linear but the output embedding
-    (a bitsandbytes `Linear4bit` is an `nn.Linear` too)."""
+    (a bitsandbytes `Linear4bit` is an `nn.Linear` too), and transformers' `Conv1D` layers, GPT-2's
+    linear layers with a transposed weight (peft adapts them as it adapts `nn.Linear`)."""
     output = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
     return [name for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and m is not output and ".lora_" not in name]
+            if isinstance(m, (nn.Linear, Conv1D)) and m is not output and ".lora_" not in name]
 
 
 def check_target_modules(model: nn.Module, target_modules: str | list[str]) -> None:
@@ -130,6 +132,12 @@ def quantize_4bit(model: nn.Module, quant_type: str = "nf4", double_quant: bool 
     names = linear_layer_names(model)
     if not names:
         raise ValueError(f"QLoRA quantizes linear layers, and {type(model).__name__} has none")
+    conv1d = sorted({name.rsplit(".", 1)[-1] for name in names if isinstance(model.get_submodule(name), Conv1D)})
+    if conv1d:
+        # A 4-bit layer holds the weight as nn.Linear does; merged back, it would no longer fit the Conv1D
+        # (transposed) weights the model's own checkpoint format expects.
+        raise ValueError(f"QLoRA quantizes torch.nn.Linear layers, and {type(model).__name__}'s {conv1d} are "
+                         "transformers Conv1D layers (GPT-2's transposed linear layers): use LoRACallback on this model")
     for name in names:
         linear = model.get_submodule(name)
         if isinstance(linear, bnb.nn.Linear4bit):  # loaded in 4 bits already (`QLoRACallback.model_load_kwargs`)
@@ -254,9 +262,12 @@ def gathered_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in peft_model.state_dict().items() if k in keys}
 
 
-def base_reference(spec: str | os.PathLike | None) -> str | None:
+def base_reference(spec: str | os.PathLike | PretrainedConfig | None) -> str | None:
     """How an adapter names its base so that it loads from any working directory: a local path made absolute
-    (as typed at training it is relative to that run's directory), a preset or hub id as it is."""
+    (as typed at training it is relative to that run's directory), a preset or hub id as it is; None for a
+    config object (a random initialisation, which nothing names)."""
+    if isinstance(spec, PretrainedConfig):
+        return None
     if spec is None or str(spec) in PRESETS or not Path(spec).exists():
         return None if spec is None else str(spec)
     return str(Path(spec).resolve())
@@ -346,7 +357,7 @@ class LoRACallback(Callback):
         alpha: scale of the update; the learned weight is W0 + (alpha / r) B A.
         dropout: dropout on the adapter's input.
         target_modules: "all-linear" (every linear layer but the output embedding, attention and MLP
-            alike), a list of layer names (`["q_proj", "v_proj"]`) or a regular expression over
+            alike, GPT-2's Conv1D layers included), a list of layer names (`["q_proj", "v_proj"]`) or a regular expression over
             qualified names.
         adapter_name: the adapter's name; several named adapters can share one base.
         lr_multiplier: multiplies the module's learning rate (LoRA usually wants a higher one than
@@ -422,7 +433,8 @@ class LoRACallback(Callback):
         pl_module.strict_loading = False
         base = getattr(pl_module.hparams, "model", None) if hasattr(pl_module, "hparams") else None
         if base is not None and not has_weights(base):
-            rank_zero_warn(f"LoRA on base {base!r}, which has no pretrained weights (a random initialisation): "
+            named = f"a {type(base).__name__} object" if isinstance(base, PretrainedConfig) else repr(base)
+            rank_zero_warn(f"LoRA on base {named}, which has no pretrained weights (a random initialisation): "
                            "checkpoints hold the adapter only, and resuming or merging one needs this same base")
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         # a 4-bit weight packs two parameters per byte: count the weights it stands for
@@ -515,7 +527,7 @@ class LoRACallback(Callback):
             peft_model = as_peft_model(pl_module.model)
             base = getattr(pl_module.hparams, "model", None)
             if base is not None:
-                peft_model.peft_config[self.adapter_name].base_model_name_or_path = str(base)
+                peft_model.peft_config[self.adapter_name].base_model_name_or_path = base_reference(base)
             with atomic_directory(out, overwrite=True) as tmp:
                 save_adapter(peft_model, tmp, self.adapter_name, getattr(pl_module, "tokenizer", None), state)
             rank_zero_info(f"adapter {self.adapter_name!r} written to {out}")

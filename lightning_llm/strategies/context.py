@@ -32,7 +32,12 @@ from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from lightning_llm.attention.registry import lightning_attention_forward, valid_keys_mask
+from lightning_llm.attention.registry import (
+    check_window_unreached,
+    lightning_attention_forward,
+    refuse_score_changes,
+    valid_keys_mask,
+)
 from lightning_llm.attention.ring import check_sequence_length, ring_attention, shard_sequence
 from lightning_llm.attention.ulysses import check_heads, ulysses_attention
 
@@ -64,6 +69,7 @@ def ring_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value:
                                            scaling=scaling, is_causal=is_causal, position_ids=position_ids, **kwargs)
     _check_split_inputs(module, attention_mask, dropout, position_ids)
     causal = module.is_causal if is_causal is None else is_causal
+    _check_split_scores(module, query, group, causal, kwargs)
     out = ring_attention(query, key, value, group, causal=causal, scale=scaling, position_ids=position_ids)
     return out.transpose(1, 2), None
 
@@ -79,6 +85,7 @@ def all_to_all_attention_forward(module: nn.Module, query: Tensor, key: Tensor, 
                                            scaling=scaling, is_causal=is_causal, position_ids=position_ids, **kwargs)
     _check_split_inputs(module, attention_mask, dropout, position_ids)
     causal = module.is_causal if is_causal is None else is_causal
+    _check_split_scores(module, query, group, causal, kwargs)
     out = ulysses_attention(query, key, value, group, causal=causal, scale=scaling, position_ids=position_ids)
     return out.transpose(1, 2), None
 
@@ -95,6 +102,15 @@ def _check_split_inputs(module: nn.Module, attention_mask: Tensor | None, dropou
         raise ValueError(f"context parallelism needs the position ids in attention, but {type(module).__name__} "
                          "called it without them: use a model whose layers pass position_ids on to the attention "
                          "function (transformers' Llama, Qwen, Mistral do)")
+
+
+def _check_split_scores(module: nn.Module, query: Tensor, group: dist.ProcessGroup, causal: bool,
+                        kwargs: dict[str, Any]) -> None:
+    """Refuse what ring and all-to-all attention do not compute, as `lightning_fa2` does: soft-capping, attention
+    sinks and score biases, and a sliding window that the whole sequence (every rank's share) would reach."""
+    refuse_score_changes(module, kwargs.get("softcap"), kwargs)
+    if kwargs.get("sliding_window") is not None:
+        check_window_unreached(kwargs["sliding_window"], causal, query.shape[2] * dist.get_world_size(group))
 
 
 def register() -> None:
