@@ -162,8 +162,10 @@ def resolve(path: str | os.PathLike) -> Path:
 @contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[IO[bytes]]:
     """A binary file to write `path` through: a temporary sibling, flushed, fsync'd and renamed over
-    `path` when the block completes (a failure removes it)."""
+    `path` when the block completes (a failure removes it). Temporaries that killed writers left in
+    the folder are removed first (`recover`): a killed token-cache write leaves a file as large as the cache."""
     path = Path(path)
+    recover(path.parent)
     tmp = _sibling(path, "tmp", _new_token())
     try:
         with open(tmp, "xb") as f:
@@ -181,7 +183,6 @@ def save_file(obj: Any, path: str | os.PathLike) -> None:
     """`torch.save(obj, path)`, atomically; stale temporaries in the folder are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    recover(path.parent)
     with atomic_file(path) as f:
         torch.save(obj, f)
 

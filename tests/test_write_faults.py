@@ -1,0 +1,108 @@
+"""Fault injection on the single-file writers outside checkpoints (token cache, evaluation results, run report).
+
+Each writer goes through `checkpoint.atomic_file`. A child process runs the writer and SIGKILLs itself
+at the fsync of its temporary or at the rename over the name (a test-only patch of `os.fsync` /
+`os.replace`); then the name must hold the previous file untouched (or nothing, where there was none),
+never a part of the new one, and the next write into that folder must remove what the killed one left.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from lightning_llm.data.sources import Source
+from lightning_llm.data.tokens import load_tokens, tokenize_to_file
+from lightning_llm.eval.harness import write_results
+from lightning_llm.report import write_report
+
+# Installed in the child: SIGKILL this process at the first `op` on a temporary of the name `target`.
+KILL_AT = """
+import os, signal
+def _kill_at(op, real, name_of):
+    def watched(*args):
+        if os.path.basename(name_of(*args)).startswith("." + TARGET + ".tmp-"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args)
+    setattr(os, op, watched)
+if OP == "fsync":
+    _kill_at("fsync", os.fsync, lambda fd: os.readlink(f"/proc/self/fd/{fd}"))
+else:
+    _kill_at("replace", os.replace, lambda src, dst: str(src))
+"""
+
+
+def run_killed(op: str, target: str, code: str, cwd: Path) -> None:
+    """Run `code` in a child that is SIGKILLed at `op` ("fsync" or "replace") of the temporary of `target`."""
+    program = f"TARGET, OP = {target!r}, {op!r}\n{KILL_AT}\n{textwrap.dedent(code)}"
+    done = subprocess.run([sys.executable, "-c", program], cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == -9, (done.returncode, done.stderr[-2000:])
+
+
+def leftovers(folder: Path, name: str) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(f".{name}.tmp-"))
+
+
+@pytest.mark.parametrize("op", ["fsync", "replace"])
+def test_a_token_cache_write_killed_leaves_no_token_file_and_the_next_one_cleans_up(op, corpus_dir, tokenizer, tmp_path):
+    tokenizer_dir = tmp_path / "tokenizer"
+    tokenizer.save_pretrained(tokenizer_dir)
+    cache = tmp_path / "tokens"
+    run_killed(op, "corpus.bin", f"""
+        from pathlib import Path
+        from transformers import AutoTokenizer
+        from lightning_llm.data.sources import Source
+        from lightning_llm.data.tokens import tokenize_to_file
+        tokenize_to_file(Source({str(corpus_dir)!r}), AutoTokenizer.from_pretrained({str(tokenizer_dir)!r}),
+                         Path({str(cache / 'corpus.bin')!r}))
+    """, tmp_path)
+    assert not (cache / "corpus.bin").exists()  # the data module tokenizes again: it looks for this name
+    assert len(leftovers(cache, "corpus.bin")) == 1
+
+    tokenize_to_file(Source(str(corpus_dir)), tokenizer, cache / "corpus.bin")
+    tokenize_to_file(Source(str(corpus_dir)), tokenizer, tmp_path / "reference" / "corpus.bin")  # uninterrupted
+    assert sorted(p.name for p in cache.iterdir()) == ["corpus.bin", "corpus.json"]
+    assert (load_tokens(cache / "corpus.bin") == load_tokens(tmp_path / "reference" / "corpus.bin")).all()
+
+
+def test_a_results_write_killed_keeps_the_previous_file_and_the_next_one_cleans_up(tmp_path):
+    out = tmp_path / "eval"
+    old = {"results": {"arc_easy": {"acc,none": 0.25}}}
+    write_results(old, out / "results.json")
+    before = (out / "results.json").read_bytes()
+    run_killed("replace", "results.json", f"""
+        from lightning_llm.eval.harness import write_results
+        write_results({{"results": {{"arc_easy": {{"acc,none": 0.75}}}}}}, {str(out / 'results.json')!r})
+    """, tmp_path)
+    assert (out / "results.json").read_bytes() == before
+    assert json.loads(before) == old
+    assert len(leftovers(out, "results.json")) == 1
+
+    write_results(old, out / "results_2.json")
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", "results_2.json"]
+
+
+@pytest.mark.slow  # the child imports matplotlib: ~20 s on 2 busy cores
+def test_a_report_write_killed_keeps_the_previous_report_and_the_next_one_cleans_up(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.csv").write_text("step,train/loss\n1,4.0\n2,3.5\n")
+    _, _, written = write_report(run)
+    report = run / "report" / "report.md"
+    before = report.read_bytes()
+    (run / "metrics.csv").write_text("step,train/loss\n1,4.0\n2,3.5\n3,3.0\n")
+    run_killed("replace", "report.md", f"""
+        from lightning_llm.report import write_report
+        write_report({str(run)!r})
+    """, tmp_path)
+    assert report.read_bytes() == before
+    assert len(leftovers(report.parent, "report.md")) == 1
+
+    write_report(run)
+    assert sorted(p.name for p in report.parent.iterdir()) == sorted(p.name for p in written)
+    assert report.read_bytes() != before  # the new step is in it
