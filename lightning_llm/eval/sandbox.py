@@ -30,8 +30,8 @@ says per guarantee what held, starting with "missing:" where it did not, and a w
 - no usable bubblewrap (not installed, or user namespaces disabled): the host's filesystem is
   visible (only file permissions and the fresh uid protect it); as root, `/tmp` and `/dev/shm` are
   still one private tmpfs of `disk` bytes (a mount namespace of the child's own), the network
-  namespace comes from `unshare(2)`, and the parent kills with the run's uid, `kill(-1)` repeated
-  until no process of it is left; not root: the host's `/tmp` is shared, the network is refused by an
+  namespace comes from `unshare(2)`, and the run's uid is killed, `kill(-1)` repeated until no process
+  of it is left, by the parent or, should the parent die first, by the run's keeper process; not root: the host's `/tmp` is shared, the network is refused by an
   audit hook (Python-level only) unless a user namespace allows a network namespace, and only the
   process group is killed;
 - no writable cgroup memory controller (cgroup v2 without the controller delegated to this
@@ -177,6 +177,10 @@ def run_python(source: str, limits: SandboxLimits = SandboxLimits(), python: str
         err = cleanup.enter_context(open(private / "stderr", "wb"))
         status_read, status_write = os.pipe()
         cleanup.callback(os.close, status_read)
+        # Only this process holds the write end: the keeper (without bubblewrap) sees its end of file
+        # when this process dies, and then ends the run (see lightning_llm.eval.confine).
+        death_read, death_write = os.pipe()
+        cleanup.callback(os.close, death_write)
         with open(status_write, "wb") as status_pipe, open(private / "main.py", "rb") as program:
             if bwrap:
                 argv, cwd, env = _bwrap_command(bwrap, python, program.fileno(), status_pipe.fileno(), limits)
@@ -188,15 +192,20 @@ def run_python(source: str, limits: SandboxLimits = SandboxLimits(), python: str
                 isolation.update(_host_isolation(bwrap_missing, uid))
             # RLIMIT_NPROC counts every process of the real uid. With a fresh uid that is this run
             # alone; without one it is the whole user's, so allow what the user already has plus the budget.
-            nproc = limits.processes if uid is not None else len(processes_of(os.getuid())) + limits.processes
+            # (The keeper of a run without bubblewrap is one process of the user's more.)
+            nproc = limits.processes if uid is not None else len(processes_of(os.getuid())) + limits.processes + 1
             config = dict(asdict(limits), uid=uid, argv=argv, nproc=nproc, bwrap=bool(bwrap),
-                          cgroup=str(cgroup) if cgroup else None, program=argv[-1], program_fd=program.fileno())
+                          cgroup=str(cgroup) if cgroup else None, program=argv[-1], program_fd=program.fileno(),
+                          death_fd=death_read)
             start = time.monotonic()
-            child = subprocess.Popen(
-                [sys.executable, "-I", "-S", _CONFINE, json.dumps(config), str(status_pipe.fileno())],
-                cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
-                pass_fds=(status_pipe.fileno(), program.fileno()),
-            )
+            try:
+                child = subprocess.Popen(
+                    [sys.executable, "-I", "-S", _CONFINE, json.dumps(config), str(status_pipe.fileno())],
+                    cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
+                    pass_fds=(status_pipe.fileno(), program.fileno(), death_read),
+                )
+            finally:
+                os.close(death_read)
         timed_out = False
         try:
             child.wait(timeout=limits.timeout)
@@ -312,7 +321,8 @@ def _bwrap_isolation(limits: SandboxLimits) -> dict[str, str]:
 
 
 def _host_isolation(bwrap_missing: str, uid: int | None) -> dict[str, str]:
-    processes = (f"the run's uid killed with kill(-1) until none is left ({bwrap_missing})" if uid is not None
+    processes = (f"the run's uid killed with kill(-1) until none is left, also if the evaluating process dies "
+                 f"({bwrap_missing})" if uid is not None
                  else f"{MISSING} only the process group is killed; a process that calls setsid may outlive "
                       f"the run ({bwrap_missing}, not root)")
     return {
