@@ -344,6 +344,15 @@ def test_a_killed_evaluator_takes_its_runs_with_it(backend):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     assert survivors == [], f"{len(survivors)} processes of the runs outlived their killed evaluator"
+    # What the killed runs left on the host (their files' folders, memory cgroups) goes at the next run.
+    left_by = f"-{parent.pid}@"
+    cgroups = sandbox._own_memory_hierarchy()
+    folders = [Path(tempfile.gettempdir())] + ([cgroups[0]] if cgroups else [])
+    assert [p for folder in folders for p in folder.iterdir() if left_by in p.name], "the killed runs left nothing"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert run_python("print('ran')", FAST).passed
+    assert [p.name for folder in folders for p in folder.iterdir() if left_by in p.name] == []
 
 
 @pytest.fixture(params=["bubblewrap", "host"])

@@ -55,7 +55,9 @@ import functools
 import json
 import os
 import random
+import re
 import secrets
+import socket
 import select
 import shutil
 import signal
@@ -68,6 +70,40 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lightning_llm.eval.confine import MISSING, SETUP_FAILED, processes_of
+
+# What a run creates on the host (its files' folder, its working directory without bubblewrap, its
+# memory cgroup) is named for the process that runs it, `lightning-llm-sandbox-<kind>-<pid>@<host>~...`,
+# so that a later run can remove what a killed one left (a pid means something on its own host only).
+_HOST = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "localhost"
+_SCRATCH = re.compile(r"^lightning-llm-sandbox-(?:io|work|memory)-(?P<pid>\d+)@(?P<host>.+)~")
+
+
+def _scratch_name(kind: str) -> str:
+    return f"lightning-llm-sandbox-{kind}-{os.getpid()}@{_HOST}~"
+
+
+def _remove_leftovers(folder: Path, remove) -> None:
+    """`remove` each run's scratch in `folder` whose process, on this host, is gone (killed mid-run)."""
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        match = _SCRATCH.match(entry.name)
+        if match and match["host"] == _HOST and not _alive(int(match["pid"])):
+            with contextlib.suppress(OSError):
+                remove(entry)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
 
 # The child's entry point, run as a script by the parent's own interpreter.
 _CONFINE = str(Path(__file__).with_name("confine.py"))
@@ -166,8 +202,9 @@ def run_python(source: str, limits: SandboxLimits = SandboxLimits(), python: str
     python = python or sandbox_python()
     bwrap, bwrap_missing = _bubblewrap()
     uid = _fresh_uid() if os.geteuid() == 0 else None
+    _remove_leftovers(Path(tempfile.gettempdir()), functools.partial(shutil.rmtree, ignore_errors=True))
     with contextlib.ExitStack() as cleanup:
-        private = Path(tempfile.mkdtemp(prefix="lightning-llm-sandbox-io-"))  # stays root-only
+        private = Path(tempfile.mkdtemp(prefix=_scratch_name("io")))  # stays root-only
         cleanup.callback(shutil.rmtree, private, ignore_errors=True)
         cgroup, isolation = _memory_cgroup(limits.memory)
         if cgroup:
@@ -186,7 +223,7 @@ def run_python(source: str, limits: SandboxLimits = SandboxLimits(), python: str
                 argv, cwd, env = _bwrap_command(bwrap, python, program.fileno(), status_pipe.fileno(), limits)
                 isolation.update(_bwrap_isolation(limits))
             else:
-                workdir = Path(tempfile.mkdtemp(prefix="lightning-llm-sandbox-"))
+                workdir = Path(tempfile.mkdtemp(prefix=_scratch_name("work")))
                 cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
                 argv, cwd, env = _host_command(python, workdir)
                 isolation.update(_host_isolation(bwrap_missing, uid))
@@ -469,7 +506,8 @@ def _memory_cgroup(limit: int) -> tuple[Path | None, dict[str, str]]:
     if found is None:
         return None, {"memory": f"{MISSING} {limit} bytes per process only, not per run ({why})"}
     parent, version = found
-    group = parent / f"lightning-llm-sandbox-{secrets.token_hex(6)}"
+    _remove_leftovers(parent, Path.rmdir)  # (a cgroup that still holds a process is not removed)
+    group = parent / f"{_scratch_name('memory')}{secrets.token_hex(6)}"
     settings = ({"memory.max": limit, "memory.swap.max": 0} if version == 2
                 else {"memory.limit_in_bytes": limit, "memory.memsw.limit_in_bytes": limit})
     try:
