@@ -156,6 +156,26 @@ def resolve(path: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
 
 
+def nonfinite_weights(state: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """The floating-point tensors of `state` that hold inf or NaN: name -> (how many values, of how many).
+    A sharded tensor (DTensor) counts its local shard. (4-bit codes are integers and never count.)"""
+    bad = {}
+    for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            continue
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        count = int((~torch.isfinite(local)).sum())
+        if count:
+            bad[name] = (count, local.numel())
+    return bad
+
+
+def describe_nonfinite(bad: dict[str, tuple[int, int]]) -> str:
+    """`nonfinite_weights`'s result in words: how many tensors, the first few named with their counts."""
+    listed = ", ".join(f"{name} ({count} of {numel})" for name, (count, numel) in list(bad.items())[:4])
+    return f"{len(bad)} weight tensors hold inf or NaN: {listed}{', ...' if len(bad) > 4 else ''}"
+
+
 # -- writers ---------------------------------------------------------------------------------------
 
 
