@@ -156,11 +156,11 @@ def save_tokenizer_and_token_ids(directory: Path, model: nn.Module, tokenizer: P
     tokenizer_for_export(tokenizer, model.config).save_pretrained(directory)
 
 
-def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
+def check_finite(state: dict[str, torch.Tensor], what: str, action: str = "export") -> None:
     """Raise naming the tensors of `state` that hold inf or NaN (floating-point tensors; 4-bit codes are integers)."""
     bad = nonfinite_weights(state)
     if bad:
-        raise ValueError(f"refusing to export {what!r}: {describe_nonfinite(bad)}. The run diverged; export an "
+        raise ValueError(f"refusing to {action} {what!r}: {describe_nonfinite(bad)}. The run diverged; {action} an "
                          "earlier, finite checkpoint")
 
 

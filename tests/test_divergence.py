@@ -193,3 +193,29 @@ def test_a_checkpoint_of_non_finite_weights_is_refused_and_the_last_one_kept(tmp
     assert last["global_step"] == 2
     for name, tensor in step2["state_dict"].items():
         assert torch.equal(last["state_dict"][name], tensor), name
+
+
+def test_generate_and_evaluate_refuse_a_model_with_non_finite_weights(tmp_path, tokenizer, capsys):
+    # The model `generate`, `evaluate` and `chat` load (cli.inference_model): a checkpoint and an export
+    # directory written by another tool. Unrefused, sampling fails in torch.multinomial and greedy decoding
+    # and lm-eval's scores come out silently wrong.
+    from lightning_llm.cli import inference_model
+    from lightning_llm.modules.pretrain import PretrainModule
+
+    module = PretrainModule("tiny", vocab_size=len(tokenizer))
+    module.configure_model()
+    module.tokenizer = tokenizer
+    with torch.no_grad():
+        module.model.model.norm.weight[7] = math.inf
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "diverged.ckpt")
+    refused = r"refusing to use '{}': 1 weight tensors hold inf or NaN: model\.norm\.weight \(1 of \d+\)\. The run diverged"
+    with pytest.raises(SystemExit) as info:
+        main(["generate", "--checkpoint", str(tmp_path / "diverged.ckpt"), "--prompt", "def "])
+    assert info.value.code == 1
+    assert re.search(refused.format(re.escape(str(tmp_path / "diverged.ckpt"))), capsys.readouterr().err)
+    module.model.save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    with pytest.raises(ValueError, match=refused.format(re.escape(str(tmp_path / "hf")))):
+        inference_model(str(tmp_path / "hf"))
