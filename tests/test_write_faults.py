@@ -106,3 +106,38 @@ def test_a_report_write_killed_keeps_the_previous_report_and_the_next_one_cleans
     write_report(run)
     assert sorted(p.name for p in report.parent.iterdir()) == sorted(p.name for p in written)
     assert report.read_bytes() != before  # the new step is in it
+
+
+# Installed in the child: SIGKILL this process right after it opens a file for writing in FOLDER (created or
+# truncated, nothing written yet).
+KILL_AT_OPEN = """
+import builtins, io, os, signal
+_real_open = io.open
+def _watched(file, mode="r", *args, **kwargs):
+    opened = _real_open(file, mode, *args, **kwargs)
+    if isinstance(file, (str, os.PathLike)) and set(mode) & set("wxa") and os.path.dirname(os.path.abspath(file)) == FOLDER:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return opened
+io.open = builtins.open = _watched
+"""
+
+
+def test_the_example_data_writer_killed_at_its_first_write_keeps_the_previous_file(tmp_path):
+    # examples/make_sft_data.py writes the instruction set a run then trains on: a truncated file would be
+    # trained on without a word.
+    script = Path(__file__).parents[1] / "examples" / "make_sft_data.py"
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text('{"messages": []}\n')
+    program = f"""FOLDER = {str(data)!r}
+{KILL_AT_OPEN}
+import importlib.util
+from pathlib import Path
+spec = importlib.util.spec_from_file_location("make_sft_data", {str(script)!r})
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+module.write_jsonl([{{"messages": [{{"role": "user", "content": "new"}}]}}], Path({str(data / 'train.jsonl')!r}))
+"""
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -9, (done.returncode, done.stderr[-2000:])
+    assert (data / "train.jsonl").read_text() == '{"messages": []}\n'
