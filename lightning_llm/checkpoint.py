@@ -477,7 +477,7 @@ def load_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
 # -- Lightning's CheckpointIO ---------------------------------------------------------------------
 
 
-def _is_local(path: _PATH) -> bool:
+def is_local_path(path: _PATH) -> bool:
     return get_filesystem(path).protocol in ("file", ("file", "local"))
 
 
@@ -488,18 +488,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     and name the path. Remote paths (s3://, ...) go through Lightning's code unchanged."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
-        if storage_options is not None or not _is_local(path):
+        if storage_options is not None or not is_local_path(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         save_file(checkpoint, path)
 
     def load_checkpoint(self, path: _PATH, map_location: Callable | None = None,
                         weights_only: bool | None = None) -> dict[str, Any]:
-        if not _is_local(path):
+        if not is_local_path(path):
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         return load_checkpoint(path, map_location, weights_only)
 
     def remove_checkpoint(self, path: _PATH) -> None:
-        if not _is_local(path):
+        if not is_local_path(path):
             return super().remove_checkpoint(path)
         remove_checkpoint(path)
 

@@ -141,3 +141,22 @@ module.write_jsonl([{{"messages": [{{"role": "user", "content": "new"}}]}}], Pat
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
     assert done.returncode == -9, (done.returncode, done.stderr[-2000:])
     assert (data / "train.jsonl").read_text() == '{"messages": []}\n'
+
+
+def test_the_csv_logger_killed_while_rewriting_its_header_keeps_the_metrics(tmp_path):
+    # Lightning's CSV writer rewrites metrics.csv whole when a new metric appears (here val/loss, after the
+    # training rows); the run's default logger must not lose the rows already there if killed then.
+    program = f"""FOLDER = None
+{KILL_AT_OPEN}
+from lightning_llm.lightning_cli import default_loggers
+logger = default_loggers({str(tmp_path)!r})[0]
+logger.log_metrics({{"train/loss": 4.0}}, step=0)
+logger.save()
+FOLDER = logger.log_dir
+logger.log_metrics({{"train/loss": 3.5, "val/loss": 3.75}}, step=1)
+logger.save()
+"""
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -9, (done.returncode, done.stderr[-2000:])
+    (metrics,) = tmp_path.glob("lightning_logs/version_0/metrics.csv")
+    assert metrics.read_text().splitlines() == ["step,train/loss", "0,4.0"]
