@@ -1,9 +1,10 @@
-"""Fault injection on the single-file writers outside checkpoints (token cache, evaluation results, run report).
+"""Fault injection on the writers outside checkpoints and exports: the token and tokenizer caches, evaluation
+results, the run report, the CLI's CSV logger, the example data generator.
 
-Each writer goes through `checkpoint.atomic_file`. A child process runs the writer and SIGKILLs itself
-at the fsync of its temporary or at the rename over the name (a test-only patch of `os.fsync` /
-`os.replace`); then the name must hold the previous file untouched (or nothing, where there was none),
-never a part of the new one, and the next write into that folder must remove what the killed one left.
+A child process runs the writer and SIGKILLs itself at a chosen write (a test-only patch of `open`,
+`os.fsync` or `os.replace`): right after opening a file for writing, at the fsync of its temporary, or at
+the rename over the name. Then the name must hold the previous file untouched (or nothing, where there was
+none), never a part of the new one, and the next write into that folder must remove what the killed one left.
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ else:
 """
 
 
-def run_killed(op: str, target: str, code: str, cwd: Path) -> None:
-    """Run `code` in a child that is SIGKILLed at `op` ("fsync" or "replace") of the temporary of `target`."""
-    program = f"TARGET, OP = {target!r}, {op!r}\n{KILL_AT}\n{textwrap.dedent(code)}"
+def run_killed(op: str | None, target: str | None, code: str, cwd: Path) -> None:
+    """Run `code` in a child that is SIGKILLed at `op` ("fsync" or "replace") of the temporary of `target`
+    (None: `code` kills itself)."""
+    kill_at = f"TARGET, OP = {target!r}, {op!r}\n{KILL_AT}\n" if op is not None else ""
+    program = f"{kill_at}{textwrap.dedent(code)}"
     done = subprocess.run([sys.executable, "-c", program], cwd=cwd, capture_output=True, text=True, timeout=120)
     assert done.returncode == -9, (done.returncode, done.stderr[-2000:])
 
@@ -160,3 +163,31 @@ logger.save()
     assert done.returncode == -9, (done.returncode, done.stderr[-2000:])
     (metrics,) = tmp_path.glob("lightning_logs/version_0/metrics.csv")
     assert metrics.read_text().splitlines() == ["step,train/loss", "0,4.0"]
+
+
+def test_a_tokenizer_cache_write_killed_is_trained_again_and_its_leftover_removed(tmp_path, corpus_dir):
+    # The default tokenizer is trained once and cached (a directory written by new_directory/commit_directory);
+    # killed at the fsync of its files, the cache must hold no tokenizer under its name, and the next run
+    # trains it again (the same as an uninterrupted one) and removes the killed run's folder.
+    from lightning_llm.data.tokenizer import trained_tokenizer
+
+    train = f"trained_tokenizer(Source({str(corpus_dir)!r}).documents(), 300, 'corpus', {str(tmp_path / 'cache')!r}, max_chars=200_000)"
+    run_killed(None, None, f"""
+        import os, signal
+        real_fsync = os.fsync
+        def fsync(fd):
+            if os.path.basename(os.readlink(f"/proc/self/fd/{{fd}}")) == "tokenizer.json":
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_fsync(fd)
+        os.fsync = fsync
+        from lightning_llm.data.sources import Source
+        from lightning_llm.data.tokenizer import trained_tokenizer
+        {train}
+    """, tmp_path)
+    (folder,) = (tmp_path / "cache" / "tokenizers").iterdir()
+    assert folder.name.startswith(".bpe300-") and ".tmp-" in folder.name  # only the killed run's temporary
+    tokenizer = trained_tokenizer(Source(str(corpus_dir)).documents(), 300, "corpus", tmp_path / "cache", max_chars=200_000)
+    reference = trained_tokenizer(Source(str(corpus_dir)).documents(), 300, "corpus", tmp_path / "reference", max_chars=200_000)
+    assert tokenizer.get_vocab() == reference.get_vocab()
+    assert [p.name for p in (tmp_path / "cache" / "tokenizers").iterdir()] == [
+        p.name for p in (tmp_path / "reference" / "tokenizers").iterdir()]
