@@ -100,11 +100,18 @@ def _keep_unless_child(config: dict, status_fd: int) -> None:
         return
     os.close(status_fd)  # the program's process reports; its exec closes the last write end
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # it passes on a core-dumping signal by dying of it
-    pidfd = os.pidfd_open(program)
-    ready, _, _ = select.select([pidfd, death_fd], [], [])
-    if pidfd not in ready:  # the evaluating process is gone: nobody else will end the run
-        _end_run(config["uid"])
-    status = os.waitpid(program, 0)[1]
+    try:
+        pidfd = os.pidfd_open(program)  # readable once the program's process has exited
+    except OSError:  # Linux < 5.3: look every few milliseconds
+        pidfd = None
+    while True:
+        ready, _, _ = select.select([fd for fd in (pidfd, death_fd) if fd is not None], [], [],
+                                    None if pidfd is not None else 0.005)
+        exited, status = os.waitpid(program, os.WNOHANG)
+        if exited:
+            break
+        if death_fd in ready:  # the evaluating process is gone: nobody else will end the run
+            _end_run(config["uid"])
     if config["uid"] is not None:  # its setsid descendants go with it, whatever becomes of the evaluator
         killer = os.fork()
         if killer == 0:
