@@ -31,9 +31,9 @@ says per guarantee what held, starting with "missing:" where it did not, and a w
   visible (only file permissions and the fresh uid protect it); as root, `/tmp` and `/dev/shm` are
   still one private tmpfs of `disk` bytes (a mount namespace of the child's own), the network
   namespace comes from `unshare(2)`, and the run's uid is killed, `kill(-1)` repeated until no process
-  of it is left, by the parent or, should the parent die first, by the run's keeper process; not root: the host's `/tmp` is shared, the network is refused by an
-  audit hook (Python-level only) unless a user namespace allows a network namespace, and only the
-  process group is killed;
+  of it is left, by the parent or, should the parent die first, by the run's keeper process; not root:
+  the host's `/tmp` is shared, the network is refused by an audit hook (Python-level only) unless a
+  user namespace allows a network namespace, and only the process group is killed (by the keeper too);
 - no writable cgroup memory controller (cgroup v2 without the controller delegated to this
   process's cgroup, or not root): memory is capped per process only (address space), so a run may
   hold up to `processes` x `memory`.
@@ -57,10 +57,10 @@ import os
 import random
 import re
 import secrets
-import socket
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
