@@ -195,7 +195,7 @@ def test_a_checkpoint_of_non_finite_weights_is_refused_and_the_last_one_kept(tmp
         assert torch.equal(last["state_dict"][name], tensor), name
 
 
-def test_generate_and_evaluate_refuse_a_model_with_non_finite_weights(tmp_path, tokenizer, capsys):
+def test_generate_evaluate_and_export_refuse_a_model_with_non_finite_weights(tmp_path, tokenizer, capsys):
     # The model `generate`, `evaluate` and `chat` load (cli.inference_model): a checkpoint and an export
     # directory written by another tool. Unrefused, sampling fails in torch.multinomial and greedy decoding
     # and lm-eval's scores come out silently wrong.
@@ -215,6 +215,11 @@ def test_generate_and_evaluate_refuse_a_model_with_non_finite_weights(tmp_path, 
         main(["generate", "--checkpoint", str(tmp_path / "diverged.ckpt"), "--prompt", "def "])
     assert info.value.code == 1
     assert re.search(refused.format(re.escape(str(tmp_path / "diverged.ckpt"))), capsys.readouterr().err)
+    # ... and `lightning-llm export` writes nothing of it
+    with pytest.raises(SystemExit):
+        main(["export", "--checkpoint", str(tmp_path / "diverged.ckpt"), "--out", str(tmp_path / "exported")])
+    assert re.search(r"refusing to export '.*exported': 1 weight tensors hold inf or NaN: model\.norm\.weight \(1 of", capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["diverged.ckpt"]
     module.model.save_pretrained(tmp_path / "hf")
     tokenizer.save_pretrained(tmp_path / "hf")
     with pytest.raises(ValueError, match=refused.format(re.escape(str(tmp_path / "hf")))):
