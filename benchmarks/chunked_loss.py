@@ -23,8 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from interleave import interleaved, summary
-from record import write_json
+from interleave import interleaved, summary, write_result
 
 MiB = 2**20
 
@@ -101,7 +100,7 @@ def main() -> None:
         ratio = next(v for k, v in row.items() if k.startswith("ratio_to_"))
         print(f"{row['run']:<16}{statistics.median(peaks):>12,.0f} [{min(peaks):,.0f}, {max(peaks):,.0f}]"
               f"{row['median']:>14.2f} [{row['min']:.2f}, {row['max']:.2f}]{ratio:>10.2f}")
-    write_json({"config": vars(args), "device": device, "results": rows}, args.out)
+    write_result(args.out, {"config": vars(args), "device": device, "results": rows})
     print(f"written to {args.out}")
 
 

@@ -19,8 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from interleave import interleaved, summary
-from record import write_json
+from interleave import interleaved, summary, write_result
 
 from lightning_llm.data.pretrain import default_cache_dir
 from lightning_llm.data.sources import PYTHON_STDLIB, Source
@@ -65,8 +64,8 @@ def main() -> None:
     for row in rows:
         print(f"{row['run']:<16}{row['median']:>12.2f}{row['min']:>8.2f}{row['max']:>8.2f}{row['ratio_to_' + names[1]]:>8.2f}")
     print("token files: byte-identical across the runs")
-    write_json({"config": vars(args), "machine": machine, "corpus_mb": text_mb, "vocab": len(tokenizer),
-                "unit": "MB/s of UTF-8 text", "results": rows}, args.out)
+    write_result(args.out, {"config": vars(args), "machine": machine, "corpus_mb": text_mb, "vocab": len(tokenizer),
+                            "unit": "MB/s of UTF-8 text", "results": rows})
     print(f"written to {args.out}")
 
 
