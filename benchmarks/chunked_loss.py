@@ -19,12 +19,11 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from interleave import interleaved, summary
+from interleave import interleaved, summary, write_result
 
 MiB = 2**20
 
@@ -101,10 +100,8 @@ def main() -> None:
         ratio = next(v for k, v in row.items() if k.startswith("ratio_to_"))
         print(f"{row['run']:<16}{statistics.median(peaks):>12,.0f} [{min(peaks):,.0f}, {max(peaks):,.0f}]"
               f"{row['median']:>14.2f} [{row['min']:.2f}, {row['max']:.2f}]{ratio:>10.2f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"config": vars(args), "device": device, "results": rows}, indent=2))
-    print(f"written to {out}")
+    write_result(args.out, {"config": vars(args), "device": device, "results": rows})
+    print(f"written to {args.out}")
 
 
 if __name__ == "__main__":

@@ -10,17 +10,16 @@ memory cgroup, the fresh uid) and its fallback without bubblewrap, interleaved r
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import subprocess
 import sys
 import time
 import warnings
-from pathlib import Path
 from unittest import mock
 
 from lightning_llm.eval import sandbox
+from record import write_json
 
 PROGRAM = "print(sum(range(10)))"
 
@@ -66,8 +65,8 @@ def main() -> None:
         print(f"{row['run']:<28}{row['median_s'] * 1e3:>10.1f}{row['min_s'] * 1e3:>9.1f}{row['ratio_to_unconfined']:>7.2f}")
     for name, how in isolation.items():
         print(f"  {name}: {how}")
-    Path(args.out).write_text(json.dumps({"config": vars(args), "machine": machine, "python": python,
-                                          "isolation": isolation, "results": results}, indent=2))
+    write_json({"config": vars(args), "machine": machine, "python": python, "isolation": isolation,
+                "results": results}, args.out)
     print(f"written to {args.out}")
 
 

@@ -14,13 +14,12 @@ which the sources import.)
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
 from pathlib import Path
 
-from interleave import interleaved, summary
+from interleave import interleaved, summary, write_result
 
 from lightning_llm.data.pretrain import default_cache_dir
 from lightning_llm.data.sources import PYTHON_STDLIB, Source
@@ -65,8 +64,8 @@ def main() -> None:
     for row in rows:
         print(f"{row['run']:<16}{row['median']:>12.2f}{row['min']:>8.2f}{row['max']:>8.2f}{row['ratio_to_' + names[1]]:>8.2f}")
     print("token files: byte-identical across the runs")
-    Path(args.out).write_text(json.dumps({"config": vars(args), "machine": machine, "corpus_mb": text_mb,
-                                          "vocab": len(tokenizer), "unit": "MB/s of UTF-8 text", "results": rows}, indent=2))
+    write_result(args.out, {"config": vars(args), "machine": machine, "corpus_mb": text_mb, "vocab": len(tokenizer),
+                            "unit": "MB/s of UTF-8 text", "results": rows})
     print(f"written to {args.out}")
 
 

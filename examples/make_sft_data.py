@@ -96,8 +96,12 @@ def exact_match(model, tokenizer, records: list[dict], max_new_tokens: int = 16)
 
 
 def write_jsonl(records: list[dict], path: Path) -> None:
+    """The records as JSON lines, written atomically: a killed run leaves the previous file whole."""
+    from lightning_llm.checkpoint import atomic_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with atomic_file(path) as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records).encode())
 
 
 def main() -> None:

@@ -156,14 +156,36 @@ def resolve(path: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
 
 
+def nonfinite_weights(state: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """The floating-point tensors of `state` that hold inf or NaN: name -> (how many values, of how many).
+    A sharded tensor (DTensor) counts its local shard. (4-bit codes are integers and never count.)"""
+    bad = {}
+    for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            continue
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        count = int((~torch.isfinite(local)).sum())
+        if count:
+            bad[name] = (count, local.numel())
+    return bad
+
+
+def describe_nonfinite(bad: dict[str, tuple[int, int]]) -> str:
+    """`nonfinite_weights`'s result in words: how many tensors, the first few named with their counts."""
+    listed = ", ".join(f"{name} ({count} of {numel})" for name, (count, numel) in list(bad.items())[:4])
+    return f"{len(bad)} weight tensors hold inf or NaN: {listed}{', ...' if len(bad) > 4 else ''}"
+
+
 # -- writers ---------------------------------------------------------------------------------------
 
 
 @contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[IO[bytes]]:
     """A binary file to write `path` through: a temporary sibling, flushed, fsync'd and renamed over
-    `path` when the block completes (a failure removes it)."""
+    `path` when the block completes (a failure removes it). Temporaries that killed writers left in
+    the folder are removed first (`recover`): a killed token-cache write leaves a file as large as the cache."""
     path = Path(path)
+    recover(path.parent)
     tmp = _sibling(path, "tmp", _new_token())
     try:
         with open(tmp, "xb") as f:
@@ -181,7 +203,6 @@ def save_file(obj: Any, path: str | os.PathLike) -> None:
     """`torch.save(obj, path)`, atomically; stale temporaries in the folder are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    recover(path.parent)
     with atomic_file(path) as f:
         torch.save(obj, f)
 
@@ -456,7 +477,7 @@ def load_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
 # -- Lightning's CheckpointIO ---------------------------------------------------------------------
 
 
-def _is_local(path: _PATH) -> bool:
+def is_local_path(path: _PATH) -> bool:
     return get_filesystem(path).protocol in ("file", ("file", "local"))
 
 
@@ -467,18 +488,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     and name the path. Remote paths (s3://, ...) go through Lightning's code unchanged."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
-        if storage_options is not None or not _is_local(path):
+        if storage_options is not None or not is_local_path(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         save_file(checkpoint, path)
 
     def load_checkpoint(self, path: _PATH, map_location: Callable | None = None,
                         weights_only: bool | None = None) -> dict[str, Any]:
-        if not _is_local(path):
+        if not is_local_path(path):
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         return load_checkpoint(path, map_location, weights_only)
 
     def remove_checkpoint(self, path: _PATH) -> None:
-        if not _is_local(path):
+        if not is_local_path(path):
             return super().remove_checkpoint(path)
         remove_checkpoint(path)
 

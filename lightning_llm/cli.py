@@ -90,7 +90,16 @@ CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors")
 def inference_model(path: str) -> tuple[Any, Any]:
     """The model and tokenizer `generate`, `evaluate` and `chat` use: an export directory, a checkpoint
     (a file or a sharded directory), a LoRA/QLoRA run's adapter checkpoint rebuilt on its base, or a
-    hub id (online, or in the local hub cache)."""
+    hub id (online, or in the local hub cache). A model with an inf or NaN weight is refused: its
+    samples would fail in the sampler, its greedy output and its scores would be silently wrong."""
+    from lightning_llm.export import check_finite
+
+    model, tokenizer = _inference_model(path)
+    check_finite(model.state_dict(), path, action="use")
+    return model, tokenizer
+
+
+def _inference_model(path: str) -> tuple[Any, Any]:
     from lightning_llm.export import is_adapter_checkpoint, load_checkpoint, load_for_inference, tokenizer_from_checkpoint
 
     local = Path(path)

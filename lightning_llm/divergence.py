@@ -13,6 +13,11 @@ together. Then:
 
 Under a precision plugin with a loss scaler (fp16), a non-finite gradient is an overflow that the scaler
 skips and backs off from; the guard then checks the loss only.
+
+Weights can still turn non-finite with a finite loss and gradient (changed outside the optimizer step, an
+update that overflows): the guard also checks every checkpoint's weights before Lightning writes it (every
+rank its own shards, one verdict), and refuses one that holds inf or NaN with `NonFiniteError`, so that
+`last.ckpt` and the best checkpoint keep their finite version.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_llm.checkpoint import describe_nonfinite, nonfinite_weights
 from lightning_llm.precision.loss_scaler import HoldOnSkippedStep, any_rank
 
 ON_NONFINITE = ("stop", "skip")
@@ -150,6 +156,20 @@ class DivergenceGuard(Callback):
                   else f"raise max_nonfinite_skips (now {self.max_nonfinite_skips})")
         return (f"training diverged: {what}{lr}; the step was not applied, so no non-finite weights were saved or "
                 f"exported; {where}. Lower the learning rate, check the data, or {remedy}.")
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Weights can turn non-finite without a non-finite loss or gradient (changed outside the optimizer
+        # step, an update that overflows): such a checkpoint is refused before it is written (Lightning calls
+        # this hook before its CheckpointIO), so `last.ckpt` and the best one keep their finite version.
+        bad = nonfinite_weights(checkpoint.get("state_dict", {}))
+        if not bool(any_rank(torch.tensor([float(bool(bad))], device=pl_module.device)).item()):
+            return
+        what = describe_nonfinite(bad) if bad else "weight tensors on another rank hold inf or NaN"
+        previous = last_checkpoint(trainer)
+        where = f"the last checkpoint, {previous}, is finite" if previous else "no checkpoint was written in this run"
+        raise NonFiniteError(f"refusing to save the checkpoint of step {trainer.global_step}: {what}; nothing was "
+                             f"written, {where}. The weights became non-finite without a non-finite loss or gradient "
+                             "norm (changed outside the optimizer step, or an update that overflowed)")
 
     def state_dict(self) -> dict[str, Any]:
         return {"skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips}

@@ -26,7 +26,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from lightning_llm.checkpoint import atomic_directory, load_checkpoint
+from lightning_llm.checkpoint import atomic_directory, describe_nonfinite, load_checkpoint, nonfinite_weights
 from lightning_llm.data.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -156,14 +156,12 @@ def save_tokenizer_and_token_ids(directory: Path, model: nn.Module, tokenizer: P
     tokenizer_for_export(tokenizer, model.config).save_pretrained(directory)
 
 
-def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
+def check_finite(state: dict[str, torch.Tensor], what: str, action: str = "export") -> None:
     """Raise naming the tensors of `state` that hold inf or NaN (floating-point tensors; 4-bit codes are integers)."""
-    bad = {name: int((~torch.isfinite(t)).sum()) for name, t in state.items()
-           if t.is_floating_point() and not bool(torch.isfinite(t).all())}
+    bad = nonfinite_weights(state)
     if bad:
-        listed = ", ".join(f"{name} ({count} of {state[name].numel()})" for name, count in list(bad.items())[:4])
-        raise ValueError(f"refusing to export {what!r}: {len(bad)} weight tensors hold inf or NaN: {listed}"
-                         f"{', ...' if len(bad) > 4 else ''}. The run diverged; export an earlier, finite checkpoint")
+        raise ValueError(f"refusing to {action} {what!r}: {describe_nonfinite(bad)}. The run diverged; {action} an "
+                         "earlier, finite checkpoint")
 
 
 def save_pretrained_atomic(

@@ -5,13 +5,20 @@ Kept apart from `lightning_llm.cli` so that the other commands (`plan`, `--help`
 
 from __future__ import annotations
 
+import csv
 import importlib
+import io
 import os
 from typing import Any
 
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_llm.checkpoint import is_local_path, atomic_file
 
 # In a config, this text stands for `trainer.default_root_dir` (Lightning's default: the working directory),
 # so `--trainer.default_root_dir X` moves every output named with it: logs, checkpoints, export, adapters.
@@ -114,10 +121,43 @@ def default_loggers(root: str | os.PathLike) -> list[Any]:
     warn that the folder is not empty).
     """
     from lightning.fabric.plugins.environments import SLURMEnvironment
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from lightning.pytorch.loggers import TensorBoardLogger
 
-    csv = CSVLogger(root, version=SLURMEnvironment.job_id())
+    csv = AtomicCSVLogger(root, version=SLURMEnvironment.job_id())
     return [csv, TensorBoardLogger(root, version=csv.version)]
+
+
+class AtomicExperimentWriter(ExperimentWriter):
+    """Lightning's CSV writer, whose rewrite of metrics.csv under a new header goes through `atomic_file`."""
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        if not is_local_path(self.metrics_file_path):
+            return super()._rewrite_with_new_header(fieldnames)
+        with open(self.metrics_file_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+        with atomic_file(self.metrics_file_path) as f:
+            f.write(text.getvalue().encode())
+
+
+class AtomicCSVLogger(CSVLogger):
+    """Lightning's `CSVLogger` whose metrics.csv is never rewritten in place.
+
+    Lightning's writer appends rows, but when a metric appears that the file has no column for (the first
+    validation loss, a benchmark's result) it reads the whole file and writes it again under the new header,
+    in place: a run killed then leaves metrics.csv truncated, its history (what `lightning-llm report`
+    reads) lost. Here that rewrite goes through `checkpoint.atomic_file`."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = AtomicExperimentWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 def with_root(value: Any, root: str) -> Any:

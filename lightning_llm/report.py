@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,15 +67,22 @@ def find_metrics(run_dir: str | os.PathLike) -> tuple[Path, list[Path]]:
 
 
 def read_metrics(path: str | os.PathLike) -> Run:
-    """Each column of a Lightning CSV logger's metrics.csv as (step, value) points (empty cells skipped)."""
+    """Each column of a Lightning CSV logger's metrics.csv as (step, value) points (empty cells skipped).
+
+    The logger appends rows in place: a run killed while writing one leaves a last line without its end,
+    whose cells may be cut short ("3.25" as "3."); that line is left out, with a warning."""
     run = Run(Path(path))
     with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            step = int(float(row["step"]))
-            for name, text in row.items():
-                if name in ("step", "epoch") or text in ("", None):
-                    continue
-                run.series.setdefault(name, []).append((step, float(text)))
+        lines = f.read().splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        warnings.warn(f"{path}: its last line {lines.pop()[:80]!r} is incomplete (the run was killed while writing "
+                      "it); left out", stacklevel=2)
+    for row in csv.DictReader(lines):
+        step = int(float(row["step"]))
+        for name, cell in row.items():
+            if name in ("step", "epoch") or cell in ("", None):
+                continue
+            run.series.setdefault(name, []).append((step, float(cell)))
     return run
 
 

@@ -13,7 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 from _precision_helpers import PlantOverflow, TinyLM, free_port, loader, pattern_batches
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 from test_cli import tiny_config
 
@@ -162,3 +163,64 @@ def test_ddp_ranks_agree_when_only_one_sees_a_nan_gradient(tmp_path):
     assert "gradient norm non-finite on another rank" in ranks[0]["stop"]["error"]
     for key, value in ranks[0]["skip"]["weights"].items():
         assert torch.equal(value, ranks[1]["skip"]["weights"][key]), key
+
+
+class CorruptWeights(Callback):
+    """Sets one weight to NaN after optimizer step `step`: weights gone non-finite with a finite loss and
+    gradient up to that point (the guard's loss and gradient checks have not seen anything)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.model.get_input_embeddings().weight[3, 5] = math.nan
+
+
+def test_a_checkpoint_of_non_finite_weights_is_refused_and_the_last_one_kept(tmp_path):
+    # A checkpoint after every step, `last.ckpt` among them (ModelCheckpoint runs after the other callbacks,
+    # so it would save the corrupted weights of step 3); the step-2 file is the oracle of what must remain.
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=1, save_top_k=-1, save_last=True)
+    trainer = Trainer(accelerator="cpu", devices=1, max_steps=6, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, callbacks=[DivergenceGuard(), CorruptWeights(3), checkpoints])
+    with pytest.raises(NonFiniteError, match=r"refusing to save the checkpoint of step 3: \d weight tensors hold inf or "
+                                             r"NaN: model\.model\.embed_tokens\.weight \(1 of \d+\).*; nothing was written, "
+                                             rf"the last checkpoint, {re.escape(str(tmp_path / 'last.ckpt'))}, is finite"):
+        trainer.fit(TinyLM(), loader(pattern_batches(6)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "step=1.ckpt", "step=2.ckpt"]
+    last, step2 = load_checkpoint(tmp_path / "last.ckpt"), load_checkpoint(tmp_path / "step=2.ckpt")
+    assert last["global_step"] == 2
+    for name, tensor in step2["state_dict"].items():
+        assert torch.equal(last["state_dict"][name], tensor), name
+
+
+def test_generate_evaluate_and_export_refuse_a_model_with_non_finite_weights(tmp_path, tokenizer, capsys):
+    # The model `generate`, `evaluate` and `chat` load (cli.inference_model): a checkpoint and an export
+    # directory written by another tool. Unrefused, sampling fails in torch.multinomial and greedy decoding
+    # and lm-eval's scores come out silently wrong.
+    from lightning_llm.cli import inference_model
+    from lightning_llm.modules.pretrain import PretrainModule
+
+    module = PretrainModule("tiny", vocab_size=len(tokenizer))
+    module.configure_model()
+    module.tokenizer = tokenizer
+    with torch.no_grad():
+        module.model.model.norm.weight[7] = math.inf
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "diverged.ckpt")
+    refused = r"refusing to use '{}': 1 weight tensors hold inf or NaN: model\.norm\.weight \(1 of \d+\)\. The run diverged"
+    with pytest.raises(SystemExit) as info:
+        main(["generate", "--checkpoint", str(tmp_path / "diverged.ckpt"), "--prompt", "def "])
+    assert info.value.code == 1
+    assert re.search(refused.format(re.escape(str(tmp_path / "diverged.ckpt"))), capsys.readouterr().err)
+    # ... and `lightning-llm export` writes nothing of it
+    with pytest.raises(SystemExit):
+        main(["export", "--checkpoint", str(tmp_path / "diverged.ckpt"), "--out", str(tmp_path / "exported")])
+    assert re.search(r"refusing to export '.*exported': 1 weight tensors hold inf or NaN: model\.norm\.weight \(1 of", capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["diverged.ckpt"]
+    module.model.save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    with pytest.raises(ValueError, match=refused.format(re.escape(str(tmp_path / "hf")))):
+        inference_model(str(tmp_path / "hf"))

@@ -302,6 +302,59 @@ def test_setsid_fork_chain_does_not_outlive_the_run(backend, ending, request):
     assert survivors == [], f"{len(set(survivors))} processes of the chain outlived the run"
 
 
+@pytest.mark.parametrize("backend", ["bubblewrap", "host"])
+def test_a_killed_evaluator_takes_its_runs_with_it(backend):
+    # The evaluating process (a throwaway one, running two programs at once as HumanEval does) is
+    # SIGKILLed while its programs run: each ignores SIGTERM, sleeps, and has left a daemon behind
+    # (setsid, then fork). Nothing of them may be left: a run's end is otherwise its parent's doing.
+    name = f"llmsbx{secrets.token_hex(4)}"
+    program = textwrap.dedent(f"""
+        import ctypes, os, signal, time
+        ctypes.CDLL(None).prctl(15, {name.encode()!r}, 0, 0, 0)  # PR_SET_NAME
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                time.sleep(30)
+            os._exit(0)
+        time.sleep(30)
+    """)
+    evaluator = textwrap.dedent(f"""
+        import warnings
+        warnings.simplefilter("ignore")
+        from lightning_llm.eval import code_eval, sandbox
+        if {backend!r} == "host":
+            sandbox._bubblewrap = lambda: (None, "bubblewrap disabled by the test")
+        code_eval.run_programs([{program!r}] * 2, sandbox.SandboxLimits(timeout=60), workers=2, progress=False)
+    """)
+    root = str(Path(sandbox.__file__).parents[2])
+    parent = subprocess.Popen([sys.executable, "-c", evaluator], env={**os.environ, "PYTHONPATH": root})
+    try:
+        deadline = time.monotonic() + 30
+        while len(processes_named(name)) < 4 and time.monotonic() < deadline:  # two programs, two daemons
+            time.sleep(0.05)
+        assert len(processes_named(name)) == 4, "the programs did not start"
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 5  # the keeper, or bubblewrap, acts on the parent's death
+    while (survivors := processes_named(name)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in survivors:  # clean up after a failure
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert survivors == [], f"{len(survivors)} processes of the runs outlived their killed evaluator"
+    # What the killed runs left on the host (their files' folders, memory cgroups) goes at the next run.
+    left_by = f"-{parent.pid}@"
+    cgroups = sandbox._own_memory_hierarchy()
+    folders = [Path(tempfile.gettempdir())] + ([cgroups[0]] if cgroups else [])
+    assert [p for folder in folders for p in folder.iterdir() if left_by in p.name], "the killed runs left nothing"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert run_python("print('ran')", FAST).passed
+    assert [p.name for folder in folders for p in folder.iterdir() if left_by in p.name] == []
+
+
 @pytest.fixture(params=["bubblewrap", "host"])
 def backend(request):
     """The sandbox with bubblewrap, and its fallback without (a mount namespace of its own, as root)."""
@@ -310,6 +363,15 @@ def backend(request):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fallback warns about what it lacks; tested below
         yield request.param
+
+
+def test_exit_status_and_killing_signal_are_the_programs(backend):
+    # Without bubblewrap a keeper process stands between the parent and the program: what the parent
+    # sees must still be the program's own ending.
+    assert run_python("raise SystemExit(3)", FAST).returncode == 3
+    killed = run_python("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)", FAST)
+    assert killed.returncode == -signal.SIGSEGV and not killed.passed
+    assert run_python("print('ran')", FAST).passed
 
 
 def test_tmp_and_shm_are_private_and_gone_after_the_run(backend):

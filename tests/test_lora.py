@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -143,6 +144,29 @@ def test_only_the_adapter_trains_and_merging_gives_the_same_model(base_dir, data
     torch.testing.assert_close(probe(AutoModelForCausalLM.from_pretrained(tmp_path / "cli-merged")), adapted,
                                rtol=0, atol=1e-5)
     torch.testing.assert_close(probe(inference_model(str(tmp_path / "lora.ckpt"))[0]), adapted, rtol=0, atol=1e-6)
+
+
+def test_a_non_finite_adapter_is_not_written(base_dir, datamodule, tmp_path):
+    # Neither at the end of fit (LoRACallback) nor by `lightning-llm export` without --merge (the merged
+    # export is refused by save_pretrained_atomic): an adapter holding a NaN is what a user would deploy.
+    module = PretrainModule(str(base_dir), lr=1e-2, warmup_steps=1)
+    callback = LoRACallback(r=4, alpha=8)
+    trainer = make_trainer(tmp_path, 1, [callback])
+    trainer.fit(module, datamodule=datamodule)
+    trainer.save_checkpoint(tmp_path / "lora.ckpt")
+    checkpoint = torch.load(tmp_path / "lora.ckpt", weights_only=False)
+    name = next(k for k in checkpoint["state_dict"] if ".lora_B." in k)
+    checkpoint["state_dict"][name][0, 0] = math.inf
+    with pytest.raises(ValueError, match=rf"refusing to export '{re.escape(str(tmp_path / 'adapter-out'))}': 1 weight "
+                                         rf"tensors hold inf or NaN: {re.escape(name.removeprefix('model.'))} \(1 of \d+\)"):
+        export_lora_checkpoint(checkpoint, tmp_path / "adapter-out")
+    with torch.no_grad():
+        dict(module.named_parameters())[name].fill_(math.nan)
+    callback.adapter_dir = tmp_path / "adapter-nan"
+    with pytest.raises(ValueError, match="refusing to export .*adapter-nan.*hold inf or NaN"):
+        callback.on_fit_end(trainer, module)
+    assert not (tmp_path / "adapter-out").exists() and not (tmp_path / "adapter-nan").exists()
+    assert (tmp_path / "adapter").is_dir()  # the finite one written at the end of fit
 
 
 def test_adapter_only_checkpoint_is_small_and_resumes_with_the_same_losses(base_dir, datamodule, tmp_path):

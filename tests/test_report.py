@@ -90,6 +90,21 @@ def test_report_says_what_it_could_not_find(tmp_path, capsys):
     assert f"no metrics.csv under {tmp_path / 'empty'}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("torn", ["0,3,3.", "0,"])  # a value cut short (3.25 as 3.), a row cut after its epoch
+def test_a_metrics_line_torn_by_a_killed_run_is_left_out_with_a_warning(tmp_path, torn):
+    # What Lightning's CSV logger leaves when the run is killed in the middle of appending a row (its
+    # writer ends rows with \r\n); the complete rows are the oracle.
+    from lightning_llm.report import read_metrics
+
+    complete = "epoch,step,train/loss,val/loss\r\n0,1,4.0,\r\n0,2,3.5,3.75\r\n"
+    (tmp_path / "metrics.csv").write_bytes((complete + torn).encode())
+    (tmp_path / "whole.csv").write_bytes(complete.encode())
+    with pytest.warns(UserWarning, match=re.escape(f"its last line {torn!r} is incomplete (the run was killed")):
+        run = read_metrics(tmp_path / "metrics.csv")
+    assert run.series == read_metrics(tmp_path / "whole.csv").series == {
+        "train/loss": [(1, 4.0), (2, 3.5)], "val/loss": [(2, 3.75)]}
+
+
 def test_report_of_a_gpu_run_with_benchmarks_reads_the_newest_metrics(tmp_path, capsys):
     # metrics.csv as Lightning's CSV logger writes it, with the columns a GPU run with MMLUCallback adds
     old, new = tmp_path / "lightning_logs" / "version_0", tmp_path / "lightning_logs" / "version_1"

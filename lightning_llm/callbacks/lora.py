@@ -36,6 +36,7 @@ from lightning_llm.checkpoint import atomic_directory, load_checkpoint
 from lightning_llm.export import (
     ADAPTER_KEY,
     MODEL_PREFIX,
+    check_finite,
     is_adapter_checkpoint,
     save_pretrained_atomic,
     tokenizer_for_export,
@@ -524,6 +525,7 @@ class LoRACallback(Callback):
         out = Path(self.adapter_dir or Path(trainer.default_root_dir) / "adapter")
         state = gathered_adapter_state(pl_module.model)
         if trainer.is_global_zero:
+            check_finite(state, str(out))
             peft_model = as_peft_model(pl_module.model)
             base = getattr(pl_module.hparams, "model", None)
             if base is not None:
@@ -638,6 +640,7 @@ def export_lora_checkpoint(checkpoint: str | os.PathLike | dict[str, Any], out_d
     model = peft_model_from_checkpoint(checkpoint, base)
     tokenizer = tokenizer_from_checkpoint(checkpoint)
     if not merge:
+        check_finite(gathered_adapter_state(model), str(out_dir))
         with atomic_directory(out_dir, overwrite) as tmp:
             save_adapter(model, tmp, model.active_adapter, tokenizer)
         return Path(out_dir), None

@@ -5,6 +5,13 @@ the run's memory cgroup, sets the resource limits and (as root) takes the run's 
 what held on STATUS_FD, then executes the command in CONFIG; `python -I -S confine.py kill UID` kills
 every process of UID. It runs once per program, so it imports only what it needs from the standard
 library: its start-up is part of every run's cost.
+
+Without bubblewrap (whose `--die-with-parent` and PID namespace end the run when the evaluating
+process dies), this process stays as the run's keeper: it forks the program and waits for whichever
+comes first, the program's exit (passed on as its own) or the end of file on CONFIG's `death_fd`, a
+pipe whose write end only the evaluating process holds, so that the end of file means it died
+(SIGKILL included). Then it kills the run: as root every process of the run's uid, `setsid` ones
+included; otherwise its process group.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import json
 import math
 import os
 import resource
+import select
 import signal
 import sys
 import time
@@ -58,6 +66,7 @@ def _confine_and_exec(config: dict, status_fd: int) -> None:
                 f"{MISSING} the host's /tmp and /dev/shm are shared and no total disk budget holds, only "
                 f"{config['file_size']} bytes per file (no bubblewrap, not root)")
             _place_program(config, uid)
+            _keep_unless_child(config, status_fd)
         _set_limits(config)
         if uid is not None:
             os.setgroups([])
@@ -75,8 +84,51 @@ def _confine_and_exec(config: dict, status_fd: int) -> None:
     os.write(status_fd, json.dumps(status).encode())
     if not config["bwrap"]:  # bubblewrap writes its own status to it
         os.close(status_fd)
+    else:  # bubblewrap's --die-with-parent does the keeper's work
+        os.close(config["death_fd"])
     argv = config["argv"] + [network]
     os.execve(argv[0], argv, dict(os.environ))
+
+
+def _keep_unless_child(config: dict, status_fd: int) -> None:
+    """Fork the program's process; this one becomes the run's keeper (see the module's docstring) and
+    never returns."""
+    death_fd = config["death_fd"]
+    program = os.fork()
+    if program == 0:
+        os.close(death_fd)
+        return
+    os.close(status_fd)  # the program's process reports; its exec closes the last write end
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # it passes on a core-dumping signal by dying of it
+    try:
+        pidfd = os.pidfd_open(program)  # readable once the program's process has exited
+    except OSError:  # Linux < 5.3: look every few milliseconds
+        pidfd = None
+    while True:
+        ready, _, _ = select.select([fd for fd in (pidfd, death_fd) if fd is not None], [], [],
+                                    None if pidfd is not None else 0.005)
+        exited, status = os.waitpid(program, os.WNOHANG)
+        if exited:
+            break
+        if death_fd in ready:  # the evaluating process is gone: nobody else will end the run
+            _end_run(config["uid"])
+    if config["uid"] is not None:  # its setsid descendants go with it, whatever becomes of the evaluator
+        killer = os.fork()
+        if killer == 0:
+            _kill_uid(config["uid"])
+            os._exit(0)
+        os.waitpid(killer, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    os._exit(code & 0xFF)
+
+
+def _end_run(uid: int | None) -> None:
+    if uid is not None:
+        _kill_uid(uid)
+    os.killpg(0, signal.SIGKILL)  # this process's group: the program's, and this process
 
 
 def _private_tmp(disk: int) -> str:

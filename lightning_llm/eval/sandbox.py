@@ -30,10 +30,10 @@ says per guarantee what held, starting with "missing:" where it did not, and a w
 - no usable bubblewrap (not installed, or user namespaces disabled): the host's filesystem is
   visible (only file permissions and the fresh uid protect it); as root, `/tmp` and `/dev/shm` are
   still one private tmpfs of `disk` bytes (a mount namespace of the child's own), the network
-  namespace comes from `unshare(2)`, and the parent kills with the run's uid, `kill(-1)` repeated
-  until no process of it is left; not root: the host's `/tmp` is shared, the network is refused by an
-  audit hook (Python-level only) unless a user namespace allows a network namespace, and only the
-  process group is killed;
+  namespace comes from `unshare(2)`, and the run's uid is killed, `kill(-1)` repeated until no process
+  of it is left, by the parent or, should the parent die first, by the run's keeper process; not root:
+  the host's `/tmp` is shared, the network is refused by an audit hook (Python-level only) unless a
+  user namespace allows a network namespace, and only the process group is killed (by the keeper too);
 - no writable cgroup memory controller (cgroup v2 without the controller delegated to this
   process's cgroup, or not root): memory is capped per process only (address space), so a run may
   hold up to `processes` x `memory`.
@@ -55,10 +55,12 @@ import functools
 import json
 import os
 import random
+import re
 import secrets
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -68,6 +70,40 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lightning_llm.eval.confine import MISSING, SETUP_FAILED, processes_of
+
+# What a run creates on the host (its files' folder, its working directory without bubblewrap, its
+# memory cgroup) is named for the process that runs it, `lightning-llm-sandbox-<kind>-<pid>@<host>~...`,
+# so that a later run can remove what a killed one left (a pid means something on its own host only).
+_HOST = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "localhost"
+_SCRATCH = re.compile(r"^lightning-llm-sandbox-(?:io|work|memory)-(?P<pid>\d+)@(?P<host>.+)~")
+
+
+def _scratch_name(kind: str) -> str:
+    return f"lightning-llm-sandbox-{kind}-{os.getpid()}@{_HOST}~"
+
+
+def _remove_leftovers(folder: Path, remove) -> None:
+    """`remove` each run's scratch in `folder` whose process, on this host, is gone (killed mid-run)."""
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        match = _SCRATCH.match(entry.name)
+        if match and match["host"] == _HOST and not _alive(int(match["pid"])):
+            with contextlib.suppress(OSError):
+                remove(entry)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
 
 # The child's entry point, run as a script by the parent's own interpreter.
 _CONFINE = str(Path(__file__).with_name("confine.py"))
@@ -166,8 +202,9 @@ def run_python(source: str, limits: SandboxLimits = SandboxLimits(), python: str
     python = python or sandbox_python()
     bwrap, bwrap_missing = _bubblewrap()
     uid = _fresh_uid() if os.geteuid() == 0 else None
+    _remove_leftovers(Path(tempfile.gettempdir()), functools.partial(shutil.rmtree, ignore_errors=True))
     with contextlib.ExitStack() as cleanup:
-        private = Path(tempfile.mkdtemp(prefix="lightning-llm-sandbox-io-"))  # stays root-only
+        private = Path(tempfile.mkdtemp(prefix=_scratch_name("io")))  # stays root-only
         cleanup.callback(shutil.rmtree, private, ignore_errors=True)
         cgroup, isolation = _memory_cgroup(limits.memory)
         if cgroup:
@@ -177,26 +214,35 @@ def run_python(source: str, limits: SandboxLimits = SandboxLimits(), python: str
         err = cleanup.enter_context(open(private / "stderr", "wb"))
         status_read, status_write = os.pipe()
         cleanup.callback(os.close, status_read)
+        # Only this process holds the write end: the keeper (without bubblewrap) sees its end of file
+        # when this process dies, and then ends the run (see lightning_llm.eval.confine).
+        death_read, death_write = os.pipe()
+        cleanup.callback(os.close, death_write)
         with open(status_write, "wb") as status_pipe, open(private / "main.py", "rb") as program:
             if bwrap:
                 argv, cwd, env = _bwrap_command(bwrap, python, program.fileno(), status_pipe.fileno(), limits)
                 isolation.update(_bwrap_isolation(limits))
             else:
-                workdir = Path(tempfile.mkdtemp(prefix="lightning-llm-sandbox-"))
+                workdir = Path(tempfile.mkdtemp(prefix=_scratch_name("work")))
                 cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
                 argv, cwd, env = _host_command(python, workdir)
                 isolation.update(_host_isolation(bwrap_missing, uid))
             # RLIMIT_NPROC counts every process of the real uid. With a fresh uid that is this run
             # alone; without one it is the whole user's, so allow what the user already has plus the budget.
-            nproc = limits.processes if uid is not None else len(processes_of(os.getuid())) + limits.processes
+            # (The keeper of a run without bubblewrap is one process of the user's more.)
+            nproc = limits.processes if uid is not None else len(processes_of(os.getuid())) + limits.processes + 1
             config = dict(asdict(limits), uid=uid, argv=argv, nproc=nproc, bwrap=bool(bwrap),
-                          cgroup=str(cgroup) if cgroup else None, program=argv[-1], program_fd=program.fileno())
+                          cgroup=str(cgroup) if cgroup else None, program=argv[-1], program_fd=program.fileno(),
+                          death_fd=death_read)
             start = time.monotonic()
-            child = subprocess.Popen(
-                [sys.executable, "-I", "-S", _CONFINE, json.dumps(config), str(status_pipe.fileno())],
-                cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
-                pass_fds=(status_pipe.fileno(), program.fileno()),
-            )
+            try:
+                child = subprocess.Popen(
+                    [sys.executable, "-I", "-S", _CONFINE, json.dumps(config), str(status_pipe.fileno())],
+                    cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
+                    pass_fds=(status_pipe.fileno(), program.fileno(), death_read),
+                )
+            finally:
+                os.close(death_read)
         timed_out = False
         try:
             child.wait(timeout=limits.timeout)
@@ -312,7 +358,8 @@ def _bwrap_isolation(limits: SandboxLimits) -> dict[str, str]:
 
 
 def _host_isolation(bwrap_missing: str, uid: int | None) -> dict[str, str]:
-    processes = (f"the run's uid killed with kill(-1) until none is left ({bwrap_missing})" if uid is not None
+    processes = (f"the run's uid killed with kill(-1) until none is left, also if the evaluating process dies "
+                 f"({bwrap_missing})" if uid is not None
                  else f"{MISSING} only the process group is killed; a process that calls setsid may outlive "
                       f"the run ({bwrap_missing}, not root)")
     return {
@@ -459,7 +506,8 @@ def _memory_cgroup(limit: int) -> tuple[Path | None, dict[str, str]]:
     if found is None:
         return None, {"memory": f"{MISSING} {limit} bytes per process only, not per run ({why})"}
     parent, version = found
-    group = parent / f"lightning-llm-sandbox-{secrets.token_hex(6)}"
+    _remove_leftovers(parent, Path.rmdir)  # (a cgroup that still holds a process is not removed)
+    group = parent / f"{_scratch_name('memory')}{secrets.token_hex(6)}"
     settings = ({"memory.max": limit, "memory.swap.max": 0} if version == 2
                 else {"memory.limit_in_bytes": limit, "memory.memsw.limit_in_bytes": limit})
     try:
