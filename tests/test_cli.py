@@ -58,6 +58,26 @@ def test_fit_generate_export_from_yaml(tmp_path, corpus_dir, capsys, caplog):
     assert model.config.vocab_size == 300
 
 
+def test_export_overwrite_never_replaces_the_run_folder_it_reads_from(tmp_path, tokenizer, capsys):
+    # `export --checkpoint RUN/checkpoints/last.ckpt --out RUN --overwrite` (RUN meant as the parent of the
+    # export) would delete the checkpoint and the logs with the folder: refused, and everything is kept.
+    from test_checkpoint_faults import _write_checkpoint
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "lightning_logs").mkdir()
+    _write_checkpoint(run / "checkpoints" / "last.ckpt", tokenizer, seed=0)
+    for out in (run, tmp_path):  # the run folder, and a folder above it
+        with pytest.raises(SystemExit):
+            main(["export", "--checkpoint", str(run / "checkpoints" / "last.ckpt"), "--out", str(out), "--overwrite"])
+        assert "overwrite replaces an earlier export" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "lightning_logs"]
+    assert (run / "checkpoints" / "last.ckpt").exists()
+    main(["export", "--checkpoint", str(run / "checkpoints" / "last.ckpt"), "--out", str(run / "hf")])
+    main(["export", "--checkpoint", str(run / "checkpoints" / "last.ckpt"), "--out", str(run / "hf"), "--overwrite"])
+    assert (run / "hf" / "config.json").exists()  # an earlier export is replaced as before
+
+
 def test_unknown_config_key_is_rejected(tmp_path, corpus_dir, capsys):
     config = tiny_config(tmp_path, corpus_dir)
     config["model"]["init_args"]["learning_rate"] = 1e-3
