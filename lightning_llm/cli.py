@@ -129,25 +129,35 @@ def generate(argv: list[str]) -> None:
 
     parser = command_parser("generate")
     parser.add_argument("--checkpoint", required=True, help="a checkpoint file or a Hugging Face export directory")
-    parser.add_argument("--prompt", default="")
-    parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--prompt", action="append", default=None,
+                        help="the text to continue (default: empty); repeat it for several prompts, each continued "
+                             "from --seed as if alone and printed in order, separated by a line of dashes")
+    parser.add_argument("--max_new_tokens", type=positive_count, default=128)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
-    parser.add_argument("--top_k", type=int, default=50)
+    parser.add_argument("--top_k", type=natural_count, default=50, help="sample from the k likeliest tokens (0: from all)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if not args.temperature >= 0:
+        parser.error(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
     model, tokenizer = inference_model(args.checkpoint)
     if tokenizer is None:
         parser.error(f"{args.checkpoint} carries no tokenizer")
-    torch.manual_seed(args.seed)
-    ids = tokenizer(args.prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    if ids.numel() == 0:
-        ids = torch.tensor([[tokenizer.eos_token_id]])
     sample = args.temperature > 0
-    out = model.generate(
-        ids, max_new_tokens=args.max_new_tokens, do_sample=sample, temperature=args.temperature if sample else None,
-        top_k=args.top_k if sample else None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    print(tokenizer.decode(out[0], skip_special_tokens=True))
+    for i, prompt in enumerate(args.prompt or [""]):
+        if i:
+            print(PROMPT_SEPARATOR)
+        torch.manual_seed(args.seed)
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        if ids.numel() == 0:
+            ids = torch.tensor([[tokenizer.eos_token_id]])
+        out = model.generate(
+            ids, max_new_tokens=args.max_new_tokens, do_sample=sample, temperature=args.temperature if sample else None,
+            top_k=args.top_k if sample else None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+        print(tokenizer.decode(out[0], skip_special_tokens=True))
+
+
+PROMPT_SEPARATOR = "-" * 40  # between the continuations of several --prompt
 
 
 def export(argv: list[str]) -> None:
@@ -186,6 +196,14 @@ def positive_count(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text}")
+    return value
+
+
+def natural_count(text: str) -> int:
+    """argparse type: an int >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {text}")
     return value
 
 

@@ -78,6 +78,29 @@ def test_export_overwrite_never_replaces_the_run_folder_it_reads_from(tmp_path, 
     assert (run / "hf" / "config.json").exists()  # an earlier export is replaced as before
 
 
+def test_generate_continues_every_prompt_given_and_refuses_bad_values_before_loading(tmp_path, tokenizer, capsys):
+    from test_checkpoint_faults import _write_checkpoint
+
+    checkpoint = str(tmp_path / "last.ckpt")
+    _write_checkpoint(tmp_path / "last.ckpt", tokenizer, seed=0)
+    sampled = ["--max_new_tokens", "6", "--temperature", "1.0", "--seed", "3"]
+    alone = []
+    for prompt in ("def ", "class "):  # the oracle: each prompt on its own
+        main(["generate", "--checkpoint", checkpoint, "--prompt", prompt, *sampled])
+        alone.append(capsys.readouterr().out)
+    assert alone[0].startswith("def ") and alone[1].startswith("class ")
+    main(["generate", "--checkpoint", checkpoint, "--prompt", "def ", "--prompt", "class ", *sampled])
+    # in order, with a line of dashes between them (before, only the last --prompt was continued)
+    assert capsys.readouterr().out == alone[0] + "-" * 40 + "\n" + alone[1]
+    # Refused before any model is loaded (the checkpoint named does not exist), naming the option.
+    for option, value in (("--temperature", "-1"), ("--max_new_tokens", "0"), ("--top_k", "-1")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["generate", "--checkpoint", str(tmp_path / "missing.ckpt"), "--prompt", "def ", option, value])
+        assert exit_info.value.code == 2, option
+        err = capsys.readouterr().err
+        assert option in err and value in err and "missing.ckpt" not in err, err
+
+
 def test_unknown_config_key_is_rejected(tmp_path, corpus_dir, capsys):
     config = tiny_config(tmp_path, corpus_dir)
     config["model"]["init_args"]["learning_rate"] = 1e-3
