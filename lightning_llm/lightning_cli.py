@@ -70,7 +70,10 @@ class LLMCLI(LightningCLI):
         check_launch_size(self.trainer.strategy)  # Lightning's strategies too (it checks only launches of its own)
         check_precision_device(self.trainer)
         if self.resume_checkpoint is not None:
+            from lightning_llm.resume import check_steps_left
+
             path, checkpoint = self.resume_checkpoint
+            check_steps_left(self.trainer.max_steps, checkpoint.get("global_step"), path)
             state = checkpoint.get(type(self.datamodule).__qualname__) or {}
             check = getattr(self.datamodule, "check_data_order", None)
             if check is not None:  # (the data-parallel size is compared when the trainer restores the state)

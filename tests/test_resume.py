@@ -95,6 +95,19 @@ def test_a_changed_data_order_is_an_error_unless_accepted(tmp_path, base_run, co
     assert load_checkpoint(tmp_path / "ckpt" / "last.ckpt")["global_step"] == 6
 
 
+def test_max_steps_below_the_checkpoints_step_is_an_error(tmp_path, base_run, corpus_dir, capsys):
+    # It trained nothing, and the export and run summary read as if this run had trained the checkpoint's model.
+    checkpoint, base = base_run
+    step = load_checkpoint(checkpoint)["global_step"]
+    config = resume_config(tmp_path, base, corpus_dir)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", config, "--ckpt_path", str(checkpoint), f"--trainer.max_steps={step - 1}"])
+    err = capsys.readouterr().err
+    assert f"max_steps={step - 1} is below the step {checkpoint} is at ({step})" in err
+    assert f"--trainer.max_steps > {step}" in err
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "hf").exists()
+
+
 def test_an_unreadable_checkpoint_is_an_error_naming_it(tmp_path, base_run, corpus_dir, capsys):
     checkpoint, base = base_run
     config = resume_config(tmp_path, base, corpus_dir)
