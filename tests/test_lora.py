@@ -174,6 +174,19 @@ def test_adapter_only_checkpoint_is_small_and_resumes_with_the_same_losses(base_
     assert ratio < 0.25
 
 
+def test_resuming_with_another_rank_is_an_error_naming_r_before_anything_loads(base_dir, datamodule, tmp_path):
+    # Before: torch's load_state_dict failed with a size mismatch for every adapter tensor, naming no option.
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    make_trainer(tmp_path / "a", 1, [LoRACallback(r=4, dropout=0.0), saver]).fit(
+        PretrainModule(str(base_dir), warmup_steps=1), datamodule=datamodule)
+    saved_r = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["lora"]["adapters"]["default"]["r"]
+    assert saved_r == 4
+    trainer = make_trainer(tmp_path / "b", 2, [LoRACallback(r=8, dropout=0.0)])
+    with pytest.raises(ValueError, match="adapter 'default' has r=4, but this run asks for r=8.*Pass r=4") as refused:
+        trainer.fit(PretrainModule(str(base_dir), warmup_steps=1), datamodule=datamodule, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert "size mismatch" not in str(refused.value) and trainer.global_step == 0
+
+
 def test_qlora_stores_4_bits_per_weight_trains_and_merges(base_dir, datamodule, tmp_path):
     # the storage: NF4 codes + one 8-bit absmax per 64 weights + one fp32 absmax per 256 of those
     wide = build_model("tiny", vocab_size=64, hidden_size=256, intermediate_size=1024)

@@ -493,6 +493,15 @@ class LoRACallback(Callback):
             "quantization": self.quantization(),
         }
 
+    def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Called by the module before a checkpoint's weights load: its adapter has this run's rank (another
+        `r` fails the load on the shapes of every adapter tensor, naming no option)."""
+        saved = ((checkpoint.get(ADAPTER_KEY) or {}).get("adapters") or {}).get(self.adapter_name) or {}
+        if saved.get("r") not in (None, self.config.r):
+            raise ValueError(f"the checkpoint's LoRA adapter {self.adapter_name!r} has r={saved['r']}, but this run asks "
+                             f"for r={self.config.r}: a checkpoint resumes only into adapters of its rank. Pass "
+                             f"r={saved['r']} (or drop the override), or start a new run without --ckpt_path")
+
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         # The module loaded the checkpoint non-strictly (it has no base weights): make sure the
         # adapter weights themselves were all there. A sharded checkpoint has no "state_dict" here:
