@@ -39,6 +39,7 @@ from lightning_llm.callbacks.lora import (
     save_adapter,
     use_adapter,
 )
+from lightning_llm.callbacks.summary import RunSummary
 from lightning_llm.cli import inference_model, main
 from lightning_llm.data.pretrain import PretrainDataModule
 from lightning_llm.models import build_model
@@ -185,6 +186,16 @@ def test_resuming_with_another_rank_is_an_error_naming_r_before_anything_loads(b
     with pytest.raises(ValueError, match="adapter 'default' has r=4, but this run asks for r=8.*Pass r=4") as refused:
         trainer.fit(PretrainModule(str(base_dir), warmup_steps=1), datamodule=datamodule, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert "size mismatch" not in str(refused.value) and trainer.global_step == 0
+
+
+def test_the_run_summary_names_the_adapter_and_the_merge_not_hfexport(base_dir, datamodule, tmp_path):
+    # HFExport refuses a LoRA run, so "add HFExport, or --export_dir" sent the user to an error.
+    summary = RunSummary()
+    make_trainer(tmp_path, 1, [LoRACallback(r=4, dropout=0.0, adapter_dir=str(tmp_path / "adapter")), summary]).fit(
+        PretrainModule(str(base_dir), warmup_steps=1), datamodule=datamodule)
+    rows = dict(summary.lines)
+    assert (tmp_path / "adapter" / "adapter_config.json").exists() and rows["adapter"] == str(tmp_path / "adapter")
+    assert "--merge" in rows["export"] and "HFExport" not in rows["export"]
 
 
 def test_qlora_stores_4_bits_per_weight_trains_and_merges(base_dir, datamodule, tmp_path):

@@ -395,6 +395,7 @@ class LoRACallback(Callback):
                                  target_modules=target_modules if isinstance(target_modules, str) else list(target_modules))
         self.adapter_name, self.lr_multiplier, self.optimizer = adapter_name, lr_multiplier, optimizer
         self.adapter_dir = adapter_dir
+        self.adapter_path: Path | None = None  # the adapter written at the end of fit, once it is (on rank 0)
         self.experts = experts
 
     # -- the model --------------------------------------------------------------------------------
@@ -527,6 +528,7 @@ class LoRACallback(Callback):
                 peft_model.peft_config[self.adapter_name].base_model_name_or_path = str(base)
             with atomic_directory(out, overwrite=True) as tmp:
                 save_adapter(peft_model, tmp, self.adapter_name, getattr(pl_module, "tokenizer", None), state)
+            self.adapter_path = out  # (RunSummary lists it)
             rank_zero_info(f"adapter {self.adapter_name!r} written to {out}")
 
 
