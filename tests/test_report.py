@@ -90,6 +90,22 @@ def test_report_says_what_it_could_not_find(tmp_path, capsys):
     assert f"no metrics.csv under {tmp_path / 'empty'}" in capsys.readouterr().err
 
 
+def test_a_metrics_file_cut_by_a_kill_is_reported_without_its_last_row(tmp_path):
+    # A run killed while the CSV logger wrote a row leaves it half written; the report failed with
+    # "could not convert string to float: ''", naming neither the file nor the row.
+    from lightning_llm.report import read_metrics
+
+    whole = "epoch,step,val/loss,train/loss\n0,1,8.5,8.4\n0,3,8.25,8.0\n"
+    for cut in ("0,", "0,5,8.", "0,5,"):
+        (tmp_path / "metrics.csv").write_text(whole + cut)
+        with pytest.warns(UserWarning, match="metrics.csv:4: the last row is incomplete"):
+            run = read_metrics(tmp_path / "metrics.csv")
+        assert run.series == {"val/loss": [(1, 8.5), (3, 8.25)], "train/loss": [(1, 8.4), (3, 8.0)]}, cut
+    (tmp_path / "metrics.csv").write_text("epoch,step,val/loss\n0,1,8.5\n0,2,abc\n0,3,8.0\n")
+    with pytest.raises(ValueError, match=r"metrics.csv:3: a row that is not one number"):  # not the last: an error
+        read_metrics(tmp_path / "metrics.csv")
+
+
 def test_report_of_a_gpu_run_with_benchmarks_reads_the_newest_metrics(tmp_path, capsys):
     # metrics.csv as Lightning's CSV logger writes it, with the columns a GPU run with MMLUCallback adds
     old, new = tmp_path / "lightning_logs" / "version_0", tmp_path / "lightning_logs" / "version_1"
