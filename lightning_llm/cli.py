@@ -249,10 +249,11 @@ def evaluate(argv: list[str]) -> None:
 
     out = results_file(args.output_path) if args.output_path else None  # (a bad path fails before any work)
     specs, manager = prepare_tasks(tasks, args.include_path)
+    device = inference_device(args.device)
     model, tokenizer = inference_model(args.model)
     if tokenizer is None:
         parser.error(f"--model {args.model}: it carries no tokenizer; export it with one, or give a checkpoint of a run that had one")
-    model.to(inference_device(args.device))
+    model.to(device)
     results = evaluate_model(model, tokenizer, specs, manager, num_fewshot=args.num_fewshot, limit=args.limit,
                              batch_size=args.batch_size, bootstrap_iters=args.bootstrap_iters,
                              log_samples=args.log_samples, confirm_run_unsafe_code=args.confirm_run_unsafe_code)
@@ -278,10 +279,11 @@ def chat(argv: list[str]) -> None:
 
     from lightning_llm import chat as conversation
 
+    device = inference_device(args.device)
     model, tokenizer = inference_model(args.model)
     if tokenizer is None:
         parser.error(f"--model {args.model}: it carries no tokenizer; export it with one, or give a checkpoint of a run that had one")
-    model.to(inference_device(args.device))
+    model.to(device)
     if not tokenizer.chat_template:
         print(f"lightning-llm chat: {args.model}'s tokenizer has no chat template; the conversation is a plain transcript "
               "(User: ... / Assistant: ...). A model tuned with lightning-llm's InstructionTuningModule has one",
@@ -322,10 +324,23 @@ def user_turns(interactive: bool) -> Iterator[str]:
 
 
 def inference_device(device: str | None) -> Any:
-    """`device`, or cuda when there is one, else cpu."""
+    """`device`, or cuda when there is one, else cpu; a device that torch does not have here is an error
+    naming it (before any model loads: the commands call this first)."""
     import torch
 
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+        if chosen.type != "cpu":
+            module = getattr(torch, chosen.type)
+            count = module.device_count() if module.is_available() else 0
+            if count <= (chosen.index or 0):
+                raise ValueError(f"{count} {chosen.type} device(s) here")
+    except (AttributeError, RuntimeError, ValueError) as err:
+        raise ValueError(f"--device {device}: not a device of this machine ({err}); give cpu, or cuda / cuda:N "
+                         "where torch sees a GPU") from None
+    return chosen
 
 
 def main(argv: list[str] | None = None) -> None:

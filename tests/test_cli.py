@@ -101,6 +101,16 @@ def test_generate_continues_every_prompt_given_and_refuses_bad_values_before_loa
         assert option in err and value in err and "missing.ckpt" not in err, err
 
 
+def test_a_device_this_machine_lacks_is_refused_before_the_model_loads(tmp_path, capsys):
+    # Before: the model loaded, then torch failed with "Torch not compiled with CUDA enabled" (or an
+    # invalid device ordinal), naming no option. (cuda:99: no machine this runs on has 100 GPUs.)
+    for device in ("cuda:99", "gpu0"):
+        with pytest.raises(SystemExit):
+            main(["chat", "--model", str(tmp_path / "missing.ckpt"), "--device", device])
+        err = capsys.readouterr().err
+        assert f"--device {device}: not a device of this machine" in err and "missing.ckpt" not in err, err
+
+
 def test_unknown_config_key_is_rejected(tmp_path, corpus_dir, capsys):
     config = tiny_config(tmp_path, corpus_dir)
     config["model"]["init_args"]["learning_rate"] = 1e-3
