@@ -269,15 +269,59 @@ def is_occupied(out: Path) -> bool:
     return out.exists() and (not out.is_dir() or any(out.iterdir()))
 
 
+EXPORT_FILES = ("config.json", "adapter_config.json", ".safetensors")  # an export holds them (peft: or a folder per adapter)
+RUN_FILES = (".ckpt", SHARDED_METADATA, "lightning_logs")  # a checkpoint file, a sharded checkpoint, a run's logs
+
+
+def not_an_export(out: Path) -> str | None:
+    """Why an occupied `out` is not an earlier export that `overwrite` may replace, or None if it is one.
+
+    `overwrite` replaces the whole folder; a folder that holds checkpoints or logs (a run's folder), a
+    file, or a folder with no model or adapter config (the working directory, a data folder) would be
+    deleted with it, so only a folder an export wrote qualifies: a file named or ending as one of
+    `EXPORT_FILES` at its top (or an adapter config in a folder per adapter), and no checkpoint or log
+    up to two levels down."""
+    if not out.is_dir():
+        return "it is a file"
+    top = list(out.iterdir())
+    nested = [entry for folder in top if folder.is_dir() for entry in folder.iterdir()]
+    runs = [entry for entry in top + nested if entry.name.endswith(RUN_FILES)]
+    if runs:
+        return f"it holds checkpoints or run logs ({', '.join(str(entry) for entry in runs[:3])})"
+    if not (any(entry.name.endswith(EXPORT_FILES) for entry in top) or any(entry.name == "adapter_config.json" for entry in nested)):
+        shown = ", ".join(sorted(entry.name for entry in top)[:5]) + (", ..." if len(top) > 5 else "")
+        return f"it holds no config.json, adapter_config.json or *.safetensors, so it is not an earlier export ({shown})"
+    return None
+
+
+def export_refusal(out: str | os.PathLike, overwrite: bool) -> str | None:
+    """The message that refuses to write an export to `out`, or None where it may be written: `out` is
+    absent or empty, or `overwrite` is set and `out` is an earlier export (`not_an_export`)."""
+    out = Path(out)
+    if not is_occupied(out):
+        return None
+    if not overwrite:
+        return (f"export directory {str(out)!r} exists and is not empty; remove it or pass overwrite=True "
+                "(lightning-llm export: --overwrite)")
+    reason = not_an_export(out)
+    if reason is None:
+        return None
+    return (f"export directory {str(out)!r}: overwrite replaces an earlier export and everything in its folder, "
+            f"but {reason}; export to a new or empty folder instead")
+
+
 @contextmanager
 def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """A temporary directory beside `out_dir` to write an export into; it replaces `out_dir` only once
-    the block has completed, so at every instant `out_dir` holds the whole old or the whole new export."""
+    the block has completed, so at every instant `out_dir` holds the whole old or the whole new export.
+    An occupied `out_dir` is replaced only with `overwrite`, and only where it is an earlier export
+    (`export_refusal`)."""
     out = Path(out_dir)
     tmp = new_directory(out)  # first: it also finishes an export killed between its renames
     try:
-        if is_occupied(out) and not overwrite:
-            raise FileExistsError(f"export directory {str(out)!r} exists and is not empty; remove it or pass overwrite=True")
+        refusal = export_refusal(out, overwrite)
+        if refusal is not None:
+            raise FileExistsError(refusal)
         yield tmp
         commit_directory(tmp, out)
     finally:

@@ -138,25 +138,35 @@ def generate(argv: list[str]) -> None:
 
     parser = command_parser("generate")
     parser.add_argument("--checkpoint", required=True, help="a checkpoint file or a Hugging Face export directory")
-    parser.add_argument("--prompt", default="")
-    parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--prompt", action="append", default=None,
+                        help="the text to continue (default: empty); repeat it for several prompts, each continued "
+                             "from --seed as if alone and printed in order, separated by a line of dashes")
+    parser.add_argument("--max_new_tokens", type=positive_count, default=128)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
-    parser.add_argument("--top_k", type=int, default=50)
+    parser.add_argument("--top_k", type=natural_count, default=50, help="sample from the k likeliest tokens (0: from all)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if not args.temperature >= 0:
+        parser.error(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
     model, tokenizer = inference_model(args.checkpoint)
     if tokenizer is None:
         parser.error(f"{args.checkpoint} carries no tokenizer")
-    torch.manual_seed(args.seed)
-    ids = tokenizer(args.prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    if ids.numel() == 0:
-        ids = torch.tensor([[tokenizer.eos_token_id]])
     sample = args.temperature > 0
-    out = model.generate(
-        ids, max_new_tokens=args.max_new_tokens, do_sample=sample, temperature=args.temperature if sample else None,
-        top_k=args.top_k if sample else None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    print(tokenizer.decode(out[0], skip_special_tokens=True))
+    for i, prompt in enumerate(args.prompt or [""]):
+        if i:
+            print(PROMPT_SEPARATOR)
+        torch.manual_seed(args.seed)
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        if ids.numel() == 0:
+            ids = torch.tensor([[tokenizer.eos_token_id]])
+        out = model.generate(
+            ids, max_new_tokens=args.max_new_tokens, do_sample=sample, temperature=args.temperature if sample else None,
+            top_k=args.top_k if sample else None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+        print(tokenizer.decode(out[0], skip_special_tokens=True))
+
+
+PROMPT_SEPARATOR = "-" * 40  # between the continuations of several --prompt
 
 
 def export(argv: list[str]) -> None:
@@ -195,6 +205,14 @@ def positive_count(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text}")
+    return value
+
+
+def natural_count(text: str) -> int:
+    """argparse type: an int >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {text}")
     return value
 
 
@@ -240,10 +258,11 @@ def evaluate(argv: list[str]) -> None:
 
     out = results_file(args.output_path) if args.output_path else None  # (a bad path fails before any work)
     specs, manager = prepare_tasks(tasks, args.include_path)
+    device = inference_device(args.device)
     model, tokenizer = inference_model(args.model)
     if tokenizer is None:
         parser.error(f"--model {args.model}: it carries no tokenizer; export it with one, or give a checkpoint of a run that had one")
-    model.to(inference_device(args.device))
+    model.to(device)
     results = evaluate_model(model, tokenizer, specs, manager, num_fewshot=args.num_fewshot, limit=args.limit,
                              batch_size=args.batch_size, bootstrap_iters=args.bootstrap_iters,
                              log_samples=args.log_samples, confirm_run_unsafe_code=args.confirm_run_unsafe_code)
@@ -269,10 +288,11 @@ def chat(argv: list[str]) -> None:
 
     from lightning_llm import chat as conversation
 
+    device = inference_device(args.device)
     model, tokenizer = inference_model(args.model)
     if tokenizer is None:
         parser.error(f"--model {args.model}: it carries no tokenizer; export it with one, or give a checkpoint of a run that had one")
-    model.to(inference_device(args.device))
+    model.to(device)
     if not tokenizer.chat_template:
         print(f"lightning-llm chat: {args.model}'s tokenizer has no chat template; the conversation is a plain transcript "
               "(User: ... / Assistant: ...). A model tuned with lightning-llm's InstructionTuningModule has one",
@@ -313,10 +333,23 @@ def user_turns(interactive: bool) -> Iterator[str]:
 
 
 def inference_device(device: str | None) -> Any:
-    """`device`, or cuda when there is one, else cpu."""
+    """`device`, or cuda when there is one, else cpu; a device that torch does not have here is an error
+    naming it (before any model loads: the commands call this first)."""
     import torch
 
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+        if chosen.type != "cpu":
+            module = getattr(torch, chosen.type)
+            count = module.device_count() if module.is_available() else 0
+            if count <= (chosen.index or 0):
+                raise ValueError(f"{count} {chosen.type} device(s) here")
+    except (AttributeError, RuntimeError, ValueError) as err:
+        raise ValueError(f"--device {device}: not a device of this machine ({err}); give cpu, or cuda / cuda:N "
+                         "where torch sees a GPU") from None
+    return chosen
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,6 +23,9 @@ from lightning_llm.checkpoint import is_local_path, atomic_file
 # In a config, this text stands for `trainer.default_root_dir` (Lightning's default: the working directory),
 # so `--trainer.default_root_dir X` moves every output named with it: logs, checkpoints, export, adapters.
 ROOT = "${trainer.default_root_dir}"
+# `--ckpt_path` names that Lightning resolves to a file once the trainer exists (its ModelCheckpoint callbacks, a
+# SLURM job's HPC checkpoint): `ckpt_path: last` in a config resumes a requeued job and starts its first run fresh.
+CHECKPOINT_NAMES = ("last", "best", "hpc")
 
 
 class LLMCLI(LightningCLI):
@@ -50,7 +53,7 @@ class LLMCLI(LightningCLI):
 
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if not path:
+        if not path or str(path) in CHECKPOINT_NAMES:  # (a name: the trainer finds the file, `before_fit` checks it)
             return
         checkpoint = load_checkpoint_metadata(path)  # (early: an unreadable checkpoint fails before any work)
         self.resume_checkpoint = (str(path), checkpoint)
@@ -65,6 +68,34 @@ class LLMCLI(LightningCLI):
         check_same_architecture(str(path), checkpoint, saved["init_args"], now)
         rank_zero_info(changes_table(str(path), saved["init_args"], now))
 
+    def _named_checkpoint(self) -> tuple[str, dict[str, Any]] | None:
+        """`--ckpt_path last/best/hpc`: the checkpoint file the trainer will resume from (None: none yet, as on a
+        job's first run with `ckpt_path: last`), found as Lightning finds it, and its metadata."""
+        import warnings
+
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        from lightning_llm.checkpoint import load_checkpoint_metadata
+        from lightning_llm.resume import changes_table, check_same_architecture, plain, saved_model_config
+
+        name = self.config[self.subcommand].get("ckpt_path")
+        if str(name) not in CHECKPOINT_NAMES:
+            return None
+        with warnings.catch_warnings():  # ("no last checkpoint": Lightning says it again when fit starts)
+            warnings.simplefilter("ignore")
+            path = self.trainer._checkpoint_connector._parse_ckpt_path(
+                TrainerFn.FITTING, name, model_provided=True, model_connected=True)
+        if path is None:
+            return None
+        checkpoint = load_checkpoint_metadata(path)
+        model = self.config[self.subcommand]["model"]
+        saved = saved_model_config(checkpoint, model["class_path"], type(self.model))
+        if saved is not None:  # (its options cannot be this run's defaults any more: the module is built)
+            now = plain(model["init_args"])
+            check_same_architecture(str(path), checkpoint, saved["init_args"], now)
+            rank_zero_info(changes_table(f"{path} (ckpt_path {name!r})", saved["init_args"], now))
+        return str(path), checkpoint
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         root = config.get("trainer", {}).get("default_root_dir") or os.getcwd()  # (Lightning's default: the working directory)
@@ -76,8 +107,13 @@ class LLMCLI(LightningCLI):
 
         check_launch_size(self.trainer.strategy)  # Lightning's strategies too (it checks only launches of its own)
         check_precision_device(self.trainer)
+        if self.resume_checkpoint is None:
+            self.resume_checkpoint = self._named_checkpoint()
         if self.resume_checkpoint is not None:
+            from lightning_llm.resume import check_steps_left
+
             path, checkpoint = self.resume_checkpoint
+            check_steps_left(self.trainer.max_steps, checkpoint.get("global_step"), path)
             state = checkpoint.get(type(self.datamodule).__qualname__) or {}
             check = getattr(self.datamodule, "check_data_order", None)
             if check is not None:  # (the data-parallel size is compared when the trainer restores the state)

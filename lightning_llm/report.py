@@ -15,6 +15,7 @@ names (`step=6.ckpt`) and the run summary, which count optimizer steps done.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import warnings
@@ -69,20 +70,29 @@ def find_metrics(run_dir: str | os.PathLike) -> tuple[Path, list[Path]]:
 def read_metrics(path: str | os.PathLike) -> Run:
     """Each column of a Lightning CSV logger's metrics.csv as (step, value) points (empty cells skipped).
 
-    The logger appends rows in place: a run killed while writing one leaves a last line without its end,
-    whose cells may be cut short ("3.25" as "3."); that line is left out, with a warning."""
+    The logger writes whole lines: a file that does not end in a newline was cut by a kill while it logged,
+    and its last row (its values possibly cut short) is left out, with a warning. Any other row that is not
+    one number or nothing per column is an error naming its line."""
     run = Run(Path(path))
     with open(path, newline="") as f:
-        lines = f.read().splitlines(keepends=True)
-    if lines and not lines[-1].endswith("\n"):
-        warnings.warn(f"{path}: its last line {lines.pop()[:80]!r} is incomplete (the run was killed while writing "
-                      "it); left out", stacklevel=2)
-    for row in csv.DictReader(lines):
-        step = int(float(row["step"]))
-        for name, cell in row.items():
-            if name in ("step", "epoch") or cell in ("", None):
-                continue
-            run.series.setdefault(name, []).append((step, float(cell)))
+        text = f.read()
+    reader = csv.DictReader(io.StringIO(text))
+    rows = [(reader.line_num, row) for row in reader]
+    if rows and not text.endswith(("\n", "\r")):
+        warnings.warn(f"{path}:{rows[-1][0]}: the last row is incomplete (the run was stopped while logging it) and "
+                      f"is left out: {rows[-1][1]}", stacklevel=2)
+        rows.pop()
+    for line, row in rows:
+        try:
+            if None in row or None in row.values():  # (more cells than columns, or fewer)
+                raise ValueError
+            step = int(float(row["step"]))
+            points = [(name, float(text)) for name, text in row.items() if name not in ("step", "epoch") and text != ""]
+        except ValueError:
+            raise ValueError(f"{path}:{line}: a row that is not one number or nothing per column ({row}); "
+                             "is the file a Lightning CSVLogger's metrics.csv?") from None
+        for name, value in points:
+            run.series.setdefault(name, []).append((step, value))
     return run
 
 

@@ -94,3 +94,13 @@ def summary(arch: dict[str, Any] | str) -> str:
     if isinstance(arch, str):
         return arch
     return ", ".join(f"{key} {value}" for key, value in arch.items() if key != "model_type") or "architecture not recorded"
+
+
+def check_steps_left(max_steps: int, step: int | None, path: str) -> None:
+    """Raise when the trainer's `max_steps` is below the step the checkpoint at `path` is at: the resumed run
+    would train nothing, end at once and export the checkpoint's model as this run's. (Equal is allowed: a
+    requeued job whose run had finished resumes and ends. -1, Lightning's "no limit", is allowed.)"""
+    if step is not None and 0 <= max_steps < step:
+        raise ValueError(f"trainer.max_steps={max_steps} is below the step {path} is at ({step}): the resumed run "
+                         f"would train nothing. Give --trainer.max_steps > {step} to train on from it, or use it as it "
+                         "is (lightning-llm export, generate, validate)")

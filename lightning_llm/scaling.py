@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -121,15 +122,23 @@ def chinchilla_plan(compute: float | None = None, params: float | None = None) -
     """The compute-optimal (N, D) for a FLOP budget, or the budget and tokens for a model size."""
     if (compute is None) == (params is None):
         raise ValueError(f"give exactly one of compute or params, got compute={compute}, params={params}")
-    value = compute if compute is not None else params
-    if not value > 0:
-        raise ValueError(f"{'compute' if compute is not None else 'params'} must be > 0, got {value}")
-    if compute is not None:
-        n = CHINCHILLA_ANCHOR_PARAMS * (compute / CHINCHILLA_ANCHOR_FLOPS) ** CHINCHILLA_A
-    else:
-        n = params
-        compute = CHINCHILLA_ANCHOR_FLOPS * (n / CHINCHILLA_ANCHOR_PARAMS) ** (1 / CHINCHILLA_A)
-    return Plan(params=n, tokens=compute / (6 * n), compute=compute)
+    name, value = ("compute", compute) if compute is not None else ("params", params)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    try:
+        if compute is not None:
+            n = CHINCHILLA_ANCHOR_PARAMS * (compute / CHINCHILLA_ANCHOR_FLOPS) ** CHINCHILLA_A
+        else:
+            n = params
+            compute = CHINCHILLA_ANCHOR_FLOPS * (n / CHINCHILLA_ANCHOR_PARAMS) ** (1 / CHINCHILLA_A)
+        plan = Plan(params=n, tokens=compute / (6 * n), compute=compute)
+    except (OverflowError, ZeroDivisionError):  # (a float power overflows, or underflows to a zero N)
+        plan = None
+    if plan is None or not all(0 < x < math.inf for x in (plan.params, plan.tokens, plan.compute)):
+        raise ValueError(f"{name}={value:g} is too {'large' if value > 1 else 'small'} for the plan's floating-point "
+                         "arithmetic (a value of the plan would overflow or be 0); the paper's Table 3 spans "
+                         "1.92e19 to 1.30e28 FLOPs, 400M to 10T parameters")
+    return plan
 
 
 def plot_plan(plan: Plan, path: str) -> None:

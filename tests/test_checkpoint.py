@@ -165,6 +165,34 @@ def test_an_export_refused_or_failed_leaves_the_old_one(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 
+def test_overwrite_replaces_an_earlier_export_but_never_a_run_folder_or_other_files(tmp_path):
+    # An earlier export, and an adapter export in peft's layout (a named adapter in its own folder): replaced.
+    for name, files in (("hf", ["config.json", "model.safetensors"]), ("adapter", ["tokenizer.json", "mine/adapter_config.json"])):
+        for file in files:
+            (tmp_path / name / file).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name / file).write_text("old")
+        with atomic_directory(tmp_path / name, overwrite=True) as tmp:
+            (tmp / "config.json").write_text("new")
+        assert [p.name for p in (tmp_path / name).iterdir()] == ["config.json"], name
+    # A run's folder (its checkpoints, logs and export), a folder of other files, a file: refused, left as they were.
+    run = tmp_path / "run"
+    for file in ("checkpoints/last.ckpt", "lightning_logs/version_0/metrics.csv", "hf/config.json"):
+        (run / file).parent.mkdir(parents=True, exist_ok=True)
+        (run / file).write_text("kept")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("kept")
+    (tmp_path / "weights.bin").write_text("kept")
+    for out, reason in ((run, "holds checkpoints or run logs"), (run / "checkpoints", "holds checkpoints"),
+                        (tmp_path / "notes", "holds no config.json, adapter_config.json or"), (tmp_path / "weights.bin", "is a file")):
+        with pytest.raises(FileExistsError, match=f"{out.name}'.*overwrite replaces an earlier export.*{reason}"):
+            with atomic_directory(out, overwrite=True) as tmp:
+                (tmp / "config.json").write_text("new")
+    for file in ("run/checkpoints/last.ckpt", "run/lightning_logs/version_0/metrics.csv", "run/hf/config.json",
+                 "notes/todo.txt", "weights.bin"):
+        assert (tmp_path / file).read_text() == "kept", file
+    assert not [p.name for p in tmp_path.rglob(".*")]  # no temporary left beside them
+
+
 def test_runs_write_through_atomic_checkpoint_io_unless_the_user_chose_one(tmp_path):
     from lightning_llm.modules.pretrain import PretrainModule
 

@@ -58,6 +58,59 @@ def test_fit_generate_export_from_yaml(tmp_path, corpus_dir, capsys, caplog):
     assert model.config.vocab_size == 300
 
 
+def test_export_overwrite_never_replaces_the_run_folder_it_reads_from(tmp_path, tokenizer, capsys):
+    # `export --checkpoint RUN/checkpoints/last.ckpt --out RUN --overwrite` (RUN meant as the parent of the
+    # export) would delete the checkpoint and the logs with the folder: refused, and everything is kept.
+    from test_checkpoint_faults import _write_checkpoint
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "lightning_logs").mkdir()
+    _write_checkpoint(run / "checkpoints" / "last.ckpt", tokenizer, seed=0)
+    for out in (run, tmp_path):  # the run folder, and a folder above it
+        with pytest.raises(SystemExit):
+            main(["export", "--checkpoint", str(run / "checkpoints" / "last.ckpt"), "--out", str(out), "--overwrite"])
+        assert "overwrite replaces an earlier export" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "lightning_logs"]
+    assert (run / "checkpoints" / "last.ckpt").exists()
+    main(["export", "--checkpoint", str(run / "checkpoints" / "last.ckpt"), "--out", str(run / "hf")])
+    main(["export", "--checkpoint", str(run / "checkpoints" / "last.ckpt"), "--out", str(run / "hf"), "--overwrite"])
+    assert (run / "hf" / "config.json").exists()  # an earlier export is replaced as before
+
+
+def test_generate_continues_every_prompt_given_and_refuses_bad_values_before_loading(tmp_path, tokenizer, capsys):
+    from test_checkpoint_faults import _write_checkpoint
+
+    checkpoint = str(tmp_path / "last.ckpt")
+    _write_checkpoint(tmp_path / "last.ckpt", tokenizer, seed=0)
+    sampled = ["--max_new_tokens", "6", "--temperature", "1.0", "--seed", "3"]
+    alone = []
+    for prompt in ("def ", "class "):  # the oracle: each prompt on its own
+        main(["generate", "--checkpoint", checkpoint, "--prompt", prompt, *sampled])
+        alone.append(capsys.readouterr().out)
+    assert alone[0].startswith("def ") and alone[1].startswith("class ")
+    main(["generate", "--checkpoint", checkpoint, "--prompt", "def ", "--prompt", "class ", *sampled])
+    # in order, with a line of dashes between them (before, only the last --prompt was continued)
+    assert capsys.readouterr().out == alone[0] + "-" * 40 + "\n" + alone[1]
+    # Refused before any model is loaded (the checkpoint named does not exist), naming the option.
+    for option, value in (("--temperature", "-1"), ("--max_new_tokens", "0"), ("--top_k", "-1")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["generate", "--checkpoint", str(tmp_path / "missing.ckpt"), "--prompt", "def ", option, value])
+        assert exit_info.value.code == 2, option
+        err = capsys.readouterr().err
+        assert option in err and value in err and "missing.ckpt" not in err, err
+
+
+def test_a_device_this_machine_lacks_is_refused_before_the_model_loads(tmp_path, capsys):
+    # Before: the model loaded, then torch failed with "Torch not compiled with CUDA enabled" (or an
+    # invalid device ordinal), naming no option. (cuda:99: no machine this runs on has 100 GPUs.)
+    for device in ("cuda:99", "gpu0"):
+        with pytest.raises(SystemExit):
+            main(["chat", "--model", str(tmp_path / "missing.ckpt"), "--device", device])
+        err = capsys.readouterr().err
+        assert f"--device {device}: not a device of this machine" in err and "missing.ckpt" not in err, err
+
+
 def test_unknown_config_key_is_rejected(tmp_path, corpus_dir, capsys):
     config = tiny_config(tmp_path, corpus_dir)
     config["model"]["init_args"]["learning_rate"] = 1e-3

@@ -103,7 +103,11 @@ def test_bad_jsonl_line_names_file_and_line(tmp_path):
 
 @pytest.mark.parametrize("kwargs, match", [({"block_size": 0}, "block_size must be a positive integer"),
                                            ({"val_fraction": 1.5}, r"val_fraction must be in \[0, 1\)"),
-                                           ({"sources": [{"path": "python-stdlib", "weight": 0}]}, "weight must be > 0")])
+                                           ({"sources": [{"path": "python-stdlib", "weight": 0}]}, "weight must be a finite number > 0"),
+                                           # before: TypeError "'>' not supported between 'str' and 'int'", and NaN shares
+                                           ({"sources": [{"path": "python-stdlib", "weight": "0.5"}]}, "weight must be a finite number > 0, got '0.5'"),
+                                           ({"sources": [{"path": "python-stdlib", "weight": float("inf")}]},
+                                            "weight must be a finite number > 0, got inf")])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PretrainDataModule(**kwargs)

@@ -70,6 +70,16 @@ def test_an_existing_export_stops_the_run_before_training(datamodule, tmp_path):
     assert_export_has_the_live_logits(tmp_path / "out", module)
 
 
+def test_overwrite_into_the_run_folder_stops_the_run_before_training_and_deletes_nothing(datamodule, tmp_path):
+    # HFExport(dirpath=<the run folder>, overwrite=True) would replace the folder that holds the checkpoints.
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    make_trainer(tmp_path, [checkpoint], limit_val_batches=0).fit(PretrainModule("tiny", warmup_steps=1), datamodule=datamodule)
+    trainer = make_trainer(tmp_path, [HFExport(tmp_path, overwrite=True)])
+    with pytest.raises(FileExistsError, match="overwrite replaces an earlier export.*holds checkpoints.*last.ckpt"):
+        trainer.fit(PretrainModule("tiny", warmup_steps=1), datamodule=datamodule)
+    assert trainer.global_step == 0 and (tmp_path / "ckpt" / "last.ckpt").exists()
+
+
 class Fail(Callback):
     """Raises at a step, or leaves a NaN in a weight when training ends."""
 

@@ -40,6 +40,7 @@ from lightning_llm.callbacks.lora import (
     save_adapter,
     use_adapter,
 )
+from lightning_llm.callbacks.summary import RunSummary
 from lightning_llm.cli import inference_model, main
 from lightning_llm.data.pretrain import PretrainDataModule
 from lightning_llm.models import build_model
@@ -196,6 +197,29 @@ def test_adapter_only_checkpoint_is_small_and_resumes_with_the_same_losses(base_
     ratio = (tmp_path / "ckpt" / "last.ckpt").stat().st_size / (tmp_path / "full.ckpt").stat().st_size
     print(f"adapter-only checkpoint / full checkpoint size: {ratio:.3f}")
     assert ratio < 0.25
+
+
+def test_resuming_with_another_rank_is_an_error_naming_r_before_anything_loads(base_dir, datamodule, tmp_path):
+    # Before: torch's load_state_dict failed with a size mismatch for every adapter tensor, naming no option.
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    make_trainer(tmp_path / "a", 1, [LoRACallback(r=4, dropout=0.0), saver]).fit(
+        PretrainModule(str(base_dir), warmup_steps=1), datamodule=datamodule)
+    saved_r = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["lora"]["adapters"]["default"]["r"]
+    assert saved_r == 4
+    trainer = make_trainer(tmp_path / "b", 2, [LoRACallback(r=8, dropout=0.0)])
+    with pytest.raises(ValueError, match="adapter 'default' has r=4, but this run asks for r=8.*Pass r=4") as refused:
+        trainer.fit(PretrainModule(str(base_dir), warmup_steps=1), datamodule=datamodule, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert "size mismatch" not in str(refused.value) and trainer.global_step == 0
+
+
+def test_the_run_summary_names_the_adapter_and_the_merge_not_hfexport(base_dir, datamodule, tmp_path):
+    # HFExport refuses a LoRA run, so "add HFExport, or --export_dir" sent the user to an error.
+    summary = RunSummary()
+    make_trainer(tmp_path, 1, [LoRACallback(r=4, dropout=0.0, adapter_dir=str(tmp_path / "adapter")), summary]).fit(
+        PretrainModule(str(base_dir), warmup_steps=1), datamodule=datamodule)
+    rows = dict(summary.lines)
+    assert (tmp_path / "adapter" / "adapter_config.json").exists() and rows["adapter"] == str(tmp_path / "adapter")
+    assert "--merge" in rows["export"] and "HFExport" not in rows["export"]
 
 
 def test_qlora_stores_4_bits_per_weight_trains_and_merges(base_dir, datamodule, tmp_path):

@@ -90,19 +90,25 @@ def test_report_says_what_it_could_not_find(tmp_path, capsys):
     assert f"no metrics.csv under {tmp_path / 'empty'}" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("torn", ["0,3,3.", "0,"])  # a value cut short (3.25 as 3.), a row cut after its epoch
-def test_a_metrics_line_torn_by_a_killed_run_is_left_out_with_a_warning(tmp_path, torn):
-    # What Lightning's CSV logger leaves when the run is killed in the middle of appending a row (its
-    # writer ends rows with \r\n); the complete rows are the oracle.
+def test_a_metrics_file_cut_by_a_kill_is_reported_without_its_last_row(tmp_path):
+    # A run killed while the CSV logger wrote a row leaves it half written; the report failed with
+    # "could not convert string to float: ''", naming neither the file nor the row.
     from lightning_llm.report import read_metrics
 
-    complete = "epoch,step,train/loss,val/loss\r\n0,1,4.0,\r\n0,2,3.5,3.75\r\n"
-    (tmp_path / "metrics.csv").write_bytes((complete + torn).encode())
-    (tmp_path / "whole.csv").write_bytes(complete.encode())
-    with pytest.warns(UserWarning, match=re.escape(f"its last line {torn!r} is incomplete (the run was killed")):
+    whole = "epoch,step,val/loss,train/loss\n0,1,8.5,8.4\n0,3,8.25,8.0\n"
+    for cut in ("0,", "0,5,8.", "0,5,"):
+        (tmp_path / "metrics.csv").write_text(whole + cut)
+        with pytest.warns(UserWarning, match="metrics.csv:4: the last row is incomplete"):
+            run = read_metrics(tmp_path / "metrics.csv")
+        assert run.series == {"val/loss": [(1, 8.5), (3, 8.25)], "train/loss": [(1, 8.4), (3, 8.0)]}, cut
+    # Lightning's writer ends its rows with \r\n: the same cut there
+    (tmp_path / "metrics.csv").write_bytes((whole.replace("\n", "\r\n") + "0,5,8.").encode())
+    with pytest.warns(UserWarning, match="metrics.csv:4: the last row is incomplete"):
         run = read_metrics(tmp_path / "metrics.csv")
-    assert run.series == read_metrics(tmp_path / "whole.csv").series == {
-        "train/loss": [(1, 4.0), (2, 3.5)], "val/loss": [(2, 3.75)]}
+    assert run.series == {"val/loss": [(1, 8.5), (3, 8.25)], "train/loss": [(1, 8.4), (3, 8.0)]}
+    (tmp_path / "metrics.csv").write_text("epoch,step,val/loss\n0,1,8.5\n0,2,abc\n0,3,8.0\n")
+    with pytest.raises(ValueError, match=r"metrics.csv:3: a row that is not one number"):  # not the last: an error
+        read_metrics(tmp_path / "metrics.csv")
 
 
 def test_report_of_a_gpu_run_with_benchmarks_reads_the_newest_metrics(tmp_path, capsys):

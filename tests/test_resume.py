@@ -95,6 +95,42 @@ def test_a_changed_data_order_is_an_error_unless_accepted(tmp_path, base_run, co
     assert load_checkpoint(tmp_path / "ckpt" / "last.ckpt")["global_step"] == 6
 
 
+def test_max_steps_below_the_checkpoints_step_is_an_error(tmp_path, base_run, corpus_dir, capsys):
+    # It trained nothing, and the export and run summary read as if this run had trained the checkpoint's model.
+    checkpoint, base = base_run
+    step = load_checkpoint(checkpoint)["global_step"]
+    config = resume_config(tmp_path, base, corpus_dir)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", config, "--ckpt_path", str(checkpoint), f"--trainer.max_steps={step - 1}"])
+    err = capsys.readouterr().err
+    assert f"max_steps={step - 1} is below the step {checkpoint} is at ({step})" in err
+    assert f"--trainer.max_steps > {step}" in err
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "hf").exists()
+
+
+def test_ckpt_path_last_starts_fresh_then_resumes_with_every_check(tmp_path, corpus_dir, capsys, caplog):
+    # `ckpt_path: last` (Lightning's name for the newest last checkpoint of the run's ModelCheckpoint) is how a
+    # requeued job resumes; it was read as a file named 'last' ("checkpoint 'last' does not exist").
+    config = tiny_config(tmp_path, corpus_dir)
+    config["trainer"]["max_steps"] = 2
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run = ["fit", "--config", str(path), "--ckpt_path", "last", "--export_overwrite=true"]
+    main(run)  # nothing to resume yet: a fresh run
+    assert load_checkpoint(tmp_path / "ckpt" / "last.ckpt")["global_step"] == 2
+    capsys.readouterr()
+    for refused, message in ((["--trainer.max_steps=1"], "max_steps=1 is below the step"),
+                             (["--trainer.max_steps=4", "--data.batch_size=2"], "data order differs from this run's: batch_size 4 -> 2")):
+        with pytest.raises(SystemExit):
+            main([*run, *refused])
+        assert message in capsys.readouterr().err, refused
+    with caplog.at_level(logging.INFO):
+        main([*run, "--trainer.max_steps=4", "--model.lr=1e-4"])
+    assert f"resuming from {tmp_path / 'ckpt' / 'last.ckpt'} (ckpt_path 'last'): these options differ" in caplog.text
+    resumed = load_checkpoint(tmp_path / "ckpt" / "last.ckpt")
+    assert resumed["global_step"] == 4 and resumed["hyper_parameters"]["lr"] == 1e-4
+
+
 def test_an_unreadable_checkpoint_is_an_error_naming_it(tmp_path, base_run, corpus_dir, capsys):
     checkpoint, base = base_run
     config = resume_config(tmp_path, base, corpus_dir)

@@ -33,8 +33,19 @@ def test_chinchilla_table_3(params, flops, tokens):
 def test_plan_rejects_bad_input():
     with pytest.raises(ValueError, match="exactly one"):
         chinchilla_plan(compute=1e20, params=1e9)
-    with pytest.raises(ValueError, match="must be > 0"):
+    with pytest.raises(ValueError, match="must be a finite number > 0"):
         chinchilla_plan(compute=-1.0)
+
+
+@pytest.mark.parametrize("kind, value", [("compute", float("inf")), ("params", float("inf")), ("compute", float("nan")),
+                                         ("params", 1e200), ("compute", 1e-320)])
+def test_plan_refuses_values_it_cannot_compute_rather_than_print_inf_or_nan(kind, value):
+    # inf printed N = inf, D = nan; 1e200 parameters overflowed the budget, 1e-320 FLOPs gave a zero N (an
+    # OverflowError and a ZeroDivisionError with no word of which value)
+    with pytest.raises(ValueError, match=f"{kind}"):
+        chinchilla_plan(**{kind: value})
+    near = chinchilla_plan(**{kind: 1e20})  # an ordinary value still plans, every figure finite
+    assert all(0 < x < float("inf") for x in (near.params, near.tokens, near.compute))
 
 
 @pytest.mark.parametrize("seq_len", [16, 128])

@@ -14,7 +14,7 @@ from pathlib import Path
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_llm.checkpoint import is_occupied
+from lightning_llm.checkpoint import export_refusal
 from lightning_llm.export import check_exportable, export_module
 
 DEFAULT_SUBDIR = "hf"  # under trainer.default_root_dir
@@ -26,7 +26,9 @@ class HFExport(Callback):
     Args:
         dirpath: the export directory; default `<trainer.default_root_dir>/hf`.
         overwrite: replace an existing, non-empty export there. When False, such a directory stops the
-            run before training starts (not after it), naming the directory.
+            run before training starts (not after it), naming the directory. Even when True, a directory
+            that is not an earlier export (it holds checkpoints or logs, or no config.json) stops the run
+            before training: the export would delete it.
     """
 
     def __init__(self, dirpath: str | os.PathLike | None = None, overwrite: bool = False) -> None:
@@ -38,14 +40,17 @@ class HFExport(Callback):
         return Path(self.dirpath if self.dirpath is not None else Path(trainer.default_root_dir) / DEFAULT_SUBDIR)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit" or self.overwrite:
+        if stage != "fit":
             return
         out = self.export_dir(trainer)
         # Rank 0 writes, so its view of the file system decides (broadcast: every rank stops together).
-        if trainer.strategy.broadcast(is_occupied(out)):
+        refusal = trainer.strategy.broadcast(export_refusal(out, self.overwrite))
+        if refusal is not None and not self.overwrite:
             raise FileExistsError(f"HFExport: the export directory {str(out)!r} exists and is not empty (another run "
                                   "may read it); remove it, choose another dirpath, or pass overwrite=True "
                                   "(command line: --export_overwrite=true)")
+        if refusal is not None:  # overwrite, but what is there is not an earlier export: refused now, not after training
+            raise FileExistsError(f"HFExport: {refusal} (command line: --export_dir)")
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         check_exportable(pl_module)  # before training, not after it

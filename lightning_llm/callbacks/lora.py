@@ -407,6 +407,7 @@ class LoRACallback(Callback):
                                  target_modules=target_modules if isinstance(target_modules, str) else list(target_modules))
         self.adapter_name, self.lr_multiplier, self.optimizer = adapter_name, lr_multiplier, optimizer
         self.adapter_dir = adapter_dir
+        self.adapter_path: Path | None = None  # the adapter written at the end of fit, once it is (on rank 0)
         self.experts = experts
 
     # -- the model --------------------------------------------------------------------------------
@@ -506,6 +507,15 @@ class LoRACallback(Callback):
             "quantization": self.quantization(),
         }
 
+    def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Called by the module before a checkpoint's weights load: its adapter has this run's rank (another
+        `r` fails the load on the shapes of every adapter tensor, naming no option)."""
+        saved = ((checkpoint.get(ADAPTER_KEY) or {}).get("adapters") or {}).get(self.adapter_name) or {}
+        if saved.get("r") not in (None, self.config.r):
+            raise ValueError(f"the checkpoint's LoRA adapter {self.adapter_name!r} has r={saved['r']}, but this run asks "
+                             f"for r={self.config.r}: a checkpoint resumes only into adapters of its rank. Pass "
+                             f"r={saved['r']} (or drop the override), or start a new run without --ckpt_path")
+
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         # The module loaded the checkpoint non-strictly (it has no base weights): make sure the
         # adapter weights themselves were all there. A sharded checkpoint has no "state_dict" here:
@@ -532,6 +542,7 @@ class LoRACallback(Callback):
                 peft_model.peft_config[self.adapter_name].base_model_name_or_path = base_reference(base)
             with atomic_directory(out, overwrite=True) as tmp:
                 save_adapter(peft_model, tmp, self.adapter_name, getattr(pl_module, "tokenizer", None), state)
+            self.adapter_path = out  # (RunSummary lists it)
             rank_zero_info(f"adapter {self.adapter_name!r} written to {out}")
 
 

@@ -24,7 +24,7 @@ from lightning_llm.callbacks.throughput import global_batch_tokens
 
 class RunSummary(Callback):
     """Print, when `Trainer.fit` ends normally, the checkpoints written (last and best of every
-    `ModelCheckpoint`), the Hugging Face export (of an `HFExport`), the wall time, the tokens trained on in
+    `ModelCheckpoint`), the Hugging Face export (of an `HFExport`) or LoRA adapter, the wall time, the tokens trained on in
     this fit (all data-parallel ranks) and tokens/s over the wall time, and the best validation loss.
 
     It prints in the `teardown` hook, which Lightning calls after every callback's `on_fit_end`, so the
@@ -71,7 +71,14 @@ class RunSummary(Callback):
         if not any(label.startswith("checkpoint") for label, _ in lines):
             lines.append(("checkpoint", "none written"))
         exports = [str(c.path) for c in trainer.callbacks if isinstance(c, HFExport) and c.path is not None]
-        lines.append(("export", ", ".join(exports) if exports else "none (add HFExport, or --export_dir)"))
+        adapters = [str(c.adapter_path) for c in trainer.callbacks if getattr(c, "adapter_path", None) is not None]
+        if adapters:  # (a LoRA run: HFExport refuses it, so the hint is the merge)
+            none = "none (lightning-llm export --checkpoint CKPT --merge writes the merged model)"
+        else:
+            none = "none (add HFExport, or --export_dir)"
+        lines.append(("export", ", ".join(exports) if exports else none))
+        if adapters:
+            lines.append(("adapter", ", ".join(adapters)))
         lines.append(("wall time", f"{wall:.1f} s"))
         rate = f"{self._tokens / wall:,.0f}" if wall > 0 else "n/a"
         lines.append(("tokens", f"{self._tokens:,}  ({rate} tokens/s over the wall time, validation included)"))

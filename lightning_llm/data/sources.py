@@ -14,6 +14,7 @@ import fnmatch
 import glob
 import hashlib
 import json
+import math
 import os
 import sysconfig
 import threading
@@ -73,8 +74,9 @@ class Source:
     replaced: int = field(default=0, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not self.weight > 0:
-            raise ValueError(f"source {self.path!r}: weight must be > 0, got {self.weight}")
+        # (a quoted YAML number is a string, and an infinite weight makes every share NaN)
+        if isinstance(self.weight, bool) or not isinstance(self.weight, int | float) or not 0 < self.weight < math.inf:
+            raise ValueError(f"source {self.path!r}: weight must be a finite number > 0, got {self.weight!r}")
         if self.errors not in DECODE_ERRORS:
             raise ValueError(f"source {self.path!r}: errors={self.errors!r}; use one of {', '.join(map(repr, DECODE_ERRORS))}")
         try:

@@ -429,5 +429,11 @@ class PretrainModule(LightningModule):
             checkpoint["tokenizer_files"] = tokenizer_files(self.tokenizer)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Before the weights load: callbacks that shaped the model (LoRA's rank) check that the checkpoint
+        # fits it, and name the option, where the load would fail on tensor shapes.
+        for callback in self.trainer.callbacks if self._trainer is not None else []:
+            check = getattr(callback, "check_checkpoint", None)
+            if check is not None:
+                check(checkpoint)
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
         self.val_history = list(checkpoint.get("val_history", []))
