@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -222,6 +223,23 @@ def test_killing_the_parent_fails_and_the_parent_lives():
     if os.geteuid() == 0:
         assert seen["returncode"] != 0 and "killed" not in seen["stdout"]
         assert "PermissionError" in seen["stderr"] or "ProcessLookupError" in seen["stderr"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="as root the run has a fresh uid, whose process count is its own")
+def test_a_parent_with_many_threads_can_run_the_sandbox():
+    # RLIMIT_NPROC counts the threads of the real uid, and a training process has dozens (torch, data
+    # loaders, tokenizers): a limit of the user's processes plus the budget refused bubblewrap's first fork.
+    stop = threading.Event()
+    threads = [threading.Thread(target=stop.wait) for _ in range(4 * FAST.processes)]
+    for thread in threads:
+        thread.start()
+    try:
+        result = run_python("print('ran')", FAST)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert result.passed and result.stdout == "ran\n", result.stderr
 
 
 def test_limits_are_validated():
