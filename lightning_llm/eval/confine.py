@@ -35,9 +35,9 @@ SETUP_FAILED = 125
 MISSING = "missing:"
 
 
-def processes_of(uid: int) -> list[int]:
-    """Live (non-zombie) processes whose real uid is `uid`."""
-    pids = []
+def _statuses(uid: int) -> dict[int, dict[str, str]]:
+    """The /proc status fields of each process whose real uid is `uid` (zombies included), by pid."""
+    found = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -46,9 +46,21 @@ def processes_of(uid: int) -> list[int]:
                 fields = dict(line.split(":", 1) for line in f if ":" in line)
         except OSError:  # exited meanwhile
             continue
-        if int(fields["Uid"].split()[0]) == uid and not fields["State"].strip().startswith(("Z", "X")):
-            pids.append(int(entry.name))
-    return pids
+        if int(fields["Uid"].split()[0]) == uid:
+            found[int(entry.name)] = fields
+    return found
+
+
+def processes_of(uid: int) -> list[int]:
+    """Live (non-zombie) processes whose real uid is `uid`."""
+    return [pid for pid, fields in _statuses(uid).items() if not fields["State"].strip().startswith(("Z", "X"))]
+
+
+def threads_of(uid: int) -> int:
+    """Threads of the processes whose real uid is `uid`, zombies included: what RLIMIT_NPROC counts on Linux
+    (every thread until it is reaped, not processes: a training process with its torch, data-loader and
+    tokenizer threads counts as dozens; a killed run's processes count until their parent reaps them)."""
+    return sum(max(int(fields.get("Threads", "1")), 1) for fields in _statuses(uid).values())  # a zombie shows 0
 
 
 def _confine_and_exec(config: dict, status_fd: int) -> None:

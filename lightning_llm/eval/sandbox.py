@@ -69,7 +69,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lightning_llm.eval.confine import MISSING, SETUP_FAILED, processes_of
+from lightning_llm.eval.confine import MISSING, SETUP_FAILED, processes_of, threads_of
 
 # What a run creates on the host (its files' folder, its working directory without bubblewrap, its
 # memory cgroup) is named for the process that runs it, `lightning-llm-sandbox-<kind>-<pid>@<host>~...`,
@@ -227,10 +227,10 @@ def run_python(source: str, limits: SandboxLimits = SandboxLimits(), python: str
                 cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
                 argv, cwd, env = _host_command(python, workdir)
                 isolation.update(_host_isolation(bwrap_missing, uid))
-            # RLIMIT_NPROC counts every process of the real uid. With a fresh uid that is this run
-            # alone; without one it is the whole user's, so allow what the user already has plus the budget.
-            # (The keeper of a run without bubblewrap is one process of the user's more.)
-            nproc = limits.processes if uid is not None else len(processes_of(os.getuid())) + limits.processes + 1
+            # RLIMIT_NPROC counts every thread of the real uid. With a fresh uid that is this run
+            # alone; without one it is the whole user's (this process's threads included), so allow what
+            # the user already has plus the budget. (The keeper of a run without bubblewrap is one more.)
+            nproc = limits.processes if uid is not None else threads_of(os.getuid()) + limits.processes + 1
             config = dict(asdict(limits), uid=uid, argv=argv, nproc=nproc, bwrap=bool(bwrap),
                           cgroup=str(cgroup) if cgroup else None, program=argv[-1], program_fd=program.fileno(),
                           death_fd=death_read)
