@@ -14,12 +14,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 import yaml
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel
 from safetensors.torch import load_file
+from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -599,6 +601,49 @@ INFERENCE_SHAPES = {**QLORA_SHAPES, "tiny": ("tiny", {})}
 
 def dequantized(layer: bnb.nn.Linear4bit) -> torch.Tensor:
     return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+
+
+def nf4_by_hand(layer: bnb.nn.Linear4bit) -> torch.Tensor:
+    """A 4-bit layer's weight read from its bytes: byte i holds codes 2i (high nibble) and 2i+1 of the flattened
+    weight, each an index into the 16-value NF4 code book, scaled by the absmax of its block of 64 (the
+    absmax itself 8-bit quantized in blocks of 256 under double quantization)."""
+    state = layer.weight.quant_state
+    absmax = state.absmax.float()
+    if state.nested:
+        absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    packed = layer.weight.data.view(torch.uint8).flatten()
+    n = layer.out_features * layer.in_features
+    codes = torch.stack([packed >> 4, packed & 15], dim=1).flatten()[:n].long()
+    return (state.code[codes] * absmax[torch.arange(n) // state.blocksize]).view(layer.out_features, layer.in_features)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_4bit_layers_dequantize_what_they_quantized_when_blocks_span_rows(double_quant):
+    # Rows of 688 (llama-5m's down_proj) or 96 are not whole blocks of 64, so blocks span rows: bitsandbytes
+    # 0.50's CPU kernel read them row by row and gave those layers 2.7x the NF4 error, in every matmul and merge.
+    # Rows of 128 are whole blocks, and 131 (odd) takes bitsandbytes' pure-PyTorch path: controls.
+    torch.manual_seed(0)
+    sizes = {"down": (688, 5), "narrow": (96, 3), "whole": (128, 7), "odd": (131, 4)}
+    model = quantize_4bit(nn.ModuleDict({k: nn.Linear(i, o) for k, (i, o) in sizes.items()}),
+                          double_quant=double_quant, compute_dtype=torch.float32)
+    for name, (inputs, outputs) in sizes.items():
+        layer = model[name]
+        by_hand = nf4_by_hand(layer)
+        # the same product of a code-book value and a float32 absmax, one rounding each: bitwise equal
+        assert torch.equal(dequantized(layer), by_hand), name
+        x = torch.randn(2, 3, inputs, requires_grad=True)
+        grad_out = torch.randn(2, 3, outputs)
+        y = layer(x)
+        (grad_x,) = torch.autograd.grad(y, x, grad_out)
+        # the layer's matmul against the hand-read weight: float32, sums of `inputs` products each (the same
+        # terms, perhaps another summation order): within inputs x eps relative to sum |x||w|; the input's
+        # gradient likewise with `outputs` terms
+        eps = torch.finfo(torch.float32).eps
+        bound = inputs * eps * (x.abs() @ by_hand.abs().T + layer.bias.abs())
+        assert ((y - F.linear(x, by_hand, layer.bias)).abs() <= bound).all(), name
+        assert ((grad_x - grad_out @ by_hand).abs() <= outputs * eps * (grad_out.abs() @ by_hand.abs())).all(), name
+        with torch.no_grad():  # inference takes another path in bitsandbytes (no autograd function)
+            assert ((layer(x) - F.linear(x, by_hand, layer.bias)).abs() <= bound).all(), name
 
 
 @pytest.mark.parametrize("shape", list(INFERENCE_SHAPES))

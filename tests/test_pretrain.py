@@ -197,8 +197,11 @@ def test_a_non_finite_model_is_never_exported(datamodule, tmp_path):
     trainer.save_checkpoint(tmp_path / "good.ckpt")
     good = export_checkpoint(tmp_path / "good.ckpt", tmp_path / "hf")
     before = {p.name: p.read_bytes() for p in good.iterdir()}
-    module.model.model.layers[0].mlp.up_proj.weight.data[0, 0] = float("nan")
-    trainer.save_checkpoint(tmp_path / "diverged.ckpt")
+    # the run's own DivergenceGuard refuses to write such a checkpoint (tests/test_divergence.py), so the
+    # NaN goes into a copy of the file, as a checkpoint from another program or an older run would have it
+    checkpoint = torch.load(tmp_path / "good.ckpt", weights_only=False)
+    checkpoint["state_dict"]["model.model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+    torch.save(checkpoint, tmp_path / "diverged.ckpt")
     with pytest.raises(ValueError, match=r"layers\.0\.mlp\.up_proj\.weight \(1 of \d+\).*earlier, finite checkpoint"):
         export_checkpoint(tmp_path / "diverged.ckpt", tmp_path / "hf", overwrite=True)
     assert {p.name: p.read_bytes() for p in good.iterdir()} == before

@@ -15,6 +15,8 @@ from), and how an adapter is merged back into a plain Hugging Face model.
 
 from __future__ import annotations
 
+import copy
+import math
 import os
 import re
 import sys
@@ -170,7 +172,84 @@ def dequantize_in_every_matmul(layer: bnb.nn.Linear4bit) -> bnb.nn.Linear4bit:
     switch is this layer's own attribute: other bitsandbytes layers in the process are left as they are.
     """
     layer.support_avx512bf16_for_cpu = False
+    dequantize_whole_blocks_on_cpu(sys.modules["bitsandbytes"])
     return layer
+
+
+def dequantize_whole_blocks_on_cpu(bnb: Any) -> None:
+    """Make bitsandbytes' CPU 4-bit matmul and dequantization read a 2-D weight as it was quantized, when its
+    rows are not whole blocks of 64.
+
+    Quantization numbers the blocks over the flattened weight, so a block can span two rows. bitsandbytes
+    0.50's native CPU dequantization (under `dequantize_4bit` and the `gemm_4bit` of every 4-bit matmul) reads
+    the weight row by row: where a row's length is even and not a multiple of the block size (llama-5m's
+    down_proj, 688 inputs), the weights after the first row get other blocks' scales, and the layer computes
+    with 2.7x the NF4 error (RMS 0.25 against 0.09 on a standard normal weight), silently, in training,
+    inference and merges alike. Dequantizing the codes as the flat vector they were quantized as, then
+    viewing it in the weight's shape, gives bitsandbytes' own pure-PyTorch result exactly.
+
+    This replaces `bitsandbytes.functional.dequantize_4bit` (what bitsandbytes' backward, peft's and
+    transformers' merges call) and `bitsandbytes.matmul_4bit` (what `Linear4bit.forward` calls) by wrappers
+    that change CPU calls on such shapes only, and only where a check on two rows of 96 shows that the
+    installed bitsandbytes misreads them (a fixed release is left alone).
+    """
+    functional = bnb.functional
+    if getattr(functional.dequantize_4bit, "whole_blocks", None) is not None:
+        return  # checked (and wrapped if needed) already
+    original_dequantize, original_matmul = functional.dequantize_4bit, bnb.matmul_4bit
+
+    def flat(quant_state):
+        state = copy.copy(quant_state)
+        state.shape = torch.Size([math.prod(quant_state.shape)])
+        return state
+
+    def spans_rows(tensor: torch.Tensor, quant_state) -> bool:
+        return (quant_state is not None and tensor.device.type == "cpu" and len(quant_state.shape) > 1
+                and quant_state.shape[-1] % quant_state.blocksize != 0
+                and not getattr(quant_state, "packing_format_for_cpu", False))
+
+    weight = torch.randn(2, 96, generator=torch.Generator().manual_seed(0))
+    codes, state = functional.quantize_4bit(weight, blocksize=NF4_BLOCKSIZE, quant_type="nf4")
+    if torch.equal(original_dequantize(codes, state), original_dequantize(codes, flat(state)).view(2, 96)):
+        original_dequantize.whole_blocks = False
+        return
+
+    def dequantize_4bit(A, quant_state=None, absmax=None, out=None, blocksize=None, quant_type="fp4"):
+        if absmax is None and out is None and spans_rows(A, quant_state):
+            return original_dequantize(A, flat(quant_state)).view(quant_state.shape)
+        return original_dequantize(A, quant_state, absmax, out, blocksize, quant_type)
+
+    def matmul_4bit(A, B, quant_state, out=None, bias=None):
+        if out is None and spans_rows(A, quant_state):
+            return _DequantizeThenMatmul.apply(A, B, bias, quant_state)
+        return original_matmul(A, B, quant_state, out=out, bias=bias)
+
+    dequantize_4bit.__doc__, matmul_4bit.__doc__ = original_dequantize.__doc__, original_matmul.__doc__
+    dequantize_4bit.whole_blocks = matmul_4bit.whole_blocks = True
+    functional.dequantize_4bit, bnb.matmul_4bit = dequantize_4bit, matmul_4bit
+
+
+class _DequantizeThenMatmul(torch.autograd.Function):
+    """x W^T + b with W dequantized from its 4-bit codes in the forward and again in the backward, as
+    bitsandbytes' own 4-bit matmul does (only the codes are kept for the backward, not W)."""
+
+    @staticmethod
+    def forward(ctx, x, codes, bias, quant_state):
+        functional = sys.modules["bitsandbytes"].functional
+        ctx.save_for_backward(codes)
+        ctx.quant_state = quant_state
+        return nn.functional.linear(x, functional.dequantize_4bit(codes, quant_state).to(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        functional = sys.modules["bitsandbytes"].functional
+        (codes,) = ctx.saved_tensors
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ functional.dequantize_4bit(codes, ctx.quant_state).to(grad.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_x, None, grad_bias, None
 
 
 def quantization_constants(layer: bnb.nn.Linear4bit) -> list[torch.Tensor]:
