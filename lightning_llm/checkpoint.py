@@ -180,23 +180,32 @@ def describe_nonfinite(bad: dict[str, tuple[int, int]]) -> str:
 
 
 @contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[IO[bytes]]:
-    """A binary file to write `path` through: a temporary sibling, flushed, fsync'd and renamed over
-    `path` when the block completes (a failure removes it). Temporaries that killed writers left in
-    the folder are removed first (`recover`): a killed token-cache write leaves a file as large as the cache."""
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary sibling of `path` for a writer that takes a file name (Lightning's YAML writers, say):
+    once the block completes, the file it wrote there is fsync'd and renamed over `path` (a failure removes
+    it). Temporaries that killed writers left in the folder are removed first (`recover`)."""
     path = Path(path)
     recover(path.parent)
     tmp = _sibling(path, "tmp", _new_token())
     try:
-        with open(tmp, "xb") as f:
-            yield f
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
     fsync_directory(path.parent)
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[IO[bytes]]:
+    """A binary file to write `path` through (`atomic_path`): a temporary sibling, flushed, fsync'd and
+    renamed over `path` when the block completes; a killed token-cache write leaves a file as large as
+    the cache, which the next write into the folder removes."""
+    with atomic_path(path) as tmp, open(tmp, "xb") as f:
+        yield f
+        f.flush()
 
 
 def save_file(obj: Any, path: str | os.PathLike) -> None:

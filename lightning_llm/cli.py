@@ -152,13 +152,21 @@ def generate(argv: list[str]) -> None:
     if tokenizer is None:
         parser.error(f"{args.checkpoint} carries no tokenizer")
     sample = args.temperature > 0
-    for i, prompt in enumerate(args.prompt or [""]):
+    prompts = [tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"] for prompt in args.prompt or [""]]
+    prompts = [ids if ids.numel() else torch.tensor([[tokenizer.eos_token_id]]) for ids in prompts]
+    # Past its window a model sees positions it never trained on (rotary embeddings extrapolate without a
+    # word): refused before anything is generated, naming the prompt and the longest that fits.
+    window = getattr(model.config, "max_position_embeddings", None)
+    longest = max(range(len(prompts)), key=lambda i: prompts[i].shape[1])
+    if window is not None and prompts[longest].shape[1] + args.max_new_tokens > window:
+        length = prompts[longest].shape[1]
+        fits = f"--max_new_tokens {window - length} at most" if length < window else "a prompt shorter than the window"
+        parser.error(f"--prompt #{longest + 1} is {length} tokens and --max_new_tokens {args.max_new_tokens} more would "
+                     f"pass the model's window of {window} tokens (positions it was never trained on): give {fits}")
+    for i, ids in enumerate(prompts):
         if i:
             print(PROMPT_SEPARATOR)
         torch.manual_seed(args.seed)
-        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        if ids.numel() == 0:
-            ids = torch.tensor([[tokenizer.eos_token_id]])
         out = model.generate(
             ids, max_new_tokens=args.max_new_tokens, do_sample=sample, temperature=args.temperature if sample else None,
             top_k=args.top_k if sample else None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,

@@ -12,13 +12,14 @@ import os
 from typing import Any
 
 from jsonargparse import Namespace
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.core.saving import save_hparams_to_yaml
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_llm.checkpoint import is_local_path, atomic_file
+from lightning_llm.checkpoint import atomic_file, atomic_path, is_local_path
 
 # In a config, this text stands for `trainer.default_root_dir` (Lightning's default: the working directory),
 # so `--trainer.default_root_dir X` moves every output named with it: logs, checkpoints, export, adapters.
@@ -164,7 +165,15 @@ def default_loggers(root: str | os.PathLike) -> list[Any]:
 
 
 class AtomicExperimentWriter(ExperimentWriter):
-    """Lightning's CSV writer, whose rewrite of metrics.csv under a new header goes through `atomic_file`."""
+    """Lightning's CSV writer, whose rewrite of metrics.csv under a new header goes through `atomic_file`,
+    and whose hparams.yaml is written through `atomic_path` (Lightning's writes both in place)."""
+
+    def log_hparams(self, params: dict[str, Any]) -> None:
+        if not is_local_path(self.log_dir):
+            return super().log_hparams(params)
+        self.hparams.update(params)
+        with atomic_path(os.path.join(self.log_dir, self.NAME_HPARAMS_FILE)) as tmp:
+            save_hparams_to_yaml(tmp, self.hparams)
 
     def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
         if not is_local_path(self.metrics_file_path):
@@ -221,6 +230,26 @@ def check_precision_device(trainer: Any) -> None:
         check(device)
 
 
+class AtomicSaveConfigCallback(SaveConfigCallback):
+    """Lightning's `SaveConfigCallback`, whose config.yaml (the run's whole configuration, what reproduces
+    it) is written beside its name and renamed into place, not written in place. With `overwrite=False`,
+    `multifile` or a remote log folder it is Lightning's own."""
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if self.already_saved or not (self.save_to_log_dir and self.overwrite) or self.multifile:
+            return super().setup(trainer, pl_module, stage)
+        log_dir = trainer.log_dir  # (a broadcast: every rank asks)
+        if log_dir is None or not is_local_path(log_dir):
+            return super().setup(trainer, pl_module, stage)
+        if trainer.is_global_zero:
+            os.makedirs(log_dir, exist_ok=True)
+            with atomic_file(os.path.join(log_dir, self.config_filename)) as f:
+                f.write(self.parser.dump(self.config, skip_none=False).encode())
+            self.save_config(trainer, pl_module, stage)
+            self.already_saved = True
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)
+
+
 def run_trainer_cli(args: list[str] | None) -> None:
     from lightning_llm.data.pretrain import PretrainDataModule
     from lightning_llm.modules.pretrain import PretrainModule
@@ -228,6 +257,6 @@ def run_trainer_cli(args: list[str] | None) -> None:
     LLMCLI(
         PretrainModule, PretrainDataModule,
         subclass_mode_model=True, subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
+        save_config_callback=AtomicSaveConfigCallback, save_config_kwargs={"overwrite": True},
         args=args,
     )

@@ -101,6 +101,33 @@ def test_generate_continues_every_prompt_given_and_refuses_bad_values_before_loa
         assert option in err and value in err and "missing.ckpt" not in err, err
 
 
+def test_generate_past_the_models_window_is_refused_naming_what_fits(tmp_path, tokenizer, capsys):
+    # Before, the model went on past its window (rotary positions it never trained on), silently.
+    from lightning_llm.cli import inference_model
+    from test_checkpoint_faults import _write_checkpoint
+
+    checkpoint = str(tmp_path / "last.ckpt")
+    _write_checkpoint(tmp_path / "last.ckpt", tokenizer, seed=0)
+    window = inference_model(checkpoint)[0].config.max_position_embeddings
+    prompt = "x = 1\n" * window  # longer than the window: trimmed below to a known length
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][: window - 3]
+    prompt = tokenizer.decode(ids)
+    length = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert length < window
+    with pytest.raises(SystemExit) as exit_info:  # the second prompt does not fit; nothing is generated for the first
+        main(["generate", "--checkpoint", checkpoint, "--prompt", "def ", "--prompt", prompt,
+              "--max_new_tokens", str(window - length + 1)])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert (f"--prompt #2 is {length} tokens and --max_new_tokens {window - length + 1} more would pass the model's "
+            f"window of {window} tokens" in captured.err and f"--max_new_tokens {window - length} at most" in captured.err)
+    # exactly up to the window is allowed
+    main(["generate", "--checkpoint", checkpoint, "--prompt", prompt, "--max_new_tokens", str(window - length),
+          "--temperature", "0"])
+    assert capsys.readouterr().out.startswith(prompt[:20])
+
+
 def test_a_device_this_machine_lacks_is_refused_before_the_model_loads(tmp_path, capsys):
     # Before: the model loaded, then torch failed with "Torch not compiled with CUDA enabled" (or an
     # invalid device ordinal), naming no option. (cuda:99: no machine this runs on has 100 GPUs.)

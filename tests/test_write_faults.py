@@ -191,3 +191,64 @@ def test_a_tokenizer_cache_write_killed_is_trained_again_and_its_leftover_remove
     assert tokenizer.get_vocab() == reference.get_vocab()
     assert [p.name for p in (tmp_path / "cache" / "tokenizers").iterdir()] == [
         p.name for p in (tmp_path / "reference" / "tokenizers").iterdir()]
+
+
+@pytest.mark.parametrize("op", ["fsync", "replace"])
+def test_hparams_yaml_killed_while_written_keeps_the_previous_one(op, tmp_path):
+    # Lightning's CSV writer writes hparams.yaml in place; the CLI's logger writes it beside and renames it.
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_llm.lightning_cli import AtomicCSVLogger
+
+    AtomicCSVLogger(tmp_path / "run", version=0).log_hyperparams({"lr": 0.001, "model": "tiny"})
+    hparams = tmp_path / "run" / "lightning_logs" / "version_0" / "hparams.yaml"
+    before = hparams.read_bytes()
+    run_killed(op, "hparams.yaml", f"""
+        from lightning_llm.lightning_cli import AtomicCSVLogger
+        AtomicCSVLogger({str(tmp_path / 'run')!r}, version=0).log_hyperparams({{"lr": 0.002, "model": "tiny"}})
+    """, tmp_path)
+    assert hparams.read_bytes() == before
+    assert len(leftovers(hparams.parent, "hparams.yaml")) == 1
+    AtomicCSVLogger(tmp_path / "run", version=0).log_hyperparams({"lr": 0.002, "model": "tiny"})
+    # oracle: Lightning's own CSV logger given the same hyper-parameters
+    CSVLogger(tmp_path / "lightning", version=0).log_hyperparams({"lr": 0.002, "model": "tiny"})
+    assert hparams.read_bytes() == (tmp_path / "lightning" / "lightning_logs" / "version_0" / "hparams.yaml").read_bytes()
+    assert leftovers(hparams.parent, "hparams.yaml") == []
+
+
+def test_config_yaml_killed_while_written_keeps_the_previous_one(tmp_path, corpus_dir):
+    # Lightning's SaveConfigCallback writes the run's config.yaml in place; the CLI's writes it beside and
+    # renames it, with the same bytes as Lightning's.
+    import yaml
+    from lightning.pytorch.cli import SaveConfigCallback
+    from test_cli import tiny_config
+
+    from lightning_llm.lightning_cli import LLMCLI, AtomicSaveConfigCallback
+
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(tiny_config(tmp_path, corpus_dir)))
+    setup = f"""
+        from lightning_llm.data.pretrain import PretrainDataModule
+        from lightning_llm.lightning_cli import LLMCLI, AtomicSaveConfigCallback
+        from lightning_llm.modules.pretrain import PretrainModule
+        cli = LLMCLI(PretrainModule, PretrainDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
+                     args=["--config", {str(tmp_path / 'run.yaml')!r}, "--trainer.default_root_dir", ROOT])
+        AtomicSaveConfigCallback(cli.parser, cli.config, overwrite=True).setup(cli.trainer, cli.model, "fit")
+    """
+    exec(textwrap.dedent(setup), {"ROOT": str(tmp_path / "ours")})
+    config = tmp_path / "ours" / "config.yaml"
+    before = config.read_bytes()
+    config.write_bytes(before + b"# an earlier run's\n")
+    before = config.read_bytes()
+    run_killed("fsync", "config.yaml", f"ROOT = {str(tmp_path / 'ours')!r}\n" + textwrap.dedent(setup), tmp_path)
+    assert config.read_bytes() == before
+    assert len(leftovers(config.parent, "config.yaml")) == 1
+    # oracle: Lightning's own callback on the same parsed configuration
+    from lightning_llm.data.pretrain import PretrainDataModule
+    from lightning_llm.modules.pretrain import PretrainModule
+    cli = LLMCLI(PretrainModule, PretrainDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
+                 args=["--config", str(tmp_path / "run.yaml"), "--trainer.default_root_dir", str(tmp_path / "ours")])
+    AtomicSaveConfigCallback(cli.parser, cli.config, overwrite=True).setup(cli.trainer, cli.model, "fit")
+    SaveConfigCallback(cli.parser, cli.config, config_filename="lightning.yaml", overwrite=True).setup(
+        cli.trainer, cli.model, "fit")
+    assert config.read_bytes() == (tmp_path / "ours" / "lightning.yaml").read_bytes()
+    assert leftovers(config.parent, "config.yaml") == []
