@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,21 +12,32 @@ if TYPE_CHECKING:  # (torch and transformers are imported where used: `lightning
     import torch
     from transformers import PretrainedConfig
 
-# Peak dense (no sparsity) tensor-core FLOP/s from the vendors' data sheets, by device-name substring
-# and compute dtype (torch's name). Order matters: the first substring found in the device name wins.
+# Peak dense (no sparsity) FLOP/s from the vendors' data sheets, by device name and compute dtype (torch's
+# name; "tfloat32": fp32 matmuls on the tensor cores, which torch uses only when
+# `torch.get_float32_matmul_precision()` is not "highest", its default). A key matches a whole word of
+# the name as torch.cuda reports it ("L4" is not "L40S", "H200" is not "GH200"); the first key found wins,
+# so a variant comes before its family. A device or dtype not here has no peak: no MFU rather than a guess.
 PEAK_FLOPS: dict[str, dict[str, float]] = {
-    "H200": {"bfloat16": 989.4e12, "float16": 989.4e12, "float32": 494.7e12},
-    "H100 PCIe": {"bfloat16": 756.5e12, "float16": 756.5e12, "float32": 378e12},
-    "H100": {"bfloat16": 989.4e12, "float16": 989.4e12, "float32": 494.7e12},
-    "B200": {"bfloat16": 2250e12, "float16": 2250e12, "float32": 1100e12},
-    "A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12},  # fp32 = TF32
-    "L4": {"bfloat16": 121e12, "float16": 121e12, "float32": 60e12},
+    "H200 NVL": {"bfloat16": 835.5e12, "float16": 835.5e12, "tfloat32": 417.5e12, "float32": 60e12},
+    "H200": {"bfloat16": 989.4e12, "float16": 989.4e12, "tfloat32": 494.7e12, "float32": 67e12},
+    "H100 PCIe": {"bfloat16": 756.5e12, "float16": 756.5e12, "tfloat32": 378e12, "float32": 51.2e12},
+    "H100 NVL": {"bfloat16": 835.5e12, "float16": 835.5e12, "tfloat32": 417.5e12, "float32": 60e12},
+    "H100": {"bfloat16": 989.4e12, "float16": 989.4e12, "tfloat32": 494.7e12, "float32": 66.9e12},
+    "B200": {"bfloat16": 2250e12, "float16": 2250e12, "tfloat32": 1100e12},
+    "A100": {"bfloat16": 312e12, "float16": 312e12, "tfloat32": 156e12, "float32": 19.5e12},
+    "L40S": {"bfloat16": 362.05e12, "float16": 362.05e12, "tfloat32": 183e12, "float32": 91.6e12},
+    "L40": {"bfloat16": 181e12, "float16": 181e12, "tfloat32": 90.5e12, "float32": 90.5e12},
+    "L4": {"bfloat16": 121e12, "float16": 121e12, "tfloat32": 60e12, "float32": 30.3e12},
+    "V100-PCIE": {"float16": 112e12, "float32": 14e12},  # (no TF32 before Ampere: fp32 is fp32)
+    "V100S": {"float16": 130e12, "float32": 16.4e12},
     "V100": {"float16": 125e12, "float32": 15.7e12},
 }
 
 
 def peak_flops(device: torch.device | str, dtype: torch.dtype) -> float | None:
-    """Peak dense FLOP/s of `device` for `dtype`, or None when unknown (CPUs: no MFU is reported)."""
+    """Peak dense FLOP/s of `device` for `dtype`, or None when unknown (CPUs, devices and dtypes not in `PEAK_FLOPS`).
+
+    fp32 counts as TF32 where the device has TF32 and torch's float32 matmul precision lets it run there."""
     import torch
 
     device = torch.device(device)
@@ -33,8 +45,11 @@ def peak_flops(device: torch.device | str, dtype: torch.dtype) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     for key, table in PEAK_FLOPS.items():
-        if key in name:
-            return table.get(str(dtype).removeprefix("torch."))
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", name, flags=re.IGNORECASE):
+            kind = str(dtype).removeprefix("torch.")
+            if kind == "float32" and "tfloat32" in table and torch.get_float32_matmul_precision() != "highest":
+                kind = "tfloat32"
+            return table.get(kind)
     return None
 
 

@@ -61,17 +61,33 @@ def test_flops_per_token_matches_counted_flops(seq_len):
     assert flops_per_token(model.config, seq_len) == pytest.approx(counted, rel=0.02)
 
 
-def test_peak_flops_by_device_name_and_dtype(monkeypatch):
-    # Data-sheet figures (dense tensor-core FLOP/s) for names as torch.cuda reports them.
+# Names as torch.cuda.get_device_name reports them, and the data sheets' dense peaks (half the "with sparsity"
+# figures); fp32 matmuls are TF32 only when torch's float32 matmul precision allows it ("highest" is torch's default).
+DATA_SHEET = [
+    ("NVIDIA H100 80GB HBM3", torch.bfloat16, "highest", 989.4e12), ("NVIDIA H100 PCIe", torch.float16, "highest", 756.5e12),
+    ("NVIDIA H100 NVL", torch.bfloat16, "highest", 835.5e12), ("NVIDIA H200 NVL", torch.bfloat16, "highest", 835.5e12),
+    ("NVIDIA H200", torch.bfloat16, "highest", 989.4e12),
+    ("NVIDIA A100-SXM4-80GB", torch.float32, "high", 156e12), ("NVIDIA A100-SXM4-80GB", torch.float32, "highest", 19.5e12),
+    ("NVIDIA H100 80GB HBM3", torch.float32, "highest", 66.9e12),
+    # "L4" is a prefix of L40S and L40, which have 3x and 1.5x its peak
+    ("NVIDIA L4", torch.bfloat16, "highest", 121e12), ("NVIDIA L40S", torch.bfloat16, "highest", 362.05e12),
+    ("NVIDIA L40", torch.float16, "highest", 181e12),
+    ("Tesla V100-SXM2-16GB", torch.float16, "highest", 125e12), ("Tesla V100-PCIE-32GB", torch.float16, "highest", 112e12),
+    ("Tesla V100-SXM2-16GB", torch.float32, "high", 15.7e12),  # no TF32 before Ampere
+    ("Tesla V100-SXM2-16GB", torch.bfloat16, "highest", None), ("NVIDIA GeForce RTX 3090", torch.bfloat16, "highest", None),
+    ("NVIDIA GH200 480GB", torch.bfloat16, "highest", None),  # not an H200: not in the table, no guess
+]
+
+
+@pytest.mark.parametrize("name, dtype, matmul_precision, peak", DATA_SHEET)
+def test_peak_flops_by_device_name_and_dtype(monkeypatch, name, dtype, matmul_precision, peak):
     from lightning_llm.scaling import peak_flops
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    for name, dtype, peak in (("NVIDIA H100 80GB HBM3", torch.bfloat16, 989.4e12), ("NVIDIA H100 PCIe", torch.float16, 756.5e12),
-                              ("NVIDIA A100-SXM4-80GB", torch.float32, 156e12), ("Tesla V100-SXM2-16GB", torch.bfloat16, None),
-                              ("NVIDIA GeForce RTX 3090", torch.bfloat16, None)):
-        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
-        assert peak_flops("cuda:0", dtype) == peak, (name, dtype)
-    assert peak_flops("cpu", torch.bfloat16) is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: matmul_precision)
+    assert peak_flops("cuda:0", dtype) == peak
+    assert peak_flops("cpu", dtype) is None
 
 
 def test_a_plot_killed_mid_write_leaves_the_old_one(tmp_path, monkeypatch):
