@@ -118,6 +118,9 @@ def flops_per_token(config: PretrainedConfig, seq_len: int) -> float:
 CHINCHILLA_A = 0.498
 CHINCHILLA_ANCHOR_FLOPS = 5.76e23
 CHINCHILLA_ANCHOR_PARAMS = 67e9
+# The budgets of the paper's Table 3 (400M to 10T parameters): a plan outside them extrapolates the fit further
+# than the paper does (its own training runs are inside them or below).
+CHINCHILLA_TABLE_3_FLOPS = (1.92e19, 1.30e28)
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,12 @@ class Plan:
     @property
     def tokens_per_param(self) -> float:
         return self.tokens / self.params
+
+    @property
+    def outside_table_3(self) -> bool:
+        """Whether the budget lies outside the paper's Table 3, where the plan is a further extrapolation."""
+        low, high = CHINCHILLA_TABLE_3_FLOPS
+        return not low <= self.compute <= high
 
 
 def chinchilla_plan(compute: float | None = None, params: float | None = None) -> Plan:
@@ -152,7 +161,7 @@ def chinchilla_plan(compute: float | None = None, params: float | None = None) -
     if plan is None or not all(0 < x < math.inf for x in (plan.params, plan.tokens, plan.compute)):
         raise ValueError(f"{name}={value:g} is too {'large' if value > 1 else 'small'} for the plan's floating-point "
                          "arithmetic (a value of the plan would overflow or be 0); the paper's Table 3 spans "
-                         "1.92e19 to 1.30e28 FLOPs, 400M to 10T parameters")
+                         f"{CHINCHILLA_TABLE_3_FLOPS[0]:.3g} to {CHINCHILLA_TABLE_3_FLOPS[1]:.3g} FLOPs, 400M to 10T parameters")
     return plan
 
 
