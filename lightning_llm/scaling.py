@@ -112,6 +112,35 @@ def flops_per_token(config: PretrainedConfig, seq_len: int) -> float:
     return 6 * matmul_params(config) + 12 * config.num_hidden_layers * heads * head_dim * seq_len
 
 
+def training_flops_per_token(model: torch.nn.Module, seq_len: int) -> float | None:
+    """`flops_per_token` for `model` as it trains, where some weights may be frozen (LoRA, QLoRA); None where unknown.
+
+    A frozen matmul weight gets no weight gradient: 4 FLOPs per parameter per token (forward, input gradient)
+    instead of 6. Each trainable LoRA parameter (`lora_A`/`lora_B`) is a matmul weight of its own: 6. The
+    count keeps the input gradients that autograd skips below the lowest trainable weight (nothing under it
+    needs them): it is high by at most those of the layer that holds that weight, 2 per matmul parameter of
+    the layer plus its attention's backward (8 * n_head * head_dim * seq_len). Unknown (None): frozen weights
+    or adapters in a mixture of experts, whose fused expert weights are not `nn.Linear` modules and meet only
+    the top-k experts' tokens.
+    """
+    import torch
+
+    config = model.config
+    params = list(model.named_parameters())
+    if all(p.requires_grad for _, p in params):
+        return flops_per_token(config, seq_len)
+    if moe_shape(config) is not None:
+        return None
+    frozen = 0
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, torch.nn.Linear) and ".lora_" not in f".{name}" and not weight.requires_grad:
+            shape = getattr(getattr(weight, "quant_state", None), "shape", None)  # (a 4-bit weight: the shape it packs)
+            frozen += (shape or weight.shape).numel()
+    adapters = sum(p.numel() for name, p in params if ".lora_" in f".{name}" and p.requires_grad)
+    return flops_per_token(config, seq_len) - 2 * frozen + 6 * adapters
+
+
 # Chinchilla (Hoffmann et al. 2022), Approach 1: N_opt ∝ C^a and D_opt ∝ C^b with a = b ≈ 0.50.
 # The paper rounds a to 0.50; its Table 3 (400M ... 10T parameters) implies a = 0.498, which we use,
 # anchored at the paper's headline result: Gopher's budget of 5.76e23 FLOPs is optimal for 67B.

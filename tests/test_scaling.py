@@ -61,6 +61,46 @@ def test_flops_per_token_matches_counted_flops(seq_len):
     assert flops_per_token(model.config, seq_len) == pytest.approx(counted, rel=0.02)
 
 
+@pytest.mark.parametrize("spec, overrides, targets", [
+    ("tiny", dict(tie_word_embeddings=False), ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    ("tiny", {}, ["q_proj", "v_proj"]),
+    ("tiny", dict(hidden_size=48, num_attention_heads=3, num_key_value_heads=1, intermediate_size=100), ["o_proj", "down_proj"]),
+])
+def test_lora_flops_per_token_leave_out_the_frozen_weights_gradients(spec, overrides, targets):
+    """Frozen weights get no weight gradient: 4 FLOPs per parameter, not 6 (6N counted LoRA's work 1.45x on llama-5m)."""
+    from peft import LoraConfig, get_peft_model
+
+    from lightning_llm.scaling import training_flops_per_token
+
+    model = build_model(spec, vocab_size=512, attn_implementation="eager", **overrides)
+    assert training_flops_per_token(model, 32) == flops_per_token(model.config, 32)  # all trainable: 6N + attention
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=targets))
+    seq_len = 32
+    x = torch.randint(0, 512, (2, seq_len))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=x).logits.float().sum().backward()
+    counted = counter.get_total_flops() / x.numel()
+    # The count keeps the input gradients autograd skips below the lowest trainable weight: at most those of its
+    # layer, 2 per matmul parameter of the layer (each adapter's too) and its attention's backward (QK^T and PV:
+    # 8 * heads * head_dim * seq_len).
+    config = model.config
+    layer = next(m for name, m in model.named_modules() if name.endswith("layers.0"))
+    layer_matmuls = sum(m.weight.numel() for m in layer.modules() if isinstance(m, torch.nn.Linear))
+    head_dim = config.hidden_size // config.num_attention_heads
+    skipped_at_most = 2 * layer_matmuls + 8 * config.num_attention_heads * head_dim * seq_len
+    assert 0 <= training_flops_per_token(model, seq_len) - counted <= skipped_at_most
+    assert flops_per_token(config, seq_len) - counted > skipped_at_most  # what 6N gave: outside the bound
+
+
+def test_frozen_mixture_of_experts_has_no_flops_count_rather_than_a_wrong_one():
+    from lightning_llm.scaling import training_flops_per_token
+
+    model = build_model("tiny-moe", vocab_size=512)
+    assert training_flops_per_token(model, 16) == flops_per_token(model.config, 16)
+    model.get_input_embeddings().weight.requires_grad_(False)
+    assert training_flops_per_token(model, 16) is None
+
+
 # Names as torch.cuda.get_device_name reports them, and the data sheets' dense peaks (half the "with sparsity"
 # figures); fp32 matmuls are TF32 only when torch's float32 matmul precision allows it ("highest" is torch's default).
 DATA_SHEET = [

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_llm.scaling import flops_per_token, peak_flops
+from lightning_llm.scaling import peak_flops, training_flops_per_token
 
 
 def compute_dtype(trainer: Trainer) -> torch.dtype:
@@ -51,8 +51,10 @@ class ThroughputCallback(Callback):
     """Logs `perf/tokens_per_sec`, `perf/tflops` (model FLOPs, all devices) and, where a peak is known, `perf/mfu`.
 
     Tokens are those the model learns from: padding is not counted (a PretrainModule's `tokens_seen`). Model
-    FLOPs per token come from `scaling.flops_per_token` for each batch's sequence length (6N plus the attention
-    term, N the active parameters of a mixture of experts: its router and top-k experts, not all experts);
+    FLOPs per token come from `scaling.training_flops_per_token` for each batch's sequence length (6N plus the
+    attention term, N the active parameters of a mixture of experts: its router and top-k experts, not all
+    experts; a frozen weight, as under LoRA, 4 per parameter: it gets no weight gradient). Where they are not
+    known (frozen weights in a mixture of experts) only tokens/s is logged, and the run says why;
     MFU divides the achieved FLOP/s by the peak dense FLOP/s of every device in the run. Rates are averaged
     over the last `window` batches so one slow step (a checkpoint, a validation) does not dominate. Without
     a peak (a CPU, a GPU or dtype not in `scaling.PEAK_FLOPS`) no MFU is logged, and the run says so.
@@ -75,12 +77,14 @@ class ThroughputCallback(Callback):
         self._flops: deque[float] = deque(maxlen=window + 1)  # cumulative since the train start
         self._counter = TokenCounter()
         self._peak: float | None = None
+        self._flops_unknown_said = False
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._times.clear()
         self._tokens.clear()
         self._flops.clear()
         self._counter.start(pl_module)
+        self._flops_unknown_said = False
         dtype = compute_dtype(trainer)
         self._peak = self.peak_flops or peak_flops(pl_module.device, dtype)
         if self._peak is None:
@@ -95,7 +99,12 @@ class ThroughputCallback(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         self._sync(pl_module)
         tokens = self._counter.step(trainer, pl_module, batch)
-        flops = tokens * flops_per_token(pl_module.model.config, batch["input_ids"].shape[-1])
+        per_token = training_flops_per_token(pl_module.model, batch["input_ids"].shape[-1])
+        if per_token is None and not self._flops_unknown_said:
+            self._flops_unknown_said = True
+            rank_zero_info("ThroughputCallback: model FLOPs are not counted for a mixture of experts with frozen "
+                           "weights or adapters, so perf/tflops and perf/mfu are not logged (tokens/s is)")
+        flops = tokens * per_token if per_token is not None else math.nan
         self._times.append(time.perf_counter())
         self._tokens.append((self._tokens[-1] if self._tokens else 0) + tokens)
         self._flops.append((self._flops[-1] if self._flops else 0.0) + flops)
@@ -103,8 +112,9 @@ class ThroughputCallback(Callback):
             return
         elapsed = self._times[-1] - self._times[0]
         flops_per_sec = (self._flops[-1] - self._flops[0]) / elapsed
-        metrics = {"perf/tokens_per_sec": (self._tokens[-1] - self._tokens[0]) / elapsed,
-                   "perf/tflops": flops_per_sec / 1e12}
-        if self._peak is not None:
-            metrics["perf/mfu"] = flops_per_sec / (self._peak * trainer.world_size)
+        metrics = {"perf/tokens_per_sec": (self._tokens[-1] - self._tokens[0]) / elapsed}
+        if not math.isnan(flops_per_sec):
+            metrics["perf/tflops"] = flops_per_sec / 1e12
+            if self._peak is not None:
+                metrics["perf/mfu"] = flops_per_sec / (self._peak * trainer.world_size)
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
