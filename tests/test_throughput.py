@@ -71,7 +71,7 @@ def test_a_given_peak_gives_the_mfu():
         assert utilisation == pytest.approx(flops * 1e12 / peak, rel=1e-6)  # (float32 logging, as above)
 
 
-@pytest.mark.parametrize("peak", [0, -1.0, float("inf"), float("nan"), "989e12"])
+@pytest.mark.parametrize("peak", [0, -1.0, float("inf"), float("nan"), "989e12", True])
 def test_peak_flops_must_be_a_positive_number(peak):
     with pytest.raises(ValueError, match=r"peak_flops must be a finite number of FLOP/s > 0"):
         ThroughputCallback(peak_flops=peak)

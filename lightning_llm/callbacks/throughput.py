@@ -68,7 +68,8 @@ class ThroughputCallback(Callback):
     def __init__(self, window: int = 20, peak_flops: float | None = None) -> None:
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
-        if peak_flops is not None and not (isinstance(peak_flops, (int, float)) and 0 < peak_flops < math.inf):
+        if peak_flops is not None and (isinstance(peak_flops, bool) or not (isinstance(peak_flops, (int, float))
+                                                                             and 0 < peak_flops < math.inf)):
             raise ValueError(f"peak_flops must be a finite number of FLOP/s > 0 (e.g. 989.4e12), got {peak_flops!r}")
         self.window = window
         self.peak_flops = peak_flops
