@@ -61,7 +61,7 @@ def overview() -> str:
 
 
 def plan(argv: list[str]) -> None:
-    from lightning_llm.scaling import chinchilla_plan, plot_plan
+    from lightning_llm.scaling import CHINCHILLA_TABLE_3_FLOPS, chinchilla_plan, plot_plan
 
     parser = command_parser("plan")
     group = parser.add_mutually_exclusive_group(required=True)
@@ -77,6 +77,10 @@ def plan(argv: list[str]) -> None:
     print(f"compute  C = {result.compute:.3e} FLOPs")
     print(f"params   N = {result.params:.3e}")
     print(f"tokens   D = {result.tokens:.3e}  ({result.tokens_per_param:.1f} tokens per parameter)")
+    if result.outside_table_3:
+        low, high = CHINCHILLA_TABLE_3_FLOPS
+        print(f"note: C = {result.compute:.3g} FLOPs is outside the paper's Table 3 ({low:.3g} to {high:.3g} FLOPs, "
+              "400M to 10T parameters): this plan extrapolates the power-law fit beyond it")
     if args.plot:
         plot_plan(result, args.plot)
         print(f"plot written to {args.plot}")

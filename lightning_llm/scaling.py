@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,21 +12,32 @@ if TYPE_CHECKING:  # (torch and transformers are imported where used: `lightning
     import torch
     from transformers import PretrainedConfig
 
-# Peak dense (no sparsity) tensor-core FLOP/s from the vendors' data sheets, by device-name substring
-# and compute dtype (torch's name). Order matters: the first substring found in the device name wins.
+# Peak dense (no sparsity) FLOP/s from the vendors' data sheets, by device name and compute dtype (torch's
+# name; "tfloat32": fp32 matmuls on the tensor cores, which torch uses only when
+# `torch.get_float32_matmul_precision()` is not "highest", its default). A key matches a whole word of
+# the name as torch.cuda reports it ("L4" is not "L40S", "H200" is not "GH200"); the first key found wins,
+# so a variant comes before its family. A device or dtype not here has no peak: no MFU rather than a guess.
 PEAK_FLOPS: dict[str, dict[str, float]] = {
-    "H200": {"bfloat16": 989.4e12, "float16": 989.4e12, "float32": 494.7e12},
-    "H100 PCIe": {"bfloat16": 756.5e12, "float16": 756.5e12, "float32": 378e12},
-    "H100": {"bfloat16": 989.4e12, "float16": 989.4e12, "float32": 494.7e12},
-    "B200": {"bfloat16": 2250e12, "float16": 2250e12, "float32": 1100e12},
-    "A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12},  # fp32 = TF32
-    "L4": {"bfloat16": 121e12, "float16": 121e12, "float32": 60e12},
+    "H200 NVL": {"bfloat16": 835.5e12, "float16": 835.5e12, "tfloat32": 417.5e12, "float32": 60e12},
+    "H200": {"bfloat16": 989.4e12, "float16": 989.4e12, "tfloat32": 494.7e12, "float32": 67e12},
+    "H100 PCIe": {"bfloat16": 756.5e12, "float16": 756.5e12, "tfloat32": 378e12, "float32": 51.2e12},
+    "H100 NVL": {"bfloat16": 835.5e12, "float16": 835.5e12, "tfloat32": 417.5e12, "float32": 60e12},
+    "H100": {"bfloat16": 989.4e12, "float16": 989.4e12, "tfloat32": 494.7e12, "float32": 66.9e12},
+    "B200": {"bfloat16": 2250e12, "float16": 2250e12, "tfloat32": 1100e12},
+    "A100": {"bfloat16": 312e12, "float16": 312e12, "tfloat32": 156e12, "float32": 19.5e12},
+    "L40S": {"bfloat16": 362.05e12, "float16": 362.05e12, "tfloat32": 183e12, "float32": 91.6e12},
+    "L40": {"bfloat16": 181e12, "float16": 181e12, "tfloat32": 90.5e12, "float32": 90.5e12},
+    "L4": {"bfloat16": 121e12, "float16": 121e12, "tfloat32": 60e12, "float32": 30.3e12},
+    "V100-PCIE": {"float16": 112e12, "float32": 14e12},  # (no TF32 before Ampere: fp32 is fp32)
+    "V100S": {"float16": 130e12, "float32": 16.4e12},
     "V100": {"float16": 125e12, "float32": 15.7e12},
 }
 
 
 def peak_flops(device: torch.device | str, dtype: torch.dtype) -> float | None:
-    """Peak dense FLOP/s of `device` for `dtype`, or None when unknown (CPUs: no MFU is reported)."""
+    """Peak dense FLOP/s of `device` for `dtype`, or None when unknown (CPUs, devices and dtypes not in `PEAK_FLOPS`).
+
+    fp32 counts as TF32 where the device has TF32 and torch's float32 matmul precision lets it run there."""
     import torch
 
     device = torch.device(device)
@@ -33,8 +45,11 @@ def peak_flops(device: torch.device | str, dtype: torch.dtype) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     for key, table in PEAK_FLOPS.items():
-        if key in name:
-            return table.get(str(dtype).removeprefix("torch."))
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", name, flags=re.IGNORECASE):
+            kind = str(dtype).removeprefix("torch.")
+            if kind == "float32" and "tfloat32" in table and torch.get_float32_matmul_precision() != "highest":
+                kind = "tfloat32"
+            return table.get(kind)
     return None
 
 
@@ -97,12 +112,44 @@ def flops_per_token(config: PretrainedConfig, seq_len: int) -> float:
     return 6 * matmul_params(config) + 12 * config.num_hidden_layers * heads * head_dim * seq_len
 
 
+def training_flops_per_token(model: torch.nn.Module, seq_len: int) -> float | None:
+    """`flops_per_token` for `model` as it trains, where some weights may be frozen (LoRA, QLoRA); None where unknown.
+
+    A frozen matmul weight gets no weight gradient: 4 FLOPs per parameter per token (forward, input gradient)
+    instead of 6. Each trainable LoRA parameter (`lora_A`/`lora_B`) is a matmul weight of its own: 6. The
+    count keeps the input gradients that autograd skips below the lowest trainable weight (nothing under it
+    needs them): it is high by at most those of the layer that holds that weight, 2 per matmul parameter of
+    the layer plus its attention's backward (8 * n_head * head_dim * seq_len). Unknown (None): frozen weights
+    or adapters in a mixture of experts, whose fused expert weights are not `nn.Linear` modules and meet only
+    the top-k experts' tokens.
+    """
+    import torch
+
+    config = model.config
+    params = list(model.named_parameters())
+    if all(p.requires_grad for _, p in params):
+        return flops_per_token(config, seq_len)
+    if moe_shape(config) is not None:
+        return None
+    frozen = 0
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, torch.nn.Linear) and ".lora_" not in f".{name}" and not weight.requires_grad:
+            shape = getattr(getattr(weight, "quant_state", None), "shape", None)  # (a 4-bit weight: the shape it packs)
+            frozen += (shape or weight.shape).numel()
+    adapters = sum(p.numel() for name, p in params if ".lora_" in f".{name}" and p.requires_grad)
+    return flops_per_token(config, seq_len) - 2 * frozen + 6 * adapters
+
+
 # Chinchilla (Hoffmann et al. 2022), Approach 1: N_opt ∝ C^a and D_opt ∝ C^b with a = b ≈ 0.50.
 # The paper rounds a to 0.50; its Table 3 (400M ... 10T parameters) implies a = 0.498, which we use,
 # anchored at the paper's headline result: Gopher's budget of 5.76e23 FLOPs is optimal for 67B.
 CHINCHILLA_A = 0.498
 CHINCHILLA_ANCHOR_FLOPS = 5.76e23
 CHINCHILLA_ANCHOR_PARAMS = 67e9
+# The budgets of the paper's Table 3 (400M to 10T parameters): a plan outside them extrapolates the fit further
+# than the paper does (its own training runs are inside them or below).
+CHINCHILLA_TABLE_3_FLOPS = (1.92e19, 1.30e28)
 
 
 @dataclass(frozen=True)
@@ -116,6 +163,12 @@ class Plan:
     @property
     def tokens_per_param(self) -> float:
         return self.tokens / self.params
+
+    @property
+    def outside_table_3(self) -> bool:
+        """Whether the budget lies outside the paper's Table 3, where the plan is a further extrapolation."""
+        low, high = CHINCHILLA_TABLE_3_FLOPS
+        return not low <= self.compute <= high
 
 
 def chinchilla_plan(compute: float | None = None, params: float | None = None) -> Plan:
@@ -137,7 +190,7 @@ def chinchilla_plan(compute: float | None = None, params: float | None = None) -
     if plan is None or not all(0 < x < math.inf for x in (plan.params, plan.tokens, plan.compute)):
         raise ValueError(f"{name}={value:g} is too {'large' if value > 1 else 'small'} for the plan's floating-point "
                          "arithmetic (a value of the plan would overflow or be 0); the paper's Table 3 spans "
-                         "1.92e19 to 1.30e28 FLOPs, 400M to 10T parameters")
+                         f"{CHINCHILLA_TABLE_3_FLOPS[0]:.3g} to {CHINCHILLA_TABLE_3_FLOPS[1]:.3g} FLOPs, 400M to 10T parameters")
     return plan
 
 

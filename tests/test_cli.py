@@ -154,8 +154,19 @@ def test_plan_prints_the_compute_optimal_model(capsys, tmp_path):
     main(["plan", "--compute", "5.76e23", "--plot", str(tmp_path / "plan.png")])
     out = capsys.readouterr().out
     assert "params   N = 6.700e+10" in out and (tmp_path / "plan.png").stat().st_size > 1000
+    assert "note:" not in out  # Gopher's budget: a row of the paper's Table 3
     with pytest.raises(SystemExit):
         main(["plan", "--params", "-5"])
+
+
+@pytest.mark.parametrize("args", [["--compute", "1e10"], ["--params", "1e3"], ["--compute", "1e29"], ["--params", "1e8"]])
+def test_plan_says_when_it_extrapolates_beyond_the_papers_table(capsys, args):
+    # Table 3 of Hoffmann et al. spans 1.92e19 (400M parameters) to 1.30e28 FLOPs (10T); 1e10 FLOPs planned a
+    # 9,406-parameter model without a word
+    main(["plan", *args])
+    assert "outside the paper's Table 3 (1.92e+19 to 1.3e+28 FLOPs" in capsys.readouterr().out
+    main(["plan", "--params", "1e9"])  # Table 3's 1B row
+    assert "note:" not in capsys.readouterr().out
 
 
 # What a user can type, written out here rather than read from the CLI.

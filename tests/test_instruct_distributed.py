@@ -34,10 +34,11 @@ STRATEGIES = {"ddp": lambda: DDPStrategy(process_group_backend="gloo"),
 
 
 class Record(Callback):
-    """Each step's logged loss and the gradients the optimizer steps with (whole, gathered from shards)."""
+    """Each step's logged loss, tokens counted and the gradients the optimizer steps with (whole, gathered from shards)."""
 
     def __init__(self) -> None:
         self.losses: list[float] = []
+        self.tokens: list[int] = []
         self.grads: list[dict[str, torch.Tensor]] = []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
@@ -46,6 +47,7 @@ class Record(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.losses.append(trainer.callback_metrics["train/loss"].item())
+        self.tokens.append(pl_module.tokens_seen)
 
 
 def fit(batches, vocab_size, root, world=1, strategy="auto"):
@@ -57,7 +59,7 @@ def fit(batches, vocab_size, root, world=1, strategy="auto"):
                       num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
                       default_root_dir=root, callbacks=[recorder])
     trainer.fit(module, DataLoader(batches, batch_size=None))
-    return recorder.losses, recorder.grads
+    return recorder.losses, recorder.grads, recorder.tokens
 
 
 def _worker(rank, port, root, vocab_size):
@@ -90,10 +92,14 @@ def test_two_ranks_take_the_steps_of_one_process_on_the_whole_packed_batch(tmp_p
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     mp.start_processes(_worker, args=(port, str(tmp_path), vocab_size), nprocs=2, start_method="spawn")
-    single_losses, single_grads = fit(batches, vocab_size, tmp_path / "single")
+    single_losses, single_grads, single_tokens = fit(batches, vocab_size, tmp_path / "single")
+    # tokens counted: the examples' tokens, not the packed blocks' padding (before: 256 per batch, every position)
+    real = [int(batch["num_tokens"].sum()) for batch in batches]
+    assert single_tokens == [sum(real[:step + 1]) for step in range(STEPS)] and real != [TOKENS] * STEPS, real
     for name in STRATEGIES:
         for rank in range(2):
-            losses, grads = torch.load(tmp_path / f"rank{rank}.pt")[name]
+            losses, grads, tokens = torch.load(tmp_path / f"rank{rank}.pt")[name]
+            assert tokens == single_tokens, (name, rank)  # the ranks' halves summed, on every rank
             # the logged loss is the global batch's token mean, on every rank: a mean of at most TOKENS
             # positive token losses whose logits are dot products over 64 hidden units, summed in another
             # order across ranks (tests/tolerances.py)

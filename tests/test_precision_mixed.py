@@ -119,6 +119,42 @@ def test_state_dict_round_trip_keeps_scale_and_counters():
     assert restored.skipped_steps == 1
 
 
+def expected_scales(scale: float, clean: int, steps: range, planted: set[int], growth_interval: int,
+                    backoff: float) -> list[float]:
+    """GradScaler's rule written out: back off on overflow, double after `growth_interval` clean steps in a row."""
+    scales = []
+    for step in steps:
+        if step in planted:
+            scale, clean = scale * backoff, 0
+        else:
+            clean += 1
+            if clean == growth_interval:
+                scale, clean = scale * 2, 0
+        scales.append(scale)
+    return scales
+
+
+def test_resume_keeps_the_scale_and_this_runs_growth_and_backoff(tmp_path):
+    # The first run: 5 clean steps at growth_interval 2000, so the checkpoint holds scale 1024 and 5 clean steps.
+    first = MixedPrecision("fp16-mixed", device="cpu", init_scale=1024.0, growth_interval=2000)
+    trainer = fit(TinyLM(), [first], 5, default_root_dir=tmp_path)
+    ckpt = tmp_path / "first.ckpt"
+    trainer.save_checkpoint(ckpt)
+    # Resumed with other options: torch's GradScaler.load_state_dict put back the checkpoint's interval and
+    # back-off (2000, 0.5) over the ones given here, and a count of clean steps (5) past the new interval
+    # (3) never equals it again, so the scale never grew.
+    plant = PlantOverflow({7})
+    resumed = MixedPrecision("fp16-mixed", device="cpu", init_scale=8.0, growth_interval=3, backoff_factor=0.25)
+    trainer = Trainer(accelerator="cpu", devices=1, max_steps=12, plugins=[resumed], callbacks=[plant], logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(TinyLM(), loader(pattern_batches(12)), ckpt_path=ckpt)
+    assert (resumed.scaler.get_growth_interval(), resumed.scaler.get_backoff_factor()) == (3, 0.25)
+    # The scale continues from the checkpoint's; its 5 clean steps already exceed the new interval, so it
+    # grows at the first clean step.
+    assert [plant.after[step]["scale"] for step in range(5, 12)] == expected_scales(
+        1024.0, 2, range(5, 12), {7}, growth_interval=3, backoff=0.25)
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     (dict(precision="fp8-mixed"), r"precision='fp8-mixed': expected one of 'fp16-mixed', '16-mixed', 'bf16-mixed'"),
     (dict(precision="fp16-mixed", device="cuda"), r"autocast on device='cuda' is not possible"),

@@ -61,17 +61,73 @@ def test_flops_per_token_matches_counted_flops(seq_len):
     assert flops_per_token(model.config, seq_len) == pytest.approx(counted, rel=0.02)
 
 
-def test_peak_flops_by_device_name_and_dtype(monkeypatch):
-    # Data-sheet figures (dense tensor-core FLOP/s) for names as torch.cuda reports them.
+@pytest.mark.parametrize("spec, overrides, targets", [
+    ("tiny", dict(tie_word_embeddings=False), ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    ("tiny", {}, ["q_proj", "v_proj"]),
+    ("tiny", dict(hidden_size=48, num_attention_heads=3, num_key_value_heads=1, intermediate_size=100), ["o_proj", "down_proj"]),
+])
+def test_lora_flops_per_token_leave_out_the_frozen_weights_gradients(spec, overrides, targets):
+    """Frozen weights get no weight gradient: 4 FLOPs per parameter, not 6 (6N counted LoRA's work 1.45x on llama-5m)."""
+    from peft import LoraConfig, get_peft_model
+
+    from lightning_llm.scaling import training_flops_per_token
+
+    model = build_model(spec, vocab_size=512, attn_implementation="eager", **overrides)
+    assert training_flops_per_token(model, 32) == flops_per_token(model.config, 32)  # all trainable: 6N + attention
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=targets))
+    seq_len = 32
+    x = torch.randint(0, 512, (2, seq_len))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=x).logits.float().sum().backward()
+    counted = counter.get_total_flops() / x.numel()
+    # The count keeps the input gradients autograd skips below the lowest trainable weight: at most those of its
+    # layer, 2 per matmul parameter of the layer (each adapter's too) and its attention's backward (QK^T and PV:
+    # 8 * heads * head_dim * seq_len).
+    config = model.config
+    layer = next(m for name, m in model.named_modules() if name.endswith("layers.0"))
+    layer_matmuls = sum(m.weight.numel() for m in layer.modules() if isinstance(m, torch.nn.Linear))
+    head_dim = config.hidden_size // config.num_attention_heads
+    skipped_at_most = 2 * layer_matmuls + 8 * config.num_attention_heads * head_dim * seq_len
+    assert 0 <= training_flops_per_token(model, seq_len) - counted <= skipped_at_most
+    assert flops_per_token(config, seq_len) - counted > skipped_at_most  # what 6N gave: outside the bound
+
+
+def test_frozen_mixture_of_experts_has_no_flops_count_rather_than_a_wrong_one():
+    from lightning_llm.scaling import training_flops_per_token
+
+    model = build_model("tiny-moe", vocab_size=512)
+    assert training_flops_per_token(model, 16) == flops_per_token(model.config, 16)
+    model.get_input_embeddings().weight.requires_grad_(False)
+    assert training_flops_per_token(model, 16) is None
+
+
+# Names as torch.cuda.get_device_name reports them, and the data sheets' dense peaks (half the "with sparsity"
+# figures); fp32 matmuls are TF32 only when torch's float32 matmul precision allows it ("highest" is torch's default).
+DATA_SHEET = [
+    ("NVIDIA H100 80GB HBM3", torch.bfloat16, "highest", 989.4e12), ("NVIDIA H100 PCIe", torch.float16, "highest", 756.5e12),
+    ("NVIDIA H100 NVL", torch.bfloat16, "highest", 835.5e12), ("NVIDIA H200 NVL", torch.bfloat16, "highest", 835.5e12),
+    ("NVIDIA H200", torch.bfloat16, "highest", 989.4e12),
+    ("NVIDIA A100-SXM4-80GB", torch.float32, "high", 156e12), ("NVIDIA A100-SXM4-80GB", torch.float32, "highest", 19.5e12),
+    ("NVIDIA H100 80GB HBM3", torch.float32, "highest", 66.9e12),
+    # "L4" is a prefix of L40S and L40, which have 3x and 1.5x its peak
+    ("NVIDIA L4", torch.bfloat16, "highest", 121e12), ("NVIDIA L40S", torch.bfloat16, "highest", 362.05e12),
+    ("NVIDIA L40", torch.float16, "highest", 181e12),
+    ("Tesla V100-SXM2-16GB", torch.float16, "highest", 125e12), ("Tesla V100-PCIE-32GB", torch.float16, "highest", 112e12),
+    ("Tesla V100-SXM2-16GB", torch.float32, "high", 15.7e12),  # no TF32 before Ampere
+    ("Tesla V100-SXM2-16GB", torch.bfloat16, "highest", None), ("NVIDIA GeForce RTX 3090", torch.bfloat16, "highest", None),
+    ("NVIDIA GH200 480GB", torch.bfloat16, "highest", None),  # not an H200: not in the table, no guess
+]
+
+
+@pytest.mark.parametrize("name, dtype, matmul_precision, peak", DATA_SHEET)
+def test_peak_flops_by_device_name_and_dtype(monkeypatch, name, dtype, matmul_precision, peak):
     from lightning_llm.scaling import peak_flops
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    for name, dtype, peak in (("NVIDIA H100 80GB HBM3", torch.bfloat16, 989.4e12), ("NVIDIA H100 PCIe", torch.float16, 756.5e12),
-                              ("NVIDIA A100-SXM4-80GB", torch.float32, 156e12), ("Tesla V100-SXM2-16GB", torch.bfloat16, None),
-                              ("NVIDIA GeForce RTX 3090", torch.bfloat16, None)):
-        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
-        assert peak_flops("cuda:0", dtype) == peak, (name, dtype)
-    assert peak_flops("cpu", torch.bfloat16) is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: matmul_precision)
+    assert peak_flops("cuda:0", dtype) == peak
+    assert peak_flops("cpu", dtype) is None
 
 
 def test_a_plot_killed_mid_write_leaves_the_old_one(tmp_path, monkeypatch):

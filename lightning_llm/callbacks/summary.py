@@ -19,7 +19,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_llm.callbacks.export import HFExport
-from lightning_llm.callbacks.throughput import global_batch_tokens
+from lightning_llm.callbacks.throughput import TokenCounter
 
 
 class RunSummary(Callback):
@@ -39,14 +39,18 @@ class RunSummary(Callback):
         self.lines: list[tuple[str, str]] = []  # the summary printed last, as (label, value) rows
         self._start = 0.0
         self._tokens = 0
+        self._counter = TokenCounter()
         self._best: tuple[float, int] | None = None  # (value, step)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._start, self._tokens, self._best = time.perf_counter(), 0, None
 
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._counter.start(pl_module)  # (after a resumed run's checkpoint has set the module's count)
+
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        self._tokens += global_batch_tokens(trainer, batch)
+        self._tokens += self._counter.step(trainer, pl_module, batch)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         value = trainer.callback_metrics.get(self.monitor)

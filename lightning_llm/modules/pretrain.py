@@ -339,11 +339,33 @@ class PretrainModule(LightningModule):
     def log_training_step(self, batch: Mapping[str, torch.Tensor], loss: torch.Tensor) -> None:
         """Count the step's tokens and log its metrics; `loss`: the global batch's token-mean loss. (Called by
         `training_step`, and by a pipeline strategy that ran the step: `lightning_llm.protocols.PipelinedTraining`.)"""
-        self.tokens_seen += batch["input_ids"].numel() * self._data_parallel_size()
+        self.tokens_seen += self._global_tokens(batch)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/ppl", torch.exp(loss.clamp(max=20)))
         self.log("train/tokens", float(self.tokens_seen))
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+
+    def _global_tokens(self, batch: Mapping[str, torch.Tensor]) -> int:
+        """The step's tokens over the data-parallel replicas, padding left out: each row's `num_tokens` (instruction
+        data) or its 2-D attention mask's ones where the batch has them, else every position of `input_ids`.
+
+        Counts that tell padding apart can differ between replicas, so they are summed over the ranks of
+        `strategy.reduce`, the gradient replicas. Context-parallel ranks of one replica hold the same rows, each
+        with a share of their positions and all of their `num_tokens`: the sum counts each row once per such
+        rank, hence the division by the ranks per replica (gradient replicas / the sampler's replicas)."""
+        replicas = self._data_parallel_size()
+        mask = batch.get("attention_mask")
+        if "num_tokens" in batch:
+            local = batch["num_tokens"].sum()
+        elif mask is not None and mask.dim() == 2:
+            local = mask.sum()
+        else:
+            return batch["input_ids"].numel() * replicas
+        if replicas == 1:
+            return int(local)
+        total = int(self.trainer.strategy.reduce(local.to(torch.int64), reduce_op="sum"))
+        samplers = (getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or {}).get("num_replicas", replicas)
+        return total * samplers // replicas
 
     def configure_callbacks(self) -> list[Callback]:
         return [self.divergence_guard]

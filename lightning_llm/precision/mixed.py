@@ -189,9 +189,22 @@ class MixedPrecision(Precision):
                 "consecutive_skips": self.consecutive_skips}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the loss scale and the count of clean steps; the growth and back-off options stay this run's.
+
+        `GradScaler.load_state_dict` would put back the checkpoint's growth_factor, backoff_factor and
+        growth_interval over the ones this plugin was given, and a count of clean steps at or past a
+        smaller new interval would never equal it again (the scale would never grow): the count is cut
+        to interval - 1, so the scale grows at the next clean step."""
         if self.scaler is None or not state_dict:
             return
-        self.scaler.load_state_dict(state_dict["scaler"])
+        saved = dict(state_dict["scaler"])
+        own = {"growth_factor": self.scaler.get_growth_factor(), "backoff_factor": self.scaler.get_backoff_factor(),
+               "growth_interval": self.scaler.get_growth_interval()}
+        changed = [f"{name} {saved[name]!r} -> {value!r}" for name, value in own.items() if saved.get(name) != value]
+        saved.update(own, _growth_tracker=min(saved["_growth_tracker"], own["growth_interval"] - 1))
+        self.scaler.load_state_dict(saved)
+        rank_zero_info(f"fp16 loss scaling resumed at the checkpoint's scale {saved['scale']:g}"
+                       + (f"; this run's options replace the checkpoint's: {', '.join(changed)}" if changed else ""))
         self.skipped_steps = state_dict["skipped_steps"]
         self.consecutive_skips = state_dict["consecutive_skips"]
 
