@@ -226,12 +226,12 @@ def natural_count(text: str) -> int:
 
 def limit_value(text: str) -> int | float:
     """argparse type of --limit: a count of documents (an int >= 1) or a fraction of them (0 < f < 1)."""
-    value = float(text)
-    if 0 < value < 1:
-        return value
-    if value >= 1 and value == int(value):
-        return int(value)
-    raise argparse.ArgumentTypeError(f"must be a count (an int >= 1) or a fraction in (0, 1), got {text}")
+    from lightning_llm.eval import check_limit
+
+    try:
+        return check_limit(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a count (an int >= 1) or a fraction in (0, 1), got {text}") from None
 
 
 def evaluate(argv: list[str]) -> None:

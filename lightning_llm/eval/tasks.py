@@ -305,6 +305,10 @@ def humaneval_task(
     """
     if n_samples < 1 or any(not 1 <= kk <= n_samples for kk in k) or not k:
         raise ValueError(f"need 1 <= k <= n_samples for every k, got k={list(k)}, n_samples={n_samples}")
+    if not temperature >= 0:  # (NaN too) a negative temperature was read as greedy decoding
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    if not isinstance(workers, int) or workers < 1:  # (run_programs checks it too, but only when the programs run)
+        raise ValueError(f"workers must be an int >= 1 (programs run at the same time), got {workers!r}")
     if n_samples > 1 and temperature <= 0:
         raise ValueError(f"n_samples={n_samples} greedy samples would all be the same; set temperature > 0, got {temperature}")
     config = registered_config("humaneval", resolve_functions=False, manager=manager)
