@@ -251,8 +251,12 @@ def evaluate(argv: list[str]) -> None:
     parser.add_argument("--bootstrap_iters", type=int, default=100000,
                         help="resamples for the stderr of metrics that are not means (lm-eval's default; 0: none)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if there is one)")
+    parser.add_argument("--gen_kwargs", default=None,
+                        help="generation settings that replace the generative tasks' own, lm-eval's format: "
+                             "max_gen_toks=64,temperature=0 (a model whose window is shorter than a task's length needs it)")
     parser.add_argument("--confirm_run_unsafe_code", action="store_true",
-                        help="allow tasks that run generated code (lm-eval runs it unconfined)")
+                        help="allow tasks that run generated code (humaneval runs it in lightning_llm.eval.sandbox; "
+                             "other tasks as lm-eval does, unconfined)")
     args = parser.parse_args(argv)
     tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
     if not tasks:
@@ -262,10 +266,15 @@ def evaluate(argv: list[str]) -> None:
     from lightning_llm.extras import require
 
     make_table = require("lm_eval.utils", "lightning-llm evaluate").make_table
+    from lm_eval.utils import simple_parse_args_string
+
+    gen_kwargs = simple_parse_args_string(args.gen_kwargs) if args.gen_kwargs else None
+    if args.gen_kwargs is not None and not gen_kwargs:
+        parser.error(f"--gen_kwargs names no setting: {args.gen_kwargs!r}; e.g. --gen_kwargs max_gen_toks=64")
     from lightning_llm.eval.harness import evaluate_model, prepare_tasks, results_file, write_results
 
     out = results_file(args.output_path) if args.output_path else None  # (a bad path fails before any work)
-    specs, manager = prepare_tasks(tasks, args.include_path)
+    specs, manager = prepare_tasks(tasks, args.include_path, args.confirm_run_unsafe_code)
     device = inference_device(args.device)
     model, tokenizer = inference_model(args.model)
     if tokenizer is None:
@@ -273,7 +282,8 @@ def evaluate(argv: list[str]) -> None:
     model.to(device)
     results = evaluate_model(model, tokenizer, specs, manager, num_fewshot=args.num_fewshot, limit=args.limit,
                              batch_size=args.batch_size, bootstrap_iters=args.bootstrap_iters,
-                             log_samples=args.log_samples, confirm_run_unsafe_code=args.confirm_run_unsafe_code)
+                             log_samples=args.log_samples, confirm_run_unsafe_code=args.confirm_run_unsafe_code,
+                             gen_kwargs=gen_kwargs)
     print(make_table(results) + (make_table(results, "groups") if results.get("groups") else ""))
     if out is not None:
         print(f"results written to {write_results(results, out)}")
