@@ -320,6 +320,7 @@ def test_a_failed_evaluation_stops_the_run_after_its_step_is_checkpointed_and_na
                                            r"FileNotFoundError: .*test-00000-of-00001.jsonl") as failure:
         trainer(tmp_path, [callback, recorder, checkpoints], max_steps=6, enable_checkpointing=True).fit(TinyLM(), loader())
     assert isinstance(failure.value.__cause__, FileNotFoundError)
+    assert "a run resumed from that step does not repeat this evaluation" in str(failure.value)
     assert recorder.steps == [0, 1]  # no step after the failed evaluation
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch=0-step=2.ckpt"]
     assert torch.load(tmp_path / "ckpt" / "epoch=0-step=2.ckpt", weights_only=False)["global_step"] == 2

@@ -216,12 +216,14 @@ class LMEvalCallback(pl.Callback):
             self.evaluate(trainer, pl_module, use_module_log=use_module_log)
         except Exception as error:
             self._last_step = trainer.global_step  # not again at fit end for the same step
-            self._failure = self._failed(trainer.global_step, error)
+            self._failure = self._failed(trainer.global_step, error, during_fit=True)
             self._failure.__cause__ = error
 
-    def _failed(self, step: int, error: Exception) -> RuntimeError:
+    def _failed(self, step: int, error: Exception, during_fit: bool = False) -> RuntimeError:
+        after = (f". Training stopped after the checkpoint callbacks ran for step {step}; a run resumed from that "
+                 "step does not repeat this evaluation (trainer.validate with the checkpoint runs it)") if during_fit else ""
         return RuntimeError(f"{type(self).__name__}: evaluating {task_names(self._tasks)} at step {step} failed with "
-                            f"{type(error).__name__}: {error}")
+                            f"{type(error).__name__}: {error}{after}")
 
     def _raise_failure(self) -> None:
         failure, self._failure = self._failure, None
