@@ -180,6 +180,10 @@ def test_clear_errors(tmp_path):
         MMLUCallback(FIXTURES / "mmlu")  # all 57 subjects by default
     with pytest.raises(ValueError, match="unknown lm-eval task 'arc_chalenge'.*arc_challenge"):
         ARCFolderCallback(["arc_chalenge"])
+    # A group or tag in data_dirs failed with "TypeError: unhashable type: 'list'".
+    with pytest.raises(ValueError, match=r"data_dirs\['ai2_arc'\]: 'ai2_arc' is an lm-eval tag of 2 tasks; .*"
+                                         r"\['arc_challenge', 'arc_easy'\]"):
+        ARCFolderCallback(["ai2_arc"], data_dirs={"ai2_arc": FIXTURES / "ai2_arc"})
     with pytest.raises(ValueError, match="need 1 <= k <= n_samples"):
         HumanEvalCallback(n_samples=2, k=[5], temperature=0.8)
     with pytest.raises(ValueError, match="set temperature > 0"):

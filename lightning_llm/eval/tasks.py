@@ -157,6 +157,13 @@ def resolve_tasks(
         if isinstance(task, dict):
             resolved.append(task)
         elif task in data_dirs:
+            entry = task_entry(task, manager)
+            if entry.kind in (Kind.GROUP, Kind.TAG):  # (their configs list members: with_local_data failed on them)
+                members = sorted({c["task"] for c in leaf_configs(task, manager)})
+                raise ValueError(f"data_dirs[{task!r}]: {task!r} is an lm-eval "
+                                 f"{'tag' if entry.kind == Kind.TAG else 'group'} of {len(members)} tasks; data_dirs "
+                                 f"takes single tasks: name its members in tasks and data_dirs ({members[:5]}"
+                                 f"{' ...' if len(members) > 5 else ''}), or for MMLU use MMLUCallback(data_dir=...)")
             resolved.append(with_local_data(registered_config(task, manager=manager), data_dirs[task], num_fewshot))
         else:
             task_entry(task, manager)  # unknown names fail here, before any work
