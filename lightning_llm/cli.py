@@ -234,6 +234,25 @@ def limit_value(text: str) -> int | float:
         raise argparse.ArgumentTypeError(f"must be a count (an int >= 1) or a fraction in (0, 1), got {text}") from None
 
 
+def generation_settings(text: str) -> dict[str, Any]:
+    """argparse type of --gen_kwargs: lm-eval's `key=value,key=value` (values read as lm-eval reads them), each
+    with a value; max_gen_toks an int >= 1, temperature a number >= 0, do_sample true or false."""
+    from lm_eval.utils import simple_parse_args_string
+
+    settings = simple_parse_args_string(text)
+    if not settings:
+        raise argparse.ArgumentTypeError(f"names no setting: {text!r}; e.g. max_gen_toks=64,temperature=0")
+    for key, value in settings.items():
+        bad = (value == "" or (key == "max_gen_toks" and (type(value) is not int or value < 1))
+               or (key == "temperature" and (type(value) not in (int, float) or not value >= 0))
+               or (key == "do_sample" and type(value) is not bool))
+        if bad:
+            raise argparse.ArgumentTypeError(
+                f"{key}={value!r} in {text!r}: write key=value pairs, comma-separated (max_gen_toks an int >= 1, "
+                "temperature a number >= 0, do_sample true or false)")
+    return settings
+
+
 def evaluate(argv: list[str]) -> None:
     parser = command_parser("evaluate")
     parser.add_argument("--model", required=True,
@@ -251,7 +270,7 @@ def evaluate(argv: list[str]) -> None:
     parser.add_argument("--bootstrap_iters", type=int, default=100000,
                         help="resamples for the stderr of metrics that are not means (lm-eval's default; 0: none)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if there is one)")
-    parser.add_argument("--gen_kwargs", default=None,
+    parser.add_argument("--gen_kwargs", type=generation_settings, default=None,
                         help="generation settings that replace the generative tasks' own, lm-eval's format: "
                              "max_gen_toks=64,temperature=0 (a model whose window is shorter than a task's length needs it)")
     parser.add_argument("--confirm_run_unsafe_code", action="store_true",
@@ -266,11 +285,6 @@ def evaluate(argv: list[str]) -> None:
     from lightning_llm.extras import require
 
     make_table = require("lm_eval.utils", "lightning-llm evaluate").make_table
-    from lm_eval.utils import simple_parse_args_string
-
-    gen_kwargs = simple_parse_args_string(args.gen_kwargs) if args.gen_kwargs else None
-    if args.gen_kwargs is not None and not gen_kwargs:
-        parser.error(f"--gen_kwargs names no setting: {args.gen_kwargs!r}; e.g. --gen_kwargs max_gen_toks=64")
     from lightning_llm.eval.harness import evaluate_model, prepare_tasks, results_file, write_results
 
     out = results_file(args.output_path) if args.output_path else None  # (a bad path fails before any work)
@@ -283,7 +297,7 @@ def evaluate(argv: list[str]) -> None:
     results = evaluate_model(model, tokenizer, specs, manager, num_fewshot=args.num_fewshot, limit=args.limit,
                              batch_size=args.batch_size, bootstrap_iters=args.bootstrap_iters,
                              log_samples=args.log_samples, confirm_run_unsafe_code=args.confirm_run_unsafe_code,
-                             gen_kwargs=gen_kwargs)
+                             gen_kwargs=args.gen_kwargs)
     print(make_table(results) + (make_table(results, "groups") if results.get("groups") else ""))
     if out is not None:
         print(f"results written to {write_results(results, out)}")

@@ -101,6 +101,12 @@ def test_evaluate_refuses_bad_values_before_loading_the_model(model_on_disk, cap
         (["--tasks", "capped_gen", "--limit", "0"], "--limit: must be a count"),
         (["--tasks", " , "], "--tasks names no task"),
         (["--tasks", "capped_gen", "--batch_size", "0"], "--batch_size: must be an int >= 1, got 0"),
+        # lm-eval's parser reads "foo" as foo='' and "max_gen_toks=abc" as a string, which failed only in generation.
+        (["--tasks", "capped_gen", "--gen_kwargs", "foo"], "--gen_kwargs: foo='' in 'foo': write key=value pairs"),
+        (["--tasks", "capped_gen", "--gen_kwargs", "max_gen_toks=abc"], "--gen_kwargs: max_gen_toks='abc' in"),
+        (["--tasks", "capped_gen", "--gen_kwargs", "max_gen_toks=0"], "--gen_kwargs: max_gen_toks=0 in"),
+        (["--tasks", "capped_gen", "--gen_kwargs", "temperature=-1"], "--gen_kwargs: temperature=-1 in"),
+        (["--tasks", "capped_gen", "--gen_kwargs", ","], "--gen_kwargs: names no setting: ','"),
     ]
     for options, message in cases:
         with pytest.raises(SystemExit) as exit_info:
