@@ -354,3 +354,13 @@ def test_limit_and_humaneval_options_are_refused_as_typed():
         HumanEvalCallback(temperature=-0.5, max_gen_toks=16)
     with pytest.raises(ValueError, match=r"workers must be an int >= 1 .*got 0"):
         HumanEvalCallback(workers=0, max_gen_toks=16)
+
+
+def test_two_evaluations_at_one_step_keep_both_results(tmp_path):
+    # Two benchmark runs at one step (here two callbacks of one task in one validation) wrote one file name:
+    # the second replaced the first's results.
+    callbacks = [ARCChallengeCallback(FIXTURES / "ai2_arc", limit=limit, bootstrap_iters=0) for limit in (2, 3)]
+    trainer(tmp_path, callbacks).validate(TinyLM(), loader())
+    files = sorted((tmp_path / "lightning_logs" / "version_0" / "lm_eval").glob("*.json"))
+    assert [f.name for f in files] == ["arc_challenge-step0-2.json", "arc_challenge-step0.json"]
+    assert [len(json.loads(f.read_text())["samples"]["arc_challenge"]) for f in files] == [3, 2]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import itertools
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -291,7 +292,14 @@ class LMEvalCallback(pl.Callback):
         from lightning_llm.eval.harness import write_results
 
         name = "-".join(sorted(results["results"]))[:80]
-        write_results(results, directory / f"{name}-step{step}.json")
+        path = directory / f"{name}-step{step}.json"
+        # Two runs at one step (trainer.validate twice, two callbacks whose task names share 80 characters) get
+        # a file each: the earlier results are never replaced.
+        for again in itertools.count(2):
+            if not path.exists():
+                break
+            path = directory / f"{name}-step{step}-{again}.json"
+        write_results(results, path)
 
 
 class MMLUCallback(LMEvalCallback):
