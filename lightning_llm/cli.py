@@ -230,12 +230,31 @@ def natural_count(text: str) -> int:
 
 def limit_value(text: str) -> int | float:
     """argparse type of --limit: a count of documents (an int >= 1) or a fraction of them (0 < f < 1)."""
-    value = float(text)
-    if 0 < value < 1:
-        return value
-    if value >= 1 and value == int(value):
-        return int(value)
-    raise argparse.ArgumentTypeError(f"must be a count (an int >= 1) or a fraction in (0, 1), got {text}")
+    from lightning_llm.eval import check_limit
+
+    try:
+        return check_limit(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a count (an int >= 1) or a fraction in (0, 1), got {text}") from None
+
+
+def generation_settings(text: str) -> dict[str, Any]:
+    """argparse type of --gen_kwargs: lm-eval's `key=value,key=value` (values read as lm-eval reads them), each
+    with a value; max_gen_toks an int >= 1, temperature a number >= 0, do_sample true or false."""
+    from lm_eval.utils import simple_parse_args_string
+
+    settings = simple_parse_args_string(text)
+    if not settings:
+        raise argparse.ArgumentTypeError(f"names no setting: {text!r}; e.g. max_gen_toks=64,temperature=0")
+    for key, value in settings.items():
+        bad = (value == "" or (key == "max_gen_toks" and (type(value) is not int or value < 1))
+               or (key == "temperature" and (type(value) not in (int, float) or not value >= 0))
+               or (key == "do_sample" and type(value) is not bool))
+        if bad:
+            raise argparse.ArgumentTypeError(
+                f"{key}={value!r} in {text!r}: write key=value pairs, comma-separated (max_gen_toks an int >= 1, "
+                "temperature a number >= 0, do_sample true or false)")
+    return settings
 
 
 def evaluate(argv: list[str]) -> None:
@@ -255,8 +274,12 @@ def evaluate(argv: list[str]) -> None:
     parser.add_argument("--bootstrap_iters", type=int, default=100000,
                         help="resamples for the stderr of metrics that are not means (lm-eval's default; 0: none)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if there is one)")
+    parser.add_argument("--gen_kwargs", type=generation_settings, default=None,
+                        help="generation settings that replace the generative tasks' own, lm-eval's format: "
+                             "max_gen_toks=64,temperature=0 (a model whose window is shorter than a task's length needs it)")
     parser.add_argument("--confirm_run_unsafe_code", action="store_true",
-                        help="allow tasks that run generated code (lm-eval runs it unconfined)")
+                        help="allow tasks that run generated code (humaneval runs it in lightning_llm.eval.sandbox; "
+                             "other tasks as lm-eval does, unconfined)")
     args = parser.parse_args(argv)
     tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
     if not tasks:
@@ -269,7 +292,7 @@ def evaluate(argv: list[str]) -> None:
     from lightning_llm.eval.harness import evaluate_model, prepare_tasks, results_file, write_results
 
     out = results_file(args.output_path) if args.output_path else None  # (a bad path fails before any work)
-    specs, manager = prepare_tasks(tasks, args.include_path)
+    specs, manager = prepare_tasks(tasks, args.include_path, args.confirm_run_unsafe_code)
     device = inference_device(args.device)
     model, tokenizer = inference_model(args.model)
     if tokenizer is None:
@@ -277,7 +300,8 @@ def evaluate(argv: list[str]) -> None:
     model.to(device)
     results = evaluate_model(model, tokenizer, specs, manager, num_fewshot=args.num_fewshot, limit=args.limit,
                              batch_size=args.batch_size, bootstrap_iters=args.bootstrap_iters,
-                             log_samples=args.log_samples, confirm_run_unsafe_code=args.confirm_run_unsafe_code)
+                             log_samples=args.log_samples, confirm_run_unsafe_code=args.confirm_run_unsafe_code,
+                             gen_kwargs=args.gen_kwargs)
     print(make_table(results) + (make_table(results, "groups") if results.get("groups") else ""))
     if out is not None:
         print(f"results written to {write_results(results, out)}")

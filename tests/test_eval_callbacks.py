@@ -10,17 +10,20 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lm_eval import simple_evaluate
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
 from torch.utils.data import DataLoader
+from transformers import AutoModelForCausalLM
 
 from eval_support import FIXTURES, one_thread, small_tokenizer, tiny_model
 from lightning_llm.callbacks.benchmarks import (
     ARCChallengeCallback, GSM8KCallback, HumanEvalCallback, LMEvalCallback, MMLUCallback, bench_metrics,
 )
+from lightning_llm.callbacks.export import HFExport
 from lightning_llm.eval import tasks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -177,6 +180,10 @@ def test_clear_errors(tmp_path):
         MMLUCallback(FIXTURES / "mmlu")  # all 57 subjects by default
     with pytest.raises(ValueError, match="unknown lm-eval task 'arc_chalenge'.*arc_challenge"):
         ARCFolderCallback(["arc_chalenge"])
+    # A group or tag in data_dirs failed with "TypeError: unhashable type: 'list'".
+    with pytest.raises(ValueError, match=r"data_dirs\['ai2_arc'\]: 'ai2_arc' is an lm-eval tag of 2 tasks; .*"
+                                         r"\['arc_challenge', 'arc_easy'\]"):
+        ARCFolderCallback(["ai2_arc"], data_dirs={"ai2_arc": FIXTURES / "ai2_arc"})
     with pytest.raises(ValueError, match="need 1 <= k <= n_samples"):
         HumanEvalCallback(n_samples=2, k=[5], temperature=0.8)
     with pytest.raises(ValueError, match="set temperature > 0"):
@@ -301,3 +308,59 @@ def test_generation_longer_than_the_window_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"max_gen_toks of \{'humaneval': 1024\} leaves no room .* window of 512 tokens"):
         trainer(tmp_path, [recorder, HumanEvalCallback(limit=1)]).fit(TinyLM(), loader())
     assert recorder.steps == []
+
+
+def test_a_failed_evaluation_stops_the_run_after_its_step_is_checkpointed_and_names_the_task(tmp_path):
+    # The data goes away after the callback checked it (a data volume unmounted mid-run): the evaluation at
+    # step 2 fails. ModelCheckpoint saves step 2 (Lightning runs it after every other callback), then the run
+    # stops before step 3 with an error naming the callback, the task, the step and the cause.
+    data = tmp_path / "gsm8k"
+    shutil.copytree(FIXTURES / "gsm8k", data)
+    callback = GSM8KCallback(data, num_fewshot=0, limit=2, max_gen_toks=4, every_n_steps=2)
+    (data / "main" / "test-00000-of-00001.jsonl").unlink()
+    recorder = StepRecorder()
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    with pytest.raises(RuntimeError, match=r"GSM8KCallback: evaluating \['gsm8k'\] at step 2 failed with "
+                                           r"FileNotFoundError: .*test-00000-of-00001.jsonl") as failure:
+        trainer(tmp_path, [callback, recorder, checkpoints], max_steps=6, enable_checkpointing=True).fit(TinyLM(), loader())
+    assert isinstance(failure.value.__cause__, FileNotFoundError)
+    assert "a run resumed from that step does not repeat this evaluation" in str(failure.value)
+    assert recorder.steps == [0, 1]  # no step after the failed evaluation
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch=0-step=2.ckpt"]
+    assert torch.load(tmp_path / "ckpt" / "epoch=0-step=2.ckpt", weights_only=False)["global_step"] == 2
+
+
+def test_a_failed_evaluation_at_fit_end_leaves_the_export_written(tmp_path):
+    data = tmp_path / "ai2_arc"
+    shutil.copytree(FIXTURES / "ai2_arc", data)
+    callback = ARCChallengeCallback(data, limit=2)
+    (data / "ARC-Challenge" / "test-00000-of-00001.jsonl").unlink()
+    module = TinyLM()
+    with pytest.raises(RuntimeError, match=r"ARCChallengeCallback: evaluating \['arc_challenge'\] at step 2 failed"), \
+            pytest.warns(UserWarning, match=r"HFExport: the run ended with RuntimeError; the model had been exported to"):
+        trainer(tmp_path, [callback, HFExport(tmp_path / "hf")]).fit(module, loader())
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")  # HFExport, listed after the callback, ran
+    assert all(torch.equal(a, b) for a, b in zip(exported.state_dict().values(), module.model.state_dict().values()))
+
+
+def test_limit_and_humaneval_options_are_refused_as_typed():
+    # lm-eval reads a limit >= 1 as int(limit): 2.5 evaluated 2 documents of each task, silently.
+    for limit in (2.5, 1.5, float("inf"), 0, -1, True):
+        with pytest.raises(ValueError, match=rf"limit must be a count \(an int >= 1\) or a fraction in \(0, 1\), got {limit!r}"):
+            ARCChallengeCallback(FIXTURES / "ai2_arc", limit=limit)
+    assert ARCChallengeCallback(FIXTURES / "ai2_arc", limit=3.0).limit == 3
+    # A negative temperature was read as greedy decoding; workers=0 failed only once the programs ran, after training.
+    with pytest.raises(ValueError, match=r"temperature must be >= 0 \(0: greedy\), got -0.5"):
+        HumanEvalCallback(temperature=-0.5, max_gen_toks=16)
+    with pytest.raises(ValueError, match=r"workers must be an int >= 1 .*got 0"):
+        HumanEvalCallback(workers=0, max_gen_toks=16)
+
+
+def test_two_evaluations_at_one_step_keep_both_results(tmp_path):
+    # Two benchmark runs at one step (here two callbacks of one task in one validation) wrote one file name:
+    # the second replaced the first's results.
+    callbacks = [ARCChallengeCallback(FIXTURES / "ai2_arc", limit=limit, bootstrap_iters=0) for limit in (2, 3)]
+    trainer(tmp_path, callbacks).validate(TinyLM(), loader())
+    files = sorted((tmp_path / "lightning_logs" / "version_0" / "lm_eval").glob("*.json"))
+    assert [f.name for f in files] == ["arc_challenge-step0-2.json", "arc_challenge-step0.json"]
+    assert [len(json.loads(f.read_text())["samples"]["arc_challenge"]) for f in files] == [3, 2]

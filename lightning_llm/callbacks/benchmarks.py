@@ -11,6 +11,9 @@ Each task keeps its own definition: `max_gen_toks` applies only to generative ta
 length of their own, and an explicit override (`gen_kwargs`, `HumanEvalCallback(max_gen_toks=...)`)
 is logged task by task. Task names (also those in `include_path` folders of task YAMLs) and the
 tasks' data are checked when the callback is built, so that a missing dataset fails before training.
+An evaluation that fails during fit stops the run at the next training hook, once the checkpoint
+callbacks (which Lightning runs last) and an export callback have saved what was trained, with an
+error naming the callback, its tasks, the step and the cause.
 
 The LightningModule exposes the Hugging Face model as `pl_module.model` and its tokenizer as
 `pl_module.tokenizer` (or the datamodule as `trainer.datamodule.tokenizer`).
@@ -21,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import itertools
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -31,7 +35,7 @@ import torch.distributed as dist
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_llm.eval import BENCHMARK_FOLDERS
+from lightning_llm.eval import BENCHMARK_FOLDERS, check_limit
 from lightning_llm.eval.code_eval import HUMANEVAL_LIMITS
 from lightning_llm.extras import require
 from lightning_llm.protocols import evaluation_group, whole_model_evaluation
@@ -49,7 +53,8 @@ class LMEvalCallback(pl.Callback):
         include_path: a folder of task YAMLs in lm-eval's format (or a list of them), searched for the
             names in `tasks` before lm-eval's own (lm-eval's TaskManager option).
         num_fewshot: few-shot examples per prompt (None: each task's default).
-        limit: evaluate only the first `limit` documents of each task (a float < 1: that fraction).
+        limit: evaluate only the first `limit` documents of each task (an int >= 1), or that fraction of them
+            (a float in (0, 1)); other values are refused (lm-eval would read 2.5 as 2).
         batch_size: requests per forward pass.
         max_gen_toks: cap on generated tokens for generative tasks that set none themselves.
         gen_kwargs: generation settings that replace every generative task's own (lm-eval's
@@ -95,8 +100,8 @@ class LMEvalCallback(pl.Callback):
                             ("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-        if limit is not None and not limit > 0:
-            raise ValueError(f"limit must be > 0 (a count, or a fraction < 1) or None, got {limit!r}")
+        if limit is not None:
+            limit = check_limit(limit)
         if gen_kwargs is not None and (not isinstance(gen_kwargs, Mapping) or not gen_kwargs):
             raise ValueError(f"gen_kwargs must be a non-empty dict of generation settings or None, got {gen_kwargs!r}")
         self.num_fewshot = num_fewshot
@@ -118,6 +123,7 @@ class LMEvalCallback(pl.Callback):
         self._tasks = self._resolve(tasks, data_dirs)
         self._check_tasks()
         self._last_step: int | None = None
+        self._failure: BaseException | None = None  # an evaluation during fit that failed, raised at the next hook
         self.results: dict[str, Any] | None = None
         """lm-eval's results of the latest run (on rank 0)."""
         self.metrics: dict[str, float] = {}
@@ -183,20 +189,56 @@ class LMEvalCallback(pl.Callback):
         step = trainer.global_step
         # With gradient accumulation several batches end at one optimizer step: run once per step.
         if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
-            self.evaluate(trainer, pl_module, use_module_log=True)
+            self._evaluate_in_fit(trainer, pl_module, use_module_log=True)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            self.evaluate(trainer, pl_module, use_module_log=True)
+            self._evaluate_in_fit(trainer, pl_module, use_module_log=True)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.run_on_fit_end and self._last_step != trainer.global_step:
             # Lightning does not allow `self.log` here: write to the loggers directly.
-            self.evaluate(trainer, pl_module, use_module_log=False)
+            self._evaluate_in_fit(trainer, pl_module, use_module_log=False)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.run_on_validate and trainer.state.fn == "validate" and not trainer.sanity_checking:
-            self.evaluate(trainer, pl_module, use_module_log=True)
+            try:
+                self.evaluate(trainer, pl_module, use_module_log=True)
+            except Exception as error:
+                raise self._failed(trainer.global_step, error) from error
+
+    # ---- a failed evaluation during fit ----
+
+    def _evaluate_in_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule, use_module_log: bool) -> None:
+        # Lightning runs the checkpoint callbacks after all others, and an export callback may come after this
+        # one: an evaluation that raised here would take the checkpoint of the step it evaluates (or the export of
+        # the trained model) with it. The error is raised at the next hook instead, once they have run.
+        try:
+            self.evaluate(trainer, pl_module, use_module_log=use_module_log)
+        except Exception as error:
+            self._last_step = trainer.global_step  # not again at fit end for the same step
+            self._failure = self._failed(trainer.global_step, error, during_fit=True)
+            self._failure.__cause__ = error
+
+    def _failed(self, step: int, error: Exception, during_fit: bool = False) -> RuntimeError:
+        after = (f". Training stopped after the checkpoint callbacks ran for step {step}; a run resumed from that "
+                 "step does not repeat this evaluation (trainer.validate with the checkpoint runs it)") if during_fit else ""
+        return RuntimeError(f"{type(self).__name__}: evaluating {task_names(self._tasks)} at step {step} failed with "
+                            f"{type(error).__name__}: {error}{after}")
+
+    def _raise_failure(self) -> None:
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self._raise_failure()
+
+    def on_train_epoch_start(self, *args: Any) -> None:
+        self._raise_failure()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._raise_failure()
 
     # ---- one run ----
 
@@ -250,7 +292,14 @@ class LMEvalCallback(pl.Callback):
         from lightning_llm.eval.harness import write_results
 
         name = "-".join(sorted(results["results"]))[:80]
-        write_results(results, directory / f"{name}-step{step}.json")
+        path = directory / f"{name}-step{step}.json"
+        # Two runs at one step (trainer.validate twice, two callbacks whose task names share 80 characters) get
+        # a file each: the earlier results are never replaced.
+        for again in itertools.count(2):
+            if not path.exists():
+                break
+            path = directory / f"{name}-step{step}-{again}.json"
+        write_results(results, path)
 
 
 class MMLUCallback(LMEvalCallback):
@@ -365,6 +414,17 @@ def _log_overrides(what: str, changes: Sequence[str | None]) -> None:
     changes = [c for c in changes if c]
     if changes:
         rank_zero_info(f"{what} replace these generation settings of the tasks' own definitions: " + "; ".join(changes))
+
+
+def task_names(specs: Sequence[Any]) -> list[str]:
+    """The names of task specs (names, YAML paths, config dicts, lm-eval groups), for messages (at most 5 and a count)."""
+    names = []
+    for spec in specs:
+        if isinstance(spec, dict):
+            names.append(str(spec.get("task") or spec.get("group")))
+        else:
+            names.append(str(getattr(spec, "group_name", None) or getattr(spec, "name", None) or spec))
+    return names if len(names) <= 5 else [*names[:5], f"... {len(names) - 5} more"]
 
 
 def find_tokenizer(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:

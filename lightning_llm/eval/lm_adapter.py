@@ -307,7 +307,8 @@ class LightningLM(TemplateLM):
         max_context = self.max_length - max_gen_toks
         if max_context < 1:
             raise ValueError(
-                f"max_gen_toks={max_gen_toks} leaves no room for a context in the model's window of {self.max_length} tokens"
+                f"max_gen_toks={max_gen_toks} leaves no room for a context in the model's window of {self.max_length} tokens; "
+                "ask for fewer with lm-eval's gen_kwargs (lightning-llm evaluate --gen_kwargs max_gen_toks=N)"
             )
         # As HFLM: left-padded contexts, truncated on the left, greedy when temperature is 0.
         encoded = [self.tok_encode(c)[-max_context:] for c in contexts]

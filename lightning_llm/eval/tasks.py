@@ -157,6 +157,13 @@ def resolve_tasks(
         if isinstance(task, dict):
             resolved.append(task)
         elif task in data_dirs:
+            entry = task_entry(task, manager)
+            if entry.kind in (Kind.GROUP, Kind.TAG):  # (their configs list members: with_local_data failed on them)
+                members = sorted({c["task"] for c in leaf_configs(task, manager)})
+                raise ValueError(f"data_dirs[{task!r}]: {task!r} is an lm-eval "
+                                 f"{'tag' if entry.kind == Kind.TAG else 'group'} of {len(members)} tasks; data_dirs "
+                                 f"takes single tasks: name its members in tasks and data_dirs ({members[:5]}"
+                                 f"{' ...' if len(members) > 5 else ''}), or for MMLU use MMLUCallback(data_dir=...)")
             resolved.append(with_local_data(registered_config(task, manager=manager), data_dirs[task], num_fewshot))
         else:
             task_entry(task, manager)  # unknown names fail here, before any work
@@ -305,6 +312,10 @@ def humaneval_task(
     """
     if n_samples < 1 or any(not 1 <= kk <= n_samples for kk in k) or not k:
         raise ValueError(f"need 1 <= k <= n_samples for every k, got k={list(k)}, n_samples={n_samples}")
+    if not temperature >= 0:  # (NaN too) a negative temperature was read as greedy decoding
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    if not isinstance(workers, int) or workers < 1:  # (run_programs checks it too, but only when the programs run)
+        raise ValueError(f"workers must be an int >= 1 (programs run at the same time), got {workers!r}")
     if n_samples > 1 and temperature <= 0:
         raise ValueError(f"n_samples={n_samples} greedy samples would all be the same; set temperature > 0, got {temperature}")
     config = registered_config("humaneval", resolve_functions=False, manager=manager)
