@@ -106,3 +106,24 @@ def test_masters_survive_an_optimizer_state_dict_round_trip():
 def test_unknown_precision_is_refused():
     with pytest.raises(ValueError, match=r"precision='fp16': expected 'bf16'"):
         MasterWeightsPrecision("fp16")
+
+
+def test_the_bf16_model_keeps_its_rotary_constants_in_fp32_as_its_export_loads_them(tmp_path):
+    # Oracle: the same weights saved in fp32 and loaded by transformers in bf16 (what `lightning-llm evaluate`
+    # and any user of the export get), which keeps the non-persistent rotary `inv_freq` in fp32. Lightning's
+    # bf16-true cast it to bf16 as well, and the logits differed.
+    from transformers import AutoModelForCausalLM
+
+    from lightning_llm.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("tiny", vocab_size=64, max_position_embeddings=600)
+    model.save_pretrained(tmp_path)
+    model = MasterWeightsPrecision().convert_module(model)
+    export = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert model.model.rotary_emb.inv_freq.dtype == export.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    ids = torch.randint(0, 64, (1, 512), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        # the same bf16 weights, constants and operations: bitwise equal
+        assert torch.equal(model(input_ids=ids).logits, export(input_ids=ids).logits)

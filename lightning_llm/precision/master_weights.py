@@ -49,6 +49,19 @@ class MasterWeightsPrecision(HalfPrecision):
         # id(optimizer) -> {state_dict index: saved master}, between load_state_dict's pre and post hooks
         self._saved_masters: dict[int, dict[int, Tensor]] = {}
 
+    def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        """The model in bf16, but for its non-persistent floating buffers (rotary embeddings' `inv_freq`):
+        constants that checkpoints and exports do not hold, which transformers keeps in fp32 (a model loaded
+        with `from_pretrained(..., dtype=torch.bfloat16)` has them in fp32). Lightning's bf16-true casts them
+        too: `inv_freq` rounded to bf16 (up to 2^-9 relative) moves the rotary angle at position 512 by up to
+        0.09 rad, so the model trained and evaluated here differed from its export."""
+        constants = [(sub, name, buffer) for sub in module.modules() for name, buffer in sub._buffers.items()
+                     if buffer is not None and buffer.is_floating_point() and name in sub._non_persistent_buffers_set]
+        module = super().convert_module(module)
+        for sub, name, buffer in constants:
+            sub.register_buffer(name, buffer, persistent=False)
+        return module
+
     def connect(self, model: torch.nn.Module, optimizers: list[Optimizer],
                 lr_schedulers: list[Any]) -> tuple[torch.nn.Module, list[Optimizer], list[Any]]:
         for optimizer in optimizers:
