@@ -289,3 +289,38 @@ def test_bad_arguments_name_the_value(tmp_path):
         InstructionDataModule([{"path": str(tmp_path), "format": "csv"}])
     with pytest.raises(ValueError, match="block_size must be a positive integer, got 0"):
         InstructionDataModule(str(tmp_path), block_size=0)
+
+
+def sentencepiece_style_tokenizer(corpus_dir):
+    """A BPE with SentencePiece's dummy prefix (`Metaspace(prepend_scheme="first")`, as Llama-2, Mistral and
+    Gemma tokenizers have): a text that does not start with a special token gets a leading "▁"."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lightning_llm.data.sources import Source
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "</s>"], show_progress=False)
+    tok.train_from_iterator(Source(str(corpus_dir)).documents(), trainer=trainer)
+    return use_chat_template(PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="</s>"))
+
+
+def test_a_dummy_prefix_tokenizer_trains_on_the_tokens_inference_sees(corpus_dir):
+    """The oracle is inference itself: the model is given `chat_prompt_ids` (the rendered prompt tokenized
+    whole), so the training ids must be the rendered conversation tokenized whole, each answer's trained
+    tokens starting right after its prompt. Tokenizing each answer on its own gave it a dummy-prefix "▁"
+    token that inference never sees, in the answer and in every later turn's history."""
+    from lightning_llm.data.instruct import chat_prompt_ids
+
+    tok = sentencepiece_style_tokenizer(corpus_dir)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fruit."},
+                {"role": "assistant", "content": "A lemon."}, {"role": "user", "content": "Another?"},
+                {"role": "assistant", "content": "An apple, then."}]
+    ids, trained = tokenize_conversation(tok, messages)
+    assert ids == tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+    for i in (2, 4):  # each answer: its prompt as inference tokenizes it, then the answer's tokens, trained
+        prompt = chat_prompt_ids(tok, messages[:i])
+        answer_end = len(tok(tok.apply_chat_template(messages[: i + 1], tokenize=False), add_special_tokens=False)["input_ids"])
+        assert ids[: len(prompt)] == prompt and not trained[len(prompt) - 1] and all(trained[len(prompt) : answer_end])

@@ -237,14 +237,25 @@ def answer_segments(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> l
 def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: Messages, train_on_prompt: bool = False) -> tuple[list[int], list[bool]]:
     """Token ids of the rendered conversation and, per token, whether it is trained on.
 
-    Each piece is tokenized on its own: the prompt becomes exactly the tokens that inference feeds
-    (the template with the generation prompt), and no token straddles a prompt/answer boundary.
+    The ids are the ones inference sees: the whole rendered text tokenized at once, as `chat_prompt_ids`
+    tokenizes a conversation's history, with each token labelled by the piece its first character is in.
+    Tokenizing each piece on its own would differ for a tokenizer that marks the start of a text
+    (SentencePiece's dummy prefix, `Metaspace(prepend_scheme="first")` in Llama-2, Mistral and Gemma
+    tokenizers): every answer would start with a "▁" token that inference never feeds nor expects. Where
+    a token spans a prompt/answer boundary (a tokenizer that merges across it), or the tokenizer gives no
+    character offsets (a slow one), each piece is tokenized on its own: the prompt then ends exactly as the
+    tokens inference feeds (the template with the generation prompt, tokenized alone) end.
     """
     segments = answer_segments(tokenizer, messages)
+    flags = [train_on_prompt or is_answer for _, is_answer in segments]
+    if tokenizer.is_fast:
+        starts = np.cumsum([0] + [len(text) for text, _ in segments[:-1]]).tolist()
+        encoded = tokenizer("".join(text for text, _ in segments), add_special_tokens=False, return_offsets_mapping=True)
+        offsets = encoded["offset_mapping"]
+        if not any(start < boundary < end for start, end in offsets for boundary in starts[1:]):
+            return encoded["input_ids"], [flags[bisect.bisect_right(starts, start) - 1] for start, _ in offsets]
     pieces = tokenizer([text for text, _ in segments], add_special_tokens=False)["input_ids"]
-    ids = [t for piece in pieces for t in piece]
-    trained = [train_on_prompt or is_answer for piece, (_, is_answer) in zip(pieces, segments) for _ in piece]
-    return ids, trained
+    return [t for piece in pieces for t in piece], [flag for piece, flag in zip(pieces, flags) for _ in piece]
 
 
 def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> list[int]:
