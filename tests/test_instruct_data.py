@@ -324,3 +324,25 @@ def test_a_dummy_prefix_tokenizer_trains_on_the_tokens_inference_sees(corpus_dir
         prompt = chat_prompt_ids(tok, messages[:i])
         answer_end = len(tok(tok.apply_chat_template(messages[: i + 1], tokenize=False), add_special_tokens=False)["input_ids"])
         assert ids[: len(prompt)] == prompt and not trained[len(prompt) - 1] and all(trained[len(prompt) : answer_end])
+
+
+# ChatML with the default system prompt that Qwen's templates add to a conversation without one.
+CHATML_DEFAULT_SYSTEM = (
+    "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are helpful.<|im_end|>\n' }}{% endif %}" + CHATML
+)
+
+
+def test_an_answer_that_opens_the_conversation_trains_on_its_content_only(chat_tokenizer):
+    """Hand-written masks: the header (and a template's own system prompt) before an opening answer is
+    prompt, as it is before every later answer; it was trained on, the system prompt included."""
+    messages = [{"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2"}, {"role": "assistant", "content": "4"}]
+    ids, trained = tokenize_conversation(chat_tokenizer, messages)
+    assert runs(chat_tokenizer, ids, trained) == [
+        ("<|assistant|>\n", False), (f"Hello!{E}", True), (f"<|user|>\n2+2{E}<|assistant|>\n", False), (f"4{E}", True)]
+    tok = copy.deepcopy(chat_tokenizer)
+    tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    tok.chat_template = CHATML_DEFAULT_SYSTEM
+    ids, trained = tokenize_conversation(tok, messages)
+    assert runs(tok, ids, trained) == [
+        ("<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>assistant\n", False), ("Hello!<|im_end|>\n", True),
+        ("<|im_start|>user\n2+2<|im_end|>\n<|im_start|>assistant\n", False), ("4<|im_end|>\n", True)]

@@ -213,7 +213,8 @@ def answer_segments(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> l
     An answer is what the template adds for an assistant message after the generation prompt: the
     conversation up to that message rendered with `add_generation_prompt` ends where the answer
     starts, and rendered with the message ends where it stops (its end-of-turn markup included, so
-    the model learns to stop). This works for any template that renders a conversation's prefix as
+    the model learns to stop). An answer that opens the conversation has for prompt what the template
+    renders before its content (`_opening`): its role header, never trained on. This works for any template that renders a conversation's prefix as
     a prefix of its text; one that does not is reported rather than guessed at.
     """
     full = _render(tokenizer, messages)
@@ -221,7 +222,7 @@ def answer_segments(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> l
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        prompt = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else _opening(tokenizer)
         upto = _render(tokenizer, messages[: i + 1])
         if not (upto.startswith(prompt) and full.startswith(upto) and len(prompt) >= pos):
             raise BadRecord(
@@ -232,6 +233,20 @@ def answer_segments(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> l
         pos = len(upto)
     segments.append((full[pos:], False))
     return [(text, is_answer) for text, is_answer in segments if text]
+
+
+# Stands in for the content of an answer that opens a conversation (transformers renders no empty one).
+ANSWER_PLACEHOLDER = "ANSWER_PLACEHOLDER_7f3a9c"
+
+
+def _opening(tokenizer: PreTrainedTokenizerBase) -> str:
+    """What the template renders before the content of an answer that opens the conversation (its role
+    header, and any system prompt the template adds itself): the prompt of that answer."""
+    text = _render(tokenizer, [{"role": "assistant", "content": ANSWER_PLACEHOLDER}])
+    if ANSWER_PLACEHOLDER not in text:
+        raise BadRecord("the chat template does not render an answer that opens a conversation as its text",
+                        "the answer tokens cannot be located; start the conversation with a user message")
+    return text[: text.index(ANSWER_PLACEHOLDER)]
 
 
 def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: Messages, train_on_prompt: bool = False) -> tuple[list[int], list[bool]]:
