@@ -176,6 +176,16 @@ def test_truncation_keeps_answers_or_drops_the_example():
     ({"prompt": "x", "completion": 3}, "field is not a string"),
     ({"text": "x"}, "unknown record format"),
     (["x"], "not a JSON object"),
+    # what other tools' dialects put beside a format's fields, which would go unread
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "bad", "weight": 0}]},
+     r"unsupported turn field \(messages\[1\] has 'weight'"),
+    ({"conversations": [{"from": "human", "value": "x", "name": "Ann"}, {"from": "gpt", "value": "y"}]},
+     r"unsupported turn field \(conversations\[0\] has 'name'"),
+    ({"instruction": "x", "output": "y", "history": [["q", "a"]]}, r"unsupported field \('history' would not be read"),
+    ({"prompt": "x", "completion": "y", "messages": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "q"}]},
+     r"fields of several formats \('messages', 'prompt'; pass the source's format"),
+    ({"system": "S", "messages": [{"role": "system", "content": "T"}, {"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]},
+     "two system prompts"),
 ])
 def test_bad_records_are_refused_with_the_reason(record, message):
     with pytest.raises(BadRecord, match=message):
@@ -346,3 +356,17 @@ def test_an_answer_that_opens_the_conversation_trains_on_its_content_only(chat_t
     assert runs(tok, ids, trained) == [
         ("<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>assistant\n", False), ("Hello!<|im_end|>\n", True),
         ("<|im_start|>user\n2+2<|im_end|>\n<|im_start|>assistant\n", False), ("4<|im_end|>\n", True)]
+
+
+@pytest.mark.parametrize("record", [
+    {"instruction": "Add.", "input": "2 3", "output": "5", "system": "You add."},  # LLaMA-Factory's alpaca
+    {"system": "You add.", "conversations": [{"from": "human", "value": "Add.\n\n2 3"}, {"from": "gpt", "value": "5"}]},
+    {"system": "You add.", "prompt": "Add.\n\n2 3", "completion": "5"},
+    # a dataset's row: every column, null or empty where unused, is no field of the record
+    {"messages": [{"role": "user", "content": "Add.\n\n2 3", "weight": None}, {"role": "assistant", "content": "5", "name": ""}],
+     "system": "You add.", "instruction": None, "history": [], "prompt": ""},
+])
+def test_a_records_system_field_is_its_system_message(record):
+    """The top-level `system` of these dialects was dropped without a word; it is the conversation's system message."""
+    assert to_messages(record) == [{"role": "system", "content": "You add."}, {"role": "user", "content": "Add.\n\n2 3"},
+                                   {"role": "assistant", "content": "5"}]

@@ -58,6 +58,15 @@ DEFAULT_CHAT_TEMPLATE = (
 
 Messages = list[dict[str, str]]
 
+# The field that marks each format, in the order `detect_format` tries them.
+FORMAT_FIELDS = {"messages": "messages", "conversations": "sharegpt", "instruction": "alpaca", "prompt": "prompt_completion"}
+# Fields that other tools' dialects of these formats use to carry part of the conversation or of its loss.
+# Left unread they would train on another conversation than the record holds, so a record with one is refused
+# (a top-level `system` is read: it becomes the system message).
+UNREAD_RECORD_FIELDS = ("history", "tools")
+UNREAD_TURN_FIELDS = ("weight", "train", "loss", "mask", "name", "tool_calls", "function_call", "tool_call_id",
+                      "reasoning_content", "thinking")
+
 
 class BadRecord(ValueError):
     """A record that cannot become a training example: `reason` is its kind (dropped records are counted by it)."""
@@ -125,10 +134,20 @@ class InstructionSource(Source):
 # -- records to messages ---------------------------------------------------------------------------
 
 
+def _given(record: dict[str, Any], field: str) -> bool:
+    """Whether `record` holds a value at `field` (a dataset's row has every column, null or empty where unused;
+    0 and False are values)."""
+    value = record.get(field)
+    return value is not None and not (isinstance(value, str | list | dict) and not value)
+
+
 def detect_format(record: dict[str, Any]) -> str:
-    for field, name in (("messages", "messages"), ("conversations", "sharegpt"), ("instruction", "alpaca"), ("prompt", "prompt_completion")):
-        if field in record:
-            return name
+    found = [field for field in FORMAT_FIELDS if _given(record, field)]
+    if len(found) > 1:
+        raise BadRecord("fields of several formats", f"{', '.join(map(repr, found))}; pass the source's format "
+                        f"({', '.join(FORMAT_FIELDS[f] for f in found)}) to say which to read")
+    if found:
+        return FORMAT_FIELDS[found[0]]
     raise BadRecord(
         "unknown record format",
         f"fields {sorted(record)}; expected 'messages', 'conversations', 'instruction'/'output' or 'prompt'/'completion'",
@@ -151,6 +170,10 @@ def _turns(turns: Any, field: str, role_key: str, content_key: str, roles: dict[
         raise BadRecord("missing field" if turns is None else "malformed turns", f"{field!r} must be a list of objects with {role_key!r} and {content_key!r}")
     messages = []
     for i, turn in enumerate(turns):
+        unread = [key for key in UNREAD_TURN_FIELDS if _given(turn, key)]
+        if unread:
+            raise BadRecord("unsupported turn field", f"{field}[{i}] has {', '.join(map(repr, unread))}, which would not be read "
+                            "(per-turn loss weights, names, tool calls and reasoning are not supported); remove it")
         role = turn.get(role_key)
         if role not in roles:
             raise BadRecord("unknown role", f"{role!r} in {field}[{i}]; known roles: {', '.join(roles)}")
@@ -175,6 +198,15 @@ def to_messages(record: Any, format: str = "auto") -> Messages:
         messages = [{"role": "user", "content": _text(record, "prompt")}, {"role": "assistant", "content": _text(record, "completion")}]
     else:
         raise ValueError(f"unknown format {format!r}; use one of {', '.join(FORMATS)}")
+    unread = [key for key in UNREAD_RECORD_FIELDS if _given(record, key)]
+    if unread:
+        raise BadRecord("unsupported field", f"{', '.join(map(repr, unread))} would not be read; write the conversation "
+                        "as 'messages' (earlier turns as user/assistant messages), without tools")
+    system = _text(record, "system", required=False)
+    if system.strip():
+        if messages and messages[0]["role"] == "system":
+            raise BadRecord("two system prompts", "the record's 'system' field and a system turn; keep one")
+        messages = [{"role": "system", "content": system}, *messages]
     answers = [m for m in messages if m["role"] == "assistant"]
     if not answers:
         raise BadRecord("no assistant answer to train on")
