@@ -138,3 +138,29 @@ def test_a_tokenizer_save_killed_midway_leaves_no_half_tokenizer(tmp_path):
     tokenizer = trained_tokenizer(["def f(x):\n    return x\n"] * 50, 300, "k", tmp_path)
     assert tokenizer.decode(tokenizer.encode("return x")) == "return x"
     assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []  # the dead writer's temporary is gone
+
+
+def test_a_folders_unread_files_are_announced_with_the_glob_that_reads_them(tmp_path, tokenizer, corpus_dir):
+    """A folder stands for its files: those it leaves out (no text suffix) were dropped without a word.
+    The count is checked against the files written here; the tokens against the one file that is read."""
+    import warnings
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)
+    (folder / ".git").mkdir()
+    text = (corpus_dir / "bisect.py").read_text()
+    (folder / "bisect.py").write_text(text)
+    unread = ("README", "sub/Makefile", "notes.csv", "stubs.pyi")
+    for name in (*unread, ".git/HEAD"):  # (a hidden folder is no data)
+        (folder / name).write_text("text that is not read\n")
+    dm = PretrainDataModule(str(folder), tokenizer=str(tmp_path / "tok"), block_size=16, cache_dir=str(tmp_path))
+    with pytest.warns(UserWarning, match=r"4 file\(s\) in .* are not read \(2 without suffix, 1 \.csv, 1 \.pyi\).*"
+                                         + r"give them as a file or a glob \(e\.g\. '.*corpus/\*\*/\*'"):
+        dm.setup("fit")
+    assert dm.stats["corpus"]["tokens"] == len(tokenizer(text)["input_ids"]) + 1  # (+ EOS) the .py file alone
+    for name in unread:
+        (folder / name).unlink()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*are not read")
+        PretrainDataModule(str(folder), tokenizer=str(tmp_path / "tok"), block_size=16, cache_dir=str(tmp_path)).setup("fit")

@@ -569,6 +569,7 @@ class InstructionDataModule(PretrainDataModule):
         if self.train_set is not None:
             return
         self.check_model_fits()
+        self.warn_unread_files()
         samples: list[tuple[np.ndarray, np.ndarray]] = []
         train_index, val_index = [], []
         rng = np.random.default_rng(self.seed)

@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
-from lightning_llm.data.sources import Source, as_sources
+from lightning_llm.data.sources import READ_SUFFIXES, Source, as_sources
 from lightning_llm.data.tokenizer import load_tokenizer, trained_tokenizer
 from lightning_llm.data.tokens import TokenizeRun, check_workers, load_tokens, token_file_meta, tokenize_to_file
 
@@ -278,6 +278,7 @@ class PretrainDataModule(LightningDataModule):
         if self.train_set is not None:
             return
         self.check_model_fits()
+        self.warn_unread_files()
         self._prepare_on_every_filesystem()
         streams, train_blocks, val_index = [], [], []
         for s, source in enumerate(self.sources):
@@ -306,6 +307,17 @@ class PretrainDataModule(LightningDataModule):
         self.train_set = PackedBlocks(streams, index, self.block_size)
         self.val_set = PackedBlocks(streams, val, self.block_size)
         self._log_stats(len(val))
+
+    def warn_unread_files(self) -> None:
+        """Say which files of a directory source are not read, and how to read them: a folder of text
+        stands for all its files, and leaving some out unannounced would train on less than was given."""
+        for source in self.sources:
+            unread = source.unread_files()
+            if unread:
+                kinds = ", ".join(f"{count} {suffix or 'without suffix'}" for suffix, count in sorted(unread.items()))
+                rank_zero_warn(f"data source {source.name!r}: {unread.total()} file(s) in {source.path!r} are not read ({kinds}): "
+                               f"a folder is read for its files ending in {', '.join(READ_SUFFIXES)}. To read others, give them "
+                               f"as a file or a glob (e.g. '{Path(source.path) / '**' / '*'}', every file; text only)")
 
     def _prepare_on_every_filesystem(self) -> None:
         """`prepare_data` where this process's cache may lack the token files: by the first process of each

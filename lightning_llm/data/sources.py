@@ -19,6 +19,7 @@ import os
 import sysconfig
 import threading
 import tokenize
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ STDLIB_EXCLUDED_FILES = ("bad_coding*.py", "badsyntax_pep3120.py")
 DEFAULT_ENCODING = "utf-8"
 DECODE_ERRORS = ("strict", "replace")
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".c", ".h", ".cpp", ".js", ".ts", ".java", ".go", ".rs", ".sh", ".toml", ".yaml", ".yml", ".json", ".html", ".tex")
+READ_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl")  # what a directory source reads
 
 
 @dataclass
@@ -137,10 +139,19 @@ class Source:
                     f"data source {self.path!r} does not exist. Give a file, a directory, a glob, a .jsonl "
                     f"file, 'hf:<dataset>' or {PYTHON_STDLIB!r}."
                 )
-            found = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES + (".jsonl",)]
+            found = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and p.suffix in READ_SUFFIXES]
         if not found:
             raise ValueError(f"data source {self.path!r} matches no text files (looked for {', '.join(TEXT_SUFFIXES)}, .jsonl)")
         return sorted(found)
+
+    def unread_files(self) -> Counter[str]:
+        """Files in a directory source that it does not read (their names end in none of `READ_SUFFIXES`),
+        counted by suffix ("" for none); hidden files and folders (`.git/`) are not counted."""
+        path = Path(self.path)
+        if self.is_builtin or self.is_hub or not path.is_dir():
+            return Counter()
+        return Counter(p.suffix for p in path.rglob("*") if p.is_file() and p.suffix not in READ_SUFFIXES
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
 
     def fingerprint(self) -> str:
         """A hash of what the source reads: paths, sizes and modification times (or the dataset name; and
