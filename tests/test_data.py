@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -41,6 +42,26 @@ def test_split_is_deterministic_and_disjoint():
     assert (train == again_train).all() and (val == again_val).all()
     assert not set(train) & set(val) and len(train) + len(val) == 1000
     assert 0.03 < len(val) / 1000 < 0.07
+
+
+def test_the_validation_share_is_the_one_asked_for_on_small_sources_too():
+    """The held-out count is `val_fraction` of the blocks within one chunk, a chunk being at most 16 blocks
+    and at most a quarter of the share (at least 1). Before, 16-block chunks and 1 / round(1 / val_fraction)
+    held out 1 block of 100 for 0.1, 1 of 300 for 0.02 and half the blocks for 0.4."""
+    for f in (0.01, 0.02, 0.05, 0.07, 0.1, 0.15, 0.25, 0.3, 0.4, 0.5):
+        for n in range(max(2, math.ceil(1 / f)), 3000, 7):
+            train, val = split_blocks(n, f)
+            assert len(train) and abs(len(val) - f * n) <= max(1, min(16, f * n / 4)), (n, f, len(val))
+    assert [len(split_blocks(n, f)[1]) for n, f in ((100, 0.1), (300, 0.02), (100, 0.4))] == [10, 6, 40]
+
+
+def test_a_large_source_keeps_the_split_it_had():
+    """Where the share holds 4 chunks of 16 blocks or more, and val_fraction is 1/k, the split is the one
+    earlier versions made (every k-th chunk of 16): the checkpoints of runs on such corpora resume on it."""
+    for k in (2, 4, 10, 20, 50):
+        for n in range(64 * k, 64 * k + 2000, 13):
+            blocks = np.arange(n)
+            assert (split_blocks(n, 1 / k)[1] == blocks[(blocks // 16) % k == k - 1]).all(), (n, k)
 
 
 def test_mixture_is_measured_in_tokens():
