@@ -185,3 +185,14 @@ def test_a_folders_unread_files_are_announced_with_the_glob_that_reads_them(tmp_
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*are not read")
         PretrainDataModule(str(folder), tokenizer=str(tmp_path / "tok"), block_size=16, cache_dir=str(tmp_path)).setup("fit")
+
+
+@pytest.mark.parametrize(("value", "kind"), [(["def g():", "  pass"], "list"), ({"code": "x = 1"}, "dict"), (42, "int"), (True, "bool")])
+def test_a_text_field_that_is_no_string_is_refused_naming_its_line(tmp_path, value, kind):
+    """Its printed form ("['def g():', '  pass']") was trained on as if someone had written it."""
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in ({"text": "def f(): pass"}, {"text": None}, {"text": value})) + "\n")
+    with pytest.raises(ValueError, match=rf"docs.jsonl:3: text field 'text' holds a {kind} .*not a string; set text_field"):
+        list(Source(str(path)).documents())
+    path.write_text("\n".join(json.dumps(r) for r in ({"text": "def f(): pass"}, {"text": None}, {"text": ""}, {"text": "x"})) + "\n")
+    assert list(Source(str(path)).documents()) == ["def f(): pass", "x"]  # null and "" hold no document

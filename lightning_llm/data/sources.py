@@ -203,8 +203,8 @@ class Source:
         for location, row in self.hub_rows():
             if self.text_field not in row:
                 raise ValueError(f"{location}: no text field {self.text_field!r}; fields: {sorted(row)}. Set text_field")
-            if row[self.text_field]:
-                yield row[self.text_field]
+            if text := document_text(row[self.text_field], location, self.text_field):
+                yield text
 
 
 def _count_and_replace(err: UnicodeError) -> tuple[str, int]:
@@ -257,8 +257,17 @@ def _jsonl_texts(path: Path, text: str, text_field: str) -> Iterator[str]:
             raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
         if not isinstance(record, dict) or text_field not in record:
             raise ValueError(f"{path}:{lineno}: record has no text field {text_field!r}")
-        if record[text_field]:
-            yield str(record[text_field])
+        if text := document_text(record[text_field], f"{path}:{lineno}", text_field):
+            yield text
+
+
+def document_text(value: Any, location: str, text_field: str) -> str:
+    """A record's text field as a document ("" for null); any other value than a string is refused: its
+    printed form ("['a', 'b']", "{'k': 1}") is no text anyone wrote."""
+    if value is None or isinstance(value, str):
+        return value or ""
+    raise ValueError(f"{location}: text field {text_field!r} holds a {type(value).__name__} ({str(value)[:60]!r}), "
+                     "not a string; set text_field to the field that holds the text, or write it as one string")
 
 
 def as_sources(spec: str | Source | dict | list, kind: type[Source] = Source) -> list[Source]:
