@@ -370,3 +370,22 @@ def test_a_records_system_field_is_its_system_message(record):
     """The top-level `system` of these dialects was dropped without a word; it is the conversation's system message."""
     assert to_messages(record) == [{"role": "system", "content": "You add."}, {"role": "user", "content": "Add.\n\n2 3"},
                                    {"role": "assistant", "content": "5"}]
+
+
+def test_examples_kept_with_answers_cut_by_truncation_are_counted(tmp_path, tokenizer_dir):
+    """A conversation whose second answer is past the block is kept with its first answer only: it was kept
+    without a word. The oracle: the answer tokens of the same records in a block that holds them all."""
+    turns = [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "A lemon."},
+             {"role": "user", "content": "word " * 30}, {"role": "assistant", "content": "An apple, then, " * 3}]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": turns}] * 3 + [qa("What is 2 + 2?", "4")])
+    targets = {}
+    for block in (64, 1024):
+        dm = InstructionDataModule(str(path), tokenizer=tokenizer_dir, block_size=block, batch_size=1, val_fraction=0, packing=False)
+        dm.setup()
+        targets[block] = sum(int((t != -100).sum()) for _, t in dm.train_set.samples)
+    whole = dm.stats["chat.jsonl"]
+    assert not any(key.startswith("truncated") for key in whole) and targets[64] < targets[1024]
+    dm = InstructionDataModule(str(path), tokenizer=tokenizer_dir, block_size=64, batch_size=1, val_fraction=0, packing=False)
+    dm.setup()
+    assert dm.stats["chat.jsonl"]["truncated to the block: examples"] == 3 and dm.stats["chat.jsonl"]["dropped"] == 0
+    assert dm.stats["chat.jsonl"]["truncated to the block: trained tokens cut"] == targets[1024] - targets[64]

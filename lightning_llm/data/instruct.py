@@ -338,18 +338,19 @@ Sample = tuple[np.ndarray, np.ndarray]
 
 
 def tokenize_records(batch: list[tuple[str, Any]], tokenizer: PreTrainedTokenizerBase, format: str,
-                     train_on_prompt: bool, block_size: int, truncate: bool) -> list[tuple[str, Sample | BadRecord]]:
-    """Each (location, record) as its training sample, or as the `BadRecord` it is: a tokenizing worker's
-    task (`tokens.map_in_order`), so the parent raises, warns and counts in the records' order."""
-    out: list[tuple[str, Sample | BadRecord]] = []
+                     train_on_prompt: bool, block_size: int, truncate: bool) -> list[tuple[str, Sample | BadRecord, int]]:
+    """Each (location, record) as its training sample and the trained targets truncation cut from it, or as
+    the `BadRecord` it is: a tokenizing worker's task (`tokens.map_in_order`), so the parent raises, warns
+    and counts in the records' order."""
+    out: list[tuple[str, Sample | BadRecord, int]] = []
     for location, record in batch:
         try:
             if isinstance(record, BadRecord):
                 raise record
             ids, trained = tokenize_conversation(tokenizer, to_messages(record, format), train_on_prompt)
-            out.append((location, training_sample(ids, trained, block_size, truncate)))
+            out.append((location, training_sample(ids, trained, block_size, truncate), sum(trained[block_size + 1 :])))
         except BadRecord as err:
-            out.append((location, err))
+            out.append((location, err, 0))
     return out
 
 
@@ -538,13 +539,14 @@ class InstructionDataModule(PretrainDataModule):
         per_node = self.trainer.num_devices if self.trainer is not None else 1
         return max(1, available_cpus() // per_node)
 
-    def read_source(self, source: InstructionSource) -> tuple[list[Sample], Counter]:
-        """The training samples of one source, and the count of records dropped, by reason.
+    def read_source(self, source: InstructionSource) -> tuple[list[Sample], Counter, Counter]:
+        """The training samples of one source, the count of records dropped, by reason, and what truncation
+        cut from the samples kept ("examples" cut, trained "targets" lost).
 
         `tokenize_processes` processes render and tokenize the records (`tokens.map_in_order`); the results
         come back in the records' order, so the samples, the first error and the counts are the ones a
         single process gives."""
-        samples, dropped = [], Counter()
+        samples, dropped, truncated = [], Counter(), Counter()
         workers = self.tokenize_processes
         records = batches(source.records(), max_chars=None, max_docs=RECORDS_PER_BATCH)
         results = map_in_order(tokenize_records, records, workers, tokenizer=self.tokenizer, format=source.format,
@@ -553,9 +555,10 @@ class InstructionDataModule(PretrainDataModule):
         with closing(results), tqdm(desc=f"tokenizing {source.name} ({workers} process{'es' if workers > 1 else ''})",
                                     unit=" records", disable=None) as bar:
             for batch in results:
-                for location, outcome in batch:
+                for location, outcome, cut in batch:
                     if not isinstance(outcome, BadRecord):
                         samples.append(outcome)
+                        truncated.update({"examples": 1, "targets": cut} if cut else {})
                         continue
                     if self.on_error == "raise" and not isinstance(outcome, Overlong):
                         raise BadRecord(f"{location}: {outcome}", "pass on_error='skip' to drop such records") from outcome
@@ -563,7 +566,7 @@ class InstructionDataModule(PretrainDataModule):
                         rank_zero_warn(f"{location}: {outcome}; dropping such records and counting them")
                     dropped[outcome.reason] += 1
                 bar.update(len(batch))
-        return samples, dropped
+        return samples, dropped, truncated
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -574,7 +577,7 @@ class InstructionDataModule(PretrainDataModule):
         train_index, val_index = [], []
         rng = np.random.default_rng(self.seed)
         for source in self.sources:
-            own, dropped = self.read_source(source)
+            own, dropped, truncated = self.read_source(source)
             if not own:
                 raise ValueError(f"instruction source {source.name!r} has no usable example (dropped: {dict(dropped)})")
             index = len(samples) + rng.permutation(len(own))
@@ -584,6 +587,9 @@ class InstructionDataModule(PretrainDataModule):
             train_index.append(index[n_val:])
             self.stats[source.name] = {"examples": len(own), "dropped": sum(dropped.values()), **{f"dropped: {k}": v for k, v in dropped.items()},
                                        "train": len(index) - n_val, "val": n_val}
+            if truncated:  # kept with part of their answers cut (truncate=False drops them): said, as the dropped ones are
+                self.stats[source.name].update({"truncated to the block: examples": truncated["examples"],
+                                                "truncated to the block: trained tokens cut": truncated["targets"]})
             if source.errors == "replace":
                 self.stats[source.name]["replaced characters (errors='replace')"] = source.replaced
         total = self.train_examples or sum(len(t) for t in train_index)
@@ -619,7 +625,7 @@ class InstructionDataModule(PretrainDataModule):
         rows = [f"{'source':<24}{'examples':>10}{'dropped':>9}{'train':>9}{'val':>7}{'in mixture':>12}"]
         for name, st in self.stats.items():
             rows.append(f"{name:<24}{st['examples']:>10,}{st['dropped']:>9,}{st['train']:>9,}{st['val']:>7,}{st['in mixture']:>12,}")
-            rows += [f"    {key}: {value}" for key, value in st.items() if key.startswith(("dropped: ", "replaced "))]
+            rows += [f"    {key}: {value}" for key, value in st.items() if key.startswith(("dropped: ", "truncated ", "replaced "))]
         if self.packing:
             rows.append(f"{len(self.train_set)} packed blocks of {self.block_size} tokens per epoch, "
                         f"{self.packing_efficiency:.1%} of their tokens are examples (not padding); {n_val} validation examples")
