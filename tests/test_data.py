@@ -196,3 +196,17 @@ def test_a_text_field_that_is_no_string_is_refused_naming_its_line(tmp_path, val
         list(Source(str(path)).documents())
     path.write_text("\n".join(json.dumps(r) for r in ({"text": "def f(): pass"}, {"text": None}, {"text": ""}, {"text": "x"})) + "\n")
     assert list(Source(str(path)).documents()) == ["def f(): pass", "x"]  # null and "" hold no document
+
+
+def test_a_source_without_text_is_named(tmp_path, tokenizer, corpus_dir):
+    """Empty and whitespace-only files tokenize to no token: the run stopped on numpy's "cannot mmap an empty
+    file", naming no source, and on every later run (the empty token file is cached)."""
+    tokenizer.save_pretrained(tmp_path / "tok")
+    (tmp_path / "blank").mkdir()
+    (tmp_path / "blank" / "empty.txt").write_text("")
+    (tmp_path / "blank" / "spaces.md").write_text("  \n\t\n")
+    for sources in (str(tmp_path / "blank"), [str(corpus_dir), str(tmp_path / "blank")]):
+        for _ in range(2):  # the second time from the cache
+            dm = PretrainDataModule(sources, tokenizer=str(tmp_path / "tok"), block_size=16, cache_dir=str(tmp_path / "cache"))
+            with pytest.raises(ValueError, match="data source 'blank' has no text: its files are empty or hold only whitespace"):
+                dm.setup("fit")

@@ -295,6 +295,9 @@ class PretrainDataModule(LightningDataModule):
         for s, source in enumerate(self.sources):
             tokens = load_tokens(self.token_file(source))
             n_blocks = (len(tokens) - 1) // self.block_size
+            if len(tokens) == 0:
+                raise ValueError(f"data source {source.name!r} has no text: its files are empty or hold only whitespace, "
+                                 "or its records' text fields are empty; give it text or leave it out")
             if n_blocks < 1:
                 raise ValueError(
                     f"data source {source.name!r} has {len(tokens)} tokens, fewer than one block of "
