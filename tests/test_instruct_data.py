@@ -389,3 +389,17 @@ def test_examples_kept_with_answers_cut_by_truncation_are_counted(tmp_path, toke
     dm.setup()
     assert dm.stats["chat.jsonl"]["truncated to the block: examples"] == 3 and dm.stats["chat.jsonl"]["dropped"] == 0
     assert dm.stats["chat.jsonl"]["truncated to the block: trained tokens cut"] == targets[1024] - targets[64]
+
+
+def test_a_token_across_the_prompt_answer_boundary_keeps_the_prompt_inference_feeds(chat_tokenizer):
+    """An answer opening with a newline after the template's "\\n": tokenized whole, one token ("\\n\\n   ")
+    would span prompt and answer. The pieces are then tokenized alone, so the prompt is `chat_prompt_ids`."""
+    from lightning_llm.data.instruct import chat_prompt_ids
+
+    messages = [{"role": "user", "content": "Write it."}, {"role": "assistant", "content": "\n    return x"}]
+    whole = chat_tokenizer(chat_tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+    prompt = chat_prompt_ids(chat_tokenizer, messages[:1])
+    assert whole[: len(prompt)] != prompt  # (the case: a token spans the boundary)
+    ids, trained = tokenize_conversation(chat_tokenizer, messages)
+    assert ids[: len(prompt)] == prompt and trained == [False] * len(prompt) + [True] * (len(ids) - len(prompt))
+    assert chat_tokenizer.decode(ids[len(prompt):]) == f"\n    return x{E}"

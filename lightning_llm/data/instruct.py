@@ -296,11 +296,13 @@ def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: Messages
     segments = answer_segments(tokenizer, messages)
     flags = [train_on_prompt or is_answer for _, is_answer in segments]
     if tokenizer.is_fast:
-        starts = np.cumsum([0] + [len(text) for text, _ in segments[:-1]]).tolist()
+        starts = np.cumsum([0] + [len(text) for text, _ in segments[:-1]])
         encoded = tokenizer("".join(text for text, _ in segments), add_special_tokens=False, return_offsets_mapping=True)
-        offsets = encoded["offset_mapping"]
-        if not any(start < boundary < end for start, end in offsets for boundary in starts[1:]):
-            return encoded["input_ids"], [flags[bisect.bisect_right(starts, start) - 1] for start, _ in offsets]
+        offsets = np.asarray(encoded["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        piece = np.searchsorted(starts, offsets[:, 0], side="right") - 1  # the piece each token starts in
+        next_start = np.append(starts, np.iinfo(np.int64).max)[piece + 1]
+        if not (offsets[:, 1] > next_start).any():  # no token runs on into the next piece
+            return encoded["input_ids"], [flags[i] for i in piece]
     pieces = tokenizer([text for text, _ in segments], add_special_tokens=False)["input_ids"]
     return [t for piece in pieces for t in piece], [flag for piece, flag in zip(pieces, flags) for _ in piece]
 
