@@ -403,3 +403,29 @@ def test_a_token_across_the_prompt_answer_boundary_keeps_the_prompt_inference_fe
     ids, trained = tokenize_conversation(chat_tokenizer, messages)
     assert ids[: len(prompt)] == prompt and trained == [False] * len(prompt) + [True] * (len(ids) - len(prompt))
     assert chat_tokenizer.decode(ids[len(prompt):]) == f"\n    return x{E}"
+
+
+CHATML_GENERATION = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}"
+    "{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_a_template_that_marks_its_answers_is_taken_at_its_word(tokenizer):
+    """With `{% generation %}` the template says what the assistant generates: the newline after <|im_end|>,
+    outside the block, was trained on too. Oracles: the runs by hand, and transformers' own assistant mask."""
+    tok = copy.deepcopy(tokenizer)
+    tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    tok.chat_template = CHATML_GENERATION
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye!"}]
+    ids, trained = tokenize_conversation(tok, messages)
+    assert runs(tok, ids, trained) == [
+        ("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", False),
+        ("Hello<|im_end|>", True), ("\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n", False),
+        ("Bye!<|im_end|>", True), ("\n", False)]
+    hf = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert ids == list(hf["input_ids"]) and trained == [bool(m) for m in hf["assistant_masks"]]
+    assert all(tokenize_conversation(tok, messages, train_on_prompt=True)[1])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import json
 import logging
+import re
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import closing
@@ -281,10 +282,27 @@ def _opening(tokenizer: PreTrainedTokenizerBase) -> str:
     return text[: text.index(ANSWER_PLACEHOLDER)]
 
 
+# A template's own statement of what the assistant generates (transformers' `{% generation %}` block).
+GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def marked_answers(tokenizer: PreTrainedTokenizerBase, messages: Messages, train_on_prompt: bool = False) -> tuple[list[int], list[bool]]:
+    """Token ids and trained flags where the template marks its answers with `{% generation %}`: transformers'
+    own assistant mask, so the tokens trained are the ones the template's author marked (a ChatML template's
+    newline after the end of turn, outside the block, is not one of them)."""
+    try:
+        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    except jinja2.TemplateError as err:
+        raise BadRecord("the chat template rejects the conversation", str(err)) from err
+    return list(out["input_ids"]), [train_on_prompt or bool(flag) for flag in out["assistant_masks"]]
+
+
 def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: Messages, train_on_prompt: bool = False) -> tuple[list[int], list[bool]]:
     """Token ids of the rendered conversation and, per token, whether it is trained on.
 
-    The ids are the ones inference sees: the whole rendered text tokenized at once, as `chat_prompt_ids`
+    A template that marks its answers with `{% generation %}` says itself what is trained (`marked_answers`;
+    fast tokenizers, which give the character offsets that mask needs). Otherwise the answers are found by
+    `answer_segments`, and the ids are the ones inference sees: the whole rendered text tokenized at once, as `chat_prompt_ids`
     tokenizes a conversation's history, with each token labelled by the piece its first character is in.
     Tokenizing each piece on its own would differ for a tokenizer that marks the start of a text
     (SentencePiece's dummy prefix, `Metaspace(prepend_scheme="first")` in Llama-2, Mistral and Gemma
@@ -293,6 +311,8 @@ def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: Messages
     character offsets (a slow one), each piece is tokenized on its own: the prompt then ends exactly as the
     tokens inference feeds (the template with the generation prompt, tokenized alone) end.
     """
+    if tokenizer.is_fast and GENERATION_TAG.search(tokenizer.chat_template or ""):
+        return marked_answers(tokenizer, messages, train_on_prompt)
     segments = answer_segments(tokenizer, messages)
     flags = [train_on_prompt or is_answer for _, is_answer in segments]
     if tokenizer.is_fast:
