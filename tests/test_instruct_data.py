@@ -429,3 +429,19 @@ def test_a_template_that_marks_its_answers_is_taken_at_its_word(tokenizer):
     hf = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     assert ids == list(hf["input_ids"]) and trained == [bool(m) for m in hf["assistant_masks"]]
     assert all(tokenize_conversation(tok, messages, train_on_prompt=True)[1])
+
+
+def test_an_instruction_folder_reads_its_json_files_and_names_the_others(tmp_path, tokenizer_dir):
+    """A dataset folder as downloaded: its README.md was read as JSONL records, a stop at "README.md:1: not valid
+    JSON" (or, with on_error='skip', its lines counted as bad records)."""
+    folder = tmp_path / "dataset"
+    (folder / "data").mkdir(parents=True)
+    (folder / "README.md").write_text("# A dataset\n\nQuestions and answers.\n")
+    (folder / "make.py").write_text("print('hi')\n")
+    records = [qa(f"What is {i} + {i}?", str(2 * i)) for i in range(6)]
+    write_jsonl(folder / "data" / "train.jsonl", records[:4])
+    (folder / "data" / "more.json").write_text(json.dumps(records[4:]))
+    dm = InstructionDataModule(str(folder), tokenizer=tokenizer_dir, block_size=64, batch_size=1, val_fraction=0)
+    with pytest.warns(UserWarning, match=r"2 file\(s\) in .* are not read \(1 \.md, 1 \.py\): a folder is read for its files ending in \.json, \.jsonl"):
+        dm.setup()
+    assert dm.stats["dataset"]["examples"] == 6 and dm.stats["dataset"]["dropped"] == 0

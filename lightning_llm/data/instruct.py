@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import jinja2
 import numpy as np
@@ -98,6 +98,8 @@ class InstructionSource(Source):
     """
 
     format: str = "auto"
+    # A folder's instruction files; its README.md or scripts are no records.
+    read_suffixes: ClassVar[tuple[str, ...]] = (".json", ".jsonl")
 
     def __post_init__(self) -> None:
         super().__post_init__()

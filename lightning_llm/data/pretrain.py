@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
-from lightning_llm.data.sources import READ_SUFFIXES, Source, as_sources
+from lightning_llm.data.sources import Source, as_sources
 from lightning_llm.data.tokenizer import load_tokenizer, trained_tokenizer
 from lightning_llm.data.tokens import TokenizeRun, check_workers, load_tokens, token_file_meta, tokenize_to_file
 
@@ -330,7 +330,7 @@ class PretrainDataModule(LightningDataModule):
             if unread:
                 kinds = ", ".join(f"{count} {suffix or 'without suffix'}" for suffix, count in sorted(unread.items()))
                 rank_zero_warn(f"data source {source.name!r}: {unread.total()} file(s) in {source.path!r} are not read ({kinds}): "
-                               f"a folder is read for its files ending in {', '.join(READ_SUFFIXES)}. To read others, give them "
+                               f"a folder is read for its files ending in {', '.join(source.read_suffixes)}. To read others, give them "
                                f"as a file or a glob (e.g. '{Path(source.path) / '**' / '*'}', every file; text only)")
 
     def _prepare_on_every_filesystem(self) -> None:

@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 PYTHON_STDLIB = "python-stdlib"
 # Installed packages are not the standard library; encodings/ and pydoc_data/ are generated tables
@@ -35,7 +35,6 @@ STDLIB_EXCLUDED_FILES = ("bad_coding*.py", "badsyntax_pep3120.py")
 DEFAULT_ENCODING = "utf-8"
 DECODE_ERRORS = ("strict", "replace")
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".c", ".h", ".cpp", ".js", ".ts", ".java", ".go", ".rs", ".sh", ".toml", ".yaml", ".yml", ".json", ".html", ".tex")
-READ_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl")  # what a directory source reads
 
 
 @dataclass
@@ -74,6 +73,8 @@ class Source:
     streaming: bool = False
     # Characters replaced by the last full pass of `documents()` (errors="replace").
     replaced: int = field(default=0, init=False, compare=False, repr=False)
+    # The files a directory source reads, by suffix (a class constant, not a field).
+    read_suffixes: ClassVar[tuple[str, ...]] = (*TEXT_SUFFIXES, ".jsonl")
 
     def __post_init__(self) -> None:
         # (a quoted YAML number is a string, and an infinite weight makes every share NaN)
@@ -139,18 +140,18 @@ class Source:
                     f"data source {self.path!r} does not exist. Give a file, a directory, a glob, a .jsonl "
                     f"file, 'hf:<dataset>' or {PYTHON_STDLIB!r}."
                 )
-            found = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and p.suffix in READ_SUFFIXES]
+            found = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and p.suffix in self.read_suffixes]
         if not found:
-            raise ValueError(f"data source {self.path!r} matches no text files (looked for {', '.join(TEXT_SUFFIXES)}, .jsonl)")
+            raise ValueError(f"data source {self.path!r} matches no text files (looked for {', '.join(self.read_suffixes)})")
         return sorted(found)
 
     def unread_files(self) -> Counter[str]:
-        """Files in a directory source that it does not read (their names end in none of `READ_SUFFIXES`),
+        """Files in a directory source that it does not read (their names end in none of `read_suffixes`),
         counted by suffix ("" for none); hidden files and folders (`.git/`) are not counted."""
         path = Path(self.path)
         if self.is_builtin or self.is_hub or not path.is_dir():
             return Counter()
-        return Counter(p.suffix for p in path.rglob("*") if p.is_file() and p.suffix not in READ_SUFFIXES
+        return Counter(p.suffix for p in path.rglob("*") if p.is_file() and p.suffix not in self.read_suffixes
                        and not any(part.startswith(".") for part in p.relative_to(path).parts))
 
     def fingerprint(self) -> str:
