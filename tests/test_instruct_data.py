@@ -445,3 +445,20 @@ def test_an_instruction_folder_reads_its_json_files_and_names_the_others(tmp_pat
     with pytest.warns(UserWarning, match=r"2 file\(s\) in .* are not read \(1 \.md, 1 \.py\): a folder is read for its files ending in \.json, \.jsonl"):
         dm.setup()
     assert dm.stats["dataset"]["examples"] == 6 and dm.stats["dataset"]["dropped"] == 0
+
+
+def test_a_chat_template_file_is_read_and_a_path_that_is_none_is_refused(tmp_path, tokenizer_dir):
+    """A template's path taken as the template rendered the same text for every conversation: every record
+    stopped the run as having "no answer tokens". The oracle: the same masks as the template's text gives."""
+    (tmp_path / "chatml.jinja").write_text(CHATML)
+    record = qa("What is 1 + 1?", "2")
+    write_jsonl(tmp_path / "chat.jsonl", [record] * 4)
+    samples = []
+    for template in (str(tmp_path / "chatml.jinja"), CHATML):
+        dm = InstructionDataModule(str(tmp_path / "chat.jsonl"), tokenizer=tokenizer_dir, chat_template=template, block_size=64,
+                                   batch_size=1, val_fraction=0, packing=False)
+        dm.setup()
+        samples.append([(ids.tolist(), targets.tolist()) for ids, targets in dm.train_set.samples])
+    assert samples[0] == samples[1]
+    with pytest.raises(ValueError, match=r"chat_template 'templates/chatml.jinja' is no file and no Jinja template"):
+        InstructionDataModule(str(tmp_path / "chat.jsonl"), chat_template="templates/chatml.jinja")

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import jinja2
@@ -219,6 +220,22 @@ def to_messages(record: Any, format: str = "auto") -> Messages:
 
 
 # -- chat template and label masks -----------------------------------------------------------------
+
+
+def template_text(chat_template: str | None) -> str | None:
+    """`chat_template` as a template: the text of the file it names (a `.jinja` file, as vLLM and transformers
+    take), else itself, which must then be Jinja. A path taken as the template would render the same constant
+    text for every conversation, and every record would be refused as having no answer tokens."""
+    if chat_template is None or chat_template == "default":
+        return chat_template
+    if not isinstance(chat_template, str):
+        raise ValueError(f"chat_template must be a Jinja template, a file holding one, 'default' or None; got {chat_template!r}")
+    if "\n" not in chat_template and Path(chat_template).expanduser().is_file():
+        return Path(chat_template).expanduser().read_text(encoding="utf-8")
+    if "{{" not in chat_template and "{%" not in chat_template:
+        raise ValueError(f"chat_template {chat_template!r} is no file and no Jinja template (it has no {{{{ }}}} or {{% %}}); "
+                         "give the template's text, a file holding it, or 'default'")
+    return chat_template
 
 
 def use_chat_template(tokenizer: PreTrainedTokenizerBase, chat_template: str | None = None) -> PreTrainedTokenizerBase:
@@ -477,8 +494,8 @@ class InstructionDataModule(PretrainDataModule):
             that mix by weight, measured in examples.
         tokenizer: a local tokenizer directory or a hub id; `None` takes the tokenizer of the model
             being tuned (`InstructionTuningModule` loads it from its export, hub id or checkpoint).
-        chat_template: a Jinja chat template; `None` uses the tokenizer's own, or the default template
-            for a tokenizer without one; "default" always uses the default template.
+        chat_template: a Jinja chat template, or a file holding one (`.jinja`); `None` uses the tokenizer's
+            own, or the default template for a tokenizer without one; "default" always uses the default template.
         block_size: tokens per training sequence.
         batch_size: sequences per batch on each data-parallel rank.
         packing: pack several examples per block (position ids restart per example); otherwise one
@@ -530,7 +547,7 @@ class InstructionDataModule(PretrainDataModule):
         for name, value in (("max_val_examples", max_val_examples), ("train_examples", train_examples)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
-        self.chat_template, self.packing, self.train_on_prompt = chat_template, packing, train_on_prompt
+        self.chat_template, self.packing, self.train_on_prompt = template_text(chat_template), packing, train_on_prompt
         self.truncate, self.on_error = truncate, on_error
         self.max_val_examples, self.train_examples = max_val_examples, train_examples
 
