@@ -175,6 +175,7 @@ def test_truncation_keeps_answers_or_drops_the_example():
     ({"instruction": "x"}, "missing field .'output'"),
     ({"prompt": "x", "completion": 3}, "field is not a string"),
     ({"text": "x"}, "unknown record format"),
+    ({"messages": [], "id": 3}, "no assistant answer"),
     (["x"], "not a JSON object"),
     # what other tools' dialects put beside a format's fields, which would go unread
     ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "bad", "weight": 0}]},

@@ -146,7 +146,8 @@ def _given(record: dict[str, Any], field: str) -> bool:
 
 
 def detect_format(record: dict[str, Any]) -> str:
-    found = [field for field in FORMAT_FIELDS if _given(record, field)]
+    # (a format's field that is there but empty still names the format, whose reading then says what is missing)
+    found = [field for field in FORMAT_FIELDS if _given(record, field)] or [field for field in FORMAT_FIELDS if field in record][:1]
     if len(found) > 1:
         raise BadRecord("fields of several formats", f"{', '.join(map(repr, found))}; pass the source's format "
                         f"({', '.join(FORMAT_FIELDS[f] for f in found)}) to say which to read")
