@@ -331,7 +331,8 @@ def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: Messages
     character offsets (a slow one), each piece is tokenized on its own: the prompt then ends exactly as the
     tokens inference feeds (the template with the generation prompt, tokenized alone) end.
     """
-    if tokenizer.is_fast and GENERATION_TAG.search(tokenizer.chat_template or ""):
+    template = tokenizer.chat_template
+    if tokenizer.is_fast and isinstance(template, str) and GENERATION_TAG.search(template):
         return marked_answers(tokenizer, messages, train_on_prompt)
     segments = answer_segments(tokenizer, messages)
     flags = [train_on_prompt or is_answer for _, is_answer in segments]
