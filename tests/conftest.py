@@ -60,3 +60,19 @@ def rank_zero_restored():
     if rank is not None:
         rank_zero_only.rank = rank
 
+
+
+@pytest.fixture(autouse=True)
+def seed_environment_restored():
+    """`seed_everything` (a config's `seed_everything:` run through the CLI in this process) leaves PL_GLOBAL_SEED
+    in os.environ; a later test's DDP ranks then reseed from it at setup while its one-process oracle does not,
+    and they draw other initial weights (test_instruct_distributed failed after test_lora's YAML examples).
+    Put the variables back after each test."""
+    names = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+    saved = {name: os.environ.get(name) for name in names}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

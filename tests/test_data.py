@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -41,6 +42,26 @@ def test_split_is_deterministic_and_disjoint():
     assert (train == again_train).all() and (val == again_val).all()
     assert not set(train) & set(val) and len(train) + len(val) == 1000
     assert 0.03 < len(val) / 1000 < 0.07
+
+
+def test_the_validation_share_is_the_one_asked_for_on_small_sources_too():
+    """The held-out count is `val_fraction` of the blocks within one chunk, a chunk being at most 16 blocks
+    and at most a quarter of the share (at least 1). Before, 16-block chunks and 1 / round(1 / val_fraction)
+    held out 1 block of 100 for 0.1, 1 of 300 for 0.02 and half the blocks for 0.4."""
+    for f in (0.01, 0.02, 0.05, 0.07, 0.1, 0.15, 0.25, 0.3, 0.4, 0.5):
+        for n in range(max(2, math.ceil(1 / f)), 3000, 7):
+            train, val = split_blocks(n, f)
+            assert len(train) and abs(len(val) - f * n) <= max(1, min(16, f * n / 4)), (n, f, len(val))
+    assert [len(split_blocks(n, f)[1]) for n, f in ((100, 0.1), (300, 0.02), (100, 0.4))] == [10, 6, 40]
+
+
+def test_a_large_source_keeps_the_split_it_had():
+    """Where the share holds 4 chunks of 16 blocks or more, and val_fraction is 1/k, the split is the one
+    earlier versions made (every k-th chunk of 16): the checkpoints of runs on such corpora resume on it."""
+    for k in (2, 4, 10, 20, 50):
+        for n in range(64 * k, 64 * k + 2000, 13):
+            blocks = np.arange(n)
+            assert (split_blocks(n, 1 / k)[1] == blocks[(blocks // 16) % k == k - 1]).all(), (n, k)
 
 
 def test_mixture_is_measured_in_tokens():
@@ -138,3 +159,54 @@ def test_a_tokenizer_save_killed_midway_leaves_no_half_tokenizer(tmp_path):
     tokenizer = trained_tokenizer(["def f(x):\n    return x\n"] * 50, 300, "k", tmp_path)
     assert tokenizer.decode(tokenizer.encode("return x")) == "return x"
     assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []  # the dead writer's temporary is gone
+
+
+def test_a_folders_unread_files_are_announced_with_the_glob_that_reads_them(tmp_path, tokenizer, corpus_dir):
+    """A folder stands for its files: those it leaves out (no text suffix) were dropped without a word.
+    The count is checked against the files written here; the tokens against the one file that is read."""
+    import warnings
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)
+    (folder / ".git").mkdir()
+    text = (corpus_dir / "bisect.py").read_text()
+    (folder / "bisect.py").write_text(text)
+    unread = ("README", "sub/Makefile", "notes.csv", "stubs.pyi")
+    for name in (*unread, ".git/HEAD"):  # (a hidden folder is no data)
+        (folder / name).write_text("text that is not read\n")
+    dm = PretrainDataModule(str(folder), tokenizer=str(tmp_path / "tok"), block_size=16, cache_dir=str(tmp_path))
+    with pytest.warns(UserWarning, match=r"4 file\(s\) in .* are not read \(2 without suffix, 1 \.csv, 1 \.pyi\).*"
+                                         + r"give them as a file or a glob \(e\.g\. '.*corpus/\*\*/\*'"):
+        dm.setup("fit")
+    assert dm.stats["corpus"]["tokens"] == len(tokenizer(text)["input_ids"]) + 1  # (+ EOS) the .py file alone
+    for name in unread:
+        (folder / name).unlink()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*are not read")
+        PretrainDataModule(str(folder), tokenizer=str(tmp_path / "tok"), block_size=16, cache_dir=str(tmp_path)).setup("fit")
+
+
+@pytest.mark.parametrize(("value", "kind"), [(["def g():", "  pass"], "list"), ({"code": "x = 1"}, "dict"), (42, "int"), (True, "bool")])
+def test_a_text_field_that_is_no_string_is_refused_naming_its_line(tmp_path, value, kind):
+    """Its printed form ("['def g():', '  pass']") was trained on as if someone had written it."""
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in ({"text": "def f(): pass"}, {"text": None}, {"text": value})) + "\n")
+    with pytest.raises(ValueError, match=rf"docs.jsonl:3: text field 'text' holds a {kind} .*not a string; set text_field"):
+        list(Source(str(path)).documents())
+    path.write_text("\n".join(json.dumps(r) for r in ({"text": "def f(): pass"}, {"text": None}, {"text": ""}, {"text": "x"})) + "\n")
+    assert list(Source(str(path)).documents()) == ["def f(): pass", "x"]  # null and "" hold no document
+
+
+def test_a_source_without_text_is_named(tmp_path, tokenizer, corpus_dir):
+    """Empty and whitespace-only files tokenize to no token: the run stopped on numpy's "cannot mmap an empty
+    file", naming no source, and on every later run (the empty token file is cached)."""
+    tokenizer.save_pretrained(tmp_path / "tok")
+    (tmp_path / "blank").mkdir()
+    (tmp_path / "blank" / "empty.txt").write_text("")
+    (tmp_path / "blank" / "spaces.md").write_text("  \n\t\n")
+    for sources in (str(tmp_path / "blank"), [str(corpus_dir), str(tmp_path / "blank")]):
+        for _ in range(2):  # the second time from the cache
+            dm = PretrainDataModule(sources, tokenizer=str(tmp_path / "tok"), block_size=16, cache_dir=str(tmp_path / "cache"))
+            with pytest.raises(ValueError, match="data source 'blank' has no text: its files are empty or hold only whitespace"):
+                dm.setup("fit")

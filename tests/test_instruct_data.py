@@ -175,7 +175,18 @@ def test_truncation_keeps_answers_or_drops_the_example():
     ({"instruction": "x"}, "missing field .'output'"),
     ({"prompt": "x", "completion": 3}, "field is not a string"),
     ({"text": "x"}, "unknown record format"),
+    ({"messages": [], "id": 3}, "no assistant answer"),
     (["x"], "not a JSON object"),
+    # what other tools' dialects put beside a format's fields, which would go unread
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "bad", "weight": 0}]},
+     r"unsupported turn field \(messages\[1\] has 'weight'"),
+    ({"conversations": [{"from": "human", "value": "x", "name": "Ann"}, {"from": "gpt", "value": "y"}]},
+     r"unsupported turn field \(conversations\[0\] has 'name'"),
+    ({"instruction": "x", "output": "y", "history": [["q", "a"]]}, r"unsupported field \('history' would not be read"),
+    ({"prompt": "x", "completion": "y", "messages": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "q"}]},
+     r"fields of several formats \('messages', 'prompt'; pass the source's format"),
+    ({"system": "S", "messages": [{"role": "system", "content": "T"}, {"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]},
+     "two system prompts"),
 ])
 def test_bad_records_are_refused_with_the_reason(record, message):
     with pytest.raises(BadRecord, match=message):
@@ -289,3 +300,166 @@ def test_bad_arguments_name_the_value(tmp_path):
         InstructionDataModule([{"path": str(tmp_path), "format": "csv"}])
     with pytest.raises(ValueError, match="block_size must be a positive integer, got 0"):
         InstructionDataModule(str(tmp_path), block_size=0)
+
+
+def sentencepiece_style_tokenizer(corpus_dir):
+    """A BPE with SentencePiece's dummy prefix (`Metaspace(prepend_scheme="first")`, as Llama-2, Mistral and
+    Gemma tokenizers have): a text that does not start with a special token gets a leading "▁"."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lightning_llm.data.sources import Source
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "</s>"], show_progress=False)
+    tok.train_from_iterator(Source(str(corpus_dir)).documents(), trainer=trainer)
+    return use_chat_template(PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="</s>"))
+
+
+def test_a_dummy_prefix_tokenizer_trains_on_the_tokens_inference_sees(corpus_dir):
+    """The oracle is inference itself: the model is given `chat_prompt_ids` (the rendered prompt tokenized
+    whole), so the training ids must be the rendered conversation tokenized whole, each answer's trained
+    tokens starting right after its prompt. Tokenizing each answer on its own gave it a dummy-prefix "▁"
+    token that inference never sees, in the answer and in every later turn's history."""
+    from lightning_llm.data.instruct import chat_prompt_ids
+
+    tok = sentencepiece_style_tokenizer(corpus_dir)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fruit."},
+                {"role": "assistant", "content": "A lemon."}, {"role": "user", "content": "Another?"},
+                {"role": "assistant", "content": "An apple, then."}]
+    ids, trained = tokenize_conversation(tok, messages)
+    assert ids == tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+    for i in (2, 4):  # each answer: its prompt as inference tokenizes it, then the answer's tokens, trained
+        prompt = chat_prompt_ids(tok, messages[:i])
+        answer_end = len(tok(tok.apply_chat_template(messages[: i + 1], tokenize=False), add_special_tokens=False)["input_ids"])
+        assert ids[: len(prompt)] == prompt and not trained[len(prompt) - 1] and all(trained[len(prompt) : answer_end])
+
+
+# ChatML with the default system prompt that Qwen's templates add to a conversation without one.
+CHATML_DEFAULT_SYSTEM = (
+    "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are helpful.<|im_end|>\n' }}{% endif %}" + CHATML
+)
+
+
+def test_an_answer_that_opens_the_conversation_trains_on_its_content_only(chat_tokenizer):
+    """Hand-written masks: the header (and a template's own system prompt) before an opening answer is
+    prompt, as it is before every later answer; it was trained on, the system prompt included."""
+    messages = [{"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2"}, {"role": "assistant", "content": "4"}]
+    ids, trained = tokenize_conversation(chat_tokenizer, messages)
+    assert runs(chat_tokenizer, ids, trained) == [
+        ("<|assistant|>\n", False), (f"Hello!{E}", True), (f"<|user|>\n2+2{E}<|assistant|>\n", False), (f"4{E}", True)]
+    tok = copy.deepcopy(chat_tokenizer)
+    tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    tok.chat_template = CHATML_DEFAULT_SYSTEM
+    ids, trained = tokenize_conversation(tok, messages)
+    assert runs(tok, ids, trained) == [
+        ("<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>assistant\n", False), ("Hello!<|im_end|>\n", True),
+        ("<|im_start|>user\n2+2<|im_end|>\n<|im_start|>assistant\n", False), ("4<|im_end|>\n", True)]
+
+
+@pytest.mark.parametrize("record", [
+    {"instruction": "Add.", "input": "2 3", "output": "5", "system": "You add."},  # LLaMA-Factory's alpaca
+    {"system": "You add.", "conversations": [{"from": "human", "value": "Add.\n\n2 3"}, {"from": "gpt", "value": "5"}]},
+    {"system": "You add.", "prompt": "Add.\n\n2 3", "completion": "5"},
+    # a dataset's row: every column, null or empty where unused, is no field of the record
+    {"messages": [{"role": "user", "content": "Add.\n\n2 3", "weight": None}, {"role": "assistant", "content": "5", "name": ""}],
+     "system": "You add.", "instruction": None, "history": [], "prompt": ""},
+])
+def test_a_records_system_field_is_its_system_message(record):
+    """The top-level `system` of these dialects was dropped without a word; it is the conversation's system message."""
+    assert to_messages(record) == [{"role": "system", "content": "You add."}, {"role": "user", "content": "Add.\n\n2 3"},
+                                   {"role": "assistant", "content": "5"}]
+
+
+def test_examples_kept_with_answers_cut_by_truncation_are_counted(tmp_path, tokenizer_dir):
+    """A conversation whose second answer is past the block is kept with its first answer only: it was kept
+    without a word. The oracle: the answer tokens of the same records in a block that holds them all."""
+    turns = [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "A lemon."},
+             {"role": "user", "content": "word " * 30}, {"role": "assistant", "content": "An apple, then, " * 3}]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": turns}] * 3 + [qa("What is 2 + 2?", "4")])
+    targets = {}
+    for block in (64, 1024):
+        dm = InstructionDataModule(str(path), tokenizer=tokenizer_dir, block_size=block, batch_size=1, val_fraction=0, packing=False)
+        dm.setup()
+        targets[block] = sum(int((t != -100).sum()) for _, t in dm.train_set.samples)
+    whole = dm.stats["chat.jsonl"]
+    assert not any(key.startswith("truncated") for key in whole) and targets[64] < targets[1024]
+    dm = InstructionDataModule(str(path), tokenizer=tokenizer_dir, block_size=64, batch_size=1, val_fraction=0, packing=False)
+    dm.setup()
+    assert dm.stats["chat.jsonl"]["truncated to the block: examples"] == 3 and dm.stats["chat.jsonl"]["dropped"] == 0
+    assert dm.stats["chat.jsonl"]["truncated to the block: trained tokens cut"] == targets[1024] - targets[64]
+
+
+def test_a_token_across_the_prompt_answer_boundary_keeps_the_prompt_inference_feeds(chat_tokenizer):
+    """An answer opening with a newline after the template's "\\n": tokenized whole, one token ("\\n\\n   ")
+    would span prompt and answer. The pieces are then tokenized alone, so the prompt is `chat_prompt_ids`."""
+    from lightning_llm.data.instruct import chat_prompt_ids
+
+    messages = [{"role": "user", "content": "Write it."}, {"role": "assistant", "content": "\n    return x"}]
+    whole = chat_tokenizer(chat_tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+    prompt = chat_prompt_ids(chat_tokenizer, messages[:1])
+    assert whole[: len(prompt)] != prompt  # (the case: a token spans the boundary)
+    ids, trained = tokenize_conversation(chat_tokenizer, messages)
+    assert ids[: len(prompt)] == prompt and trained == [False] * len(prompt) + [True] * (len(ids) - len(prompt))
+    assert chat_tokenizer.decode(ids[len(prompt):]) == f"\n    return x{E}"
+
+
+CHATML_GENERATION = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}"
+    "{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_a_template_that_marks_its_answers_is_taken_at_its_word(tokenizer):
+    """With `{% generation %}` the template says what the assistant generates: the newline after <|im_end|>,
+    outside the block, was trained on too. Oracles: the runs by hand, and transformers' own assistant mask."""
+    tok = copy.deepcopy(tokenizer)
+    tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    tok.chat_template = CHATML_GENERATION
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye!"}]
+    ids, trained = tokenize_conversation(tok, messages)
+    assert runs(tok, ids, trained) == [
+        ("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", False),
+        ("Hello<|im_end|>", True), ("\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n", False),
+        ("Bye!<|im_end|>", True), ("\n", False)]
+    hf = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert ids == list(hf["input_ids"]) and trained == [bool(m) for m in hf["assistant_masks"]]
+    assert all(tokenize_conversation(tok, messages, train_on_prompt=True)[1])
+
+
+def test_an_instruction_folder_reads_its_json_files_and_names_the_others(tmp_path, tokenizer_dir):
+    """A dataset folder as downloaded: its README.md was read as JSONL records, a stop at "README.md:1: not valid
+    JSON" (or, with on_error='skip', its lines counted as bad records)."""
+    folder = tmp_path / "dataset"
+    (folder / "data").mkdir(parents=True)
+    (folder / "README.md").write_text("# A dataset\n\nQuestions and answers.\n")
+    (folder / "make.py").write_text("print('hi')\n")
+    records = [qa(f"What is {i} + {i}?", str(2 * i)) for i in range(6)]
+    write_jsonl(folder / "data" / "train.jsonl", records[:4])
+    (folder / "data" / "more.json").write_text(json.dumps(records[4:]))
+    dm = InstructionDataModule(str(folder), tokenizer=tokenizer_dir, block_size=64, batch_size=1, val_fraction=0)
+    with pytest.warns(UserWarning, match=r"2 file\(s\) in .* are not read \(1 \.md, 1 \.py\): a folder is read for its files ending in \.json, \.jsonl"):
+        dm.setup()
+    assert dm.stats["dataset"]["examples"] == 6 and dm.stats["dataset"]["dropped"] == 0
+
+
+def test_a_chat_template_file_is_read_and_a_path_that_is_none_is_refused(tmp_path, tokenizer_dir):
+    """A template's path taken as the template rendered the same text for every conversation: every record
+    stopped the run as having "no answer tokens". The oracle: the same masks as the template's text gives."""
+    (tmp_path / "chatml.jinja").write_text(CHATML)
+    record = qa("What is 1 + 1?", "2")
+    write_jsonl(tmp_path / "chat.jsonl", [record] * 4)
+    samples = []
+    for template in (str(tmp_path / "chatml.jinja"), CHATML):
+        dm = InstructionDataModule(str(tmp_path / "chat.jsonl"), tokenizer=tokenizer_dir, chat_template=template, block_size=64,
+                                   batch_size=1, val_fraction=0, packing=False)
+        dm.setup()
+        samples.append([(ids.tolist(), targets.tolist()) for ids, targets in dm.train_set.samples])
+    assert samples[0] == samples[1]
+    with pytest.raises(ValueError, match=r"chat_template 'templates/chatml.jinja' is no file and no Jinja template"):
+        InstructionDataModule(str(tmp_path / "chat.jsonl"), chat_template="templates/chatml.jinja")

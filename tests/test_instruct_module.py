@@ -260,3 +260,43 @@ def test_every_pretrain_option_is_an_instruction_tuning_option():
 
     ours = inspect.signature(InstructionTuningModule.__init__).parameters
     assert set(inspect.signature(PretrainModule.__init__).parameters) <= set(ours)
+
+
+def other_tokenizer(corpus_dir, size):
+    """A BPE of the same size trained on other text: the same ids stand for other tokens."""
+    from lightning_llm.data.sources import Source
+    from lightning_llm.data.tokenizer import train_tokenizer
+
+    return train_tokenizer((text[::-1] for text in Source(str(corpus_dir)).documents()), vocab_size=size)
+
+
+def test_tuning_refuses_data_tokenized_with_another_vocabulary_than_the_models(tmp_path, tokenizer, corpus_dir):
+    """The export was trained with `tokenizer`; data tokenized by another BPE of the same size trained on
+    without a word (a data module that names a tokenizer overrode the model's)."""
+    _, export = export_tiny(tmp_path, tokenizer)
+    other_tokenizer(corpus_dir, len(tokenizer)).save_pretrained(tmp_path / "other")
+    data = tmp_path / "train.jsonl"
+    write_records(data, 16)
+    with pytest.raises(ValueError, match=r"not the one the weights of .*export' were trained with: \d+ of its 512 tokens have another id"):
+        trainer(tmp_path, 0).fit(InstructionTuningModule(export), datamodule=InstructionDataModule(
+            str(data), tokenizer=str(tmp_path / "other"), block_size=64, batch_size=2, val_fraction=0))
+    # the model's own tokenizer, named or left unset, is its vocabulary (plus the template's role tokens)
+    for named in (export, None):
+        trainer(tmp_path, 0).fit(InstructionTuningModule(export), datamodule=InstructionDataModule(
+            str(data), tokenizer=named, block_size=64, batch_size=2, val_fraction=0))
+
+
+def test_continued_pretraining_refuses_a_corpus_tokenizer_that_is_not_the_models(tmp_path, tokenizer, corpus_dir):
+    """A pretraining data module without a tokenizer trains a BPE on its corpus: continued pretraining of
+    an export went on with it, its ids meaning other tokens to the weights."""
+    from lightning_llm.data.pretrain import PretrainDataModule
+    from lightning_llm.modules.pretrain import PretrainModule
+
+    _, export = export_tiny(tmp_path, tokenizer)
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "doc.txt").write_text("".join(reversed((corpus_dir / "shlex.py").read_text())))
+    with pytest.raises(ValueError, match=r"give the data module tokenizer=.*export'"):
+        trainer(tmp_path, 0).fit(PretrainModule(export), datamodule=PretrainDataModule(
+            str(tmp_path / "new"), vocab_size=len(tokenizer), block_size=32, batch_size=2, cache_dir=str(tmp_path / "cache")))
+    trainer(tmp_path, 0).fit(PretrainModule(export), datamodule=PretrainDataModule(
+        str(tmp_path / "new"), tokenizer=export, block_size=32, batch_size=2, cache_dir=str(tmp_path / "cache")))

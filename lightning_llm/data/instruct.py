@@ -17,12 +17,14 @@ from __future__ import annotations
 import bisect
 import json
 import logging
+import re
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, ClassVar, Literal
 
 import jinja2
 import numpy as np
@@ -58,6 +60,15 @@ DEFAULT_CHAT_TEMPLATE = (
 
 Messages = list[dict[str, str]]
 
+# The field that marks each format, in the order `detect_format` tries them.
+FORMAT_FIELDS = {"messages": "messages", "conversations": "sharegpt", "instruction": "alpaca", "prompt": "prompt_completion"}
+# Fields that other tools' dialects of these formats use to carry part of the conversation or of its loss.
+# Left unread they would train on another conversation than the record holds, so a record with one is refused
+# (a top-level `system` is read: it becomes the system message).
+UNREAD_RECORD_FIELDS = ("history", "tools")
+UNREAD_TURN_FIELDS = ("weight", "train", "loss", "mask", "name", "tool_calls", "function_call", "tool_call_id",
+                      "reasoning_content", "thinking")
+
 
 class BadRecord(ValueError):
     """A record that cannot become a training example: `reason` is its kind (dropped records are counted by it)."""
@@ -88,6 +99,8 @@ class InstructionSource(Source):
     """
 
     format: str = "auto"
+    # A folder's instruction files; its README.md or scripts are no records.
+    read_suffixes: ClassVar[tuple[str, ...]] = (".json", ".jsonl")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -125,10 +138,21 @@ class InstructionSource(Source):
 # -- records to messages ---------------------------------------------------------------------------
 
 
+def _given(record: dict[str, Any], field: str) -> bool:
+    """Whether `record` holds a value at `field` (a dataset's row has every column, null or empty where unused;
+    0 and False are values)."""
+    value = record.get(field)
+    return value is not None and not (isinstance(value, str | list | dict) and not value)
+
+
 def detect_format(record: dict[str, Any]) -> str:
-    for field, name in (("messages", "messages"), ("conversations", "sharegpt"), ("instruction", "alpaca"), ("prompt", "prompt_completion")):
-        if field in record:
-            return name
+    # (a format's field that is there but empty still names the format, whose reading then says what is missing)
+    found = [field for field in FORMAT_FIELDS if _given(record, field)] or [field for field in FORMAT_FIELDS if field in record][:1]
+    if len(found) > 1:
+        raise BadRecord("fields of several formats", f"{', '.join(map(repr, found))}; pass the source's format "
+                        f"({', '.join(FORMAT_FIELDS[f] for f in found)}) to say which to read")
+    if found:
+        return FORMAT_FIELDS[found[0]]
     raise BadRecord(
         "unknown record format",
         f"fields {sorted(record)}; expected 'messages', 'conversations', 'instruction'/'output' or 'prompt'/'completion'",
@@ -151,6 +175,10 @@ def _turns(turns: Any, field: str, role_key: str, content_key: str, roles: dict[
         raise BadRecord("missing field" if turns is None else "malformed turns", f"{field!r} must be a list of objects with {role_key!r} and {content_key!r}")
     messages = []
     for i, turn in enumerate(turns):
+        unread = [key for key in UNREAD_TURN_FIELDS if _given(turn, key)]
+        if unread:
+            raise BadRecord("unsupported turn field", f"{field}[{i}] has {', '.join(map(repr, unread))}, which would not be read "
+                            "(per-turn loss weights, names, tool calls and reasoning are not supported); remove it")
         role = turn.get(role_key)
         if role not in roles:
             raise BadRecord("unknown role", f"{role!r} in {field}[{i}]; known roles: {', '.join(roles)}")
@@ -175,6 +203,15 @@ def to_messages(record: Any, format: str = "auto") -> Messages:
         messages = [{"role": "user", "content": _text(record, "prompt")}, {"role": "assistant", "content": _text(record, "completion")}]
     else:
         raise ValueError(f"unknown format {format!r}; use one of {', '.join(FORMATS)}")
+    unread = [key for key in UNREAD_RECORD_FIELDS if _given(record, key)]
+    if unread:
+        raise BadRecord("unsupported field", f"{', '.join(map(repr, unread))} would not be read; write the conversation "
+                        "as 'messages' (earlier turns as user/assistant messages), without tools")
+    system = _text(record, "system", required=False)
+    if system.strip():
+        if messages and messages[0]["role"] == "system":
+            raise BadRecord("two system prompts", "the record's 'system' field and a system turn; keep one")
+        messages = [{"role": "system", "content": system}, *messages]
     answers = [m for m in messages if m["role"] == "assistant"]
     if not answers:
         raise BadRecord("no assistant answer to train on")
@@ -184,6 +221,22 @@ def to_messages(record: Any, format: str = "auto") -> Messages:
 
 
 # -- chat template and label masks -----------------------------------------------------------------
+
+
+def template_text(chat_template: str | None) -> str | None:
+    """`chat_template` as a template: the text of the file it names (a `.jinja` file, as vLLM and transformers
+    take), else itself, which must then be Jinja. A path taken as the template would render the same constant
+    text for every conversation, and every record would be refused as having no answer tokens."""
+    if chat_template is None or chat_template == "default":
+        return chat_template
+    if not isinstance(chat_template, str):
+        raise ValueError(f"chat_template must be a Jinja template, a file holding one, 'default' or None; got {chat_template!r}")
+    if "\n" not in chat_template and Path(chat_template).expanduser().is_file():
+        return Path(chat_template).expanduser().read_text(encoding="utf-8")
+    if "{{" not in chat_template and "{%" not in chat_template:
+        raise ValueError(f"chat_template {chat_template!r} is no file and no Jinja template (it has no {{{{ }}}} or {{% %}}); "
+                         "give the template's text, a file holding it, or 'default'")
+    return chat_template
 
 
 def use_chat_template(tokenizer: PreTrainedTokenizerBase, chat_template: str | None = None) -> PreTrainedTokenizerBase:
@@ -213,7 +266,8 @@ def answer_segments(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> l
     An answer is what the template adds for an assistant message after the generation prompt: the
     conversation up to that message rendered with `add_generation_prompt` ends where the answer
     starts, and rendered with the message ends where it stops (its end-of-turn markup included, so
-    the model learns to stop). This works for any template that renders a conversation's prefix as
+    the model learns to stop). An answer that opens the conversation has for prompt what the template
+    renders before its content (`_opening`): its role header, never trained on. This works for any template that renders a conversation's prefix as
     a prefix of its text; one that does not is reported rather than guessed at.
     """
     full = _render(tokenizer, messages)
@@ -221,7 +275,7 @@ def answer_segments(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> l
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        prompt = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else _opening(tokenizer)
         upto = _render(tokenizer, messages[: i + 1])
         if not (upto.startswith(prompt) and full.startswith(upto) and len(prompt) >= pos):
             raise BadRecord(
@@ -234,17 +288,64 @@ def answer_segments(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> l
     return [(text, is_answer) for text, is_answer in segments if text]
 
 
+# Stands in for the content of an answer that opens a conversation (transformers renders no empty one).
+ANSWER_PLACEHOLDER = "ANSWER_PLACEHOLDER_7f3a9c"
+
+
+def _opening(tokenizer: PreTrainedTokenizerBase) -> str:
+    """What the template renders before the content of an answer that opens the conversation (its role
+    header, and any system prompt the template adds itself): the prompt of that answer."""
+    text = _render(tokenizer, [{"role": "assistant", "content": ANSWER_PLACEHOLDER}])
+    if ANSWER_PLACEHOLDER not in text:
+        raise BadRecord("the chat template does not render an answer that opens a conversation as its text",
+                        "the answer tokens cannot be located; start the conversation with a user message")
+    return text[: text.index(ANSWER_PLACEHOLDER)]
+
+
+# A template's own statement of what the assistant generates (transformers' `{% generation %}` block).
+GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def marked_answers(tokenizer: PreTrainedTokenizerBase, messages: Messages, train_on_prompt: bool = False) -> tuple[list[int], list[bool]]:
+    """Token ids and trained flags where the template marks its answers with `{% generation %}`: transformers'
+    own assistant mask, so the tokens trained are the ones the template's author marked (a ChatML template's
+    newline after the end of turn, outside the block, is not one of them)."""
+    try:
+        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    except jinja2.TemplateError as err:
+        raise BadRecord("the chat template rejects the conversation", str(err)) from err
+    return list(out["input_ids"]), [train_on_prompt or bool(flag) for flag in out["assistant_masks"]]
+
+
 def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: Messages, train_on_prompt: bool = False) -> tuple[list[int], list[bool]]:
     """Token ids of the rendered conversation and, per token, whether it is trained on.
 
-    Each piece is tokenized on its own: the prompt becomes exactly the tokens that inference feeds
-    (the template with the generation prompt), and no token straddles a prompt/answer boundary.
+    A template that marks its answers with `{% generation %}` says itself what is trained (`marked_answers`;
+    fast tokenizers, which give the character offsets that mask needs). Otherwise the answers are found by
+    `answer_segments`, and the ids are the ones inference sees: the whole rendered text tokenized at once, as `chat_prompt_ids`
+    tokenizes a conversation's history, with each token labelled by the piece its first character is in.
+    Tokenizing each piece on its own would differ for a tokenizer that marks the start of a text
+    (SentencePiece's dummy prefix, `Metaspace(prepend_scheme="first")` in Llama-2, Mistral and Gemma
+    tokenizers): every answer would start with a "▁" token that inference never feeds nor expects. Where
+    a token spans a prompt/answer boundary (a tokenizer that merges across it), or the tokenizer gives no
+    character offsets (a slow one), each piece is tokenized on its own: the prompt then ends exactly as the
+    tokens inference feeds (the template with the generation prompt, tokenized alone) end.
     """
+    template = tokenizer.chat_template
+    if tokenizer.is_fast and isinstance(template, str) and GENERATION_TAG.search(template):
+        return marked_answers(tokenizer, messages, train_on_prompt)
     segments = answer_segments(tokenizer, messages)
+    flags = [train_on_prompt or is_answer for _, is_answer in segments]
+    if tokenizer.is_fast:
+        starts = np.cumsum([0] + [len(text) for text, _ in segments[:-1]])
+        encoded = tokenizer("".join(text for text, _ in segments), add_special_tokens=False, return_offsets_mapping=True)
+        offsets = np.asarray(encoded["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        piece = np.searchsorted(starts, offsets[:, 0], side="right") - 1  # the piece each token starts in
+        next_start = np.append(starts, np.iinfo(np.int64).max)[piece + 1]
+        if not (offsets[:, 1] > next_start).any():  # no token runs on into the next piece
+            return encoded["input_ids"], [flags[i] for i in piece]
     pieces = tokenizer([text for text, _ in segments], add_special_tokens=False)["input_ids"]
-    ids = [t for piece in pieces for t in piece]
-    trained = [train_on_prompt or is_answer for piece, (_, is_answer) in zip(pieces, segments) for _ in piece]
-    return ids, trained
+    return [t for piece in pieces for t in piece], [flag for piece, flag in zip(pieces, flags) for _ in piece]
 
 
 def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> list[int]:
@@ -280,18 +381,19 @@ Sample = tuple[np.ndarray, np.ndarray]
 
 
 def tokenize_records(batch: list[tuple[str, Any]], tokenizer: PreTrainedTokenizerBase, format: str,
-                     train_on_prompt: bool, block_size: int, truncate: bool) -> list[tuple[str, Sample | BadRecord]]:
-    """Each (location, record) as its training sample, or as the `BadRecord` it is: a tokenizing worker's
-    task (`tokens.map_in_order`), so the parent raises, warns and counts in the records' order."""
-    out: list[tuple[str, Sample | BadRecord]] = []
+                     train_on_prompt: bool, block_size: int, truncate: bool) -> list[tuple[str, Sample | BadRecord, int]]:
+    """Each (location, record) as its training sample and the trained targets truncation cut from it, or as
+    the `BadRecord` it is: a tokenizing worker's task (`tokens.map_in_order`), so the parent raises, warns
+    and counts in the records' order."""
+    out: list[tuple[str, Sample | BadRecord, int]] = []
     for location, record in batch:
         try:
             if isinstance(record, BadRecord):
                 raise record
             ids, trained = tokenize_conversation(tokenizer, to_messages(record, format), train_on_prompt)
-            out.append((location, training_sample(ids, trained, block_size, truncate)))
+            out.append((location, training_sample(ids, trained, block_size, truncate), sum(trained[block_size + 1 :])))
         except BadRecord as err:
-            out.append((location, err))
+            out.append((location, err, 0))
     return out
 
 
@@ -394,8 +496,8 @@ class InstructionDataModule(PretrainDataModule):
             that mix by weight, measured in examples.
         tokenizer: a local tokenizer directory or a hub id; `None` takes the tokenizer of the model
             being tuned (`InstructionTuningModule` loads it from its export, hub id or checkpoint).
-        chat_template: a Jinja chat template; `None` uses the tokenizer's own, or the default template
-            for a tokenizer without one; "default" always uses the default template.
+        chat_template: a Jinja chat template, or a file holding one (`.jinja`); `None` uses the tokenizer's
+            own, or the default template for a tokenizer without one; "default" always uses the default template.
         block_size: tokens per training sequence.
         batch_size: sequences per batch on each data-parallel rank.
         packing: pack several examples per block (position ids restart per example); otherwise one
@@ -447,7 +549,7 @@ class InstructionDataModule(PretrainDataModule):
         for name, value in (("max_val_examples", max_val_examples), ("train_examples", train_examples)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
-        self.chat_template, self.packing, self.train_on_prompt = chat_template, packing, train_on_prompt
+        self.chat_template, self.packing, self.train_on_prompt = template_text(chat_template), packing, train_on_prompt
         self.truncate, self.on_error = truncate, on_error
         self.max_val_examples, self.train_examples = max_val_examples, train_examples
 
@@ -480,13 +582,14 @@ class InstructionDataModule(PretrainDataModule):
         per_node = self.trainer.num_devices if self.trainer is not None else 1
         return max(1, available_cpus() // per_node)
 
-    def read_source(self, source: InstructionSource) -> tuple[list[Sample], Counter]:
-        """The training samples of one source, and the count of records dropped, by reason.
+    def read_source(self, source: InstructionSource) -> tuple[list[Sample], Counter, Counter]:
+        """The training samples of one source, the count of records dropped, by reason, and what truncation
+        cut from the samples kept ("examples" cut, trained "targets" lost).
 
         `tokenize_processes` processes render and tokenize the records (`tokens.map_in_order`); the results
         come back in the records' order, so the samples, the first error and the counts are the ones a
         single process gives."""
-        samples, dropped = [], Counter()
+        samples, dropped, truncated = [], Counter(), Counter()
         workers = self.tokenize_processes
         records = batches(source.records(), max_chars=None, max_docs=RECORDS_PER_BATCH)
         results = map_in_order(tokenize_records, records, workers, tokenizer=self.tokenizer, format=source.format,
@@ -495,9 +598,10 @@ class InstructionDataModule(PretrainDataModule):
         with closing(results), tqdm(desc=f"tokenizing {source.name} ({workers} process{'es' if workers > 1 else ''})",
                                     unit=" records", disable=None) as bar:
             for batch in results:
-                for location, outcome in batch:
+                for location, outcome, cut in batch:
                     if not isinstance(outcome, BadRecord):
                         samples.append(outcome)
+                        truncated.update({"examples": 1, "targets": cut} if cut else {})
                         continue
                     if self.on_error == "raise" and not isinstance(outcome, Overlong):
                         raise BadRecord(f"{location}: {outcome}", "pass on_error='skip' to drop such records") from outcome
@@ -505,17 +609,18 @@ class InstructionDataModule(PretrainDataModule):
                         rank_zero_warn(f"{location}: {outcome}; dropping such records and counting them")
                     dropped[outcome.reason] += 1
                 bar.update(len(batch))
-        return samples, dropped
+        return samples, dropped, truncated
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         self.check_model_fits()
+        self.warn_unread_files()
         samples: list[tuple[np.ndarray, np.ndarray]] = []
         train_index, val_index = [], []
         rng = np.random.default_rng(self.seed)
         for source in self.sources:
-            own, dropped = self.read_source(source)
+            own, dropped, truncated = self.read_source(source)
             if not own:
                 raise ValueError(f"instruction source {source.name!r} has no usable example (dropped: {dict(dropped)})")
             index = len(samples) + rng.permutation(len(own))
@@ -525,6 +630,9 @@ class InstructionDataModule(PretrainDataModule):
             train_index.append(index[n_val:])
             self.stats[source.name] = {"examples": len(own), "dropped": sum(dropped.values()), **{f"dropped: {k}": v for k, v in dropped.items()},
                                        "train": len(index) - n_val, "val": n_val}
+            if truncated:  # kept with part of their answers cut (truncate=False drops them): said, as the dropped ones are
+                self.stats[source.name].update({"truncated to the block: examples": truncated["examples"],
+                                                "truncated to the block: trained tokens cut": truncated["targets"]})
             if source.errors == "replace":
                 self.stats[source.name]["replaced characters (errors='replace')"] = source.replaced
         total = self.train_examples or sum(len(t) for t in train_index)
@@ -560,7 +668,7 @@ class InstructionDataModule(PretrainDataModule):
         rows = [f"{'source':<24}{'examples':>10}{'dropped':>9}{'train':>9}{'val':>7}{'in mixture':>12}"]
         for name, st in self.stats.items():
             rows.append(f"{name:<24}{st['examples']:>10,}{st['dropped']:>9,}{st['train']:>9,}{st['val']:>7,}{st['in mixture']:>12,}")
-            rows += [f"    {key}: {value}" for key, value in st.items() if key.startswith(("dropped: ", "replaced "))]
+            rows += [f"    {key}: {value}" for key, value in st.items() if key.startswith(("dropped: ", "truncated ", "replaced "))]
         if self.packing:
             rows.append(f"{len(self.train_set)} packed blocks of {self.block_size} tokens per epoch, "
                         f"{self.packing_efficiency:.1%} of their tokens are examples (not padding); {n_val} validation examples")

@@ -32,9 +32,11 @@ from lightning_llm.data.tokens import TokenizeRun, check_workers, load_tokens, t
 
 log = logging.getLogger(__name__)
 
-# Validation takes one chunk of this many consecutive blocks out of every `1 / val_fraction` chunks:
+# Validation takes chunks of up to this many consecutive blocks, `val_fraction` of the chunks spread evenly:
 # contiguous spans keep neighbouring text of the same file on one side of the split.
 VAL_CHUNK_BLOCKS = 16
+# A source is cut into chunks small enough that its validation share is at least this many chunks.
+MIN_VAL_CHUNKS = 4
 
 
 def default_cache_dir() -> Path:
@@ -48,12 +50,21 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 def split_blocks(n_blocks: int, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of training and validation blocks: every k-th chunk of blocks goes to validation."""
+    """Indices of training and validation blocks: chunk c of consecutive blocks is validation where the
+    running count c * val_fraction passes an integer, so `val_fraction` of the chunks are, evenly spaced.
+
+    With val_fraction = 1/k that is every k-th chunk. The chunks are `VAL_CHUNK_BLOCKS` long, shorter in
+    a source too small for `MIN_VAL_CHUNKS` such chunks of validation: there 16-block chunks held out
+    a share far from the one asked (1 block of 100 for 0.1; 1 of 300 for 0.02), as did k = round(1 / val_fraction)
+    for a fraction that is no 1/k (0.5 of the blocks for 0.4).
+    """
     blocks = np.arange(n_blocks)
     if val_fraction <= 0:
         return blocks, blocks[:0]
-    every = max(2, round(1 / val_fraction))
-    is_val = (blocks // VAL_CHUNK_BLOCKS) % every == every - 1
+    chunk = min(VAL_CHUNK_BLOCKS, max(1, int(n_blocks * val_fraction) // MIN_VAL_CHUNKS))
+    c = blocks // chunk
+    # (the small offset makes the floor exact where c * val_fraction is an integer that floats round below)
+    is_val = np.floor((c + 1) * val_fraction + 1e-9) > np.floor(c * val_fraction + 1e-9)
     if not is_val.any():  # a small source still contributes a validation block
         is_val[-1] = True
     return blocks[~is_val], blocks[is_val]
@@ -278,11 +289,15 @@ class PretrainDataModule(LightningDataModule):
         if self.train_set is not None:
             return
         self.check_model_fits()
+        self.warn_unread_files()
         self._prepare_on_every_filesystem()
         streams, train_blocks, val_index = [], [], []
         for s, source in enumerate(self.sources):
             tokens = load_tokens(self.token_file(source))
             n_blocks = (len(tokens) - 1) // self.block_size
+            if len(tokens) == 0:
+                raise ValueError(f"data source {source.name!r} has no text: its files are empty or hold only whitespace, "
+                                 "or its records' text fields are empty; give it text or leave it out")
             if n_blocks < 1:
                 raise ValueError(
                     f"data source {source.name!r} has {len(tokens)} tokens, fewer than one block of "
@@ -306,6 +321,17 @@ class PretrainDataModule(LightningDataModule):
         self.train_set = PackedBlocks(streams, index, self.block_size)
         self.val_set = PackedBlocks(streams, val, self.block_size)
         self._log_stats(len(val))
+
+    def warn_unread_files(self) -> None:
+        """Say which files of a directory source are not read, and how to read them: a folder of text
+        stands for all its files, and leaving some out unannounced would train on less than was given."""
+        for source in self.sources:
+            unread = source.unread_files()
+            if unread:
+                kinds = ", ".join(f"{count} {suffix or 'without suffix'}" for suffix, count in sorted(unread.items()))
+                rank_zero_warn(f"data source {source.name!r}: {unread.total()} file(s) in {source.path!r} are not read ({kinds}): "
+                               f"a folder is read for its files ending in {', '.join(source.read_suffixes)}. To read others, give them "
+                               f"as a file or a glob (e.g. '{Path(source.path) / '**' / '*'}', every file; text only)")
 
     def _prepare_on_every_filesystem(self) -> None:
         """`prepare_data` where this process's cache may lack the token files: by the first process of each

@@ -19,10 +19,11 @@ import os
 import sysconfig
 import threading
 import tokenize
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 PYTHON_STDLIB = "python-stdlib"
 # Installed packages are not the standard library; encodings/ and pydoc_data/ are generated tables
@@ -72,6 +73,8 @@ class Source:
     streaming: bool = False
     # Characters replaced by the last full pass of `documents()` (errors="replace").
     replaced: int = field(default=0, init=False, compare=False, repr=False)
+    # The files a directory source reads, by suffix (a class constant, not a field).
+    read_suffixes: ClassVar[tuple[str, ...]] = (*TEXT_SUFFIXES, ".jsonl")
 
     def __post_init__(self) -> None:
         # (a quoted YAML number is a string, and an infinite weight makes every share NaN)
@@ -137,10 +140,19 @@ class Source:
                     f"data source {self.path!r} does not exist. Give a file, a directory, a glob, a .jsonl "
                     f"file, 'hf:<dataset>' or {PYTHON_STDLIB!r}."
                 )
-            found = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES + (".jsonl",)]
+            found = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and p.suffix in self.read_suffixes]
         if not found:
-            raise ValueError(f"data source {self.path!r} matches no text files (looked for {', '.join(TEXT_SUFFIXES)}, .jsonl)")
+            raise ValueError(f"data source {self.path!r} matches no text files (looked for {', '.join(self.read_suffixes)})")
         return sorted(found)
+
+    def unread_files(self) -> Counter[str]:
+        """Files in a directory source that it does not read (their names end in none of `read_suffixes`),
+        counted by suffix ("" for none); hidden files and folders (`.git/`) are not counted."""
+        path = Path(self.path)
+        if self.is_builtin or self.is_hub or not path.is_dir():
+            return Counter()
+        return Counter(p.suffix for p in path.rglob("*") if p.is_file() and p.suffix not in self.read_suffixes
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
 
     def fingerprint(self) -> str:
         """A hash of what the source reads: paths, sizes and modification times (or the dataset name; and
@@ -192,8 +204,8 @@ class Source:
         for location, row in self.hub_rows():
             if self.text_field not in row:
                 raise ValueError(f"{location}: no text field {self.text_field!r}; fields: {sorted(row)}. Set text_field")
-            if row[self.text_field]:
-                yield row[self.text_field]
+            if text := document_text(row[self.text_field], location, self.text_field):
+                yield text
 
 
 def _count_and_replace(err: UnicodeError) -> tuple[str, int]:
@@ -246,8 +258,17 @@ def _jsonl_texts(path: Path, text: str, text_field: str) -> Iterator[str]:
             raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
         if not isinstance(record, dict) or text_field not in record:
             raise ValueError(f"{path}:{lineno}: record has no text field {text_field!r}")
-        if record[text_field]:
-            yield str(record[text_field])
+        if text := document_text(record[text_field], f"{path}:{lineno}", text_field):
+            yield text
+
+
+def document_text(value: Any, location: str, text_field: str) -> str:
+    """A record's text field as a document ("" for null); any other value than a string is refused: its
+    printed form ("['a', 'b']", "{'k': 1}") is no text anyone wrote."""
+    if value is None or isinstance(value, str):
+        return value or ""
+    raise ValueError(f"{location}: text field {text_field!r} holds a {type(value).__name__} ({str(value)[:60]!r}), "
+                     "not a string; set text_field to the field that holds the text, or write it as one string")
 
 
 def as_sources(spec: str | Source | dict | list, kind: type[Source] = Source) -> list[Source]:

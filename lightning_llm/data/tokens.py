@@ -204,6 +204,10 @@ def token_file_meta(path: Path) -> dict[str, Any]:
     return json.loads(path.with_suffix(".json").read_text())
 
 
-def load_tokens(path: Path) -> np.memmap:
+def load_tokens(path: Path) -> np.ndarray:
+    """The token file as a read-only memory map (an empty array for a source without text: no file of
+    0 bytes can be mapped)."""
     meta = token_file_meta(path)
+    if meta["tokens"] == 0:
+        return np.zeros(0, dtype=meta["dtype"])
     return np.memmap(path, dtype=meta["dtype"], mode="r", shape=(meta["tokens"],))

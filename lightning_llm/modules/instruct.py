@@ -23,10 +23,7 @@ from lightning_llm.data.instruct import Messages, chat_prompt_ids
 from lightning_llm.data.tokenizer import load_tokenizer
 from lightning_llm.export import load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
 from lightning_llm.models import has_weights
-from lightning_llm.modules.pretrain import PretrainModule
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-
+from lightning_llm.modules.pretrain import PretrainModule, directory_tokenizer
 
 def is_checkpoint(spec: str | os.PathLike) -> bool:
     return str(spec).endswith(".ckpt")
@@ -38,7 +35,7 @@ def source_tokenizer(spec: str | os.PathLike) -> PreTrainedTokenizerBase | None:
         return tokenizer_from_checkpoint(load_checkpoint(spec))
     path = Path(spec)
     if path.is_dir():
-        return load_tokenizer(path) if any((path / name).exists() for name in TOKENIZER_FILES) else None
+        return directory_tokenizer(path)
     return load_tokenizer(spec) if has_weights(spec) else None
 
 
@@ -126,7 +123,11 @@ class InstructionTuningModule(PretrainModule):
                          loss_chunk_size=loss_chunk_size)
         if is_checkpoint(model) and not Path(model).is_file():
             raise FileNotFoundError(f"checkpoint {str(model)!r} does not exist")
-        self.tokenizer = source_tokenizer(model)
+        self.tokenizer = self.source_tokenizer = source_tokenizer(model)
+
+    def pretrained_tokenizer(self) -> PreTrainedTokenizerBase | None:
+        """The model source's tokenizer where it comes with weights (a checkpoint, an export, a hub id)."""
+        return self.source_tokenizer if is_checkpoint(self.hparams.model) or has_weights(self.hparams.model) else None
 
     def model_config(self) -> PretrainedConfig | None:
         if is_checkpoint(self.hparams.model):  # (its config is known once the checkpoint is read, in build_hf_model)

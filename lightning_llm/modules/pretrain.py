@@ -8,6 +8,7 @@ device and materialise only its shard. The instruction-tuning module subclasses 
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,6 +28,7 @@ from lightning_llm.checkpoint import use_atomic_checkpoint_io
 from lightning_llm.chunked_loss import final_hidden_states, linear_cross_entropy_sum, output_head
 from lightning_llm.compile import CompileOption, compile_blocks, compile_options, compiled_while_training
 from lightning_llm.data.pretrain import check_block_fits
+from lightning_llm.data.tokenizer import load_tokenizer
 from lightning_llm.divergence import DivergenceGuard
 from lightning_llm.models import build_config, build_model, has_weights
 from lightning_llm.moe import check_capacity_factor, dispatches, use_capacity
@@ -77,6 +79,32 @@ def tokenizer_files(tokenizer: PreTrainedTokenizerBase) -> dict[str, bytes]:
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+
+
+# The files by which a model directory carries its tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def directory_tokenizer(path: Path) -> PreTrainedTokenizerBase | None:
+    """The tokenizer a model directory carries (an export's), None where it has none."""
+    return load_tokenizer(path) if any((path / name).exists() for name in TOKENIZER_FILES) else None
+
+
+def check_same_vocabulary(model_tokenizer: PreTrainedTokenizerBase, data_tokenizer: PreTrainedTokenizerBase, model: str) -> None:
+    """Raise unless the data's tokenizer gives every token of the tokenizer the model was trained with the
+    same id (it may add tokens: a chat template's role tokens). Weights trained with one vocabulary and
+    fed another's ids learn from text they cannot read."""
+    if data_tokenizer is model_tokenizer:
+        return
+    data_vocab = data_tokenizer.get_vocab()
+    differ = [(token, i) for token, i in model_tokenizer.get_vocab().items() if data_vocab.get(token) != i]
+    if differ:
+        token, i = min(differ, key=lambda item: item[1])
+        raise ValueError(
+            f"the data module's tokenizer is not the one the weights of {model!r} were trained with: {len(differ)} of its "
+            f"{len(model_tokenizer)} tokens have another id or none there (e.g. {token!r}: {i} in the model's, "
+            f"{data_vocab.get(token)} in the data's). Tokenize the data with the model's tokenizer: give the data module "
+            f"tokenizer={model!r} (instruction data: leave its tokenizer unset)")
 
 
 class PretrainModule(LightningModule):
@@ -164,7 +192,18 @@ class PretrainModule(LightningModule):
         # The data was tokenized with the data module's tokenizer: the model and the checkpoints use that one.
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and getattr(datamodule, "tokenizer", None) is not None:
+            own = self.pretrained_tokenizer()
+            if own is not None:
+                check_same_vocabulary(own, datamodule.tokenizer, str(self.hparams.model))
             self.tokenizer = datamodule.tokenizer
+
+    def pretrained_tokenizer(self) -> PreTrainedTokenizerBase | None:
+        """The tokenizer that the model's pretrained weights were trained with: a local model directory's
+        (an export's); None for a fresh model, or weights that come without one."""
+        spec = self.hparams.model
+        if not isinstance(spec, str | os.PathLike) or not Path(spec).is_dir() or not has_weights(spec):
+            return None
+        return directory_tokenizer(Path(spec))
 
     def configure_model(self) -> None:
         if self.model is not None:
