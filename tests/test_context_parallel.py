@@ -256,10 +256,13 @@ def test_cp2_on_packed_instruction_batches_equals_one_process(tmp_path, tokenize
     mp.start_processes(_packed_worker, args=(free_port(), str(tmp_path), vocab_size, mode), nprocs=2,
                        start_method="spawn")
     # The oracle: one process, transformers' default attention with its block-diagonal mask for packed rows.
-    single_losses, single_grads = fit(batches, vocab_size, tmp_path / "single")
+    single_losses, single_grads, single_counted = fit(batches, vocab_size, tmp_path / "single")
     tokens = PACKED_ROWS * max(batch["input_ids"].shape[1] for batch in batches)
     for rank in range(2):
-        losses, grads = torch.load(tmp_path / f"packed-rank{rank}.pt")
+        losses, grads, counted = torch.load(tmp_path / f"packed-rank{rank}.pt")
+        # the tokens counted (train/tokens, throughput): each replica's sum over its context-parallel ranks,
+        # which hold shares of the same rows, is the rows' tokens, as one process counts them
+        assert counted == single_counted, rank
         # As tests/test_instruct_distributed.py: the loss a token mean of at most `tokens` terms summed in
         # another order; the first step's gradient a reordered sum over those tokens, later ones after Adam's
         # rounding noise. (Ring attention's merge reorders each query's sum over at most PACKED_BLOCK keys, and
